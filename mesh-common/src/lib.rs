@@ -1,0 +1,112 @@
+//! Types shared by the eBPF programs (`mesh-ebpf`) and the agent (`mesh-agent`).
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding, and is the key or value of a
+//! pinned map: changing a layout means bumping [`SCHEMA_VERSION`], so an agent never reads
+//! maps pinned by an incompatible older agent.
+#![no_std]
+
+/// Version of the pinned map layout; part of the pin directory name.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Names of the maps, as the eBPF programs declare them and the agent pins them.
+pub mod maps {
+    pub const ENROLLED: &str = "ENROLLED";
+    pub const POD_STATS: &str = "POD_STATS";
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    pub const SETTINGS: &str = "SETTINGS";
+}
+
+/// Names of the programs in the object.
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SOCK_OPS: &str = "mesh_sock_ops";
+    pub const BIND4: &str = "mesh_bind4";
+    pub const BIND6: &str = "mesh_bind6";
+}
+
+/// Node-wide settings the agent writes into the one-element `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// SO_MARK carried by every socket the proxy creates: never captured, may bind proxy ports.
+    pub proxy_mark: u32,
+    /// Lowest and highest port reserved for the proxy (outbound, inbound, tunnel listeners).
+    pub proxy_port_min: u16,
+    pub proxy_port_max: u16,
+}
+
+/// What to do with a pod's outbound connection when no proxy listener is there to take it.
+pub const FAIL_OPEN: u32 = 0;
+pub const FAIL_CLOSED: u32 = 1;
+
+/// Value of `ENROLLED`, keyed by the pod's network namespace cookie (u64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Port of the in-pod outbound listener (on 127.0.0.1 and ::1), host byte order.
+    pub outbound_port: u16,
+    /// Port of the in-pod inbound listener, host byte order.
+    pub inbound_port: u16,
+    /// [`FAIL_OPEN`] or [`FAIL_CLOSED`].
+    pub fail_mode: u32,
+}
+
+/// Value of `POD_STATS`, keyed by netns cookie: what connect4/6 did for an enrolled pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodStats {
+    /// TCP connects rewritten to the outbound listener.
+    pub captured: u64,
+    /// TCP connects left alone: loopback, excluded port.
+    pub skipped: u64,
+    /// TCP connects that found no listener: passed (fail-open) or refused (fail-closed).
+    pub no_listener: u64,
+}
+
+/// Address family tags used in [`SockAddr::family`].
+pub const FAMILY_V4: u16 = 2;
+pub const FAMILY_V6: u16 = 10;
+
+/// An IPv4 or IPv6 socket address as the kernel hands it to eBPF: the address in network
+/// byte order (IPv4 in `ip[0]`, the rest zero), the port in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub ip: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+/// Value of `ORIG_DST_BY_COOKIE` (keyed by the app socket's cookie) and of
+/// `ORIG_DST_BY_FLOW`: where the app meant to connect before connect4/6 rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub netns_cookie: u64,
+    pub dst: SockAddr,
+    pub _pad: u32,
+}
+
+/// Key of `ORIG_DST_BY_FLOW`: the app side of a captured connection as the proxy sees it on
+/// accept (peer address), within the pod's network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub netns_cookie: u64,
+    pub src: SockAddr,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), Copy, made only of integers, without implicit padding.
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    unsafe impl aya::Pod for super::PodStats {}
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}

@@ -1,0 +1,261 @@
+//! The mesh agent's kernel side.
+//!
+//! - `mesh_connect4/6` (cgroup connect): rewrite TCP connects from enrolled pods to the pod's
+//!   outbound listener and remember the original destination by socket cookie.
+//! - `mesh_sock_ops`: when the rewritten connection is established, move the original
+//!   destination to a flow key the proxy can compute on accept (its peer address).
+//! - `mesh_bind4/6` (cgroup bind): only sockets carrying the proxy mark may bind proxy ports.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use mesh_common::{
+    EnrolledPod, FlowKey, OrigDst, PodStats, Settings, SockAddr, FAIL_CLOSED, FAMILY_V4,
+    FAMILY_V6,
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const IPPROTO_TCP: u32 = 6;
+/// 127.0.0.1 in network byte order, as the kernel stores it on little-endian machines.
+const LOOPBACK4_BE: u32 = u32::from_be(0x7f00_0001);
+/// Look sockets up in the network namespace of the program's context.
+const CURRENT_NETNS: u64 = u64::MAX;
+
+#[map]
+static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+#[map]
+static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(4096, 0);
+#[map]
+/// Per CPU so counting needs no atomics; the agent sums the CPUs.
+static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(4096, 0);
+/// Destination ports never captured (node-wide), value unused.
+#[map]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+/// Short-lived: written at connect, moved to the flow map at establishment. LRU so an
+/// abandoned connect (refused, timed out) cannot fill it.
+#[map]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+/// Read and deleted by the proxy on accept; LRU for the same reason.
+#[map]
+static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(65536, 0);
+
+enum Stat {
+    Captured,
+    Skipped,
+    NoListener,
+}
+
+fn count(netns: u64, stat: Stat) {
+    if let Some(stats) = POD_STATS.get_ptr_mut(netns) {
+        // SAFETY: a live per-CPU map value, written only by this CPU.
+        unsafe {
+            match stat {
+                Stat::Captured => (*stats).captured += 1,
+                Stat::Skipped => (*stats).skipped += 1,
+                Stat::NoListener => (*stats).no_listener += 1,
+            }
+        }
+    } else {
+        let first = match stat {
+            Stat::Captured => PodStats { captured: 1, ..Default::default() },
+            Stat::Skipped => PodStats { skipped: 1, ..Default::default() },
+            Stat::NoListener => PodStats { no_listener: 1, ..Default::default() },
+        };
+        let _ = POD_STATS.insert(netns, first, 0);
+    }
+}
+
+fn proxy_mark() -> u32 {
+    SETTINGS.get(0).map_or(0, |s| s.proxy_mark)
+}
+
+/// True when the socket behind a sock_addr context carries the proxy mark.
+fn is_proxy_socket(addr: *const bpf_sock_addr) -> bool {
+    let mark = proxy_mark();
+    if mark == 0 {
+        return false;
+    }
+    // SAFETY: `sk` of a sock_addr context is a valid socket pointer; the verifier checks it.
+    let sk = unsafe { (*addr).__bindgen_anon_1.sk };
+    !sk.is_null() && unsafe { (*sk).mark } == mark
+}
+
+/// Whether a TCP listener is bound at the given loopback address and port in the current
+/// netns: without one a rewritten connect would be refused.
+fn listener_exists(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+    // SAFETY: zeroed bpf_sock_tuple is valid; it is a plain C union of integers.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = unsafe {
+        if v6 {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            t.daddr = [0, 0, 0, u32::from_be(1)];
+            t.dport = port.to_be();
+            size_of::<[u32; 4]>() as u32 * 2 + 4
+        } else {
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.daddr = LOOPBACK4_BE;
+            t.dport = port.to_be();
+            12
+        }
+    };
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr_void(), &mut tuple, size, CURRENT_NETNS, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    true
+}
+
+trait AsVoid {
+    fn as_ptr_void(&self) -> *mut c_void;
+}
+impl AsVoid for SockAddrContext {
+    fn as_ptr_void(&self) -> *mut c_void {
+        self.sock_addr.cast()
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, true)
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let addr = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run; fields are checked by the
+    // verifier.
+    if unsafe { (*addr).protocol } != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr_void()) };
+    let Some(pod) = (unsafe { ENROLLED.get(netns) }).copied() else {
+        return ALLOW;
+    };
+    if is_proxy_socket(addr) {
+        return ALLOW;
+    }
+    let port = u16::from_be(unsafe { (*addr).user_port } as u16);
+    let mut dst = SockAddr { port, ..Default::default() };
+    if v6 {
+        let ip = unsafe { (*addr).user_ip6 };
+        let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0xffff);
+        let loopback = (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_be(1))
+            || (v4_mapped && (u32::from_be(ip[3]) >> 24) == 127);
+        if loopback {
+            return ALLOW;
+        }
+        if v4_mapped {
+            dst.family = FAMILY_V4;
+            dst.ip[0] = ip[3];
+        } else {
+            dst.family = FAMILY_V6;
+            dst.ip = ip;
+        }
+    } else {
+        let ip = unsafe { (*addr).user_ip4 };
+        if (u32::from_be(ip) >> 24) == 127 {
+            return ALLOW;
+        }
+        dst.family = FAMILY_V4;
+        dst.ip[0] = ip;
+    }
+    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
+        count(netns, Stat::Skipped);
+        return ALLOW;
+    }
+    if !listener_exists(ctx, v6, pod.outbound_port) {
+        count(netns, Stat::NoListener);
+        return if pod.fail_mode == FAIL_CLOSED { DENY } else { ALLOW };
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr_void()) };
+    let orig = OrigDst { netns_cookie: netns, dst, _pad: 0 };
+    if ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+        // Without the original destination the proxy could not route it: leave it alone.
+        return ALLOW;
+    }
+    unsafe {
+        if v6 {
+            (*addr).user_ip6 = [0, 0, 0, u32::from_be(1)];
+        } else {
+            (*addr).user_ip4 = LOOPBACK4_BE;
+        }
+        (*addr).user_port = u32::from(pod.outbound_port.to_be());
+    }
+    count(netns, Stat::Captured);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        on_active_established(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_active_established(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    let mut src = SockAddr { port: ctx.local_port() as u16, ..Default::default() };
+    if ctx.family() == u32::from(FAMILY_V6) {
+        src.family = FAMILY_V6;
+        src.ip = ctx.local_ip6();
+    } else {
+        src.family = FAMILY_V4;
+        src.ip[0] = ctx.local_ip4();
+    }
+    let key = FlowKey { netns_cookie: orig.netns_cookie, src, _pad: 0 };
+    let _ = ORIG_DST_BY_FLOW.insert(key, orig, 0);
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn mesh_bind4(ctx: SockAddrContext) -> i32 {
+    bind(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn mesh_bind6(ctx: SockAddrContext) -> i32 {
+    bind(&ctx)
+}
+
+#[inline(always)]
+fn bind(ctx: &SockAddrContext) -> i32 {
+    let addr = ctx.sock_addr;
+    let Some(settings) = SETTINGS.get(0).copied() else {
+        return ALLOW;
+    };
+    let port = u16::from_be(unsafe { (*addr).user_port } as u16);
+    if port < settings.proxy_port_min || port > settings.proxy_port_max {
+        return ALLOW;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr_void()) };
+    if unsafe { ENROLLED.get(netns) }.is_none() || is_proxy_socket(addr) {
+        return ALLOW;
+    }
+    DENY
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
