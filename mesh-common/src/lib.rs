@@ -16,6 +16,7 @@ pub mod maps {
     pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
 }
 
 /// Names of the programs in the object.
@@ -25,6 +26,7 @@ pub mod programs {
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     pub const BIND4: &str = "mesh_bind4";
     pub const BIND6: &str = "mesh_bind6";
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
 }
 
 /// Node-wide settings the agent writes into the one-element `SETTINGS` array.

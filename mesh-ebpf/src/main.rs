@@ -5,21 +5,22 @@
 //! - `mesh_sock_ops`: when the rewritten connection is established, move the original
 //!   destination to a flow key the proxy can compute on accept (its peer address).
 //! - `mesh_bind4/6` (cgroup bind): only sockets carrying the proxy mark may bind proxy ports.
+//! - `mesh_sk_lookup` (attached to each enrolled pod's netns): hands new inbound connections
+//!   to the pod's inbound listener, keeping the client address and original destination.
 #![no_std]
 #![no_main]
 
-use core::{ffi::c_void, mem::size_of};
+use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_tuple, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    EnrolledPod, FlowKey, OrigDst, PodStats, Settings, SockAddr, FAIL_CLOSED, FAMILY_V4,
-    FAMILY_V6,
+    EnrolledPod, FAIL_CLOSED, FAMILY_V4, FAMILY_V6, FlowKey, OrigDst, PodStats, Settings, SockAddr,
 };
 
 const ALLOW: i32 = 1;
@@ -44,6 +45,9 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
 /// abandoned connect (refused, timed out) cannot fill it.
 #[map]
 static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+/// Inbound listener of each enrolled pod, keyed by the pod's IP (port 0).
+#[map]
+static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::pinned(4096, 0);
 /// Read and deleted by the proxy on accept; LRU for the same reason.
 #[map]
 static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(65536, 0);
@@ -66,9 +70,18 @@ fn count(netns: u64, stat: Stat) {
         }
     } else {
         let first = match stat {
-            Stat::Captured => PodStats { captured: 1, ..Default::default() },
-            Stat::Skipped => PodStats { skipped: 1, ..Default::default() },
-            Stat::NoListener => PodStats { no_listener: 1, ..Default::default() },
+            Stat::Captured => PodStats {
+                captured: 1,
+                ..Default::default()
+            },
+            Stat::Skipped => PodStats {
+                skipped: 1,
+                ..Default::default()
+            },
+            Stat::NoListener => PodStats {
+                no_listener: 1,
+                ..Default::default()
+            },
         };
         let _ = POD_STATS.insert(netns, first, 0);
     }
@@ -150,7 +163,10 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
     let port = u16::from_be(unsafe { (*addr).user_port } as u16);
-    let mut dst = SockAddr { port, ..Default::default() };
+    let mut dst = SockAddr {
+        port,
+        ..Default::default()
+    };
     if v6 {
         let ip = unsafe { (*addr).user_ip6 };
         let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0xffff);
@@ -180,10 +196,18 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     if !listener_exists(ctx, v6, pod.outbound_port) {
         count(netns, Stat::NoListener);
-        return if pod.fail_mode == FAIL_CLOSED { DENY } else { ALLOW };
+        return if pod.fail_mode == FAIL_CLOSED {
+            DENY
+        } else {
+            ALLOW
+        };
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr_void()) };
-    let orig = OrigDst { netns_cookie: netns, dst, _pad: 0 };
+    let orig = OrigDst {
+        netns_cookie: netns,
+        dst,
+        _pad: 0,
+    };
     if ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without the original destination the proxy could not route it: leave it alone.
         return ALLOW;
@@ -215,15 +239,39 @@ fn on_active_established(ctx: &SockOpsContext) {
         return;
     };
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
-    let mut src = SockAddr { port: ctx.local_port() as u16, ..Default::default() };
-    if ctx.family() == u32::from(FAMILY_V6) {
+    // Read every context field up front with plain loads: branching between the IPv4 and
+    // IPv6 fields lets LLVM merge the loads through a modified context pointer, which the
+    // verifier rejects.
+    let ops = ctx.ops;
+    let (family, port, ip4, ip6) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).local_port),
+            read_volatile(&raw const (*ops).local_ip4),
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+        )
+    };
+    let mut src = SockAddr {
+        port: port as u16,
+        ..Default::default()
+    };
+    if family == u32::from(FAMILY_V6) {
         src.family = FAMILY_V6;
-        src.ip = ctx.local_ip6();
+        src.ip = ip6;
     } else {
         src.family = FAMILY_V4;
-        src.ip[0] = ctx.local_ip4();
+        src.ip[0] = ip4;
     }
-    let key = FlowKey { netns_cookie: orig.netns_cookie, src, _pad: 0 };
+    let key = FlowKey {
+        netns_cookie: orig.netns_cookie,
+        src,
+        _pad: 0,
+    };
     let _ = ORIG_DST_BY_FLOW.insert(key, orig, 0);
 }
 
@@ -252,6 +300,45 @@ fn bind(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     DENY
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let pass = sk_action::SK_PASS;
+    // SAFETY: the context pointer is valid for the program's run.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP {
+        return pass;
+    }
+    let port = lookup.local_port as u16;
+    if let Some(settings) = SETTINGS.get(0) {
+        if port >= settings.proxy_port_min && port <= settings.proxy_port_max {
+            return pass;
+        }
+    }
+    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
+        return pass;
+    }
+    let mut key = SockAddr::default();
+    if lookup.family == u32::from(FAMILY_V6) {
+        let (local, remote) = (lookup.local_ip6, lookup.remote_ip6);
+        // The pod talking to itself (the inbound proxy reaching the app) or over loopback.
+        if remote == local || remote == [0, 0, 0, u32::from_be(1)] {
+            return pass;
+        }
+        key.family = FAMILY_V6;
+        key.ip = local;
+    } else {
+        let (local, remote) = (lookup.local_ip4, lookup.remote_ip4);
+        if remote == local || (u32::from_be(remote) >> 24) == 127 {
+            return pass;
+        }
+        key.family = FAMILY_V4;
+        key.ip[0] = local;
+    }
+    // No listener for this address (not enrolled, or the agent is gone): normal delivery.
+    let _ = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0);
+    pass
 }
 
 #[cfg(not(test))]

@@ -1,1 +1,101 @@
-fn main(){}
+//! Project tasks. `cargo xtask --help` lists them.
+
+mod ebpf;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF programs (installs rust-src and bpf-linker when missing).
+    BuildEbpf,
+    /// Everything CI runs: set up this machine, lint, build, and run all tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf => ebpf::build(),
+        Task::Test { args } => test(&args),
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::require_root("the tests load eBPF programs and create network namespaces")?;
+    setup::machine()?;
+    ebpf::build()?;
+    let root = workspace_root();
+    run(
+        cargo().args(["fmt", "--all", "--", "--check"]),
+        "cargo fmt --check",
+    )?;
+    run(
+        cargo()
+            .args(["fmt", "--manifest-path"])
+            .arg(root.join("mesh-ebpf/Cargo.toml"))
+            .args(["--", "--check"]),
+        "cargo fmt --check (mesh-ebpf)",
+    )?;
+    run(
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "cargo clippy",
+    )?;
+    // The end-to-end tests run this binary in the test nodes.
+    run(
+        cargo().args(["build", "-p", "mesh-agent"]),
+        "cargo build -p mesh-agent",
+    )?;
+    run(
+        cargo().args(["test", "--workspace", "--"]).args(args),
+        "cargo test",
+    )
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// `cargo` from the toolchain running xtask, in the workspace root.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+/// Runs `command`, failing with `what` when it does not succeed.
+pub fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}

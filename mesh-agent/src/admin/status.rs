@@ -1,0 +1,112 @@
+//! The status report (served at /status) and `mesh-agent status`, which prints it.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    pub node: String,
+    pub cgroup: String,
+    pub config: ConfigStatus,
+    pub programs: Vec<ProgramStatus>,
+    pub workloads: Vec<WorkloadStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigStatus {
+    pub file: String,
+    pub applied: u64,
+    pub rejected: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgramStatus {
+    pub name: String,
+    pub pin: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// `namespace/name`
+    pub workload: String,
+    pub netns: String,
+    pub netns_cookie: u64,
+    /// Connects rewritten to the pod's outbound listener.
+    pub captured: u64,
+    /// Connects left alone (loopback, excluded port).
+    pub skipped: u64,
+    /// Connects that found no proxy listener (fail-open: passed, fail-closed: refused).
+    pub no_listener: u64,
+}
+
+/// Fetches /status from the agent at `admin` and prints it as a table or JSON.
+pub async fn print(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = fetch(admin, "/status")
+        .await
+        .with_context(|| format!("is the agent running? (admin API {admin})"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: StatusReport = serde_json::from_str(&body).context("parsing the status report")?;
+    print!("{}", render(&report));
+    Ok(())
+}
+
+async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let stream = tokio::net::TcpStream::connect(admin).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header("host", admin.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status.is_success(), "admin API answered {status}");
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+fn render(report: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "node {}   cgroup {}", report.node, report.cgroup);
+    let config = &report.config;
+    let _ = writeln!(
+        out,
+        "config {}   applied {}   rejected {}",
+        config.file, config.applied, config.rejected
+    );
+    if let Some(error) = &config.last_error {
+        let _ = writeln!(out, "  last rejected: {error}");
+    }
+    let _ = writeln!(out, "\nprograms");
+    for program in &report.programs {
+        let _ = writeln!(out, "  {:<16} {}", program.name, program.pin);
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<28} {:>20} {:>9} {:>8} {:>11}",
+        "WORKLOAD", "NETNS COOKIE", "CAPTURED", "SKIPPED", "NO-LISTENER"
+    );
+    for w in &report.workloads {
+        let _ = writeln!(
+            out,
+            "{:<28} {:>20} {:>9} {:>8} {:>11}",
+            w.workload, w.netns_cookie, w.captured, w.skipped, w.no_listener
+        );
+    }
+    out
+}

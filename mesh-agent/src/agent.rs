@@ -1,0 +1,139 @@
+//! `mesh-agent run`: wires config source -> snapshot -> eBPF maps and proxy, and the admin
+//! API, then waits for SIGTERM/SIGINT.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use mesh_common::Settings;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    admin::{
+        self, AdminState, StatusReport,
+        status::{ConfigStatus, ProgramStatus},
+    },
+    balance::RoundRobin,
+    config::{Config, watch},
+    ebpf::{self, Datapath},
+    metrics::Metrics,
+    pods::Pods,
+    proxy::ProxyContext,
+    sys,
+};
+
+pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(config_path)?);
+    sys::ensure_bpffs()?;
+    let cgroup = match cgroup_override.or_else(|| config.agent().cgroup.clone()) {
+        Some(cgroup) => cgroup,
+        None => sys::cgroup2_root()?,
+    };
+    let agent = config.agent().clone();
+    let (proxy_port_min, proxy_port_max) = agent.proxy_port_range();
+    let settings = Settings {
+        proxy_mark: agent.proxy_mark,
+        proxy_port_min,
+        proxy_port_max,
+    };
+    let mut datapath = Datapath::load(&agent.bpf_name, &cgroup, settings)
+        .with_context(|| format!("loading eBPF programs on cgroup {}", cgroup.display()))?;
+    datapath.set_excluded_ports(&agent.excluded_ports)?;
+    let programs: Vec<ProgramStatus> = datapath
+        .programs()
+        .iter()
+        .map(|p| ProgramStatus {
+            name: p.name.to_string(),
+            pin: p.pin.display().to_string(),
+        })
+        .collect();
+    tracing::info!(
+        cgroup = %cgroup.display(),
+        pins = %ebpf::pin_root(&agent.bpf_name).display(),
+        "eBPF programs attached"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Arc::new(ProxyContext {
+        config: Arc::new(ArcSwap::new(config.clone())),
+        datapath: Arc::new(Mutex::new(datapath)),
+        balancer: Arc::new(RoundRobin::default()),
+        metrics: metrics.clone(),
+    });
+    let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
+    apply(&pods, &config, &metrics);
+
+    let watcher = watch::spawn(config_path, config.clone());
+    let mut updates = watcher.current();
+    let report = {
+        let pods = pods.clone();
+        let reloads = watcher.stats();
+        let metrics = metrics.clone();
+        let (node, cgroup) = (agent.node.clone(), cgroup.display().to_string());
+        let file = config_path.display().to_string();
+        Box::new(move || {
+            let reloads = reloads.snapshot();
+            metrics.observe_reloads(reloads.applied, reloads.rejected);
+            StatusReport {
+                node: node.clone(),
+                cgroup: cgroup.clone(),
+                config: ConfigStatus {
+                    file: file.clone(),
+                    applied: reloads.applied,
+                    rejected: reloads.rejected,
+                    last_error: reloads.last_error,
+                },
+                programs: programs.clone(),
+                workloads: lock(&pods).status(),
+            }
+        })
+    };
+    admin::serve(
+        agent.admin_addr,
+        Arc::new(AdminState {
+            metrics: metrics.clone(),
+            report,
+        }),
+    )
+    .await?;
+    tracing::info!(admin = %agent.admin_addr, "agent ready");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = updates.borrow_and_update().clone();
+                // New connections route by the new snapshot; established ones keep flowing.
+                proxy.config.store(snapshot.clone());
+                apply(&pods, &snapshot, &metrics);
+                tracing::info!("configuration reloaded");
+            }
+        }
+    }
+    watcher.stop();
+    // Steering stays pinned for the next agent; `mesh-agent uninstall` removes it.
+    tracing::info!("stopping; eBPF programs stay pinned");
+    Ok(())
+}
+
+fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
+    let mut pods = lock(pods);
+    for error in pods.sync(config) {
+        metrics.enroll_failures.inc();
+        tracing::error!(%error, "enrollment failed");
+    }
+    metrics.enrolled_pods.set(pods.len() as i64);
+}
+
+fn lock(pods: &Mutex<Pods>) -> MutexGuard<'_, Pods> {
+    pods.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

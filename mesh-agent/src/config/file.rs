@@ -1,0 +1,122 @@
+//! The local YAML file source: strict parsing (unknown fields, duplicate keys and type errors
+//! are refused with `file:line:column: field.path: message`), then validation.
+
+use std::path::Path;
+
+use serde_path_to_error::Segment;
+use serde_saphyr::MessageFormatter;
+
+use super::error::ConfigError;
+use super::model::Config;
+use super::raw::RawConfig;
+use super::validate;
+
+impl Config {
+    /// Parses and validates `text`; `file` names the source in error messages.
+    pub fn from_yaml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Self::from_yaml_str_with_node(text, file, system_node_name)
+    }
+
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::from_yaml_str(&text, &file)
+    }
+
+    /// As [`Config::from_yaml_str`], with the default of `agent.node` supplied by the caller
+    /// (called only when the file does not set it).
+    pub(super) fn from_yaml_str_with_node(
+        text: &str,
+        file: &str,
+        default_node: impl FnOnce() -> String,
+    ) -> Result<Config, ConfigError> {
+        let raw = parse(text, file)?;
+        validate::validate(raw, file, default_node)
+    }
+}
+
+/// The host name, the default of `agent.node` (as the kubelet's default node name).
+pub fn system_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+pub(super) fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
+    let options = serde_saphyr::options! {
+        with_snippet: false,
+        strict_booleans: true,
+    };
+    let mut path = String::new();
+    let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = render_path(e.path());
+            e.into_inner()
+        })
+    });
+    result.map_err(|err| {
+        let (line, column) = err
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let message: String = serde_saphyr::UserMessageFormatter
+            .format_message(err.without_snippet())
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        ConfigError::Parse {
+            file: file.to_owned(),
+            line,
+            column,
+            path,
+            message,
+        }
+    })
+}
+
+/// `services[0].vips[1]` from the tracked path, without the `value` level that `Spanned`
+/// inserts.
+fn render_path(path: &serde_path_to_error::Path) -> String {
+    let mut out = String::new();
+    let mut previous: Option<&str> = None;
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                previous = None;
+            }
+            Segment::Map { key } => {
+                // `Spanned<T>` deserializes as a map whose `value` holds T. A real key named
+                // `value` can only appear in the free-form maps (`labels`, `selector`).
+                let free_form = matches!(previous, Some("labels" | "selector"));
+                if key == "value" && !free_form {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+                previous = Some(key);
+            }
+            Segment::Enum { variant } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(variant);
+                previous = None;
+            }
+            Segment::Unknown => {
+                out.push_str(".?");
+                previous = None;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,833 @@
+//! Tests of the file source: parsing, validation (each error with its exact
+//! `file:line:column: field: message`), resolution and defaults.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+/// Parses with `agent.node` defaulting to `host-node`.
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml_str_with_node(text, "mesh.yaml", || "host-node".to_owned())
+}
+
+/// The document made of `lines`: line N of the YAML is `lines[N - 1]`.
+fn doc(lines: &[&str]) -> String {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    s
+}
+
+#[track_caller]
+fn error(lines: &[&str]) -> String {
+    match parse(&doc(lines)) {
+        Ok(config) => panic!("accepted: {config:#?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[track_caller]
+fn ok(lines: &[&str]) -> Config {
+    match parse(&doc(lines)) {
+        Ok(config) => config,
+        Err(e) => panic!("refused: {e}"),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test IP")
+}
+
+fn sock(s: &str) -> SocketAddr {
+    s.parse().expect("test socket address")
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// A valid two-workload, one-service document; tests replace or append lines.
+const BASE: &[&str] = &[
+    "agent:",                          // 1
+    "  node: node-a",                  // 2
+    "workloads:",                      // 3
+    "  - name: web-1",                 // 4
+    "    ips: [10.1.0.2]",             // 5
+    "    netns: /var/run/netns/web-1", // 6
+    "    labels: {app: web}",          // 7
+    "  - name: web-2",                 // 8
+    "    ips: [10.1.0.3]",             // 9
+    "    node: node-b",                // 10
+    "    labels: {app: web}",          // 11
+    "services:",                       // 12
+    "  - name: web",                   // 13
+    "    vips: [10.96.0.10]",          // 14
+    "    ports:",                      // 15
+    "      - port: 80",                // 16
+    "    endpoints:",                  // 17
+    "      selector: {app: web}",      // 18
+];
+
+fn base_with(replace: &[(usize, &'static str)], append: &[&'static str]) -> Vec<&'static str> {
+    let mut lines = BASE.to_vec();
+    for (line, text) in replace {
+        lines[line - 1] = text;
+    }
+    lines.extend_from_slice(append);
+    lines
+}
+
+// ---- valid documents ----------------------------------------------------------------------
+
+#[test]
+fn example_file_parses() {
+    let config = Config::from_yaml_str(include_str!("example.yaml"), "example.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent.node, "node-a");
+    let names: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["client", "server-1", "server-2"]);
+    assert!(
+        config
+            .workloads
+            .iter()
+            .all(|w| w.namespace == "demo" && w.local)
+    );
+    assert_eq!(config.local_workloads().count(), 3);
+
+    let (service, port) = config
+        .service_by_vip(sock("10.96.0.10:80"))
+        .expect("echo VIP");
+    assert_eq!(service.qualified_name().to_string(), "demo/echo");
+    assert_eq!((port.port, port.target_port), (80, 8080));
+    assert_eq!(port.name.as_deref(), Some("http"));
+    let endpoints: Vec<SocketAddr> = port.endpoints.iter().map(|e| e.addr).collect();
+    assert_eq!(endpoints, [sock("10.1.0.3:8080"), sock("10.1.0.4:8080")]);
+    assert!(
+        port.endpoints
+            .iter()
+            .all(|e| e.local && e.node.as_deref() == Some("node-a"))
+    );
+    assert_eq!(
+        config.workload_by_ip(ip("10.1.0.4")).map(|w| w.fail_mode),
+        Some(FailMode::Closed)
+    );
+}
+
+#[test]
+fn full_document() {
+    let config = ok(&[
+        "agent:",
+        "  node: node-a",
+        "  cgroup: /sys/fs/cgroup/unified",
+        "  bpfName: mesh-test",
+        "  outboundPort: 16001",
+        "  inboundPort: 16006",
+        "  tunnelPort: 16008",
+        "  adminAddr: '[::1]:16000'",
+        "  proxyMark: 0x540",
+        "  excludedPorts: [443, 22]",
+        "  connectTimeoutMs: 250",
+        "  idleTimeoutMs: 60000",
+        "  bufferBytes: 16384",
+        "workloads:",
+        "  - name: web-1",
+        "    namespace: shop",
+        "    serviceAccount: web",
+        "    ips: [10.1.0.2, \"fd00:1::2\"]",
+        "    node: node-a",
+        "    netns: /var/run/netns/web-1",
+        "    labels: {app: web, tier: front}",
+        "    failMode: closed",
+        "    unknownDestination: deny",
+        "  - name: web-2",
+        "    namespace: shop",
+        "    ips: [10.2.0.2]",
+        "    node: node-b",
+        "    labels: {app: web}",
+        "services:",
+        "  - name: web",
+        "    namespace: shop",
+        "    vips: [10.96.0.10, \"fd00:96::10\"]",
+        "    ports:",
+        "      - port: 80",
+        "        targetPort: 8080",
+        "        name: http",
+        "      - port: 443",
+        "    endpoints:",
+        "      selector: {app: web}",
+        "  - name: db",
+        "    namespace: shop",
+        "    vips: [10.96.0.20]",
+        "    ports: [{port: 5432}]",
+        "    endpoints:",
+        "      addresses: [192.168.7.9]",
+        "policies: {}",
+    ]);
+    let a = &config.agent;
+    assert_eq!(
+        *a,
+        AgentConfig {
+            node: "node-a".into(),
+            cgroup: Some(PathBuf::from("/sys/fs/cgroup/unified")),
+            bpf_name: "mesh-test".into(),
+            outbound_port: 16001,
+            inbound_port: 16006,
+            tunnel_port: 16008,
+            admin_addr: sock("[::1]:16000"),
+            proxy_mark: 0x540,
+            excluded_ports: vec![22, 443],
+            connect_timeout: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(60),
+            buffer_bytes: 16384,
+        }
+    );
+    assert_eq!(a.proxy_port_range(), (16001, 16008));
+
+    let web1 = &config.workloads[0];
+    assert_eq!(
+        *web1,
+        Workload {
+            id: WorkloadId(0),
+            name: "web-1".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            ips: vec![ip("10.1.0.2"), ip("fd00:1::2")],
+            node: "node-a".into(),
+            netns: Some(PathBuf::from("/var/run/netns/web-1")),
+            labels: labels(&[("app", "web"), ("tier", "front")]),
+            fail_mode: FailMode::Closed,
+            unknown_destination: UnknownDestination::Deny,
+            local: true,
+        }
+    );
+    let web2 = &config.workloads[1];
+    assert!(!web2.local);
+    assert_eq!(web2.netns, None);
+    assert_eq!(web2.service_account, "default");
+
+    // Lookups.
+    assert_eq!(
+        config.workload_by_ip(ip("fd00:1::2")).map(|w| w.id),
+        Some(WorkloadId(0))
+    );
+    assert_eq!(
+        config.workload_by_ip(ip("::ffff:10.2.0.2")).map(|w| w.id),
+        Some(WorkloadId(1))
+    );
+    assert!(config.workload_by_ip(ip("10.9.9.9")).is_none());
+    assert_eq!(
+        config.workload(WorkloadId(1)).map(|w| w.name.as_str()),
+        Some("web-2")
+    );
+    let local: Vec<WorkloadId> = config.local_workloads().map(|w| w.id).collect();
+    assert_eq!(local, [WorkloadId(0)]);
+
+    let (svc, port) = config
+        .service_by_vip(sock("[fd00:96::10]:443"))
+        .expect("v6 VIP");
+    assert_eq!(
+        (svc.name.as_str(), port.port, port.target_port),
+        ("web", 443, 443)
+    );
+    let (_, port) = config
+        .service_by_vip(sock("[::ffff:10.96.0.10]:80"))
+        .expect("mapped VIP");
+    assert_eq!(port.target_port, 8080);
+    assert!(config.service_by_vip(sock("10.96.0.10:81")).is_none());
+    assert!(config.service("shop", "db").is_some());
+    assert!(config.service("default", "db").is_none());
+
+    // Selector: both workloads, every IP, with node and locality.
+    assert_eq!(
+        port.endpoints,
+        [
+            Endpoint {
+                addr: sock("10.1.0.2:8080"),
+                workload: Some(WorkloadId(0)),
+                node: Some("node-a".into()),
+                local: true,
+            },
+            Endpoint {
+                addr: sock("[fd00:1::2]:8080"),
+                workload: Some(WorkloadId(0)),
+                node: Some("node-a".into()),
+                local: true,
+            },
+            Endpoint {
+                addr: sock("10.2.0.2:8080"),
+                workload: Some(WorkloadId(1)),
+                node: Some("node-b".into()),
+                local: false,
+            },
+        ]
+    );
+    // Raw address outside the mesh.
+    let db = config.service("shop", "db").expect("db");
+    assert_eq!(
+        db.selection,
+        EndpointSelection::Addresses(vec![ip("192.168.7.9")])
+    );
+    assert_eq!(
+        db.ports[0].endpoints,
+        [Endpoint {
+            addr: sock("192.168.7.9:5432"),
+            workload: None,
+            node: None,
+            local: false
+        }]
+    );
+    assert_eq!(config.policies, Policies::default());
+}
+
+#[test]
+fn defaults() {
+    let config = ok(&[
+        "workloads:",
+        "  - name: w",
+        "    ips: [10.1.0.2]",
+        "    netns: /run/netns/w",
+        "services:",
+        "  - name: s",
+        "    vips: [10.96.0.1]",
+        "    ports: [{port: 80}]",
+        "    endpoints: {workloads: [w]}",
+    ]);
+    assert_eq!(
+        config.agent,
+        AgentConfig {
+            node: "host-node".into(),
+            cgroup: None,
+            bpf_name: "mesh".into(),
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+            admin_addr: sock("127.0.0.1:15000"),
+            proxy_mark: 0x539,
+            excluded_ports: vec![],
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            buffer_bytes: 65536,
+        }
+    );
+    let w = &config.workloads[0];
+    assert_eq!(w.namespace, "default");
+    assert_eq!(w.service_account, "default");
+    assert_eq!(w.node, "host-node");
+    assert!(w.local);
+    assert!(w.labels.is_empty());
+    assert_eq!(w.fail_mode, FailMode::Open);
+    assert_eq!(w.unknown_destination, UnknownDestination::Passthrough);
+    let s = &config.services[0];
+    assert_eq!(s.namespace, "default");
+    assert_eq!(s.ports[0].target_port, 80);
+    assert_eq!(s.ports[0].name, None);
+    assert_eq!(s.ports[0].endpoints[0].addr, sock("10.1.0.2:80"));
+}
+
+#[test]
+fn empty_documents_are_empty_configs() {
+    for text in [
+        "",
+        "# nothing yet\n",
+        "agent:\nworkloads:\nservices:\npolicies:\n",
+    ] {
+        let config = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(config.workloads.is_empty() && config.services.is_empty());
+        assert_eq!(config.agent.node, "host-node");
+    }
+}
+
+#[test]
+fn load_reads_the_file_and_names_it_in_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, include_str!("example.yaml")).expect("write");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.services.len(), 1);
+
+    std::fs::write(&path, "agent:\n  proxyMark: 0\n").expect("write");
+    let err = Config::load(&path).expect_err("proxyMark 0");
+    assert_eq!(
+        err.to_string(),
+        format!("{}:2:14: agent.proxyMark: must be non-zero", path.display())
+    );
+    assert_eq!(err.position(), Some((2, 14)));
+    assert_eq!(err.path(), "agent.proxyMark");
+
+    let missing = dir.path().join("absent.yaml");
+    let err = Config::load(&missing).expect_err("missing file");
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "{}: cannot read configuration: ",
+            missing.display()
+        )),
+        "{err}"
+    );
+}
+
+// ---- resolution ---------------------------------------------------------------------------
+
+#[test]
+fn selector_takes_same_namespace_workloads_having_all_labels() {
+    let config = ok(&[
+        "agent: {node: n1}",
+        "workloads:",
+        "  - {name: a, namespace: ns, ips: [10.0.0.1], node: n2, labels: {app: web, v: '1'}}",
+        "  - {name: b, namespace: ns, ips: [10.0.0.2], node: n2, labels: {app: web}}",
+        "  - {name: c, namespace: other, ips: [10.0.0.3], node: n2, labels: {app: web, v: '1'}}",
+        "  - {name: d, namespace: ns, ips: [10.0.0.4], node: n2, labels: {app: db, v: '1'}}",
+        "  - {name: e, namespace: ns, ips: [10.0.0.5], node: n2, labels: {app: web, v: '1', x: y}}",
+        "services:",
+        "  - name: web-v1",
+        "    namespace: ns",
+        "    vips: [10.96.0.1]",
+        "    ports: [{port: 80}, {port: 81, targetPort: 9000}]",
+        "    endpoints: {selector: {app: web, v: '1'}}",
+        "  - name: nothing",
+        "    namespace: ns",
+        "    vips: [10.96.0.2]",
+        "    ports: [{port: 80}]",
+        "    endpoints: {selector: {app: none}}",
+    ]);
+    let s = &config.services[0];
+    assert_eq!(
+        s.selection,
+        EndpointSelection::Selector(labels(&[("app", "web"), ("v", "1")]))
+    );
+    let names = |p: &ServicePort| -> Vec<String> {
+        p.endpoints
+            .iter()
+            .map(|e| {
+                let w = e
+                    .workload
+                    .and_then(|id| config.workload(id))
+                    .expect("workload");
+                format!("{}@{}", w.name, e.addr)
+            })
+            .collect()
+    };
+    assert_eq!(names(&s.ports[0]), ["a@10.0.0.1:80", "e@10.0.0.5:80"]);
+    assert_eq!(names(&s.ports[1]), ["a@10.0.0.1:9000", "e@10.0.0.5:9000"]);
+    assert!(
+        s.ports[0]
+            .endpoints
+            .iter()
+            .all(|e| !e.local && e.node.as_deref() == Some("n2"))
+    );
+    // A selector may match nothing (scaled to zero).
+    assert!(config.services[1].ports[0].endpoints.is_empty());
+}
+
+#[test]
+fn explicit_workloads_and_addresses() {
+    let config = ok(&base_with(
+        &[],
+        &[
+            "  - name: pinned",                                   // 19
+            "    vips: [10.96.0.11]",                             // 20
+            "    ports: [{port: 80, targetPort: 8080}]",          // 21
+            "    endpoints: {workloads: [web-2, web-1]}",         // 22
+            "  - name: raw",                                      // 23
+            "    vips: [10.96.0.12]",                             // 24
+            "    ports: [{port: 80}]",                            // 25
+            "    endpoints: {addresses: [10.1.0.3, 172.16.0.1]}", // 26
+        ],
+    ));
+    let pinned = config.service("default", "pinned").expect("pinned");
+    assert_eq!(
+        pinned.selection,
+        EndpointSelection::Workloads(vec!["web-2".into(), "web-1".into()])
+    );
+    let addrs: Vec<(SocketAddr, Option<WorkloadId>, bool)> = pinned.ports[0]
+        .endpoints
+        .iter()
+        .map(|e| (e.addr, e.workload, e.local))
+        .collect();
+    assert_eq!(
+        addrs,
+        [
+            (sock("10.1.0.3:8080"), Some(WorkloadId(1)), false),
+            (sock("10.1.0.2:8080"), Some(WorkloadId(0)), true),
+        ]
+    );
+    // A raw address that is a workload's IP is attributed to it.
+    let raw = config.service("default", "raw").expect("raw");
+    assert_eq!(
+        raw.ports[0].endpoints,
+        [
+            Endpoint {
+                addr: sock("10.1.0.3:80"),
+                workload: Some(WorkloadId(1)),
+                node: Some("node-b".into()),
+                local: false,
+            },
+            Endpoint {
+                addr: sock("172.16.0.1:80"),
+                workload: None,
+                node: None,
+                local: false,
+            },
+        ]
+    );
+    assert_eq!(raw.vips, [IpAddr::V4(Ipv4Addr::new(10, 96, 0, 12))]);
+}
+
+// ---- parse errors -------------------------------------------------------------------------
+
+#[test]
+fn unknown_fields_are_refused_with_position_and_path() {
+    assert_eq!(
+        error(&base_with(&[], &["    lb: roundRobin"])),
+        "mesh.yaml:19:5: services[0].lb: unknown field `lb`, expected one of name, namespace, \
+         vips, ports, endpoints"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  nodeName: node-a")], &[])),
+        "mesh.yaml:2:3: agent.nodeName: unknown field `nodeName`, expected one of node, cgroup, \
+         bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, excludedPorts, \
+         connectTimeoutMs, idleTimeoutMs, bufferBytes"
+    );
+    assert_eq!(
+        error(&base_with(
+            &[(16, "      - port: 80"), (17, "        tagetPort: 8080")],
+            &[]
+        )),
+        "mesh.yaml:17:9: services[0].ports[0].tagetPort: unknown field `tagetPort`, expected one \
+         of port, targetPort, name"
+    );
+    assert_eq!(
+        error(&base_with(&[], &["polices: {}"])),
+        "mesh.yaml:19:1: polices: unknown field `polices`, expected one of agent, workloads, \
+         services, policies"
+    );
+    assert_eq!(
+        error(&base_with(&[], &["policies: {allow: []}"])),
+        "mesh.yaml:19:12: policies.allow: unknown field `allow`, there are no fields"
+    );
+}
+
+#[test]
+fn type_and_syntax_errors_are_refused_with_position_and_path() {
+    assert_eq!(
+        error(&base_with(&[(16, "      - port: http")], &[])),
+        "mesh.yaml:16:15: services[0].ports[0].port: invalid value: string \"http\", expected u64"
+    );
+    assert_eq!(
+        error(&base_with(&[], &["    failMode: half"])),
+        "mesh.yaml:19:15: services[0].failMode: unknown field `failMode`, expected one of name, \
+         namespace, vips, ports, endpoints"
+    );
+    assert_eq!(
+        error(&base_with(&[(7, "    failMode: half")], &[])),
+        "mesh.yaml:7:15: workloads[0].failMode: unknown variant `half`, expected one of open, \
+         closed"
+    );
+    assert_eq!(
+        error(&base_with(&[(14, "    name: web")], &[])),
+        "mesh.yaml:14:5: services[0].name: duplicate mapping key: name"
+    );
+    assert_eq!(
+        error(&base_with(&[(14, "    vip: [10.96.0.10]")], &[])),
+        "mesh.yaml:14:5: services[0].vip: unknown field `vip`, expected one of name, namespace, \
+         vips, ports, endpoints"
+    );
+    assert_eq!(
+        error(&base_with(&[(5, "    # no ips")], &[])),
+        "mesh.yaml:4:5: workloads[0]: missing field `ips`"
+    );
+    let err = parse("services: [\n").expect_err("unterminated flow sequence");
+    assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+    assert!(err.to_string().starts_with("mesh.yaml:"), "{err}");
+    assert!(err.position().is_some(), "{err}");
+}
+
+// ---- validation errors --------------------------------------------------------------------
+
+#[test]
+fn bad_ip() {
+    assert_eq!(
+        error(&base_with(&[(5, "    ips: [10.1.0.2, 10.1.0.256]")], &[])),
+        "mesh.yaml:5:21: workloads[0].ips[1]: `10.1.0.256` is not an IP address"
+    );
+    assert_eq!(
+        error(&base_with(&[(14, "    vips: [0.0.0.0]")], &[])),
+        "mesh.yaml:14:12: services[0].vips[0]: 0.0.0.0 is not a unicast address usable by a \
+         workload or service"
+    );
+    assert_eq!(
+        error(&base_with(&[(18, "      addresses: [web-1]")], &[])),
+        "mesh.yaml:18:19: services[0].endpoints.addresses[0]: `web-1` is not an IP address"
+    );
+}
+
+#[test]
+fn port_out_of_range() {
+    assert_eq!(
+        error(&base_with(&[(16, "      - port: 0")], &[])),
+        "mesh.yaml:16:15: services[0].ports[0].port: port 0 is out of range 1..=65535"
+    );
+    assert_eq!(
+        error(&base_with(&[], &["        targetPort: 65536"])),
+        "mesh.yaml:19:21: services[0].ports[0].targetPort: port 65536 is out of range 1..=65535"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  outboundPort: 70000")], &[])),
+        "mesh.yaml:2:17: agent.outboundPort: port 70000 is out of range 1..=65535"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  excludedPorts: [22, 0]")], &[])),
+        "mesh.yaml:2:22: agent.excludedPorts[1]: port 0 is out of range 1..=65535"
+    );
+}
+
+#[test]
+fn duplicate_vip_across_services() {
+    assert_eq!(
+        error(&base_with(
+            &[],
+            &[
+                "  - name: web2",                     // 19
+                "    vips: [10.96.0.11, 10.96.0.10]", // 20
+                "    ports: [{port: 80}]",            // 21
+                "    endpoints: {selector: {app: web}}",
+            ]
+        )),
+        "mesh.yaml:20:24: services[1].vips[1]: 10.96.0.10 is already the VIP of service \
+         default/web"
+    );
+}
+
+#[test]
+fn vip_that_is_a_workload_ip() {
+    assert_eq!(
+        error(&base_with(&[(14, "    vips: [10.1.0.3]")], &[])),
+        "mesh.yaml:14:12: services[0].vips[0]: 10.1.0.3 is an IP of workload default/web-2: it \
+         cannot be a VIP"
+    );
+}
+
+#[test]
+fn duplicate_workload() {
+    assert_eq!(
+        error(&base_with(&[(8, "  - name: web-1")], &[])),
+        "mesh.yaml:8:11: workloads[1].name: workload default/web-1 is already defined at line 4"
+    );
+    // Same name in another namespace is another workload.
+    ok(&base_with(
+        &[(8, "  - name: web-1"), (11, "    namespace: other")],
+        &[],
+    ));
+}
+
+#[test]
+fn duplicate_workload_ip() {
+    assert_eq!(
+        error(&base_with(&[(9, "    ips: [\"fd00::1\", 10.1.0.2]")], &[])),
+        "mesh.yaml:9:23: workloads[1].ips[1]: 10.1.0.2 is already an IP of workload default/web-1"
+    );
+    // IPv4-mapped IPv6 is the same address.
+    assert_eq!(
+        error(&base_with(&[(9, "    ips: [\"::ffff:10.1.0.2\"]")], &[])),
+        "mesh.yaml:9:11: workloads[1].ips[0]: 10.1.0.2 is already an IP of workload default/web-1"
+    );
+}
+
+#[test]
+fn duplicate_service() {
+    assert_eq!(
+        error(&base_with(
+            &[],
+            &[
+                "  - name: web", // 19
+                "    vips: [10.96.0.11]",
+                "    ports: [{port: 80}]",
+                "    endpoints: {selector: {app: web}}",
+            ]
+        )),
+        "mesh.yaml:19:11: services[1].name: service default/web is already defined at line 13"
+    );
+}
+
+#[test]
+fn duplicate_service_port() {
+    assert_eq!(
+        error(&base_with(
+            &[],
+            &["      - port: 80", "        targetPort: 8080"]
+        )),
+        "mesh.yaml:19:15: services[0].ports[1].port: port 80 is already defined for service \
+         default/web at line 16"
+    );
+    assert_eq!(
+        error(&base_with(
+            &[(16, "      - {port: 80, name: http}")],
+            &["      - {port: 81, name: http}"]
+        )),
+        "mesh.yaml:19:31: services[0].ports[1].name: port name http is already used in service \
+         default/web at line 16"
+    );
+}
+
+#[test]
+fn explicit_endpoint_workload_must_exist() {
+    assert_eq!(
+        error(&base_with(&[(18, "      workloads: [web-1, web-3]")], &[])),
+        "mesh.yaml:18:26: services[0].endpoints.workloads[1]: no workload default/web-3 \
+         (endpoints are workloads of the service's namespace)"
+    );
+    assert_eq!(
+        error(&base_with(&[(18, "      workloads: [web-1, web-1]")], &[])),
+        "mesh.yaml:18:26: services[0].endpoints.workloads[1]: workload web-1 is listed twice"
+    );
+}
+
+#[test]
+fn endpoints_need_exactly_one_selection() {
+    assert_eq!(
+        error(&base_with(&[], &["      addresses: [10.5.0.1]"])),
+        "mesh.yaml:18:7: services[0].endpoints: exactly one of selector, workloads, addresses is \
+         required (found selector and addresses)"
+    );
+    assert_eq!(
+        error(&base_with(&[(17, "    endpoints: {}"), (18, "")], &[])),
+        "mesh.yaml:17:16: services[0].endpoints: exactly one of selector, workloads, addresses \
+         is required (found none)"
+    );
+    assert_eq!(
+        error(&base_with(&[(18, "      selector: {}")], &[])),
+        "mesh.yaml:18:17: services[0].endpoints.selector: must not be empty (list workloads or \
+         addresses explicitly instead)"
+    );
+}
+
+#[test]
+fn local_workload_needs_netns() {
+    assert_eq!(
+        error(&base_with(&[(6, "    serviceAccount: web")], &[])),
+        "mesh.yaml:4:5: workloads[0]: netns is required for a workload on this agent's node \
+         (node-a)"
+    );
+    // A remote workload does not.
+    assert!(ok(BASE).workloads[1].netns.is_none());
+    assert_eq!(
+        error(&base_with(&[(6, "    netns: run/netns/web-1")], &[])),
+        "mesh.yaml:6:12: workloads[0].netns: `run/netns/web-1` is not an absolute path"
+    );
+}
+
+#[test]
+fn agent_ports_must_not_collide() {
+    assert_eq!(
+        error(&base_with(&[(2, "  inboundPort: 15001")], &[])),
+        "mesh.yaml:2:16: agent.inboundPort: port 15001 is already used by agent.outboundPort"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  adminAddr: 127.0.0.1:15008")], &[])),
+        "mesh.yaml:2:14: agent.adminAddr: port 15008 is already used by agent.tunnelPort"
+    );
+    // The explicit one is named even when it comes first.
+    assert_eq!(
+        error(&base_with(&[(2, "  outboundPort: 15006")], &[])),
+        "mesh.yaml:2:17: agent.outboundPort: port 15006 is already used by agent.inboundPort"
+    );
+}
+
+#[test]
+fn admin_addr_must_be_loopback() {
+    assert_eq!(
+        error(&base_with(&[(2, "  adminAddr: 0.0.0.0:15000")], &[])),
+        "mesh.yaml:2:14: agent.adminAddr: 0.0.0.0 is not a loopback address: the admin API must \
+         not be reachable from the network"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  adminAddr: 10.0.0.1:15000")], &[])),
+        "mesh.yaml:2:14: agent.adminAddr: 10.0.0.1 is not a loopback address: the admin API \
+         must not be reachable from the network"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  adminAddr: localhost:15000")], &[])),
+        "mesh.yaml:2:14: agent.adminAddr: `localhost:15000` is not an IP:port address"
+    );
+    assert!(ok(BASE).agent.admin_addr.ip().is_loopback());
+    let v6 = ok(&base_with(&[(2, "  adminAddr: '[::1]:15000'")], &[]));
+    assert_eq!(v6.agent.admin_addr, sock("[::1]:15000"));
+}
+
+#[test]
+fn proxy_mark() {
+    assert_eq!(
+        error(&base_with(&[(2, "  proxyMark: 0")], &[])),
+        "mesh.yaml:2:14: agent.proxyMark: must be non-zero"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  proxyMark: 0x100000000")], &[])),
+        "mesh.yaml:2:14: agent.proxyMark: 0x100000000 does not fit in 32 bits"
+    );
+    assert_eq!(
+        ok(&base_with(&[(2, "  proxyMark: 1337")], &[]))
+            .agent
+            .proxy_mark,
+        0x539
+    );
+}
+
+#[test]
+fn empty_vips_or_ports() {
+    assert_eq!(
+        error(&base_with(&[(14, "    vips: []")], &[])),
+        "mesh.yaml:14:11: services[0].vips: must list at least one VIP"
+    );
+    assert_eq!(
+        error(&base_with(&[(15, "    ports: []"), (16, "")], &[])),
+        "mesh.yaml:15:12: services[0].ports: must list at least one port"
+    );
+    assert_eq!(
+        error(&base_with(&[(5, "    ips: []")], &[])),
+        "mesh.yaml:5:10: workloads[0].ips: must list at least one IP"
+    );
+}
+
+#[test]
+fn other_agent_fields() {
+    assert_eq!(
+        error(&base_with(&[(2, "  bpfName: ../etc")], &[])),
+        "mesh.yaml:2:12: agent.bpfName: `../etc` is not a valid pin directory name: use 1 to 64 \
+         letters, digits, '-', '_' or '.'"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  connectTimeoutMs: 0")], &[])),
+        "mesh.yaml:2:21: agent.connectTimeoutMs: must be at least 1"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  bufferBytes: 0")], &[])),
+        "mesh.yaml:2:16: agent.bufferBytes: 0 is out of range 1..=16777216"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  excludedPorts: [22, 22]")], &[])),
+        "mesh.yaml:2:22: agent.excludedPorts[1]: port 22 is listed twice"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  cgroup: sys/fs/cgroup")], &[])),
+        "mesh.yaml:2:11: agent.cgroup: `sys/fs/cgroup` is not an absolute path"
+    );
+}
+
+#[test]
+fn names_are_dns_names() {
+    assert_eq!(
+        error(&base_with(&[(4, "  - name: Web_1")], &[])),
+        "mesh.yaml:4:11: workloads[0].name: `Web_1` is not a valid name: use 1 to 253 lowercase \
+         letters, digits, '-' or '.', starting and ending with a letter or digit"
+    );
+    assert_eq!(
+        error(&base_with(&[(7, "    serviceAccount: a/b")], &[])),
+        "mesh.yaml:7:21: workloads[0].serviceAccount: `a/b` is not a valid name: use 1 to 253 \
+         lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+    );
+}

@@ -1,0 +1,241 @@
+//! Enrollment: the local pods whose traffic the agent steers.
+//!
+//! For each local workload the agent keeps a thread in the pod's network namespace, opens
+//! the pod's listeners there, attaches inbound capture to the namespace, and writes its
+//! cookie into the eBPF enrolled map; taking a pod out undoes all of it.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, MutexGuard},
+};
+
+use mesh_common::{EnrolledPod, FAIL_CLOSED, FAIL_OPEN};
+
+use crate::{
+    admin::status::WorkloadStatus,
+    config::{Config, FailMode, Workload},
+    ebpf::{Datapath, EbpfError},
+    proxy::{PodHandle, PodListeners, ProxyContext, ProxyError},
+    sys::{NetnsError, NetnsThread},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("workload {workload} has no netns path")]
+    NoNetns { workload: String },
+    #[error("workload {workload}: opening {path}: {source}")]
+    OpenNetns {
+        workload: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("workload {workload}: {source}")]
+    Netns {
+        workload: String,
+        source: NetnsError,
+    },
+    #[error("workload {workload}: {source}")]
+    Proxy {
+        workload: String,
+        source: ProxyError,
+    },
+    #[error("workload {workload}: {source}")]
+    Map { workload: String, source: EbpfError },
+}
+
+/// What decides how a pod is enrolled; a change means enrolling it again.
+#[derive(Clone, PartialEq, Eq)]
+struct Enrollment {
+    netns: PathBuf,
+    ips: Vec<IpAddr>,
+    fail_mode: FailMode,
+}
+
+struct PodEntry {
+    enrollment: Enrollment,
+    handle: PodHandle,
+    /// Closed when the pod is taken out.
+    _listeners: PodListeners,
+}
+
+pub struct Pods {
+    proxy: Arc<ProxyContext>,
+    enrolled: BTreeMap<String, PodEntry>,
+}
+
+impl Pods {
+    pub fn new(proxy: Arc<ProxyContext>) -> Self {
+        Self {
+            proxy,
+            enrolled: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the enrolled set match the local workloads of `config`. A pod that cannot be
+    /// enrolled is reported and skipped, so one broken pod never stops the others.
+    pub fn sync(&mut self, config: &Config) -> Vec<EnrollError> {
+        let wanted: BTreeMap<String, &Workload> = config
+            .local_workloads()
+            .map(|w| (w.qualified_name().to_string(), w))
+            .collect();
+        let stale: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(key, pod)| {
+                wanted
+                    .get(*key)
+                    .is_none_or(|w| enrollment(w) != pod.enrollment)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut errors = Vec::new();
+        for key in stale {
+            if let Some(pod) = self.enrolled.remove(&key) {
+                if let Err(source) = self.unenroll(&pod) {
+                    errors.push(EnrollError::Map {
+                        workload: key.clone(),
+                        source,
+                    });
+                }
+                tracing::info!(pod = %key, "pod unenrolled");
+            }
+        }
+        for (key, workload) in wanted {
+            if self.enrolled.contains_key(&key) {
+                continue;
+            }
+            match self.enroll(config, &key, workload) {
+                Ok(pod) => {
+                    tracing::info!(pod = %key, netns_cookie = pod.handle.netns.cookie(), "pod enrolled");
+                    self.enrolled.insert(key, pod);
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+        // Pinned maps outlive an agent: drop entries an earlier one left for pods gone since.
+        let current: Vec<u64> = self
+            .enrolled
+            .values()
+            .map(|p| p.handle.netns.cookie())
+            .collect();
+        let mut datapath = self.datapath();
+        for cookie in datapath.enrolled_cookies() {
+            if !current.contains(&cookie) {
+                let _ = datapath.unenroll(cookie);
+            }
+        }
+        errors
+    }
+
+    fn enroll(
+        &self,
+        config: &Config,
+        key: &str,
+        workload: &Workload,
+    ) -> Result<PodEntry, EnrollError> {
+        let enrollment = enrollment(workload);
+        let workload_name = || key.to_owned();
+        if enrollment.netns.as_os_str().is_empty() {
+            return Err(EnrollError::NoNetns {
+                workload: workload_name(),
+            });
+        }
+        let netns_file =
+            File::open(&enrollment.netns).map_err(|source| EnrollError::OpenNetns {
+                workload: workload_name(),
+                path: enrollment.netns.clone(),
+                source,
+            })?;
+        let netns = NetnsThread::spawn(&enrollment.netns).map_err(|source| EnrollError::Netns {
+            workload: workload_name(),
+            source,
+        })?;
+        let handle = PodHandle {
+            key: key.to_owned(),
+            netns,
+        };
+        // Listeners first, so the first captured connect already finds them.
+        let listeners =
+            PodListeners::start(&self.proxy, &handle, &enrollment.ips).map_err(|source| {
+                EnrollError::Proxy {
+                    workload: workload_name(),
+                    source,
+                }
+            })?;
+        let cookie = handle.netns.cookie();
+        let settings = EnrolledPod {
+            outbound_port: config.agent().outbound_port,
+            inbound_port: config.agent().inbound_port,
+            fail_mode: match enrollment.fail_mode {
+                FailMode::Open => FAIL_OPEN,
+                FailMode::Closed => FAIL_CLOSED,
+            },
+        };
+        let mut datapath = self.datapath();
+        let result = datapath
+            .capture_inbound(cookie, &netns_file)
+            .and_then(|()| datapath.enroll(cookie, settings));
+        if let Err(source) = result {
+            let _ = datapath.unenroll(cookie);
+            datapath.release_inbound(&enrollment.ips);
+            return Err(EnrollError::Map {
+                workload: workload_name(),
+                source,
+            });
+        }
+        Ok(PodEntry {
+            enrollment,
+            handle,
+            _listeners: listeners,
+        })
+    }
+
+    fn unenroll(&self, pod: &PodEntry) -> Result<(), EbpfError> {
+        let mut datapath = self.datapath();
+        let result = datapath.unenroll(pod.handle.netns.cookie());
+        datapath.release_inbound(&pod.enrollment.ips);
+        result
+    }
+
+    pub fn len(&self) -> usize {
+        self.enrolled.len()
+    }
+
+    pub fn status(&self) -> Vec<WorkloadStatus> {
+        let datapath = self.datapath();
+        self.enrolled
+            .iter()
+            .map(|(key, pod)| {
+                let cookie = pod.handle.netns.cookie();
+                let stats = datapath.pod_stats(cookie);
+                WorkloadStatus {
+                    workload: key.clone(),
+                    netns: pod.enrollment.netns.display().to_string(),
+                    netns_cookie: cookie,
+                    captured: stats.captured,
+                    skipped: stats.skipped,
+                    no_listener: stats.no_listener,
+                }
+            })
+            .collect()
+    }
+
+    fn datapath(&self) -> MutexGuard<'_, Datapath> {
+        // Map writes are single syscalls: a panic elsewhere cannot leave them half done.
+        self.proxy
+            .datapath
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn enrollment(workload: &Workload) -> Enrollment {
+    Enrollment {
+        netns: workload.netns.clone().unwrap_or_default(),
+        ips: workload.ips.clone(),
+        fail_mode: workload.fail_mode,
+    }
+}

@@ -1,0 +1,82 @@
+//! Inbound: connections to the pod from outside it, handed to the inbound listener by the
+//! sk_lookup program. The accepted socket's local address is the original destination and
+//! its peer the real client, so inbound policy (a later issue) can judge both.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{PodHandle, ProxyContext, copy, outbound};
+
+pub async fn serve(ctx: Arc<ProxyContext>, pod: PodHandle, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.key, %error, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    ctx: Arc<ProxyContext>,
+    pod: PodHandle,
+    mut downstream: TcpStream,
+    client: SocketAddr,
+) {
+    let started = tokio::time::Instant::now();
+    let Ok(dst) = downstream.local_addr() else {
+        return;
+    };
+    let agent = ctx.config.load().agent().clone();
+    let (first, last) = agent.proxy_port_range();
+    if (first..=last).contains(&dst.port()) {
+        // A connection to a proxy port itself would loop back here.
+        outbound::reset(&downstream);
+        return;
+    }
+    // The app is in this pod: connect from inside its netns to its own address. The
+    // sk_lookup program leaves connections from the pod's own addresses alone.
+    let mut upstream = match outbound::connect(&pod, dst, &agent).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(target: "access", direction = "inbound", pod = %pod.key, %client, %dst, result = "connect_failed", %error);
+            ctx.metrics.connection("inbound", "connect_failed");
+            outbound::reset(&downstream);
+            return;
+        }
+    };
+    ctx.metrics.connection("inbound", "plaintext");
+    let _active = ctx.metrics.active("inbound");
+    let result = copy::bidirectional(
+        &mut downstream,
+        &mut upstream,
+        agent.buffer_bytes,
+        agent.idle_timeout,
+    )
+    .await;
+    let (received, sent, outcome) = match &result {
+        Ok(moved) => (
+            moved.downstream_to_upstream,
+            moved.upstream_to_downstream,
+            "closed".to_string(),
+        ),
+        Err(error) => (0, 0, error.to_string()),
+    };
+    ctx.metrics.bytes("inbound", received, sent);
+    tracing::info!(
+        target: "access",
+        direction = "inbound",
+        pod = %pod.key,
+        %client,
+        %dst,
+        received,
+        sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        result = %outcome,
+    );
+}

@@ -1,0 +1,135 @@
+//! The data plane: per enrolled pod, an outbound listener (captured connects land here) and
+//! an inbound listener, opened inside the pod's network namespace; each accepted connection
+//! is routed, connected upstream from the pod's namespace, and copied.
+
+mod copy;
+mod inbound;
+mod outbound;
+mod route;
+mod socket;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+};
+
+use arc_swap::ArcSwap;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    balance::Balancer,
+    config::Config,
+    ebpf::{Datapath, EbpfError},
+    metrics::Metrics,
+    sys::{NetnsError, NetnsThread},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("opening listener {addr} in {netns}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+}
+
+/// What every connection handler shares.
+pub struct ProxyContext {
+    /// The current config snapshot; swapped whole on reload.
+    pub config: Arc<ArcSwap<Config>>,
+    pub datapath: Arc<Mutex<Datapath>>,
+    pub balancer: Arc<dyn Balancer>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One enrolled pod as the proxy sees it.
+#[derive(Clone)]
+pub struct PodHandle {
+    /// `namespace/name`, the key of the workload in the config.
+    pub key: String,
+    pub netns: NetnsThread,
+}
+
+/// The listeners of one pod; dropping it closes them (established connections go on).
+pub struct PodListeners {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for PodListeners {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl PodListeners {
+    /// Opens the pod's listeners inside its network namespace, hands the inbound ones to
+    /// the sk_lookup program for the pod's `ips`, and starts accepting.
+    pub fn start(
+        ctx: &Arc<ProxyContext>,
+        pod: &PodHandle,
+        ips: &[IpAddr],
+    ) -> Result<Self, ProxyError> {
+        let agent = ctx.config.load().agent().clone();
+        // Built up as we go, so an error half way closes what was opened.
+        let mut started = Self { tasks: Vec::new() };
+        for loopback in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            // Outbound on both loopbacks: connect4 rewrites to 127.0.0.1, connect6 to ::1.
+            let outbound = listen(
+                pod,
+                SocketAddr::new(loopback, agent.outbound_port),
+                agent.proxy_mark,
+            )?;
+            started.tasks.push(tokio::spawn(outbound::serve(
+                ctx.clone(),
+                pod.clone(),
+                outbound,
+            )));
+            // Inbound: sk_lookup hands this socket the pod's new incoming connections of the
+            // same family, whatever their port; on loopback so nobody reaches it directly.
+            let inbound = listen(
+                pod,
+                SocketAddr::new(loopback, agent.inbound_port),
+                agent.proxy_mark,
+            )?;
+            let family: Vec<(IpAddr, &dyn AsRawFd)> = ips
+                .iter()
+                .filter(|ip| ip.is_ipv4() == loopback.is_ipv4())
+                .map(|ip| (*ip, &inbound as &dyn AsRawFd))
+                .collect();
+            ctx.datapath
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .set_inbound_listeners(&family)?;
+            started.tasks.push(tokio::spawn(inbound::serve(
+                ctx.clone(),
+                pod.clone(),
+                inbound,
+            )));
+        }
+        Ok(started)
+    }
+}
+
+fn listen(pod: &PodHandle, addr: SocketAddr, mark: u32) -> Result<TcpListener, ProxyError> {
+    let error = |source| ProxyError::Listen {
+        addr,
+        netns: pod.key.clone(),
+        source,
+    };
+    let std_listener = pod
+        .netns
+        .run_blocking(move || socket::listener(addr, mark))?
+        .map_err(error)?;
+    TcpListener::from_std(std_listener).map_err(error)
+}

@@ -1,0 +1,137 @@
+//! Outbound: connections the connect4/6 programs redirected to the pod's outbound listener.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use super::{PodHandle, ProxyContext, copy, route, route::Route, socket};
+use crate::{config::AgentConfig, ebpf};
+
+pub async fn serve(ctx: Arc<ProxyContext>, pod: PodHandle, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, peer));
+            }
+            Err(error) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                tracing::warn!(pod = %pod.key, %error, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    ctx: Arc<ProxyContext>,
+    pod: PodHandle,
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = tokio::time::Instant::now();
+    let key = ebpf::flow_key(pod.netns.cookie(), peer);
+    let orig = ctx
+        .datapath
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take_orig_dst(&key)
+        .and_then(|orig| ebpf::decode_addr(&orig.dst));
+    let Some(dst) = orig else {
+        // Someone connected to the listener directly, or the flow entry was evicted.
+        tracing::warn!(pod = %pod.key, %peer, "no original destination; closing");
+        ctx.metrics.connection("outbound", "no_orig_dst");
+        reset(&downstream);
+        return;
+    };
+    let config = ctx.config.load_full();
+    let Some(source) = config
+        .local_workloads()
+        .find(|w| w.qualified_name().to_string() == pod.key)
+    else {
+        tracing::warn!(pod = %pod.key, %dst, "pod no longer configured; closing");
+        reset(&downstream);
+        return;
+    };
+    let route = route::outbound(&config, source, dst, ctx.balancer.as_ref());
+    let (target, kind) = match &route {
+        Route::Service { endpoint, .. } => (*endpoint, "service"),
+        Route::Pod { addr, .. } => (*addr, "pod"),
+        Route::Passthrough { addr } => (*addr, "passthrough"),
+        Route::Deny { reason } => {
+            tracing::info!(target: "access", direction = "outbound", pod = %pod.key, %dst, result = "denied", %reason);
+            ctx.metrics.connection("outbound", "denied");
+            reset(&downstream);
+            return;
+        }
+    };
+    let agent = config.agent().clone();
+    drop(config);
+    let mut upstream = match connect(&pod, target, &agent).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(target: "access", direction = "outbound", pod = %pod.key, %dst, upstream = %target, result = "connect_failed", %error);
+            ctx.metrics.connection("outbound", "connect_failed");
+            reset(&downstream);
+            return;
+        }
+    };
+    ctx.metrics.connection("outbound", kind);
+    let _active = ctx.metrics.active("outbound");
+    let result = copy::bidirectional(
+        &mut downstream,
+        &mut upstream,
+        agent.buffer_bytes,
+        agent.idle_timeout,
+    )
+    .await;
+    let (sent, received, outcome) = match &result {
+        Ok(moved) => (
+            moved.downstream_to_upstream,
+            moved.upstream_to_downstream,
+            "closed".to_string(),
+        ),
+        Err(error) => (0, 0, error.to_string()),
+    };
+    ctx.metrics.bytes("outbound", sent, received);
+    tracing::info!(
+        target: "access",
+        direction = "outbound",
+        pod = %pod.key,
+        %peer,
+        %dst,
+        route = kind,
+        upstream = %target,
+        sent,
+        received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        result = %outcome,
+    );
+}
+
+/// Connects to `target` from inside the pod's network namespace, so the destination sees
+/// the pod's own address, with the proxy mark so the connect is not captured again.
+pub async fn connect(
+    pod: &PodHandle,
+    target: SocketAddr,
+    agent: &AgentConfig,
+) -> std::io::Result<TcpStream> {
+    let mark = agent.proxy_mark;
+    let socket = pod
+        .netns
+        .run(move || socket::upstream(target, mark))
+        .await
+        .map_err(std::io::Error::other)??;
+    let socket = TcpSocket::from_std_stream(socket);
+    match tokio::time::timeout(agent.connect_timeout, socket.connect(target)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
+    }
+}
+
+/// Closes with a reset, so the app sees a refused connection rather than an empty reply.
+pub fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}

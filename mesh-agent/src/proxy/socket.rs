@@ -1,0 +1,30 @@
+//! Sockets the proxy creates. Every one carries the proxy mark, so the connect4/6 programs
+//! never capture the proxy's own traffic and the bind programs let it use the proxy ports.
+
+use std::{io, net::SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A listening socket, to be created on the thread of the pod's network namespace.
+pub fn listener(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(mark)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// An unconnected TCP socket for an upstream connection to `addr`, created on the thread of
+/// the network namespace it should leave from.
+pub fn upstream(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket.into())
+}

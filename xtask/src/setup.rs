@@ -1,0 +1,164 @@
+//! Makes a fresh machine ready: what the tests, the demo and the eBPF build need, installed
+//! only when missing so a second run is a quick no-op.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+
+use crate::run;
+
+/// Debian packages by a command they provide.
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("bpftool", "bpftool"),
+];
+
+/// bpf-linker version known to work with the nightly's LLVM (see shared/TOOLCHAIN.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn require_root(why: &str) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("run this as root: {why} (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Host prerequisites: Debian packages and a mounted bpffs.
+pub fn machine() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing {}", missing.join(" "));
+        run(
+            Command::new("apt-get").arg("update").arg("-q"),
+            "apt-get update",
+        )?;
+        run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            "apt-get install",
+        )?;
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let bpffs = mounts.lines().any(|line| {
+        line.split_once(" - ").is_some_and(|(before, after)| {
+            after.starts_with("bpf ") && before.split(' ').nth(4) == Some("/sys/fs/bpf")
+        })
+    });
+    if !bpffs {
+        run(
+            Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
+            "mounting bpffs",
+        )?;
+    }
+    Ok(())
+}
+
+/// The eBPF toolchain: the nightly's rust-src and a bpf-linker built against the nightly's
+/// own LLVM (Debian's LLVM is older and does not match rustc's bitcode).
+pub fn toolchain() -> anyhow::Result<()> {
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+            "the nightly toolchain is needed for the eBPF build (rustup toolchain install nightly)",
+        )?,
+    );
+    if !sysroot.join("lib/rustlib/src/rust/library").is_dir() {
+        run(
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            "rustup component add rust-src",
+        )?;
+    }
+    if !bpf_linker_ok() {
+        install_bpf_linker(&sysroot)?;
+    }
+    Ok(())
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
+    let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))?;
+    let major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("no LLVM version in `rustc +nightly --version --verbose`")?
+        .to_owned();
+    let lib = sysroot.join("lib");
+    let libllvm = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so"))
+        .with_context(|| format!("no libLLVM.so in {}", lib.display()))?;
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    let prefix = home.join(".cache/mesh-llvm");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    for link in ["libLLVM.so", libllvm.as_str()] {
+        let path = prefix_lib.join(link);
+        let _ = fs::remove_file(&path);
+        std::os::unix::fs::symlink(lib.join(&libllvm), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
+    }
+    eprintln!("installing bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major}");
+    run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix)
+            .env_remove("CARGO_TARGET_DIR"),
+        "cargo install bpf-linker",
+    )
+}
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
+}
+
+fn output(command: &mut Command) -> anyhow::Result<String> {
+    let out = command.output().context("starting rustc +nightly")?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
