@@ -131,7 +131,7 @@ fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
         metrics.enroll_failures.inc();
         tracing::error!(%error, "enrollment failed");
     }
-    metrics.enrolled_pods.set(pods.len() as i64);
+    metrics.enrolled_pods.set(pods.enrolled_count() as i64);
 }
 
 fn lock(pods: &Mutex<Pods>) -> MutexGuard<'_, Pods> {

@@ -1,17 +1,9 @@
 //! `mesh-agent`: the node agent. See `mesh-agent --help`.
 
-mod admin;
-mod agent;
-mod balance;
-mod cli;
-mod config;
-mod ebpf;
-mod metrics;
-mod pods;
-mod proxy;
-mod sys;
+use std::io::IsTerminal;
 
 use clap::Parser;
+use mesh_agent::{admin, agent, cli, ebpf};
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
@@ -21,6 +13,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -43,7 +43,10 @@ pub enum EnrollError {
         source: ProxyError,
     },
     #[error("workload {workload}: {source}")]
-    Map { workload: String, source: EbpfError },
+    Map {
+        workload: String,
+        source: Box<EbpfError>,
+    },
 }
 
 /// What decides how a pod is enrolled; a change means enrolling it again.
@@ -97,7 +100,7 @@ impl Pods {
                 if let Err(source) = self.unenroll(&pod) {
                     errors.push(EnrollError::Map {
                         workload: key.clone(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
                 tracing::info!(pod = %key, "pod unenrolled");
@@ -183,7 +186,7 @@ impl Pods {
             datapath.release_inbound(&enrollment.ips);
             return Err(EnrollError::Map {
                 workload: workload_name(),
-                source,
+                source: Box::new(source),
             });
         }
         Ok(PodEntry {
@@ -200,7 +203,7 @@ impl Pods {
         result
     }
 
-    pub fn len(&self) -> usize {
+    pub fn enrolled_count(&self) -> usize {
         self.enrolled.len()
     }
 

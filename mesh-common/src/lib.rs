@@ -17,6 +17,7 @@ pub mod maps {
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const LOCAL_POD_IPS: &str = "LOCAL_POD_IPS";
 }
 
 /// Names of the programs in the object.

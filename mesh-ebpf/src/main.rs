@@ -48,6 +48,11 @@ static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 
 /// Inbound listener of each enrolled pod, keyed by the pod's IP (port 0).
 #[map]
 static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::pinned(4096, 0);
+/// IPs of the enrolled pods on this node (port 0), value unused. Their connections to each
+/// other already went through the agent's outbound side, which connected from the source
+/// pod so the destination sees the real client: inbound capture leaves them alone.
+#[map]
+static LOCAL_POD_IPS: HashMap<SockAddr, u8> = HashMap::pinned(4096, 0);
 /// Read and deleted by the proxy on accept; LRU for the same reason.
 #[map]
 static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(65536, 0);
@@ -320,6 +325,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return pass;
     }
     let mut key = SockAddr::default();
+    let mut client = SockAddr::default();
     if lookup.family == u32::from(FAMILY_V6) {
         let (local, remote) = (lookup.local_ip6, lookup.remote_ip6);
         // The pod talking to itself (the inbound proxy reaching the app) or over loopback.
@@ -328,6 +334,8 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         }
         key.family = FAMILY_V6;
         key.ip = local;
+        client.family = FAMILY_V6;
+        client.ip = remote;
     } else {
         let (local, remote) = (lookup.local_ip4, lookup.remote_ip4);
         if remote == local || (u32::from_be(remote) >> 24) == 127 {
@@ -335,6 +343,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         }
         key.family = FAMILY_V4;
         key.ip[0] = local;
+        client.family = FAMILY_V4;
+        client.ip[0] = remote;
+    }
+    if unsafe { LOCAL_POD_IPS.get(client) }.is_some() {
+        return pass;
     }
     // No listener for this address (not enrolled, or the agent is gone): normal delivery.
     let _ = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0);

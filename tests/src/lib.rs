@@ -19,8 +19,10 @@
 //! Everything is removed when the [`Topology`] drops (also on panic);
 //! [`sweep`] removes leftovers of crashed runs. See ARCHITECTURE.md §8.
 
+pub mod agent;
 mod cgroup;
 pub mod exec;
+pub mod kernel;
 pub mod naming;
 pub mod payload;
 mod sweep;
@@ -32,6 +34,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 
+pub use agent::{Agent, ConfigBuilder};
 pub use exec::{Background, output_timeout, spawn_ready, wait_timeout};
 pub use sweep::{SweepReport, sweep};
 pub use sys::{cgroup2_mount, is_root};

@@ -1,5 +1,6 @@
 //! Project tasks. `cargo xtask --help` lists them.
 
+mod demo;
 mod ebpf;
 mod setup;
 
@@ -22,6 +23,9 @@ struct Cli {
 enum Task {
     /// Build the eBPF programs (installs rust-src and bpf-linker when missing).
     BuildEbpf,
+    /// Show the agent at work: a node with three pods on this machine, traffic through a
+    /// service VIP, the agent's status; everything is removed afterwards (needs root).
+    Demo,
     /// Everything CI runs: set up this machine, lint, build, and run all tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -33,6 +37,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => ebpf::build(),
+        Task::Demo => demo::demo(),
         Task::Test { args } => test(&args),
     }
 }

@@ -71,6 +71,11 @@ pub(super) fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
+        // serde lists the accepted fields; for the reserved (empty) blocks there are none.
+        let message = match message.trim_end().strip_suffix(", expected one of") {
+            Some(head) => format!("{head}, this block accepts no fields yet"),
+            None => message,
+        };
         ConfigError::Parse {
             file: file.to_owned(),
             line,
@@ -112,10 +117,9 @@ fn render_path(path: &serde_path_to_error::Path) -> String {
                 out.push_str(variant);
                 previous = None;
             }
-            Segment::Unknown => {
-                out.push_str(".?");
-                previous = None;
-            }
+            // A key the tracker could not name (e.g. a duplicate key): the parent is precise
+            // enough, the message names the key.
+            Segment::Unknown => previous = None,
         }
     }
     out

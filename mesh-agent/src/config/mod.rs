@@ -9,9 +9,6 @@
 //!
 //! Errors are all [`ConfigError`].
 
-// TODO(wiring): remove once main.rs uses the module.
-#![allow(dead_code, unused_imports)]
-
 mod error;
 mod file;
 pub mod model;

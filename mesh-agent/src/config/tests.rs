@@ -67,10 +67,10 @@ const BASE: &[&str] = &[
     "services:",                       // 12
     "  - name: web",                   // 13
     "    vips: [10.96.0.10]",          // 14
-    "    ports:",                      // 15
-    "      - port: 80",                // 16
-    "    endpoints:",                  // 17
-    "      selector: {app: web}",      // 18
+    "    endpoints:",                  // 15
+    "      selector: {app: web}",      // 16
+    "    ports:",                      // 17
+    "      - port: 80",                // 18
 ];
 
 fn base_with(replace: &[(usize, &'static str)], append: &[&'static str]) -> Vec<&'static str> {
@@ -86,8 +86,11 @@ fn base_with(replace: &[(usize, &'static str)], append: &[&'static str]) -> Vec<
 
 #[test]
 fn example_file_parses() {
-    let config = Config::from_yaml_str(include_str!("example.yaml"), "example.yaml")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config = Config::from_yaml_str(
+        include_str!("../../../deploy/examples/local.yaml"),
+        "local.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.agent.node, "node-a");
     let names: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["client", "server-1", "server-2"]);
@@ -346,7 +349,7 @@ fn empty_documents_are_empty_configs() {
 fn load_reads_the_file_and_names_it_in_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mesh.yaml");
-    std::fs::write(&path, include_str!("example.yaml")).expect("write");
+    std::fs::write(&path, include_str!("../../../deploy/examples/local.yaml")).expect("write");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.services.len(), 1);
 
@@ -494,11 +497,8 @@ fn unknown_fields_are_refused_with_position_and_path() {
          connectTimeoutMs, idleTimeoutMs, bufferBytes"
     );
     assert_eq!(
-        error(&base_with(
-            &[(16, "      - port: 80"), (17, "        tagetPort: 8080")],
-            &[]
-        )),
-        "mesh.yaml:17:9: services[0].ports[0].tagetPort: unknown field `tagetPort`, expected one \
+        error(&base_with(&[], &["        tagetPort: 8080"])),
+        "mesh.yaml:19:9: services[0].ports[0].tagetPort: unknown field `tagetPort`, expected one \
          of port, targetPort, name"
     );
     assert_eq!(
@@ -508,19 +508,19 @@ fn unknown_fields_are_refused_with_position_and_path() {
     );
     assert_eq!(
         error(&base_with(&[], &["policies: {allow: []}"])),
-        "mesh.yaml:19:12: policies.allow: unknown field `allow`, there are no fields"
+        "mesh.yaml:19:12: policies.allow: unknown field `allow`, this block accepts no fields yet"
     );
 }
 
 #[test]
 fn type_and_syntax_errors_are_refused_with_position_and_path() {
     assert_eq!(
-        error(&base_with(&[(16, "      - port: http")], &[])),
-        "mesh.yaml:16:15: services[0].ports[0].port: invalid value: string \"http\", expected u64"
+        error(&base_with(&[(18, "      - port: http")], &[])),
+        "mesh.yaml:18:15: services[0].ports[0].port: invalid u64"
     );
     assert_eq!(
         error(&base_with(&[], &["    failMode: half"])),
-        "mesh.yaml:19:15: services[0].failMode: unknown field `failMode`, expected one of name, \
+        "mesh.yaml:19:5: services[0].failMode: unknown field `failMode`, expected one of name, \
          namespace, vips, ports, endpoints"
     );
     assert_eq!(
@@ -530,7 +530,7 @@ fn type_and_syntax_errors_are_refused_with_position_and_path() {
     );
     assert_eq!(
         error(&base_with(&[(14, "    name: web")], &[])),
-        "mesh.yaml:14:5: services[0].name: duplicate mapping key: name"
+        "mesh.yaml:14:5: services[0]: duplicate mapping key `name` is not allowed here"
     );
     assert_eq!(
         error(&base_with(&[(14, "    vip: [10.96.0.10]")], &[])),
@@ -539,7 +539,7 @@ fn type_and_syntax_errors_are_refused_with_position_and_path() {
     );
     assert_eq!(
         error(&base_with(&[(5, "    # no ips")], &[])),
-        "mesh.yaml:4:5: workloads[0]: missing field `ips`"
+        "mesh.yaml:7:5: workloads[0]: missing field `ips`"
     );
     let err = parse("services: [\n").expect_err("unterminated flow sequence");
     assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
@@ -561,16 +561,16 @@ fn bad_ip() {
          workload or service"
     );
     assert_eq!(
-        error(&base_with(&[(18, "      addresses: [web-1]")], &[])),
-        "mesh.yaml:18:19: services[0].endpoints.addresses[0]: `web-1` is not an IP address"
+        error(&base_with(&[(16, "      addresses: [web-1]")], &[])),
+        "mesh.yaml:16:19: services[0].endpoints.addresses[0]: `web-1` is not an IP address"
     );
 }
 
 #[test]
 fn port_out_of_range() {
     assert_eq!(
-        error(&base_with(&[(16, "      - port: 0")], &[])),
-        "mesh.yaml:16:15: services[0].ports[0].port: port 0 is out of range 1..=65535"
+        error(&base_with(&[(18, "      - port: 0")], &[])),
+        "mesh.yaml:18:15: services[0].ports[0].port: port 0 is out of range 1..=65535"
     );
     assert_eq!(
         error(&base_with(&[], &["        targetPort: 65536"])),
@@ -582,7 +582,7 @@ fn port_out_of_range() {
     );
     assert_eq!(
         error(&base_with(&[(2, "  excludedPorts: [22, 0]")], &[])),
-        "mesh.yaml:2:22: agent.excludedPorts[1]: port 0 is out of range 1..=65535"
+        "mesh.yaml:2:23: agent.excludedPorts[1]: port 0 is out of range 1..=65535"
     );
 }
 
@@ -629,7 +629,7 @@ fn duplicate_workload() {
 fn duplicate_workload_ip() {
     assert_eq!(
         error(&base_with(&[(9, "    ips: [\"fd00::1\", 10.1.0.2]")], &[])),
-        "mesh.yaml:9:23: workloads[1].ips[1]: 10.1.0.2 is already an IP of workload default/web-1"
+        "mesh.yaml:9:22: workloads[1].ips[1]: 10.1.0.2 is already an IP of workload default/web-1"
     );
     // IPv4-mapped IPv6 is the same address.
     assert_eq!(
@@ -662,46 +662,55 @@ fn duplicate_service_port() {
             &["      - port: 80", "        targetPort: 8080"]
         )),
         "mesh.yaml:19:15: services[0].ports[1].port: port 80 is already defined for service \
-         default/web at line 16"
+         default/web at line 18"
     );
     assert_eq!(
         error(&base_with(
-            &[(16, "      - {port: 80, name: http}")],
+            &[(18, "      - {port: 80, name: http}")],
             &["      - {port: 81, name: http}"]
         )),
-        "mesh.yaml:19:31: services[0].ports[1].name: port name http is already used in service \
-         default/web at line 16"
+        "mesh.yaml:19:26: services[0].ports[1].name: port name http is already used in service \
+         default/web at line 18"
     );
 }
 
 #[test]
 fn explicit_endpoint_workload_must_exist() {
     assert_eq!(
-        error(&base_with(&[(18, "      workloads: [web-1, web-3]")], &[])),
-        "mesh.yaml:18:26: services[0].endpoints.workloads[1]: no workload default/web-3 \
+        error(&base_with(&[(16, "      workloads: [web-1, web-3]")], &[])),
+        "mesh.yaml:16:26: services[0].endpoints.workloads[1]: no workload default/web-3 \
          (endpoints are workloads of the service's namespace)"
     );
     assert_eq!(
-        error(&base_with(&[(18, "      workloads: [web-1, web-1]")], &[])),
-        "mesh.yaml:18:26: services[0].endpoints.workloads[1]: workload web-1 is listed twice"
+        error(&base_with(&[(16, "      workloads: [web-1, web-1]")], &[])),
+        "mesh.yaml:16:26: services[0].endpoints.workloads[1]: workload web-1 is listed twice"
     );
 }
 
 #[test]
 fn endpoints_need_exactly_one_selection() {
     assert_eq!(
-        error(&base_with(&[], &["      addresses: [10.5.0.1]"])),
-        "mesh.yaml:18:7: services[0].endpoints: exactly one of selector, workloads, addresses is \
+        error(&base_with(
+            &[
+                (
+                    15,
+                    "    endpoints: {selector: {app: web}, addresses: [10.5.0.1]}"
+                ),
+                (16, "")
+            ],
+            &[]
+        )),
+        "mesh.yaml:15:16: services[0].endpoints: exactly one of selector, workloads, addresses is \
          required (found selector and addresses)"
     );
     assert_eq!(
-        error(&base_with(&[(17, "    endpoints: {}"), (18, "")], &[])),
-        "mesh.yaml:17:16: services[0].endpoints: exactly one of selector, workloads, addresses \
+        error(&base_with(&[(15, "    endpoints: {}"), (16, "")], &[])),
+        "mesh.yaml:15:16: services[0].endpoints: exactly one of selector, workloads, addresses \
          is required (found none)"
     );
     assert_eq!(
-        error(&base_with(&[(18, "      selector: {}")], &[])),
-        "mesh.yaml:18:17: services[0].endpoints.selector: must not be empty (list workloads or \
+        error(&base_with(&[(16, "      selector: {}")], &[])),
+        "mesh.yaml:16:17: services[0].endpoints.selector: must not be empty (list workloads or \
          addresses explicitly instead)"
     );
 }
@@ -784,8 +793,8 @@ fn empty_vips_or_ports() {
         "mesh.yaml:14:11: services[0].vips: must list at least one VIP"
     );
     assert_eq!(
-        error(&base_with(&[(15, "    ports: []"), (16, "")], &[])),
-        "mesh.yaml:15:12: services[0].ports: must list at least one port"
+        error(&base_with(&[(17, "    ports: []"), (18, "")], &[])),
+        "mesh.yaml:17:12: services[0].ports: must list at least one port"
     );
     assert_eq!(
         error(&base_with(&[(5, "    ips: []")], &[])),
@@ -810,7 +819,7 @@ fn other_agent_fields() {
     );
     assert_eq!(
         error(&base_with(&[(2, "  excludedPorts: [22, 22]")], &[])),
-        "mesh.yaml:2:22: agent.excludedPorts[1]: port 22 is listed twice"
+        "mesh.yaml:2:23: agent.excludedPorts[1]: port 22 is listed twice"
     );
     assert_eq!(
         error(&base_with(&[(2, "  cgroup: sys/fs/cgroup")], &[])),

@@ -67,6 +67,12 @@ impl ConfigWatch {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+
+    /// The polling task, dropping this watcher's own receiver: the task then ends when the
+    /// receivers from [`ConfigWatch::current`] are all gone.
+    pub fn into_task(self) -> JoinHandle<()> {
+        self.task
+    }
 }
 
 /// Shared, lock-protected reload bookkeeping.
@@ -204,7 +210,7 @@ async fn run(
                 state.pending = Some(stamp);
                 continue; // let it settle for one poll
             }
-        } else if polls % FULL_CHECK_EVERY != 0 && !state.unreadable {
+        } else if !polls.is_multiple_of(FULL_CHECK_EVERY) {
             continue;
         }
         state.pending = None;
@@ -274,4 +280,200 @@ fn content_hash(text: &str) -> u64 {
     let mut h = DefaultHasher::new();
     text.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const POLL: Duration = Duration::from_millis(20);
+
+    fn service_doc(name: &str, port: u16) -> String {
+        format!(
+            "agent: {{node: n1}}\n\
+             services:\n\
+             \x20 - name: {name}\n\
+             \x20   vips: [10.96.0.1]\n\
+             \x20   ports: [{{port: {port}}}]\n\
+             \x20   endpoints: {{addresses: [10.0.0.1]}}\n"
+        )
+    }
+
+    /// Line 8 gives a second service the VIP of the first.
+    fn invalid_doc() -> String {
+        service_doc("a", 80)
+            + "  - name: b\n    vips: [10.96.0.1]\n    ports: [{port: 80}]\n    \
+               endpoints: {addresses: [10.0.0.2]}\n"
+    }
+
+    fn start(dir: &Path) -> (PathBuf, ConfigWatch) {
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, service_doc("a", 80)).expect("write");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let watch = spawn_with_interval(&path, Arc::new(config), POLL);
+        (path, watch)
+    }
+
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn next(rx: &mut watch::Receiver<Arc<Config>>) -> Arc<Config> {
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("no reload published within 5 s")
+            .expect("watcher gone");
+        Arc::clone(&rx.borrow_and_update())
+    }
+
+    /// Lets the watcher look at the file for several polls.
+    async fn settle() {
+        tokio::time::sleep(POLL * 8).await;
+    }
+
+    fn service_name(config: &Arc<Config>) -> String {
+        config
+            .services
+            .first()
+            .map(|s| s.name.clone())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn valid_change_is_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, watch) = start(dir.path());
+        let mut rx = watch.current();
+        std::fs::write(&path, service_doc("b", 81)).expect("rewrite in place");
+        let config = next(&mut rx).await;
+        assert_eq!(service_name(&config), "b");
+        assert!(
+            config
+                .service_by_vip("10.96.0.1:81".parse().expect("addr"))
+                .is_some()
+        );
+        assert_eq!(service_name(&watch.snapshot()), "b");
+        let stats = watch.stats().snapshot();
+        assert_eq!(
+            (stats.applied, stats.rejected, stats.last_error),
+            (1, 0, None)
+        );
+        assert!(stats.last_applied_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn invalid_change_is_refused_and_the_previous_snapshot_stays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, watch) = start(dir.path());
+        let mut rx = watch.current();
+        let stats = watch.stats();
+
+        std::fs::write(&path, invalid_doc()).expect("write");
+        eventually("the rejection", || stats.snapshot().rejected == 1).await;
+        let s = stats.snapshot();
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some(
+                format!(
+                    "{}:8:12: services[1].vips[0]: 10.96.0.1 is already the VIP of service \
+                     default/a",
+                    path.display()
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(s.applied, 0);
+        settle().await;
+        assert!(
+            !rx.has_changed().expect("watcher alive"),
+            "an invalid file was published"
+        );
+        assert_eq!(service_name(&watch.snapshot()), "a");
+        assert_eq!(
+            stats.snapshot().rejected,
+            1,
+            "the same bad file is reported once"
+        );
+
+        // Fixing the file publishes and clears the error.
+        std::fs::write(&path, service_doc("c", 80)).expect("write");
+        assert_eq!(service_name(&next(&mut rx).await), "c");
+        let s = stats.snapshot();
+        assert_eq!((s.applied, s.rejected, s.last_error), (1, 1, None));
+    }
+
+    #[tokio::test]
+    async fn rename_over_the_file_is_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, watch) = start(dir.path());
+        let mut rx = watch.current();
+        let tmp = dir.path().join(".mesh.yaml.swp");
+        std::fs::write(&tmp, service_doc("renamed", 80)).expect("write");
+        std::fs::rename(&tmp, &path).expect("rename");
+        assert_eq!(service_name(&next(&mut rx).await), "renamed");
+    }
+
+    #[tokio::test]
+    async fn touch_or_comment_publishes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, watch) = start(dir.path());
+        let rx = watch.current();
+        std::fs::write(&path, service_doc("a", 80)).expect("same content");
+        settle().await;
+        std::fs::write(&path, service_doc("a", 80) + "# a comment\n").expect("comment");
+        settle().await;
+        assert!(!rx.has_changed().expect("watcher alive"));
+        let s = watch.stats().snapshot();
+        assert_eq!((s.applied, s.rejected), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn missing_file_is_reported_once_then_picked_up_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, watch) = start(dir.path());
+        let mut rx = watch.current();
+        let stats = watch.stats();
+        std::fs::remove_file(&path).expect("remove");
+        eventually("the read error", || stats.snapshot().rejected == 1).await;
+        settle().await;
+        let s = stats.snapshot();
+        assert_eq!(s.rejected, 1);
+        let error = s.last_error.unwrap_or_default();
+        assert!(
+            error.starts_with(&format!("{}: cannot read configuration: ", path.display())),
+            "{error}"
+        );
+        std::fs::write(&path, service_doc("back", 80)).expect("write");
+        assert_eq!(service_name(&next(&mut rx).await), "back");
+        assert_eq!(stats.snapshot().last_error, None);
+    }
+
+    #[tokio::test]
+    async fn stops_when_asked_or_when_nobody_listens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_path, watch) = start(dir.path());
+        watch.stop();
+        eventually("the abort", || watch.is_finished()).await;
+
+        let (_path, watch) = start(dir.path());
+        let rx = watch.current();
+        let task = watch.into_task();
+        // A receiver is left: the watcher keeps running.
+        settle().await;
+        assert!(!task.is_finished());
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the watcher did not stop once nobody listened")
+            .expect("the watcher panicked");
+    }
 }

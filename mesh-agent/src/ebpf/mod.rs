@@ -88,6 +88,7 @@ pub struct Datapath {
     orig_dst: HashMap<MapData, FlowKey, OrigDst>,
     excluded_ports: HashMap<MapData, u16, u8>,
     inbound_listeners: SockHash<MapData, SockAddr>,
+    local_pod_ips: HashMap<MapData, SockAddr, u8>,
     link_dir: PathBuf,
     /// Keeps the programs loaded while the agent runs (the pinned links keep them attached
     /// after it exits) and attaches sk_lookup to pods as they are enrolled.
@@ -174,6 +175,7 @@ impl Datapath {
             orig_dst: take_map(&mut ebpf, maps::ORIG_DST_BY_FLOW)?,
             excluded_ports: take_map(&mut ebpf, maps::EXCLUDED_PORTS)?,
             inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            local_pod_ips: take_map(&mut ebpf, maps::LOCAL_POD_IPS)?,
             link_dir,
             ebpf,
             attached,
@@ -251,6 +253,7 @@ impl Datapath {
     pub fn release_inbound(&mut self, ips: &[IpAddr]) {
         for ip in ips {
             let _ = self.inbound_listeners.remove(&encode_ip(*ip));
+            let _ = self.local_pod_ips.remove(&encode_ip(*ip));
         }
     }
 

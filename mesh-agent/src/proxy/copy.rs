@@ -30,18 +30,41 @@ pub enum CopyError {
     Io(#[from] io::Error),
 }
 
-/// Copies until both directions have reached EOF, an error, or the idle timeout.
+/// Copies between two TCP connections until both directions have reached EOF, an error,
+/// or the idle timeout.
 pub async fn bidirectional(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
     buffer_bytes: usize,
     idle_timeout: Duration,
 ) -> Result<Transferred, CopyError> {
+    let (down_read, down_write) = downstream.split();
+    let (up_read, up_write) = upstream.split();
+    bidirectional_halves(
+        (down_read, down_write),
+        (up_read, up_write),
+        buffer_bytes,
+        idle_timeout,
+    )
+    .await
+}
+
+/// The same over any pair of already split streams (a tunnel stream, say).
+pub async fn bidirectional_halves<DR, DW, UR, UW>(
+    (mut down_read, mut down_write): (DR, DW),
+    (mut up_read, mut up_write): (UR, UW),
+    buffer_bytes: usize,
+    idle_timeout: Duration,
+) -> Result<Transferred, CopyError>
+where
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved either way.
     let last_activity = AtomicU64::new(0);
-    let (mut down_read, mut down_write) = downstream.split();
-    let (mut up_read, mut up_write) = upstream.split();
     let copy = async {
         tokio::try_join!(
             pipe(

@@ -2,10 +2,10 @@
 //! an inbound listener, opened inside the pod's network namespace; each accepted connection
 //! is routed, connected upstream from the pod's namespace, and copied.
 
-mod copy;
+pub mod copy;
 mod inbound;
 mod outbound;
-mod route;
+pub mod route;
 mod socket;
 
 use std::{
@@ -36,7 +36,7 @@ pub enum ProxyError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error(transparent)]
-    Ebpf(#[from] EbpfError),
+    Ebpf(#[from] Box<EbpfError>),
 }
 
 /// What every connection handler shares.
@@ -110,7 +110,8 @@ impl PodListeners {
             ctx.datapath
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .set_inbound_listeners(&family)?;
+                .set_inbound_listeners(&family)
+                .map_err(Box::new)?;
             started.tasks.push(tokio::spawn(inbound::serve(
                 ctx.clone(),
                 pod.clone(),

@@ -77,6 +77,14 @@ enum Cmd {
         #[arg(long)]
         connect: String,
     },
+    /// Holds one connection to a `serve` open for SECONDS, echoing a line every 50 ms; prints
+    /// `ready` once connected and the number of echoes at the end (fails on any mismatch).
+    Hold {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Opens N connections at once to a `serve`, echoes a message on each.
     Many {
         #[arg(long)]
@@ -103,6 +111,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Sink { listen } => sink(&listen),
         Cmd::Send { connect, bytes } => send(&connect, bytes),
         Cmd::Id { connect } => id(&connect),
+        Cmd::Hold { connect, seconds } => hold(&connect, seconds),
         Cmd::Echo { connect, bytes } => echo(&connect, bytes),
         Cmd::Connect { connect } => {
             let s = connect_tcp(&connect)?;
@@ -393,6 +402,32 @@ fn udp_ping(addr: &str) -> Result<()> {
         reply == msg,
         "UDP reply {reply:?} differs from request {msg:?}"
     );
+    Ok(())
+}
+
+fn hold(addr: &str, seconds: u64) -> Result<()> {
+    let mut stream = connect_tcp(addr)?;
+    ready()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    let mut echoes = 0u64;
+    while std::time::Instant::now() < deadline {
+        let line = format!("hold-{echoes}\n");
+        stream
+            .write_all(line.as_bytes())
+            .context("sending on the held connection")?;
+        let mut got = vec![0u8; line.len()];
+        stream
+            .read_exact(&mut got)
+            .context("reading the echo on the held connection")?;
+        ensure!(
+            got == line.as_bytes(),
+            "echo {:?} != {line:?}",
+            String::from_utf8_lossy(&got)
+        );
+        echoes += 1;
+        thread::sleep(Duration::from_millis(50));
+    }
+    println!("{echoes}");
     Ok(())
 }
 

@@ -1,0 +1,16 @@
+//! The mesh agent as a library: the `mesh-agent` binary is a thin front on it, and the
+//! benchmarks and tests reach its pieces from here.
+//!
+//! Data flows one way: [`config`] sources -> one snapshot -> [`pods`] enrollment, the
+//! [`ebpf`] maps and the [`proxy`]; [`admin`] only reads.
+
+pub mod admin;
+pub mod agent;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod ebpf;
+pub mod metrics;
+pub mod pods;
+pub mod proxy;
+pub mod sys;

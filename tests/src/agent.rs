@@ -1,0 +1,337 @@
+//! Running the real `mesh-agent` binary in a test node: start it in the node's network
+//! namespace with a generated config, wait until it serves, read its status, stop it with
+//! SIGTERM, and remove its pins whatever happens.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{Node, Pod, Topology, exec::output_timeout};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The agent binary: `MESH_AGENT_BIN`, else next to the running test (target/<profile>/).
+/// `cargo xtask test` builds it before the tests run.
+pub fn agent_path() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("MESH_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locating the current executable")?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("mesh-agent");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "mesh-agent not found near {} (run the tests with `cargo xtask test`, or \
+         `cargo build -p mesh-agent` first, or set MESH_AGENT_BIN)",
+        exe.display()
+    )
+}
+
+/// Builds an agent configuration for one node of a topology.
+pub struct ConfigBuilder {
+    node: String,
+    bpf_name: String,
+    cgroup: PathBuf,
+    workloads: Vec<String>,
+    services: Vec<String>,
+}
+
+impl ConfigBuilder {
+    pub fn new(topology: &Topology, node: &Node) -> Self {
+        Self {
+            node: node.name().to_owned(),
+            bpf_name: topology.bpf_pin_name(),
+            cgroup: topology.cgroup_root().to_owned(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// A workload for `pod` (name = pod name, namespace `test`), with both its IPs; `extra`
+    /// is more YAML for the entry (e.g. "failMode: closed"), indented by the builder.
+    pub fn workload(mut self, pod: &Pod, labels: &[(&str, &str)], extra: &[&str]) -> Self {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let mut entry = format!(
+            "  - name: {}\n    namespace: test\n    serviceAccount: {}\n    ips: [\"{}\", \"{}\"]\n    node: {}\n    netns: {}\n    labels: {{{}}}\n",
+            pod.name(),
+            pod.name(),
+            pod.ipv4(),
+            pod.ipv6(),
+            pod.node_name(),
+            pod.netns_path().display(),
+            labels.join(", "),
+        );
+        for line in extra {
+            entry.push_str(&format!("    {line}\n"));
+        }
+        self.workloads.push(entry);
+        self
+    }
+
+    /// A service `name` in namespace `test` with the given VIPs, one port, selecting by labels.
+    pub fn service(
+        mut self,
+        name: &str,
+        vips: &[&str],
+        port: u16,
+        target_port: u16,
+        selector: &[(&str, &str)],
+    ) -> Self {
+        let vips: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
+        let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        self.services.push(format!(
+            "  - name: {name}\n    namespace: test\n    vips: [{}]\n    ports:\n      - port: {port}\n        targetPort: {target_port}\n    endpoints:\n      selector: {{{}}}\n",
+            vips.join(", "),
+            selector.join(", "),
+        ));
+        self
+    }
+
+    pub fn build(&self) -> String {
+        let mut out = format!(
+            "agent:\n  node: {}\n  bpfName: {}\n  cgroup: {}\n  connectTimeoutMs: 2000\nworkloads:\n",
+            self.node,
+            self.bpf_name,
+            self.cgroup.display()
+        );
+        if self.workloads.is_empty() {
+            out.push_str("  []\n");
+        }
+        for workload in &self.workloads {
+            out.push_str(workload);
+        }
+        out.push_str("services:\n");
+        if self.services.is_empty() {
+            out.push_str("  []\n");
+        }
+        for service in &self.services {
+            out.push_str(service);
+        }
+        out
+    }
+}
+
+/// A running agent; stopped (SIGTERM, then SIGKILL) and uninstalled on drop.
+pub struct Agent {
+    child: Option<Child>,
+    node: Node,
+    bpf_name: String,
+    config_path: PathBuf,
+}
+
+impl Agent {
+    /// Writes `config` to a file and starts the agent on `node`, waiting until it serves.
+    pub fn start(topology: &Topology, node: &Node, config: &str) -> Result<Agent> {
+        Self::start_with(topology, node, config, None)
+    }
+
+    /// As [`start`](Self::start), with the agent process placed in `cgroup` first (to put
+    /// it under the cgroup its own programs are attached to).
+    pub fn start_with(
+        topology: &Topology,
+        node: &Node,
+        config: &str,
+        cgroup: Option<&Path>,
+    ) -> Result<Agent> {
+        let dir = std::env::temp_dir().join(format!("mesh-test-{}", topology.id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config_path = dir.join(format!("{}.yaml", node.name()));
+        fs::write(&config_path, config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let mut agent = Agent {
+            child: None,
+            node: node.clone(),
+            bpf_name: topology.bpf_pin_name(),
+            config_path,
+        };
+        agent.spawn(cgroup)?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self, cgroup: Option<&Path>) -> Result<()> {
+        let mut command = self.node.try_command(agent_path()?)?;
+        if let Some(cgroup) = cgroup {
+            let procs = cgroup.join("cgroup.procs");
+            fs::create_dir_all(cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+            let file = fs::OpenOptions::new().write(true).open(&procs)?;
+            use std::os::{fd::AsRawFd, unix::process::CommandExt};
+            let fd = file.as_raw_fd();
+            // SAFETY: only async-signal-safe calls (getpid, write) between fork and exec; the
+            // file stays open in the parent until the spawn returns.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut buf = [0u8; 16];
+                    let pid = libc::getpid() as u32;
+                    let len = format_u32(pid, &mut buf);
+                    if libc::write(fd, buf.as_ptr().cast(), len) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            self.child = Some(Self::launch(&mut command, &self.config_path)?);
+            drop(file);
+        } else {
+            self.child = Some(Self::launch(&mut command, &self.config_path)?);
+        }
+        self.wait_ready()
+    }
+
+    fn launch(command: &mut Command, config: &Path) -> Result<Child> {
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        command.spawn().context("starting mesh-agent")
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                bail!("mesh-agent exited during start-up ({status}); its log is above");
+            }
+            if self.status().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh-agent did not serve its admin API within {READY_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `mesh-agent status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let mut command = self.node.try_command(agent_path()?)?;
+        command
+            .args(["status", "--json"])
+            .env_remove("RUST_BACKTRACE");
+        let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        if !output.status.success() {
+            bail!(
+                "mesh-agent status: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        serde_json::from_slice(&output.stdout).context("parsing mesh-agent status --json")
+    }
+
+    /// `mesh-agent status` as a person sees it.
+    pub fn status_table(&self) -> Result<String> {
+        let mut command = self.node.try_command(agent_path()?)?;
+        command.arg("status");
+        let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The counters of one workload (`test/<pod>`) from the status report.
+    pub fn workload_counters(&self, pod: &Pod) -> Result<serde_json::Value> {
+        let status = self.status()?;
+        let name = format!("test/{}", pod.name());
+        status["workloads"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["workload"] == name.as_str()).cloned())
+            .with_context(|| format!("{name} is not in the status report: {status}"))
+    }
+
+    /// Replaces the config file (the agent reloads it within a second or so).
+    pub fn write_config(&self, config: &str) -> Result<()> {
+        // Write then rename, as a config management tool would.
+        let temp = self.config_path.with_extension("yaml.new");
+        fs::write(&temp, config)?;
+        fs::rename(&temp, &self.config_path)?;
+        Ok(())
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// SIGTERM, waiting up to 5 s for a clean exit; pins stay (like a real restart).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("the agent is not running")
+        };
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("mesh-agent did not exit within 5 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the agent again with the same config (after [`stop`](Self::stop)).
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.stop()?;
+        }
+        self.spawn(None)
+    }
+
+    /// `mesh-agent uninstall`: removes the pinned programs and maps.
+    pub fn uninstall(&self) -> Result<()> {
+        let mut command = Command::new(agent_path()?);
+        command.args(["uninstall", "--name", &self.bpf_name]);
+        let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        if !output.status.success() {
+            bail!(
+                "mesh-agent uninstall: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        let _ = self.uninstall();
+        let _ = fs::remove_file(&self.config_path);
+    }
+}
+
+/// Writes `n` in decimal into `buf` without allocating (safe between fork and exec).
+fn format_u32(mut n: u32, buf: &mut [u8; 16]) -> usize {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = digits[len - 1 - i];
+    }
+    len
+}

@@ -1,0 +1,301 @@
+//! The one-node L4 data path, end to end on the real kernel: pods' connects to a service
+//! VIP are captured by eBPF, balanced to endpoints, and copied by the agent.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use mesh_tests::{Agent, ConfigBuilder, Node, Pod, Topology, assert_root, kernel, parse_id_reply};
+
+const TOOL: &str = env!("CARGO_BIN_EXE_mesh-testtool");
+const VIP: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+
+/// Client pod `a`, echo servers `b` and `c` (label app=echo) on :8080, service `echo`
+/// (VIPs 10.96.0.10 and fd00:96::10, port 80 -> 8080), all enrolled.
+struct Mesh {
+    topo: Topology,
+    node: Node,
+    a: Pod,
+    b: Pod,
+    c: Pod,
+    _servers: Vec<mesh_tests::Background>,
+}
+
+impl Mesh {
+    fn new(name: &str) -> Mesh {
+        assert_root();
+        let mut topo = Topology::new(name).expect("topology");
+        let node = topo.add_node("node1").expect("node");
+        let a = topo.add_pod(&node, "a").expect("pod a");
+        let b = topo.add_pod(&node, "b").expect("pod b");
+        let c = topo.add_pod(&node, "c").expect("pod c");
+        // [::] serves IPv4 and IPv6 alike.
+        let servers = [(&b, "b"), (&c, "c")]
+            .into_iter()
+            .map(|(pod, name)| {
+                pod.spawn_ready(TOOL, ["serve", "--listen", "[::]:8080", "--name", name])
+                    .expect("server")
+            })
+            .collect();
+        Mesh {
+            topo,
+            node,
+            a,
+            b,
+            c,
+            _servers: servers,
+        }
+    }
+
+    fn config(&self, selector: &[(&str, &str)]) -> String {
+        ConfigBuilder::new(&self.topo, &self.node)
+            .workload(&self.a, &[("app", "client")], &[])
+            .workload(&self.b, &[("app", "echo"), ("version", "b")], &[])
+            .workload(&self.c, &[("app", "echo"), ("version", "c")], &[])
+            .service("echo", &[VIP, VIP6], 80, 8080, selector)
+            .build()
+    }
+
+    fn agent(&self) -> Agent {
+        Agent::start(&self.topo, &self.node, &self.config(&[("app", "echo")]))
+            .expect("agent starts")
+    }
+
+    /// `mesh-testtool id` from pod a to `target`: (server name, peer address it saw).
+    fn id(&self, target: &str) -> (String, std::net::SocketAddr) {
+        let out = self
+            .a
+            .run(TOOL, ["id", "--connect", target])
+            .expect("id through the mesh");
+        parse_id_reply(&String::from_utf8_lossy(&out.stdout)).expect("id reply")
+    }
+}
+
+#[test]
+fn service_vip_reaches_both_endpoints_over_ipv4_and_ipv6() {
+    let mesh = Mesh::new("vip_balance");
+    let agent = mesh.agent();
+    for vip in [format!("{VIP}:80"), format!("[{VIP6}]:80")] {
+        let names: BTreeSet<String> = (0..4).map(|_| mesh.id(&vip).0).collect();
+        assert_eq!(
+            names,
+            BTreeSet::from(["b".to_owned(), "c".to_owned()]),
+            "via {vip}"
+        );
+    }
+    let counters = agent.workload_counters(&mesh.a).expect("status");
+    assert_eq!(counters["captured"], 8, "{counters}");
+    // Without the agent's capture the VIP is not routable at all: the answers above came
+    // through the proxy. A pod's own IP is reached too (routed as a pod, not a service).
+    assert_eq!(mesh.id(&format!("{}:8080", mesh.b.ipv4())).0, "b");
+}
+
+#[test]
+fn proxy_upstream_is_not_captured_again_even_inside_the_attached_cgroup() {
+    let mesh = Mesh::new("loop_guard");
+    // The agent itself lives under the cgroup its programs are attached to: only the proxy
+    // mark keeps its upstream connects (made from the pod's netns) from being captured.
+    let agent_cgroup = mesh.topo.cgroup_root().join("agent");
+    let _agent = Agent::start_with(
+        &mesh.topo,
+        &mesh.node,
+        &mesh.config(&[("app", "echo")]),
+        Some(&agent_cgroup),
+    )
+    .expect("agent starts");
+    for _ in 0..3 {
+        mesh.id(&format!("{VIP}:80"));
+    }
+    let cookie = kernel::netns_cookie(&mesh.a.netns_path()).expect("cookie");
+    let stats = kernel::pod_stats(&mesh.topo.bpf_pin_name(), cookie)
+        .expect("map")
+        .expect("counted");
+    assert_eq!(
+        stats.captured, 3,
+        "each app connect captured once, proxy connects never: {stats:?}"
+    );
+}
+
+#[test]
+fn hundred_megabytes_arrive_intact_both_ways_with_half_close() {
+    let mesh = Mesh::new("bulk");
+    let _sink = mesh
+        .b
+        .spawn_ready(TOOL, ["sink", "--listen", "0.0.0.0:9000"])
+        .expect("sink");
+    let config = ConfigBuilder::new(&mesh.topo, &mesh.node)
+        .workload(&mesh.a, &[("app", "client")], &[])
+        .workload(&mesh.b, &[("app", "echo")], &[])
+        .service("echo", &[VIP], 80, 8080, &[("app", "echo")])
+        .service("sink", &["10.96.0.11"], 90, 9000, &[("app", "echo")])
+        .build();
+    let _agent = Agent::start(&mesh.topo, &mesh.node, &config).expect("agent");
+    // Upload, half-close, then the sink's checksum comes back over the still-open half.
+    let bytes = (100u64 << 20).to_string();
+    mesh.a
+        .run(
+            TOOL,
+            ["send", "--connect", "10.96.0.11:90", "--bytes", &bytes],
+        )
+        .expect("send 100 MB");
+    // Both directions at once: the echo is checked byte for byte.
+    mesh.a
+        .run(
+            TOOL,
+            ["echo", "--connect", &format!("{VIP}:80"), "--bytes", &bytes],
+        )
+        .expect("echo 100 MB");
+}
+
+#[test]
+fn a_thousand_concurrent_connections() {
+    let mesh = Mesh::new("many");
+    let _agent = mesh.agent();
+    let out = mesh
+        .a
+        .run(
+            TOOL,
+            ["many", "--connect", &format!("{VIP}:80"), "--count", "1000"],
+        )
+        .expect("many");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
+}
+
+#[test]
+fn config_change_moves_new_connections_and_keeps_open_ones() {
+    let mesh = Mesh::new("reload");
+    let agent = mesh.agent();
+    let vip = format!("{VIP}:80");
+    // An open connection, echoing for 4 s across the change.
+    let mut held = mesh
+        .a
+        .spawn_ready(TOOL, ["hold", "--connect", &vip, "--seconds", "4"])
+        .expect("hold");
+    agent
+        .write_config(&mesh.config(&[("version", "c")]))
+        .expect("new config");
+    wait_until(
+        || agent.status().is_ok_and(|s| s["config"]["applied"] == 1),
+        "reload applied",
+    );
+    let names: BTreeSet<String> = (0..4).map(|_| mesh.id(&vip).0).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["c".to_owned()]),
+        "new connections go to the new endpoint set"
+    );
+    let status = mesh_tests::wait_timeout(held.child_mut(), Duration::from_secs(10)).expect("wait");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the held connection kept flowing: {status:?}"
+    );
+}
+
+#[test]
+fn invalid_config_change_is_refused_and_traffic_goes_on() {
+    let mesh = Mesh::new("bad_reload");
+    let agent = mesh.agent();
+    let broken = mesh
+        .config(&[("app", "echo")])
+        .replace("targetPort: 8080", "targetPort: 70000");
+    agent.write_config(&broken).expect("write");
+    wait_until(
+        || agent.status().is_ok_and(|s| s["config"]["rejected"] == 1),
+        "reload rejected",
+    );
+    let status = agent.status().expect("status");
+    let error = status["config"]["lastError"]
+        .as_str()
+        .expect("error text")
+        .to_owned();
+    let file = agent.config_path().display().to_string();
+    assert!(
+        error.starts_with(&format!("{file}:")),
+        "error names the file and line: {error}"
+    );
+    assert!(error.contains("70000"), "{error}");
+    // The old snapshot is in force: both endpoints still serve.
+    let names: BTreeSet<String> = (0..4).map(|_| mesh.id(&format!("{VIP}:80")).0).collect();
+    assert_eq!(names.len(), 2);
+}
+
+#[test]
+fn udp_is_untouched() {
+    let mesh = Mesh::new("udp");
+    let _udp = mesh
+        .b
+        .spawn_ready(TOOL, ["udp-echo", "--listen", "0.0.0.0:5353"])
+        .expect("udp echo");
+    let agent = mesh.agent();
+    mesh.a
+        .run(
+            TOOL,
+            ["udp-ping", "--connect", &format!("{}:5353", mesh.b.ipv4())],
+        )
+        .expect("udp works");
+    assert_eq!(
+        agent.workload_counters(&mesh.a).expect("status")["captured"],
+        0
+    );
+}
+
+#[test]
+fn inbound_connections_from_outside_the_mesh_pass_through_the_inbound_listener() {
+    let mut mesh = Mesh::new("inbound");
+    let outsider = mesh.topo.add_pod(&mesh.node, "d").expect("pod d");
+    let _agent = mesh.agent();
+    // d is not enrolled: its connect is not captured, but b's sk_lookup hands it to the
+    // agent's inbound listener, which reaches the app from inside b.
+    let out = outsider
+        .run(
+            TOOL,
+            ["id", "--connect", &format!("{}:8080", mesh.b.ipv4())],
+        )
+        .expect("id");
+    let (name, peer) = parse_id_reply(&String::from_utf8_lossy(&out.stdout)).expect("reply");
+    assert_eq!(name, "b");
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(mesh.b.ipv4()),
+        "the app sees the inbound proxy in its own pod"
+    );
+}
+
+#[test]
+fn fail_closed_pod_is_refused_and_fail_open_pod_goes_direct_when_the_agent_is_down() {
+    let mesh = Mesh::new("fail_mode");
+    let config = ConfigBuilder::new(&mesh.topo, &mesh.node)
+        .workload(&mesh.a, &[("app", "client")], &["failMode: closed"])
+        .workload(&mesh.c, &[("app", "other")], &[])
+        .build();
+    let mut agent = Agent::start(&mesh.topo, &mesh.node, &config).expect("agent");
+    let target = format!("{}:8080", mesh.b.ipv4());
+    mesh.a
+        .run(TOOL, ["connect", "--connect", &target])
+        .expect("works with the agent up");
+    agent.stop().expect("stop");
+    // The programs stay pinned; no listener answers in the pods any more.
+    let refused = mesh.a.run(TOOL, ["connect", "--connect", &target]);
+    assert!(
+        refused.is_err(),
+        "fail-closed pod must be refused without the agent"
+    );
+    mesh.c
+        .run(TOOL, ["connect", "--connect", &target])
+        .expect("fail-open pod connects directly");
+    let cookie = kernel::netns_cookie(&mesh.a.netns_path()).expect("cookie");
+    let stats = kernel::pod_stats(&mesh.topo.bpf_pin_name(), cookie)
+        .expect("map")
+        .expect("counted");
+    assert_eq!(stats.no_listener, 1, "{stats:?}");
+}
+
+fn wait_until(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
