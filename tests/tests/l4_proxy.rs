@@ -299,3 +299,41 @@ fn wait_until(mut condition: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn proxy_ports_are_kept_for_the_proxy_and_excluded_ports_are_not_captured() {
+    let mesh = Mesh::new("guards");
+    let _sink = mesh
+        .b
+        .spawn_ready(TOOL, ["sink", "--listen", "0.0.0.0:9000"])
+        .expect("sink");
+    let config = mesh.config(&[("app", "echo")]).replace(
+        "  connectTimeoutMs: 2000\n",
+        "  connectTimeoutMs: 2000\n  excludedPorts: [9000]\n",
+    );
+    let agent = Agent::start(&mesh.topo, &mesh.node, &config).expect("agent");
+    // An app in an enrolled pod may not take the proxy's ports (bind4/6 refuse it).
+    for addr in ["0.0.0.0:15008", "[::]:15001"] {
+        let squatter = mesh.a.spawn_ready(TOOL, ["serve", "--listen", addr]);
+        assert!(squatter.is_err(), "an app bound {addr}");
+    }
+    // An excluded destination port goes direct, counted as skipped.
+    mesh.a
+        .run(
+            TOOL,
+            [
+                "send",
+                "--connect",
+                &format!("{}:9000", mesh.b.ipv4()),
+                "--bytes",
+                "1000",
+            ],
+        )
+        .expect("send");
+    let counters = agent.workload_counters(&mesh.a).expect("status");
+    assert_eq!(
+        (counters["captured"].as_u64(), counters["skipped"].as_u64()),
+        (Some(0), Some(1)),
+        "{counters}"
+    );
+}

@@ -5,6 +5,7 @@
 pub mod copy;
 mod inbound;
 mod outbound;
+pub mod registry;
 pub mod route;
 mod socket;
 
