@@ -21,7 +21,7 @@ use crate::{
     ebpf::{self, Datapath},
     metrics::Metrics,
     pods::Pods,
-    proxy::ProxyContext,
+    proxy::{MeshTls, ProxyContext},
     sys,
 };
 
@@ -56,12 +56,15 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         "eBPF programs attached"
     );
 
+    let mesh_tls = Arc::new(MeshTls::start(&agent).context("setting up mTLS")?);
     let metrics = Arc::new(Metrics::new());
     let proxy = Arc::new(ProxyContext {
         config: Arc::new(ArcSwap::new(config.clone())),
         datapath: Arc::new(Mutex::new(datapath)),
         balancer: Arc::new(RoundRobin::default()),
         metrics: metrics.clone(),
+        connections: Arc::default(),
+        mesh_tls: mesh_tls.clone(),
     });
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
     apply(&pods, &config, &metrics);
@@ -115,6 +118,10 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                 // New connections route by the new snapshot; established ones keep flowing.
                 proxy.config.store(snapshot.clone());
                 apply(&pods, &snapshot, &metrics);
+                let revoked = proxy.revoke_denied(&snapshot);
+                if revoked > 0 {
+                    tracing::info!(connections = revoked, "closed connections the new policy denies");
+                }
                 tracing::info!("configuration reloaded");
             }
         }

@@ -9,8 +9,17 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "mesh-agent", version, propagate_version = true)]
 pub struct Cli {
+    /// Log lines (and the one access-log line per connection) as text or JSON, on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,5 +51,34 @@ pub enum Command {
         /// The agent's pin name (`agent.bpfName` in the config).
         #[arg(long, default_value = "mesh")]
         name: String,
+    },
+    /// Manage the certificate authority that signs the mesh's workload certificates.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Write a self-signed development CA (ca.crt, and ca.key readable only by its owner)
+    /// for the agent's built-in signer. Not for production: keep real CA keys in a Secret.
+    Init {
+        /// Directory to write ca.crt and ca.key into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The SPIFFE trust domain the CA is for (recorded in its subject).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Validity of the CA certificate, in days.
+        #[arg(
+            long,
+            default_value_t = crate::tls::DEFAULT_CA_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=36500)
+        )]
+        days: u32,
+        /// Replace existing ca.crt / ca.key.
+        #[arg(long)]
+        force: bool,
     },
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod authz;
 pub mod balance;
 pub mod cli;
 pub mod config;
@@ -14,3 +15,5 @@ pub mod metrics;
 pub mod pods;
 pub mod proxy;
 pub mod sys;
+pub mod tls;
+pub mod tunnel;

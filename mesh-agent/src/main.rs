@@ -3,18 +3,19 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use mesh_agent::{admin, agent, cli, ebpf};
+use mesh_agent::{admin, agent, cli, ebpf, proxy};
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        cli::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -22,12 +23,29 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Run { config, cgroup } => runtime.block_on(agent::run(&config, cgroup)),
         cli::Command::Status { admin, json } => runtime.block_on(admin::status::print(admin, json)),
         cli::Command::Uninstall { name } => {
+            // The development CA, if the agent made one (/run/mesh-agent/<name>).
+            if let Some(state) = proxy::dev_ca_dir(&name).parent() {
+                let _ = std::fs::remove_dir_all(state);
+            }
             let root = ebpf::pin_root(&name);
             if ebpf::uninstall(&name)? {
                 println!("removed {}", root.display());
             } else {
                 println!("nothing pinned at {}", root.display());
             }
+            Ok(())
+        }
+        cli::Command::Ca {
+            command:
+                cli::CaCommand::Init {
+                    dir,
+                    trust_domain,
+                    days,
+                    force,
+                },
+        } => {
+            let (cert, key) = mesh_agent::tls::init_dev_ca(&dir, &trust_domain, days, force)?;
+            println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
     }

@@ -20,6 +20,7 @@ use crate::{
     ebpf::{Datapath, EbpfError},
     proxy::{PodHandle, PodListeners, ProxyContext, ProxyError},
     sys::{NetnsError, NetnsThread},
+    tls::{IdentityError, SpiffeId},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,11 @@ pub enum EnrollError {
     Netns {
         workload: String,
         source: NetnsError,
+    },
+    #[error("workload {workload}: {source}")]
+    Identity {
+        workload: String,
+        source: IdentityError,
     },
     #[error("workload {workload}: {source}")]
     Proxy {
@@ -156,8 +162,18 @@ impl Pods {
             workload: workload_name(),
             source,
         })?;
+        let identity = SpiffeId::new(
+            &config.agent().trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .map_err(|source| EnrollError::Identity {
+            workload: workload_name(),
+            source,
+        })?;
         let handle = PodHandle {
             key: key.to_owned(),
+            identity,
             netns,
         };
         // Listeners first, so the first captured connect already finds them.
@@ -197,6 +213,15 @@ impl Pods {
     }
 
     fn unenroll(&self, pod: &PodEntry) -> Result<(), EbpfError> {
+        // The certificate goes when the last local pod with its identity goes.
+        let identity = &pod.handle.identity;
+        if !self
+            .enrolled
+            .values()
+            .any(|other| &other.handle.identity == identity)
+        {
+            self.proxy.mesh_tls.store.remove(identity);
+        }
         let mut datapath = self.datapath();
         let result = datapath.unenroll(pod.handle.netns.cookie());
         datapath.release_inbound(&pod.enrollment.ips);

@@ -42,6 +42,8 @@ pub struct ConfigBuilder {
     cgroup: PathBuf,
     workloads: Vec<String>,
     services: Vec<String>,
+    agent_extra: Vec<String>,
+    policies: Option<String>,
 }
 
 impl ConfigBuilder {
@@ -52,6 +54,8 @@ impl ConfigBuilder {
             cgroup: topology.cgroup_root().to_owned(),
             workloads: Vec::new(),
             services: Vec::new(),
+            agent_extra: Vec::new(),
+            policies: None,
         }
     }
 
@@ -95,6 +99,18 @@ impl ConfigBuilder {
         self
     }
 
+    /// One more line of the `agent` block, e.g. `caCertFile: /path`.
+    pub fn agent_line(mut self, line: &str) -> Self {
+        self.agent_extra.push(format!("  {line}\n"));
+        self
+    }
+
+    /// The `policies` block, as YAML indented by two spaces (e.g. `  authorization: ...`).
+    pub fn policies(mut self, yaml: &str) -> Self {
+        self.policies = Some(yaml.to_owned());
+        self
+    }
+
     pub fn build(&self) -> String {
         let mut out = format!(
             "agent:\n  node: {}\n  bpfName: {}\n  cgroup: {}\n  connectTimeoutMs: 2000\nworkloads:\n",
@@ -102,6 +118,8 @@ impl ConfigBuilder {
             self.bpf_name,
             self.cgroup.display()
         );
+        let workloads_at = out.len() - "workloads:\n".len();
+        out.insert_str(workloads_at, &self.agent_extra.concat());
         if self.workloads.is_empty() {
             out.push_str("  []\n");
         }
@@ -114,6 +132,10 @@ impl ConfigBuilder {
         }
         for service in &self.services {
             out.push_str(service);
+        }
+        if let Some(policies) = &self.policies {
+            out.push_str("policies:\n");
+            out.push_str(policies);
         }
         out
     }

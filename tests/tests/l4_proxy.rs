@@ -74,12 +74,17 @@ impl Mesh {
 fn service_vip_reaches_both_endpoints_over_ipv4_and_ipv6() {
     let mesh = Mesh::new("vip_balance");
     let agent = mesh.agent();
-    for vip in [format!("{VIP}:80"), format!("[{VIP6}]:80")] {
-        let names: BTreeSet<String> = (0..4).map(|_| mesh.id(&vip).0).collect();
-        assert_eq!(
-            names,
-            BTreeSet::from(["b".to_owned(), "c".to_owned()]),
-            "via {vip}"
+    for (vip, client_ip) in [
+        (format!("{VIP}:80"), std::net::IpAddr::V4(mesh.a.ipv4())),
+        (format!("[{VIP6}]:80"), std::net::IpAddr::V6(mesh.a.ipv6())),
+    ] {
+        let answers: Vec<_> = (0..4).map(|_| mesh.id(&vip)).collect();
+        let names: BTreeSet<&str> = answers.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, BTreeSet::from(["b", "c"]), "via {vip}");
+        // The proxy connects from inside pod a: the servers see a's own address.
+        assert!(
+            answers.iter().all(|(_, peer)| peer.ip() == client_ip),
+            "{answers:?}"
         );
     }
     let counters = agent.workload_counters(&mesh.a).expect("status");
@@ -335,5 +340,69 @@ fn proxy_ports_are_kept_for_the_proxy_and_excluded_ports_are_not_captured() {
         (counters["captured"].as_u64(), counters["skipped"].as_u64()),
         (Some(0), Some(1)),
         "{counters}"
+    );
+}
+
+#[test]
+fn authorization_policy_holds_on_the_node_and_a_change_closes_what_it_now_denies() {
+    let mut mesh = Mesh::new("authz_local");
+    let intruder = mesh.topo.add_pod(&mesh.node, "d").expect("pod d");
+    let outsider = mesh.topo.add_pod(&mesh.node, "e").expect("pod e");
+    let policy = |action: &str, who: &str| {
+        format!(
+            "  authorization:\n    - name: echo-policy\n      namespace: test\n      selector: {{app: echo}}\n      action: {action}\n      rules:\n        - from:\n            identities: [\"spiffe://cluster.local/ns/test/sa/{who}\"]\n          ports: [8080]\n"
+        )
+    };
+    let config = |policies: String| {
+        ConfigBuilder::new(&mesh.topo, &mesh.node)
+            .workload(&mesh.a, &[("app", "client")], &[])
+            .workload(&intruder, &[("app", "intruder")], &[])
+            .workload(&mesh.b, &[("app", "echo")], &[])
+            .service("echo", &[VIP], 80, 8080, &[("app", "echo")])
+            .policies(&policies)
+            .build()
+    };
+    let agent = Agent::start(&mesh.topo, &mesh.node, &config(policy("allow", "a"))).expect("agent");
+    let vip = format!("{VIP}:80");
+    assert_eq!(mesh.id(&vip).0, "b", "the allowed identity gets through");
+    assert!(
+        intruder.run(TOOL, ["id", "--connect", &vip]).is_err(),
+        "another identity is refused"
+    );
+    // A plaintext client from outside the mesh has no identity: the allow rule cannot match.
+    let direct = format!("{}:8080", mesh.b.ipv4());
+    assert!(
+        outsider.run(TOOL, ["id", "--connect", &direct]).is_err(),
+        "unauthenticated refused"
+    );
+
+    // A live connection from a, then a policy that denies a: the connection is closed.
+    let mut held = mesh
+        .a
+        .spawn_ready(TOOL, ["hold", "--connect", &vip, "--seconds", "5"])
+        .expect("hold");
+    agent
+        .write_config(&config(policy("deny", "a")))
+        .expect("new policy");
+    wait_until(
+        || agent.status().is_ok_and(|s| s["config"]["applied"] == 1),
+        "reload applied",
+    );
+    let status = mesh_tests::wait_timeout(held.child_mut(), Duration::from_secs(10)).expect("wait");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the held connection was closed: {status:?}"
+    );
+    assert!(
+        mesh.a.run(TOOL, ["id", "--connect", &vip]).is_err(),
+        "new connections denied"
+    );
+    assert_eq!(
+        intruder
+            .run(TOOL, ["id", "--connect", &vip])
+            .map(|_| ())
+            .ok(),
+        Some(()),
+        "d is no longer denied"
     );
 }

@@ -1,5 +1,6 @@
 //! Project tasks. `cargo xtask --help` lists them.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod setup;
@@ -32,6 +33,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Data-path benchmark on a two-node topology: direct, through the agent, through
+    /// HAProxy (needs root); writes target/bench/results.{json,md} and latency.svg.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::Demo => demo::demo(),
         Task::Test { args } => test(&args),
+        Task::Bench(args) => bench::run_bench(&args),
     }
 }
 

@@ -28,6 +28,11 @@ pub mod defaults {
     pub const MAX_BUFFER_BYTES: usize = 16 * 1024 * 1024;
     pub const NAMESPACE: &str = "default";
     pub const SERVICE_ACCOUNT: &str = "default";
+    pub const TRUST_DOMAIN: &str = "cluster.local";
+    pub const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+    /// Upper bound of `certLifetimeMinutes`: certificates are meant to be short-lived.
+    pub const MAX_CERT_LIFETIME_MINUTES: u64 = 365 * 24 * 60;
+    pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 /// One immutable configuration snapshot. The data fields are public for reading; a `Config`
@@ -45,6 +50,9 @@ pub struct Config {
     /// canonical workload IP -> workload
     pub(super) by_ip: HashMap<IpAddr, WorkloadId>,
     pub(super) local: Vec<WorkloadId>,
+    /// `WorkloadId(i)` -> indices into `policies.authorization` of the policies selecting
+    /// workload `i`, in file order.
+    pub(super) authz_by_workload: Vec<Vec<usize>>,
 }
 
 impl Config {
@@ -80,6 +88,32 @@ impl Config {
     /// Workloads on this agent's node (`workload.node == agent.node`), in file order.
     pub fn local_workloads(&self) -> impl Iterator<Item = &Workload> + '_ {
         self.local.iter().filter_map(|id| self.workload(*id))
+    }
+
+    /// The authorization policies that select `workload` (same namespace, selector included
+    /// in its labels), in file order. Precomputed per workload of this snapshot; a workload
+    /// from elsewhere (another snapshot, built by hand) is matched on the fly.
+    pub fn authorization_policies_for<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+        // The selection depends only on the namespace and the labels.
+        let precomputed = self
+            .workload(workload.id)
+            .filter(|w| {
+                std::ptr::eq(*w, workload)
+                    || (w.namespace == workload.namespace && w.labels == workload.labels)
+            })
+            .and_then(|_| self.authz_by_workload.get(workload.id.0));
+        let all = &self.policies.authorization;
+        let (listed, scanned) = match precomputed {
+            Some(indices) => (indices.as_slice(), None),
+            None => (&[][..], Some(all.iter().filter(|p| p.selects(workload)))),
+        };
+        listed
+            .iter()
+            .filter_map(|i| all.get(*i))
+            .chain(scanned.into_iter().flatten())
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
@@ -120,6 +154,20 @@ pub struct AgentConfig {
     pub idle_timeout: Duration,
     /// Copy buffer per direction per connection.
     pub buffer_bytes: usize,
+    /// SPIFFE trust domain of the mesh identities (a DNS-like name); default `cluster.local`.
+    pub trust_domain: String,
+    /// PEM certificate of the built-in CA (absolute path). `None` (with `ca_key_file`): the
+    /// agent generates an in-memory development CA. Set together with `ca_key_file`.
+    pub ca_cert_file: Option<PathBuf>,
+    /// PEM private key of the built-in CA (absolute path); set together with `ca_cert_file`.
+    pub ca_key_file: Option<PathBuf>,
+    /// Extra PEM bundles accepted as trust roots besides the CA's own certificate (root
+    /// rotation); absolute, distinct, in file order.
+    pub trust_root_files: Vec<PathBuf>,
+    /// Lifetime of the workload certificates the CA signs; default 24 h, at least a minute.
+    pub cert_lifetime: Duration,
+    /// An HBONE tunnel (node-to-node connection) with no stream is closed after this long.
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -160,6 +208,15 @@ impl Workload {
     /// `namespace/name`
     pub fn qualified_name(&self) -> QualifiedName<'_> {
         QualifiedName(&self.namespace, &self.name)
+    }
+
+    /// The workload's SPIFFE identity in `trust_domain`:
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<serviceAccount>`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
     }
 }
 
@@ -249,8 +306,87 @@ pub enum EndpointSelection {
     Addresses(Vec<IpAddr>),
 }
 
-/// Reserved: authorization and rate-limit policies will live here. Today the `policies` block
-/// accepts no field (an empty map or nothing).
+/// The `policies` block. Rate limits will join authorization here (hence `non_exhaustive`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Policies {}
+pub struct Policies {
+    /// L4 authorization policies, in file order; `(namespace, name)` is unique. Evaluated by
+    /// `crate::authz::authorize`.
+    pub authorization: Vec<AuthorizationPolicy>,
+}
+
+/// An L4 authorization policy, modelled on Istio's `AuthorizationPolicy`.
+///
+/// It applies to the workloads of `namespace` whose labels include `selector` (all of the
+/// namespace when `None`). It *matches* a connection when any of its `rules` matches; with no
+/// rule, an `Allow` policy matches nothing (so it denies everything it applies to) and a
+/// `Deny` policy matches everything.
+///
+/// Decision for a workload (see `crate::authz`): denied if a `Deny` policy applying to it
+/// matches; otherwise, if some `Allow` policy applies to it, allowed only when one of them
+/// matches; otherwise allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub namespace: String,
+    /// `None`: every workload of the namespace. Never `Some` of an empty map from the file.
+    pub selector: Option<BTreeMap<String, String>>,
+    pub action: AuthorizationAction,
+    pub rules: Vec<AuthorizationRule>,
+}
+
+impl AuthorizationPolicy {
+    /// `namespace/name`
+    pub fn qualified_name(&self) -> QualifiedName<'_> {
+        QualifiedName(&self.namespace, &self.name)
+    }
+
+    /// The policy applies to `workload`: same namespace, and the selector (if any) is
+    /// included in its labels.
+    pub fn selects(&self, workload: &Workload) -> bool {
+        workload.namespace == self.namespace
+            && self.selector.as_ref().is_none_or(|selector| {
+                selector
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthorizationAction {
+    /// The default, as in Istio.
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// Matches a connection when every condition it has matches; a rule without any condition
+/// matches every connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthorizationRule {
+    /// Conditions on the source; `None`: any source, authenticated or not.
+    pub from: Option<RuleSource>,
+    /// Destination ports (the workload's target port, not the service port); empty: any port.
+    pub ports: Vec<u16>,
+}
+
+/// Conditions on the source's SPIFFE identity. Each non-empty list is one condition (an empty
+/// list is no condition, as in Istio; the file cannot write one):
+/// - the identity is one of `identities` or starts with one of `identity_prefixes` (one
+///   condition when both are given: they are two spellings of Istio's `principals`);
+/// - its namespace (`/ns/<namespace>/` of an identity of the agent's trust domain) is one of
+///   `namespaces`.
+///
+/// A source with any condition never matches an unauthenticated (plaintext) source.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleSource {
+    /// Exact SPIFFE IDs.
+    pub identities: Vec<String>,
+    /// SPIFFE ID prefixes, compared byte for byte: end one with `/`
+    /// (`spiffe://cluster.local/ns/demo/`) unless a partial path segment is meant
+    /// (`.../ns/demo` also matches `.../ns/demo-test/...`).
+    pub identity_prefixes: Vec<String>,
+    pub namespaces: Vec<String>,
+}

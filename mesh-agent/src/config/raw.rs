@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::model::{FailMode, UnknownDestination};
+use super::model::{AuthorizationAction, FailMode, UnknownDestination};
 
 pub(super) type S<T> = Spanned<T>;
 
@@ -38,6 +38,12 @@ pub(super) struct RawAgent {
     pub connect_timeout_ms: Option<S<u64>>,
     pub idle_timeout_ms: Option<S<u64>>,
     pub buffer_bytes: Option<S<u64>>,
+    pub trust_domain: Option<S<String>>,
+    pub ca_cert_file: Option<S<String>>,
+    pub ca_key_file: Option<S<String>>,
+    pub trust_root_files: Option<Vec<S<String>>>,
+    pub cert_lifetime_minutes: Option<S<u64>>,
+    pub tunnel_idle_timeout_ms: Option<S<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,7 +86,55 @@ pub(super) struct RawEndpoints {
     pub addresses: Option<S<Vec<S<String>>>>,
 }
 
-/// Reserved for authorization and rate limits; no field yet.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(super) struct RawPolicies {}
+pub(super) struct RawPolicies {
+    pub authorization: Option<Vec<S<RawAuthorizationPolicy>>>,
+}
+
+/// In the policy blocks a key written with no value (`from:`, `ports:`) must not silently mean
+/// "no condition": those fields are read with [`present`], so that `Some(value: None)` is an
+/// explicit null, refused by validation, and `None` an absent key.
+pub(super) type Present<T> = Option<S<Option<T>>>;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawAuthorizationPolicy {
+    pub name: S<String>,
+    pub namespace: Option<S<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub selector: Present<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub action: Present<AuthorizationAction>,
+    #[serde(default, deserialize_with = "present")]
+    pub rules: Present<Vec<S<RawRule>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawRule {
+    #[serde(default, deserialize_with = "present")]
+    pub from: Present<RawFrom>,
+    #[serde(default, deserialize_with = "present")]
+    pub ports: Present<Vec<S<u64>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawFrom {
+    #[serde(default, deserialize_with = "present")]
+    pub identities: Present<Vec<S<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub identity_prefixes: Present<Vec<S<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub namespaces: Present<Vec<S<String>>>,
+}
+
+/// Called only when the key is present: wraps the (possibly null) value in `Some`.
+fn present<'de, D, T>(de: D) -> Result<Present<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    S::<Option<T>>::deserialize(de).map(Some)
+}

@@ -137,6 +137,12 @@ fn full_document() {
         "  connectTimeoutMs: 250",
         "  idleTimeoutMs: 60000",
         "  bufferBytes: 16384",
+        "  trustDomain: mesh.example.org",
+        "  caCertFile: /etc/mesh/ca.pem",
+        "  caKeyFile: /etc/mesh/ca-key.pem",
+        "  trustRootFiles: [/etc/mesh/old-root.pem, /etc/mesh/new-root.pem]",
+        "  certLifetimeMinutes: 90",
+        "  tunnelIdleTimeoutMs: 2500",
         "workloads:",
         "  - name: web-1",
         "    namespace: shop",
@@ -187,6 +193,15 @@ fn full_document() {
             connect_timeout: Duration::from_millis(250),
             idle_timeout: Duration::from_secs(60),
             buffer_bytes: 16384,
+            trust_domain: "mesh.example.org".into(),
+            ca_cert_file: Some(PathBuf::from("/etc/mesh/ca.pem")),
+            ca_key_file: Some(PathBuf::from("/etc/mesh/ca-key.pem")),
+            trust_root_files: vec![
+                PathBuf::from("/etc/mesh/old-root.pem"),
+                PathBuf::from("/etc/mesh/new-root.pem"),
+            ],
+            cert_lifetime: Duration::from_secs(90 * 60),
+            tunnel_idle_timeout: Duration::from_millis(2500),
         }
     );
     assert_eq!(a.proxy_port_range(), (16001, 16008));
@@ -300,6 +315,7 @@ fn defaults() {
         "    ports: [{port: 80}]",
         "    endpoints: {workloads: [w]}",
     ]);
+    let w = &config.workloads[0];
     assert_eq!(
         config.agent,
         AgentConfig {
@@ -315,9 +331,19 @@ fn defaults() {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),
             buffer_bytes: 65536,
+            trust_domain: "cluster.local".into(),
+            ca_cert_file: None,
+            ca_key_file: None,
+            trust_root_files: vec![],
+            cert_lifetime: Duration::from_secs(24 * 3600),
+            tunnel_idle_timeout: Duration::from_secs(60),
         }
     );
-    let w = &config.workloads[0];
+    assert_eq!(
+        w.spiffe_id(&config.agent.trust_domain),
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+    assert!(config.policies.authorization.is_empty());
     assert_eq!(w.namespace, "default");
     assert_eq!(w.service_account, "default");
     assert_eq!(w.node, "host-node");
@@ -494,7 +520,8 @@ fn unknown_fields_are_refused_with_position_and_path() {
         error(&base_with(&[(2, "  nodeName: node-a")], &[])),
         "mesh.yaml:2:3: agent.nodeName: unknown field `nodeName`, expected one of node, cgroup, \
          bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, excludedPorts, \
-         connectTimeoutMs, idleTimeoutMs, bufferBytes"
+         connectTimeoutMs, idleTimeoutMs, bufferBytes, trustDomain, caCertFile, caKeyFile, \
+         trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs"
     );
     assert_eq!(
         error(&base_with(&[], &["        tagetPort: 8080"])),
@@ -508,7 +535,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
     );
     assert_eq!(
         error(&base_with(&[], &["policies: {allow: []}"])),
-        "mesh.yaml:19:12: policies.allow: unknown field `allow`, this block accepts no fields yet"
+        "mesh.yaml:19:12: policies.allow: unknown field `allow`, expected one of authorization"
     );
 }
 
@@ -838,5 +865,438 @@ fn names_are_dns_names() {
         error(&base_with(&[(7, "    serviceAccount: a/b")], &[])),
         "mesh.yaml:7:21: workloads[0].serviceAccount: `a/b` is not a valid name: use 1 to 253 \
          lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+    );
+}
+
+// ---- mTLS settings ------------------------------------------------------------------------
+
+#[test]
+fn mtls_agent_fields() {
+    assert_eq!(
+        error(&base_with(&[(2, "  trustDomain: Cluster.Local")], &[])),
+        "mesh.yaml:2:16: agent.trustDomain: `Cluster.Local` is not a valid trust domain: use \
+         dot-separated labels of lowercase letters, digits and '-', each starting and ending \
+         with a letter or digit"
+    );
+    for bad in ["a..b", "-a.b", "a.b-", "a/b", "a:8443", "''", "a_b"] {
+        let line = format!("  trustDomain: {bad}");
+        let err = error(&base_with(&[(2, Box::leak(line.into_boxed_str()))], &[]));
+        assert!(
+            err.starts_with("mesh.yaml:2:16: agent.trustDomain: "),
+            "{bad}: {err}"
+        );
+    }
+    assert_eq!(
+        ok(&base_with(&[(2, "  trustDomain: prod-1.example.org")], &[]))
+            .agent
+            .trust_domain,
+        "prod-1.example.org"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  caCertFile: ca.pem")], &[])),
+        "mesh.yaml:2:15: agent.caCertFile: `ca.pem` is not an absolute path"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  caKeyFile: ./key.pem")], &[])),
+        "mesh.yaml:2:14: agent.caKeyFile: `./key.pem` is not an absolute path"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  caCertFile: /etc/mesh/ca.pem")], &[])),
+        "mesh.yaml:2:15: agent.caCertFile: caKeyFile is required with caCertFile (omit both for \
+         a development CA)"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  caKeyFile: /etc/mesh/ca-key.pem")], &[])),
+        "mesh.yaml:2:14: agent.caKeyFile: caCertFile is required with caKeyFile (omit both for \
+         a development CA)"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  trustRootFiles: [/a.pem, b.pem]")], &[])),
+        "mesh.yaml:2:28: agent.trustRootFiles[1]: `b.pem` is not an absolute path"
+    );
+    assert_eq!(
+        error(&base_with(
+            &[(2, "  trustRootFiles: [/a.pem, /a.pem]")],
+            &[]
+        )),
+        "mesh.yaml:2:28: agent.trustRootFiles[1]: /a.pem is listed twice"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  certLifetimeMinutes: 0")], &[])),
+        "mesh.yaml:2:24: agent.certLifetimeMinutes: 0 is out of range 1..=525600 (one year)"
+    );
+    assert_eq!(
+        error(&base_with(
+            &[(2, "  certLifetimeMinutes: 18446744073709551615")],
+            &[]
+        )),
+        "mesh.yaml:2:24: agent.certLifetimeMinutes: 18446744073709551615 is out of range \
+         1..=525600 (one year)"
+    );
+    assert_eq!(
+        ok(&base_with(&[(2, "  certLifetimeMinutes: 1")], &[]))
+            .agent
+            .cert_lifetime,
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  tunnelIdleTimeoutMs: 0")], &[])),
+        "mesh.yaml:2:24: agent.tunnelIdleTimeoutMs: must be at least 1"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  certLifetimeMinutes: 1h")], &[])),
+        "mesh.yaml:2:24: agent.certLifetimeMinutes: invalid u64"
+    );
+}
+
+#[test]
+fn spiffe_id_of_a_workload() {
+    let config = ok(&base_with(
+        &[
+            (6, "    netns: /var/run/netns/web-1"),
+            (7, "    serviceAccount: web"),
+        ],
+        &[],
+    ));
+    assert_eq!(
+        config.workloads[0].spiffe_id("cluster.local"),
+        "spiffe://cluster.local/ns/default/sa/web"
+    );
+    assert_eq!(
+        config.workloads[1].spiffe_id("example.org"),
+        "spiffe://example.org/ns/default/sa/default"
+    );
+}
+
+// ---- authorization policies ---------------------------------------------------------------
+
+/// BASE, then `policies:` and `authorization:` (lines 19 and 20), then `lines` from line 21.
+fn with_policies(lines: &[&'static str]) -> Vec<&'static str> {
+    let mut all = base_with(&[], &["policies:", "  authorization:"]);
+    all.extend_from_slice(lines);
+    all
+}
+
+#[test]
+fn authorization_policies_resolve() {
+    let config = ok(&with_policies(&[
+        "    - name: web-allow",                                            // 21
+        "      selector: {app: web}",                                       // 22
+        "      action: allow",                                              // 23
+        "      rules:",                                                     // 24
+        "        - from:",                                                  // 25
+        "            identities: [\"spiffe://cluster.local/ns/a/sa/b\"]",   // 26
+        "            identityPrefixes: [\"spiffe://cluster.local/ns/c/\"]", // 27
+        "            namespaces: [d, e]",                                   // 28
+        "          ports: [8080, 8443]",                                    // 29
+        "        - ports: [9090]",                                          // 30
+        "        - {}",                                                     // 31
+        "    - name: web-allow",                                            // 32
+        "      namespace: other",                                           // 33
+        "      action: deny",                                               // 34
+        "      rules: []",                                                  // 35
+        "    - name: bare",                                                 // 36
+    ]));
+    assert_eq!(
+        config.policies.authorization,
+        [
+            AuthorizationPolicy {
+                name: "web-allow".into(),
+                namespace: "default".into(),
+                selector: Some(labels(&[("app", "web")])),
+                action: AuthorizationAction::Allow,
+                rules: vec![
+                    AuthorizationRule {
+                        from: Some(RuleSource {
+                            identities: vec!["spiffe://cluster.local/ns/a/sa/b".into()],
+                            identity_prefixes: vec!["spiffe://cluster.local/ns/c/".into()],
+                            namespaces: vec!["d".into(), "e".into()],
+                        }),
+                        ports: vec![8080, 8443],
+                    },
+                    AuthorizationRule {
+                        from: None,
+                        ports: vec![9090],
+                    },
+                    AuthorizationRule::default(),
+                ],
+            },
+            AuthorizationPolicy {
+                name: "web-allow".into(),
+                namespace: "other".into(),
+                selector: None,
+                action: AuthorizationAction::Deny,
+                rules: vec![],
+            },
+            // Defaults: namespace `default`, no selector, allow, no rule.
+            AuthorizationPolicy {
+                name: "bare".into(),
+                namespace: "default".into(),
+                selector: None,
+                action: AuthorizationAction::Allow,
+                rules: vec![],
+            },
+        ]
+    );
+    assert_eq!(
+        config.policies.authorization[1]
+            .qualified_name()
+            .to_string(),
+        "other/web-allow"
+    );
+    // Precomputed per workload: both web workloads are selected by policies 0 and 2.
+    for w in &config.workloads {
+        let names: Vec<String> = config
+            .authorization_policies_for(w)
+            .map(|p| p.qualified_name().to_string())
+            .collect();
+        assert_eq!(names, ["default/web-allow", "default/bare"], "{}", w.name);
+    }
+    // `policies: {authorization: []}` and no `policies` at all are the same.
+    let empty = ok(&base_with(&[], &["policies: {authorization: []}"]));
+    assert_eq!(empty.policies, Policies::default());
+    assert_eq!(ok(BASE).policies, Policies::default());
+}
+
+#[test]
+fn authorization_unknown_fields() {
+    assert_eq!(
+        error(&with_policies(&["    - name: p", "      principals: []"])),
+        "mesh.yaml:22:7: policies.authorization[0].principals: unknown field `principals`, \
+         expected one of name, namespace, selector, action, rules"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - to: [{ports: [80]}]"
+        ])),
+        "mesh.yaml:23:11: policies.authorization[0].rules[0].to: unknown field `to`, expected \
+         one of from, ports"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from: {principals: [x]}"
+        ])),
+        "mesh.yaml:23:18: policies.authorization[0].rules[0].from.principals: unknown field \
+         `principals`, expected one of identities, identityPrefixes, namespaces"
+    );
+    assert_eq!(
+        error(&with_policies(&["    - namespace: demo"])),
+        "mesh.yaml:21:7: policies.authorization[0]: missing field `name`"
+    );
+}
+
+#[test]
+fn authorization_bad_action() {
+    assert_eq!(
+        error(&with_policies(&["    - name: p", "      action: audit"])),
+        "mesh.yaml:22:15: policies.authorization[0].action: unknown variant `audit`, expected \
+         one of allow, deny"
+    );
+    assert_eq!(
+        error(&with_policies(&["    - name: p", "      action: ALLOW"])),
+        "mesh.yaml:22:15: policies.authorization[0].action: unknown variant `ALLOW`, expected \
+         one of allow, deny"
+    );
+    assert_eq!(
+        error(&with_policies(&["    - name: p", "      action:"])),
+        "mesh.yaml:22:13: policies.authorization[0].action: must be allow or deny"
+    );
+}
+
+#[test]
+fn authorization_duplicate_name_in_namespace() {
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",                               // 21
+            "      namespace: demo",                       // 22
+            "    - {name: p, namespace: other}",           // 23
+            "    - {name: p, namespace: demo, rules: []}", // 24
+        ])),
+        "mesh.yaml:24:14: policies.authorization[2].name: authorization policy demo/p is already \
+         defined at line 21"
+    );
+    // The default namespace counts as written.
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "    - {name: p, namespace: default}"
+        ])),
+        "mesh.yaml:22:14: policies.authorization[1].name: authorization policy default/p is \
+         already defined at line 21"
+    );
+}
+
+#[test]
+fn authorization_names_and_selector() {
+    assert_eq!(
+        error(&with_policies(&["    - name: Allow_All"])),
+        "mesh.yaml:21:13: policies.authorization[0].name: `Allow_All` is not a valid name: use 1 \
+         to 253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+    );
+    assert_eq!(
+        error(&with_policies(&["    - {name: p, namespace: Demo}"])),
+        "mesh.yaml:21:28: policies.authorization[0].namespace: `Demo` is not a valid name: use 1 \
+         to 253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+    );
+    assert_eq!(
+        error(&with_policies(&["    - name: p", "      selector: {}"])),
+        "mesh.yaml:22:17: policies.authorization[0].selector: must not be empty (omit it to \
+         apply the policy to every workload of the namespace)"
+    );
+    assert_eq!(
+        error(&with_policies(&["    - name: p", "      selector:"])),
+        "mesh.yaml:22:15: policies.authorization[0].selector: must not be empty (omit it to \
+         apply the policy to every workload of the namespace)"
+    );
+}
+
+#[test]
+fn authorization_identities_must_be_spiffe() {
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from:",
+            "            identities: [\"spiffe://cluster.local/ns/a/sa/b\", cluster.local/ns/a/sa/c]",
+        ])),
+        "mesh.yaml:24:62: policies.authorization[0].rules[0].from.identities[1]: \
+         `cluster.local/ns/a/sa/c` does not start with spiffe://"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from: {identityPrefixes: [\"SPIFFE://cluster.local/\"]}",
+        ])),
+        "mesh.yaml:23:37: policies.authorization[0].rules[0].from.identityPrefixes[0]: \
+         `SPIFFE://cluster.local/` does not start with spiffe://"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from: {identities: [\"spiffe://cluster.local\"]}",
+        ])),
+        "mesh.yaml:23:31: policies.authorization[0].rules[0].from.identities[0]: \
+         `spiffe://cluster.local` is not a SPIFFE ID: expected spiffe://<trust domain>/<path> \
+         (use identityPrefixes for a prefix)"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from: {identities: [\"spiffe://cluster.local/ns/a/sa/b \"]}",
+        ])),
+        "mesh.yaml:23:31: policies.authorization[0].rules[0].from.identities[0]: \
+         `spiffe://cluster.local/ns/a/sa/b ` contains a blank or control character"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from: {namespaces: [demo, Prod]}",
+        ])),
+        "mesh.yaml:23:37: policies.authorization[0].rules[0].from.namespaces[1]: `Prod` is not \
+         a valid name: use 1 to 253 lowercase letters, digits, '-' or '.', starting and ending \
+         with a letter or digit"
+    );
+    // A bare `spiffe://` prefix (any authenticated source) is fine.
+    ok(&with_policies(&[
+        "    - name: p",
+        "      rules: [{from: {identityPrefixes: [\"spiffe://\"]}}]",
+    ]));
+}
+
+#[test]
+fn authorization_ports() {
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules: [{ports: [80, 0]}]"
+        ])),
+        "mesh.yaml:22:28: policies.authorization[0].rules[0].ports[1]: port 0 is out of range \
+         1..=65535"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - ports: [65535]",
+            "        - ports: [65536]",
+        ])),
+        "mesh.yaml:24:19: policies.authorization[0].rules[1].ports[0]: port 65536 is out of \
+         range 1..=65535"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules: [{ports: [80, 80]}]"
+        ])),
+        "mesh.yaml:22:28: policies.authorization[0].rules[0].ports[1]: port 80 is listed twice"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules: [{ports: []}]"
+        ])),
+        "mesh.yaml:22:23: policies.authorization[0].rules[0].ports: must list at least one port \
+         (omit `ports` for any)"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - ports:"
+        ])),
+        "mesh.yaml:23:16: policies.authorization[0].rules[0].ports: must list at least one port \
+         (omit `ports` for any)"
+    );
+}
+
+#[test]
+fn authorization_empty_from_and_lists() {
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules: [{from: {}}]"
+        ])),
+        "mesh.yaml:22:22: policies.authorization[0].rules[0].from: must set at least one of \
+         identities, identityPrefixes, namespaces (omit `from` to match any source)"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from:",
+            "          ports: [80]",
+        ])),
+        "mesh.yaml:23:15: policies.authorization[0].rules[0].from: must set at least one of \
+         identities, identityPrefixes, namespaces (omit `from` to match any source)"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules: [{from: {identities: []}}]"
+        ])),
+        "mesh.yaml:22:35: policies.authorization[0].rules[0].from.identities: must list at \
+         least one identity (omit `identities` for any)"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from:",
+            "            namespaces:",
+        ])),
+        "mesh.yaml:24:23: policies.authorization[0].rules[0].from.namespaces: must list at \
+         least one namespace (omit `namespaces` for any)"
+    );
+    assert_eq!(
+        error(&with_policies(&["    - name: p", "      rules:"])),
+        "mesh.yaml:22:12: policies.authorization[0].rules: must be a list of rules"
     );
 }

@@ -11,10 +11,13 @@ use serde_saphyr::Location;
 
 use super::error::ConfigError;
 use super::model::{
-    AgentConfig, Config, Endpoint, EndpointSelection, Policies, QualifiedName, Service,
-    ServicePort, Workload, WorkloadId, defaults,
+    AgentConfig, AuthorizationPolicy, AuthorizationRule, Config, Endpoint, EndpointSelection,
+    Policies, QualifiedName, RuleSource, Service, ServicePort, Workload, WorkloadId, defaults,
 };
-use super::raw::{RawAgent, RawConfig, RawEndpoints, RawService, RawWorkload, S};
+use super::raw::{
+    Present, RawAgent, RawAuthorizationPolicy, RawConfig, RawEndpoints, RawFrom, RawPolicies,
+    RawRule, RawService, RawWorkload, S,
+};
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
@@ -44,15 +47,28 @@ pub(super) fn validate(
             }
         }
     }
-    let _ = raw.policies; // reserved: no field yet
+    let policies = cx.policies(&raw.policies.unwrap_or_default())?;
+    let authz_by_workload = workloads
+        .iter()
+        .map(|w| {
+            policies
+                .authorization
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.selects(w))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .collect();
     Ok(Config {
         agent,
         workloads,
         services,
-        policies: Policies::default(),
+        policies,
         by_vip,
         by_ip,
         local,
+        authz_by_workload,
     })
 }
 
@@ -210,6 +226,73 @@ impl Cx<'_> {
             None => defaults::BUFFER_BYTES,
         };
 
+        let trust_domain = match &a.trust_domain {
+            Some(t) => self.trust_domain(t, "agent.trustDomain")?,
+            None => defaults::TRUST_DOMAIN.to_owned(),
+        };
+        let ca_cert_file = a
+            .ca_cert_file
+            .as_ref()
+            .map(|c| self.abs_path(c, "agent.caCertFile"))
+            .transpose()?;
+        let ca_key_file = a
+            .ca_key_file
+            .as_ref()
+            .map(|k| self.abs_path(k, "agent.caKeyFile"))
+            .transpose()?;
+        match (&a.ca_cert_file, &a.ca_key_file) {
+            (Some(c), None) => {
+                return Err(self.err(
+                    c.referenced,
+                    "agent.caCertFile",
+                    "caKeyFile is required with caCertFile (omit both for a development CA)",
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(self.err(
+                    k.referenced,
+                    "agent.caKeyFile",
+                    "caCertFile is required with caKeyFile (omit both for a development CA)",
+                ));
+            }
+            _ => {}
+        }
+        let mut trust_root_files: Vec<PathBuf> = Vec::new();
+        for (i, f) in a.trust_root_files.iter().flatten().enumerate() {
+            let path = format!("agent.trustRootFiles[{i}]");
+            let file = self.abs_path(f, &path)?;
+            if trust_root_files.contains(&file) {
+                return Err(self.err(
+                    f.referenced,
+                    path,
+                    format!("{} is listed twice", file.display()),
+                ));
+            }
+            trust_root_files.push(file);
+        }
+        let cert_lifetime = match &a.cert_lifetime_minutes {
+            Some(m) if (1..=defaults::MAX_CERT_LIFETIME_MINUTES).contains(&m.value) => {
+                Duration::from_secs(m.value * 60)
+            }
+            Some(m) => {
+                return Err(self.err(
+                    m.referenced,
+                    "agent.certLifetimeMinutes",
+                    format!(
+                        "{} is out of range 1..={} (one year)",
+                        m.value,
+                        defaults::MAX_CERT_LIFETIME_MINUTES
+                    ),
+                ));
+            }
+            None => defaults::CERT_LIFETIME,
+        };
+        let tunnel_idle_timeout = millis(
+            &a.tunnel_idle_timeout_ms,
+            "agent.tunnelIdleTimeoutMs",
+            defaults::TUNNEL_IDLE_TIMEOUT,
+        )?;
+
         Ok(AgentConfig {
             node,
             cgroup,
@@ -223,6 +306,12 @@ impl Cx<'_> {
             connect_timeout,
             idle_timeout,
             buffer_bytes,
+            trust_domain,
+            ca_cert_file,
+            ca_key_file,
+            trust_root_files,
+            cert_lifetime,
+            tunnel_idle_timeout,
         })
     }
 
@@ -618,6 +707,221 @@ impl Cx<'_> {
         Ok((EndpointSelection::Addresses(ips), targets))
     }
 
+    // ---- policies ---------------------------------------------------------------------------
+
+    fn policies(&self, raw: &RawPolicies) -> Result<Policies> {
+        let mut authorization: Vec<AuthorizationPolicy> = Vec::new();
+        let mut names: HashMap<(String, String), u64> = HashMap::new();
+        for (i, item) in raw.authorization.iter().flatten().enumerate() {
+            let base = format!("policies.authorization[{i}]");
+            let policy = self.authorization_policy(&item.value, &base)?;
+            let key = (policy.namespace.clone(), policy.name.clone());
+            if let Some(line) = names.get(&key) {
+                return Err(self.err(
+                    item.value.name.referenced,
+                    format!("{base}.name"),
+                    format!(
+                        "authorization policy {} is already defined at line {line}",
+                        policy.qualified_name()
+                    ),
+                ));
+            }
+            names.insert(key, item.value.name.referenced.line());
+            authorization.push(policy);
+        }
+        Ok(Policies { authorization })
+    }
+
+    fn authorization_policy(
+        &self,
+        p: &RawAuthorizationPolicy,
+        base: &str,
+    ) -> Result<AuthorizationPolicy> {
+        let name = self.dns_name(&p.name, &format!("{base}.name"))?;
+        let namespace = self.opt_dns_name(&p.namespace, base, "namespace", defaults::NAMESPACE)?;
+        let selector = match &p.selector {
+            None => None,
+            Some(s) => match &s.value {
+                Some(labels) if !labels.is_empty() => Some(labels.clone()),
+                _ => {
+                    return Err(self.err(
+                        s.referenced,
+                        format!("{base}.selector"),
+                        "must not be empty (omit it to apply the policy to every workload of \
+                         the namespace)",
+                    ));
+                }
+            },
+        };
+        let action = match &p.action {
+            None => Default::default(),
+            Some(a) => a.value.ok_or_else(|| {
+                self.err(
+                    a.referenced,
+                    format!("{base}.action"),
+                    "must be allow or deny",
+                )
+            })?,
+        };
+        // `rules:` with no value is refused rather than read as "no rule": that would mean
+        // "deny everything" or "match everything", a surprise either way.
+        let raw_rules = self.present(&p.rules, base, "rules", "must be a list of rules")?;
+        let mut rules = Vec::new();
+        for (j, r) in raw_rules.into_iter().flatten().enumerate() {
+            rules.push(self.rule(&r.value, &format!("{base}.rules[{j}]"))?);
+        }
+        Ok(AuthorizationPolicy {
+            name,
+            namespace,
+            selector,
+            action,
+            rules,
+        })
+    }
+
+    fn rule(&self, r: &RawRule, base: &str) -> Result<AuthorizationRule> {
+        let from = match &r.from {
+            None => None,
+            Some(f) => match &f.value {
+                Some(from) => Some(self.from(from, f.referenced, base)?),
+                None => return Err(self.empty_from(f.referenced, base)),
+            },
+        };
+        let mut ports: Vec<u16> = Vec::new();
+        if let Some(list) = self.non_empty_list(&r.ports, base, "ports", "port")? {
+            for (k, p) in list.iter().enumerate() {
+                let path = format!("{base}.ports[{k}]");
+                let port = self.port(p, &path)?;
+                if ports.contains(&port) {
+                    return Err(self.err(
+                        p.referenced,
+                        path,
+                        format!("port {port} is listed twice"),
+                    ));
+                }
+                ports.push(port);
+            }
+        }
+        Ok(AuthorizationRule { from, ports })
+    }
+
+    /// The `from` block of the rule at `rule`.
+    fn from(&self, f: &RawFrom, at: Location, rule: &str) -> Result<RuleSource> {
+        if f.identities.is_none() && f.identity_prefixes.is_none() && f.namespaces.is_none() {
+            return Err(self.empty_from(at, rule));
+        }
+        let base = format!("{rule}.from");
+        let mut source = RuleSource::default();
+        if let Some(list) = self.non_empty_list(&f.identities, &base, "identities", "identity")? {
+            for (k, id) in list.iter().enumerate() {
+                let path = format!("{base}.identities[{k}]");
+                source.identities.push(self.spiffe(id, &path, true)?);
+            }
+        }
+        if let Some(list) = self.non_empty_list(
+            &f.identity_prefixes,
+            &base,
+            "identityPrefixes",
+            "identity prefix",
+        )? {
+            for (k, prefix) in list.iter().enumerate() {
+                let path = format!("{base}.identityPrefixes[{k}]");
+                source
+                    .identity_prefixes
+                    .push(self.spiffe(prefix, &path, false)?);
+            }
+        }
+        if let Some(list) = self.non_empty_list(&f.namespaces, &base, "namespaces", "namespace")? {
+            for (k, ns) in list.iter().enumerate() {
+                let path = format!("{base}.namespaces[{k}]");
+                source.namespaces.push(self.dns_name(ns, &path)?);
+            }
+        }
+        Ok(source)
+    }
+
+    fn empty_from(&self, at: Location, rule: &str) -> ConfigError {
+        self.err(
+            at,
+            format!("{rule}.from"),
+            "must set at least one of identities, identityPrefixes, namespaces (omit `from` to \
+             match any source)",
+        )
+    }
+
+    /// The value of a key that was written (`Some`), refusing an explicit null.
+    fn present<'r, T>(
+        &self,
+        field: &'r Present<T>,
+        base: &str,
+        name: &str,
+        message: &str,
+    ) -> Result<Option<&'r T>> {
+        match field {
+            None => Ok(None),
+            Some(S { value: Some(v), .. }) => Ok(Some(v)),
+            Some(s) => Err(self.err(s.referenced, format!("{base}.{name}"), message)),
+        }
+    }
+
+    /// An optional list key: when written, it must list something (an empty list would read
+    /// as "no condition" and widen the rule).
+    fn non_empty_list<'r, T>(
+        &self,
+        field: &'r Present<Vec<T>>,
+        base: &str,
+        name: &str,
+        what: &str,
+    ) -> Result<Option<&'r [T]>> {
+        match field {
+            None => Ok(None),
+            Some(S {
+                value: Some(list), ..
+            }) if !list.is_empty() => Ok(Some(list)),
+            Some(s) => Err(self.err(
+                s.referenced,
+                format!("{base}.{name}"),
+                format!("must list at least one {what} (omit `{name}` for any)"),
+            )),
+        }
+    }
+
+    /// A SPIFFE ID (`exact`) or a prefix of one: `spiffe://`, then (for an ID) a trust domain
+    /// and a path; no blank or control character.
+    fn spiffe(&self, s: &S<String>, path: &str, exact: bool) -> Result<String> {
+        let v = &s.value;
+        let Some(rest) = v.strip_prefix("spiffe://") else {
+            return Err(self.err(
+                s.referenced,
+                path,
+                format!("`{v}` does not start with spiffe://"),
+            ));
+        };
+        if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.err(
+                s.referenced,
+                path,
+                format!("`{v}` contains a blank or control character"),
+            ));
+        }
+        if exact {
+            let well_formed = rest
+                .split_once('/')
+                .is_some_and(|(td, p)| !td.is_empty() && !p.is_empty());
+            if !well_formed {
+                return Err(self.err(
+                    s.referenced,
+                    path,
+                    format!(
+                        "`{v}` is not a SPIFFE ID: expected spiffe://<trust domain>/<path> (use \
+                         identityPrefixes for a prefix)"
+                    ),
+                ));
+            }
+        }
+        Ok(v.clone())
+    }
+
     // ---- scalars ----------------------------------------------------------------------------
 
     fn port(&self, p: &S<u64>, path: &str) -> Result<u16> {
@@ -671,6 +975,33 @@ impl Cx<'_> {
                 format!(
                     "`{v}` is not a valid name: use 1 to 253 lowercase letters, digits, '-' or \
                      '.', starting and ending with a letter or digit"
+                ),
+            ))
+        }
+    }
+
+    /// A SPIFFE trust domain, DNS-like: dot-separated labels of lowercase letters, digits and
+    /// '-', each starting and ending with a letter or digit, 255 bytes at most.
+    fn trust_domain(&self, s: &S<String>, path: &str) -> Result<String> {
+        let v = &s.value;
+        let ok = (1..=255).contains(&v.len())
+            && v.split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && label.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && label.ends_with(|c: char| c.is_ascii_alphanumeric())
+            });
+        if ok {
+            Ok(v.clone())
+        } else {
+            Err(self.err(
+                s.referenced,
+                path,
+                format!(
+                    "`{v}` is not a valid trust domain: use dot-separated labels of lowercase \
+                     letters, digits and '-', each starting and ending with a letter or digit"
                 ),
             ))
         }

@@ -223,6 +223,12 @@ impl Datapath {
                     name: maps::INBOUND_LISTENERS,
                     source,
                 })?;
+            self.local_pod_ips
+                .insert(encode_ip(*ip), 1, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: maps::LOCAL_POD_IPS,
+                    source,
+                })?;
         }
         Ok(())
     }

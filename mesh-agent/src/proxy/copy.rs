@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use super::registry::Tracked;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -26,6 +27,8 @@ pub struct Transferred {
 pub enum CopyError {
     #[error("idle for {0:?}")]
     Idle(Duration),
+    #[error("closed: no longer authorized")]
+    Revoked,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -37,16 +40,24 @@ pub async fn bidirectional(
     upstream: &mut TcpStream,
     buffer_bytes: usize,
     idle_timeout: Duration,
+    tracked: Option<&Tracked>,
 ) -> Result<Transferred, CopyError> {
     let (down_read, down_write) = downstream.split();
     let (up_read, up_write) = upstream.split();
-    bidirectional_halves(
+    let copy = bidirectional_halves(
         (down_read, down_write),
         (up_read, up_write),
         buffer_bytes,
         idle_timeout,
-    )
-    .await
+    );
+    match tracked {
+        None => copy.await,
+        // A revoked connection is dropped by the caller right after, closing both sides.
+        Some(tracked) => tokio::select! {
+            result = copy => result,
+            () = tracked.revoked() => Err(CopyError::Revoked),
+        },
+    }
 }
 
 /// The same over any pair of already split streams (a tunnel stream, say).
@@ -152,7 +163,14 @@ mod tests {
         let (mut app, mut proxy_down) = pair().await;
         let (mut proxy_up, mut server) = pair().await;
         let proxy = tokio::spawn(async move {
-            bidirectional(&mut proxy_down, &mut proxy_up, 1024, Duration::from_secs(5)).await
+            bidirectional(
+                &mut proxy_down,
+                &mut proxy_up,
+                1024,
+                Duration::from_secs(5),
+                None,
+            )
+            .await
         });
         let request = vec![7u8; 100_000];
         app.write_all(&request).await.expect("write");
@@ -182,6 +200,7 @@ mod tests {
             &mut proxy_up,
             1024,
             Duration::from_millis(200),
+            None,
         )
         .await;
         assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");

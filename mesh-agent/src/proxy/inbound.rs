@@ -6,12 +6,16 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{PodHandle, ProxyContext, copy, outbound};
+use super::{PodHandle, ProxyContext, copy, outbound, registry::Subject};
+use crate::authz;
 
 pub async fn serve(ctx: Arc<ProxyContext>, pod: PodHandle, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
+                // Requests and replies pass through as they come; the app's own Nagle
+                // choices still apply on its socket.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
             }
             Err(error) => {
@@ -32,13 +36,36 @@ async fn handle(
     let Ok(dst) = downstream.local_addr() else {
         return;
     };
-    let agent = ctx.config.load().agent().clone();
+    let config = ctx.config.load_full();
+    let agent = config.agent().clone();
     let (first, last) = agent.proxy_port_range();
     if (first..=last).contains(&dst.port()) {
         // A connection to a proxy port itself would loop back here.
         outbound::reset(&downstream);
         return;
     }
+    let Some(workload) = config
+        .local_workloads()
+        .find(|w| w.qualified_name().to_string() == pod.key)
+    else {
+        outbound::reset(&downstream);
+        return;
+    };
+    // Plaintext: the client is unauthenticated, so only policies without identity
+    // conditions can allow it.
+    let decision = authz::authorize(&config, None, workload, dst.port());
+    if !decision.allowed {
+        tracing::info!(target: "access", direction = "inbound", pod = %pod.key, %client, %dst, result = "denied", reason = decision.reason, policy = ?decision.policy);
+        ctx.metrics.connection("inbound", "denied");
+        outbound::reset(&downstream);
+        return;
+    }
+    let tracked = ctx.connections.track(Subject {
+        source: None,
+        destination: pod.key.clone(),
+        port: dst.port(),
+    });
+    drop(config);
     // The app is in this pod: connect from inside its netns to its own address. The
     // sk_lookup program leaves connections from the pod's own addresses alone.
     let mut upstream = match outbound::connect(&pod, dst, &agent).await {
@@ -57,6 +84,7 @@ async fn handle(
         &mut upstream,
         agent.buffer_bytes,
         agent.idle_timeout,
+        Some(&tracked),
     )
     .await;
     let (received, sent, outcome) = match &result {

@@ -4,6 +4,9 @@
 
 pub mod copy;
 mod inbound;
+mod mesh_tls;
+
+pub use mesh_tls::{MeshTls, MeshTlsError, dev_ca_dir};
 mod outbound;
 pub mod registry;
 pub mod route;
@@ -19,11 +22,13 @@ use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    authz,
     balance::Balancer,
     config::Config,
     ebpf::{Datapath, EbpfError},
     metrics::Metrics,
     sys::{NetnsError, NetnsThread},
+    tls::SpiffeId,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,8 @@ pub enum ProxyError {
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Ebpf(#[from] Box<EbpfError>),
+    #[error(transparent)]
+    MeshTls(#[from] MeshTlsError),
 }
 
 /// What every connection handler shares.
@@ -47,6 +54,30 @@ pub struct ProxyContext {
     pub datapath: Arc<Mutex<Datapath>>,
     pub balancer: Arc<dyn Balancer>,
     pub metrics: Arc<Metrics>,
+    /// Live connections with what they were authorized as, for revocation on reload.
+    pub connections: Arc<registry::Registry>,
+    /// Certificates, tunnels to other nodes, tunnel servers of local pods.
+    pub mesh_tls: Arc<MeshTls>,
+}
+
+impl ProxyContext {
+    /// Closes the established connections `config` no longer authorizes; returns how many.
+    pub fn revoke_denied(&self, config: &Config) -> usize {
+        self.connections.revoke(|subject| {
+            let Some((namespace, name)) = subject.destination.split_once('/') else {
+                return true;
+            };
+            let Some(workload) = config
+                .workloads()
+                .iter()
+                .find(|w| w.namespace == namespace && w.name == name)
+            else {
+                // The workload left the config: not a policy decision; its pod goes away.
+                return true;
+            };
+            authz::authorize(config, subject.source.as_deref(), workload, subject.port).allowed
+        })
+    }
 }
 
 /// One enrolled pod as the proxy sees it.
@@ -54,6 +85,8 @@ pub struct ProxyContext {
 pub struct PodHandle {
     /// `namespace/name`, the key of the workload in the config.
     pub key: String,
+    /// Its SPIFFE identity: what it presents to other nodes' pods.
+    pub identity: SpiffeId,
     pub netns: NetnsThread,
 }
 
@@ -81,6 +114,17 @@ impl PodListeners {
         let agent = ctx.config.load().agent().clone();
         // Built up as we go, so an error half way closes what was opened.
         let mut started = Self { tasks: Vec::new() };
+        // The pod's certificate, then its tunnel server for other nodes' pods. Issuing is
+        // quick local signing; enrollment runs outside the proxy's hot path.
+        let mesh = ctx.mesh_tls.clone();
+        let identity = pod.identity.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(mesh.ensure(&identity))
+        })?;
+        let tunnel = mesh_tls::tunnel_listener(pod, agent.tunnel_port, agent.proxy_mark)?;
+        started
+            .tasks
+            .push(mesh.serve_pod(ctx, pod, pod.identity.clone(), tunnel)?);
         for loopback in [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),

@@ -4,13 +4,18 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::{PodHandle, ProxyContext, copy, route, route::Route, socket};
-use crate::{config::AgentConfig, ebpf};
+use super::{
+    PodHandle, ProxyContext, copy, mesh_tls, registry::Subject, route, route::Route, socket,
+};
+use crate::{authz, config::AgentConfig, ebpf, tls::SpiffeId, tunnel::TunnelStream};
 
 pub async fn serve(ctx: Arc<ProxyContext>, pod: PodHandle, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Requests and replies pass through as they come; the app's own Nagle
+                // choices still apply on its socket.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(ctx.clone(), pod.clone(), stream, peer));
             }
             Err(error) => {
@@ -65,8 +70,56 @@ async fn handle(
         }
     };
     let agent = config.agent().clone();
-    drop(config);
-    let mut upstream = match connect(&pod, target, &agent).await {
+    let destination = config.workload_by_ip(target.ip()).cloned();
+    let mut tracked = None;
+    let upstream = match &destination {
+        // A pod on this node is reached directly, not through its inbound side: its inbound
+        // policy is applied here, with the source pod's identity, which this agent knows.
+        Some(destination) if destination.local => {
+            let source_id = pod.identity.to_string();
+            let decision = authz::authorize(&config, Some(&source_id), destination, target.port());
+            if !decision.allowed {
+                tracing::info!(target: "access", direction = "outbound", pod = %pod.key, %dst, upstream = %target, result = "denied", reason = decision.reason, policy = ?decision.policy);
+                ctx.metrics.connection("outbound", "denied");
+                reset(&downstream);
+                return;
+            }
+            tracked = Some(ctx.connections.track(Subject {
+                source: Some(source_id),
+                destination: destination.qualified_name().to_string(),
+                port: target.port(),
+            }));
+            drop(config);
+            connect(&pod, target, &agent)
+                .await
+                .map(Upstream::Direct)
+                .map_err(|e| e.to_string())
+        }
+        // A pod of another node: through an mTLS tunnel to its node's agent, which checks
+        // our identity and its policy.
+        Some(destination) => {
+            let expected = destination.spiffe_id(&agent.trust_domain);
+            drop(config);
+            match SpiffeId::parse(&expected) {
+                Ok(expected) => {
+                    mesh_tls::connect_remote(&ctx.mesh_tls, &pod, &expected, target, &agent)
+                        .await
+                        .map(Upstream::Tunnel)
+                        .map_err(|e| e.to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            }
+        }
+        // Outside the mesh: plain TCP from the pod.
+        None => {
+            drop(config);
+            connect(&pod, target, &agent)
+                .await
+                .map(Upstream::Direct)
+                .map_err(|e| e.to_string())
+        }
+    };
+    let upstream = match upstream {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::info!(target: "access", direction = "outbound", pod = %pod.key, %dst, upstream = %target, result = "connect_failed", %error);
@@ -75,15 +128,35 @@ async fn handle(
             return;
         }
     };
+    let kind = if matches!(upstream, Upstream::Tunnel(_)) {
+        "tunnel"
+    } else {
+        kind
+    };
     ctx.metrics.connection("outbound", kind);
     let _active = ctx.metrics.active("outbound");
-    let result = copy::bidirectional(
-        &mut downstream,
-        &mut upstream,
-        agent.buffer_bytes,
-        agent.idle_timeout,
-    )
-    .await;
+    let result = match upstream {
+        Upstream::Direct(mut upstream) => {
+            copy::bidirectional(
+                &mut downstream,
+                &mut upstream,
+                agent.buffer_bytes,
+                agent.idle_timeout,
+                tracked.as_ref(),
+            )
+            .await
+        }
+        Upstream::Tunnel(stream) => {
+            let (down_read, down_write) = downstream.split();
+            copy::bidirectional_halves(
+                (down_read, down_write),
+                stream.into_split(),
+                agent.buffer_bytes,
+                agent.idle_timeout,
+            )
+            .await
+        }
+    };
     let (sent, received, outcome) = match &result {
         Ok(moved) => (
             moved.downstream_to_upstream,
@@ -106,6 +179,11 @@ async fn handle(
         duration_ms = started.elapsed().as_millis() as u64,
         result = %outcome,
     );
+}
+
+enum Upstream {
+    Direct(TcpStream),
+    Tunnel(TunnelStream),
 }
 
 /// Connects to `target` from inside the pod's network namespace, so the destination sees

@@ -28,3 +28,15 @@ pub fn upstream(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpStream> 
     socket.set_tcp_nodelay(true)?;
     Ok(socket.into())
 }
+
+/// A listening socket on `[::]` that also accepts IPv4 (for the tunnel port).
+pub fn dual_stack_listener(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(mark)?;
+    socket.set_reuse_address(true)?;
+    socket.set_only_v6(false)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}

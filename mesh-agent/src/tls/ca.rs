@@ -1,0 +1,366 @@
+//! Certificate authorities: the [`Signer`] seam the certificate store issues through, and the
+//! built-in [`LocalCa`] (rcgen, a CA certificate and key from files). A central CA (an RPC to
+//! a cluster service) replaces `LocalCa` by implementing `Signer`; the store never sees a CA
+//! key, only public keys go out and certificate chains come back.
+
+use std::{
+    fs,
+    future::Future,
+    io::{self, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    pin::Pin,
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    SubjectPublicKeyInfo,
+};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use time::OffsetDateTime;
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+
+use super::{
+    cert::{self, CertError},
+    identity::SpiffeId,
+};
+
+/// Default lifetime of a leaf certificate.
+pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Default lifetime of a development CA made by `mesh-agent ca init`.
+pub const DEFAULT_CA_DAYS: u32 = 365;
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const CA_KEY_FILE: &str = "ca.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{path} already exists (use --force to overwrite)")]
+    Exists { path: PathBuf },
+    #[error("{path}: no PEM certificate in it")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: not a usable certificate: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("{path}: not a usable private key: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("{path}: the certificate is not a CA (no basicConstraints cA=true)")]
+    NotCa { path: PathBuf },
+    #[error("{path}: the CA certificate expired at {not_after}")]
+    Expired { path: PathBuf, not_after: String },
+    #[error("{path}: the CA certificate is not valid before {not_before}")]
+    NotYetValid { path: PathBuf, not_before: String },
+    #[error("{key} does not hold the private key of {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("signing a certificate for {identity}: {reason}")]
+    Sign { identity: String, reason: String },
+    /// For remote signers: the CA could not be reached or refused for now; try again later.
+    #[error("the CA is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The future a [`Signer`] returns; boxed so the store can hold an `Arc<dyn Signer>`.
+pub type SignFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<CertificateDer<'static>>, CaError>> + Send + 'a>>;
+
+/// Issues leaf certificates. Implementations must put `identity` as the only URI SAN, allow
+/// both server and client authentication, and may shorten (never lengthen) `lifetime`.
+pub trait Signer: Send + Sync {
+    /// Signs `subject_public_key_info` (DER) for `identity`; returns the chain leaf first,
+    /// then any intermediates, without the root.
+    fn sign<'a>(
+        &'a self,
+        identity: &'a SpiffeId,
+        subject_public_key_info: &'a [u8],
+        lifetime: Duration,
+    ) -> SignFuture<'a>;
+}
+
+/// The built-in CA: a CA certificate and key from PEM files, signing in-process.
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// Further certificates of the CA file (intermediates up to the root), appended to
+    /// every issued chain.
+    chain_tail: Vec<CertificateDer<'static>>,
+    not_after: SystemTime,
+}
+
+impl LocalCa {
+    /// Loads and checks a CA: the first certificate of `cert_path` must be a currently valid
+    /// CA certificate matching the key in `key_path` (PKCS#8 or SEC1 PEM).
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+        let cert_pem = fs::read(cert_path).map_err(|source| CaError::Read {
+            path: cert_path.to_owned(),
+            source,
+        })?;
+        let key_pem = fs::read_to_string(key_path).map_err(|source| CaError::Read {
+            path: key_path.to_owned(),
+            source,
+        })?;
+        let bad_cert = |reason: String| CaError::BadCertificate {
+            path: cert_path.to_owned(),
+            reason,
+        };
+        let mut certs = Vec::new();
+        for cert in CertificateDer::pem_slice_iter(&cert_pem) {
+            certs.push(cert.map_err(|e| bad_cert(e.to_string()))?);
+        }
+        if certs.is_empty() {
+            return Err(CaError::NoCertificate {
+                path: cert_path.to_owned(),
+            });
+        }
+        let ca_der = certs.remove(0);
+        let (rest, parsed) =
+            X509Certificate::from_der(&ca_der).map_err(|e| bad_cert(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(bad_cert("trailing bytes after the certificate".into()));
+        }
+        if !parsed.is_ca() {
+            return Err(CaError::NotCa {
+                path: cert_path.to_owned(),
+            });
+        }
+        let (not_before, not_after) =
+            cert::validity(&ca_der).map_err(|e: CertError| bad_cert(e.to_string()))?;
+        let now = SystemTime::now();
+        if not_after <= now {
+            return Err(CaError::Expired {
+                path: cert_path.to_owned(),
+                not_after: parsed.validity().not_after.to_string(),
+            });
+        }
+        if not_before > now {
+            return Err(CaError::NotYetValid {
+                path: cert_path.to_owned(),
+                not_before: parsed.validity().not_before.to_string(),
+            });
+        }
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadKey {
+            path: key_path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if rcgen::PublicKeyData::subject_public_key_info(&key) != parsed.public_key().raw {
+            return Err(CaError::KeyMismatch {
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+            });
+        }
+        let issuer = Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| bad_cert(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            chain_tail: certs,
+            not_after,
+        })
+    }
+
+    /// Loads `ca.crt` and `ca.key` from a directory made by [`init_dev_ca`].
+    pub fn load_dir(dir: &Path) -> Result<Self, CaError> {
+        Self::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
+    }
+
+    /// Signs synchronously (what [`Signer::sign`] does for the local CA).
+    pub fn sign_now(
+        &self,
+        identity: &SpiffeId,
+        subject_public_key_info: &[u8],
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let fail = |reason: String| CaError::Sign {
+            identity: identity.to_string(),
+            reason,
+        };
+        let now = SystemTime::now();
+        // Tolerate a little clock skew between nodes, without eating a short lifetime.
+        let skew = (lifetime / 10).min(Duration::from_secs(60));
+        // A leaf outliving its CA would fail verification anyway: cut it at the CA's end.
+        let not_after = (now + lifetime).min(self.not_after);
+        if not_after <= now {
+            return Err(fail("the CA certificate has expired".into()));
+        }
+        self.sign_valid(identity, subject_public_key_info, now - skew, not_after)
+    }
+
+    /// Signs with an explicit validity window, unchecked (tests make expired and
+    /// not-yet-valid certificates with it).
+    pub fn sign_valid(
+        &self,
+        identity: &SpiffeId,
+        subject_public_key_info: &[u8],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let fail = |reason: String| CaError::Sign {
+            identity: identity.to_string(),
+            reason,
+        };
+        let public_key = SubjectPublicKeyInfo::from_der(subject_public_key_info)
+            .map_err(|e| fail(format!("public key: {e}")))?;
+        let mut params = CertificateParams::default();
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
+        params.serial_number = Some(random_serial());
+        // No subject: the identity is the URI SAN (rcgen marks the SAN critical then).
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| fail(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(|e| fail(e.to_string()))?;
+        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
+        chain.push(leaf.der().clone());
+        chain.extend(self.chain_tail.iter().cloned());
+        Ok(chain)
+    }
+}
+
+impl Signer for LocalCa {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a SpiffeId,
+        subject_public_key_info: &'a [u8],
+        lifetime: Duration,
+    ) -> SignFuture<'a> {
+        // An ECDSA signature is tens of microseconds: not worth a blocking-pool hop.
+        Box::pin(async move { self.sign_now(identity, subject_public_key_info, lifetime) })
+    }
+}
+
+/// A positive 128-bit random serial (RFC 5280 allows up to 20 bytes; the top bit is cleared
+/// so the DER integer stays positive without padding).
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    if rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .is_err()
+    {
+        // ring's system RNG does not fail on Linux; fall back rather than panic.
+        bytes = fastrand::u128(..).to_be_bytes();
+    }
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// A freshly generated development CA, PEM-encoded.
+pub struct DevCa {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Generates a self-signed ECDSA P-256 development CA valid from now for `days` days.
+pub fn generate_dev_ca(trust_domain: &str, days: u32) -> Result<DevCa, CaError> {
+    generate_ca_valid(
+        trust_domain,
+        SystemTime::now(),
+        SystemTime::now() + Duration::from_secs(u64::from(days) * 86_400),
+    )
+}
+
+/// A self-signed CA with an explicit validity window (tests make expired ones with it).
+pub fn generate_ca_valid(
+    trust_domain: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<DevCa, CaError> {
+    let fail = |reason: String| CaError::Sign {
+        identity: format!("CA of {trust_domain}"),
+        reason,
+    };
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.not_before = OffsetDateTime::from(not_before);
+    params.not_after = OffsetDateTime::from(not_after);
+    params.serial_number = Some(random_serial());
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "mesh-agent development CA");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, trust_domain);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).map_err(|e| fail(e.to_string()))?;
+    Ok(DevCa {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// `mesh-agent ca init`: writes `ca.crt` and `ca.key` (mode 0600) into `dir`, creating it.
+/// Refuses to replace either file unless `force`. Returns the two paths.
+pub fn init_dev_ca(
+    dir: &Path,
+    trust_domain: &str,
+    days: u32,
+    force: bool,
+) -> Result<(PathBuf, PathBuf), CaError> {
+    super::identity::validate_trust_domain(trust_domain).map_err(|reason| CaError::Sign {
+        identity: format!("CA of {trust_domain:?}"),
+        reason: format!("bad trust domain: {reason}"),
+    })?;
+    let cert_path = dir.join(CA_CERT_FILE);
+    let key_path = dir.join(CA_KEY_FILE);
+    if !force {
+        for path in [&cert_path, &key_path] {
+            if path.symlink_metadata().is_ok() {
+                return Err(CaError::Exists { path: path.clone() });
+            }
+        }
+    }
+    fs::create_dir_all(dir).map_err(|source| CaError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let ca = generate_dev_ca(trust_domain, days)?;
+    // The key first, so a crash never leaves a certificate without its key.
+    write_file(&key_path, ca.key_pem.as_bytes(), 0o600, force)?;
+    write_file(&cert_path, ca.cert_pem.as_bytes(), 0o644, force)?;
+    Ok((cert_path, key_path))
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), CaError> {
+    let err = |source| CaError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).mode(mode);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        // create_new: a file appearing between the check and now is still not overwritten.
+        options.create_new(true);
+    }
+    let mut file = options.open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::AlreadyExists => CaError::Exists {
+            path: path.to_owned(),
+        },
+        _ => err(source),
+    })?;
+    // `mode` only applies to new files; an overwritten key must not keep looser permissions.
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    file.sync_all().map_err(err)
+}

@@ -1,0 +1,38 @@
+//! Node-to-node mTLS: workload identities ([`SpiffeId`]), the CA seam ([`Signer`],
+//! [`LocalCa`]), the trust bundle, the per-identity certificate store with rotation, and the
+//! rustls configurations the tunnel uses.
+
+mod bundle;
+mod ca;
+mod cert;
+mod config;
+mod identity;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+
+pub use bundle::{BundleError, TrustBundle};
+pub use ca::{
+    CA_CERT_FILE, CA_KEY_FILE, CaError, DEFAULT_CA_DAYS, DEFAULT_LEAF_LIFETIME, DevCa, LocalCa,
+    SignFuture, Signer, generate_ca_valid, generate_dev_ca, init_dev_ca,
+};
+pub use cert::{CertError, CertInfo, cert_info, identity_of};
+pub use config::{
+    ALPN_H2, ConfigError, IdentityMismatch, client_config, peer_identity, server_config,
+};
+pub use identity::{IdentityError, SpiffeId};
+pub use store::{CertStore, StoreError, StoreOptions};
+
+/// The one crypto provider of the mesh: ring (builds without cmake or a C toolchain beyond
+/// cc). Explicit rather than the process default, so nothing else in the binary can change it.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}

@@ -1,0 +1,451 @@
+//! The sending end: a pool of tunnel connections keyed by (source identity, expected server
+//! identity, tunnel address), each an HTTP/2 connection carrying many CONNECT streams.
+//!
+//! The expected server identity is part of the key, not only the address: a connection is
+//! verified for exactly one server identity, and must not be reused for a caller that expects
+//! another one at the same address.
+//!
+//! New connections for one key are made one at a time (the key's async lock is held over the
+//! handshake), so a burst of streams shares one connection instead of racing to open many.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::StatusCode;
+use rustls::pki_types::ServerName;
+use tokio::{net::TcpStream, time::Instant};
+use tokio_rustls::TlsConnector;
+
+use super::{connect::connect_request, stream::TunnelStream};
+use crate::tls::{CertStore, ConfigError, SpiffeId, client_config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("creating the tunnel socket to {addr}: {source}")]
+    Socket { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("TLS handshake with {addr}: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
+    #[error("{addr} did not negotiate ALPN h2")]
+    Alpn { addr: SocketAddr },
+    #[error("HTTP/2 handshake with {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: h2::Error },
+    #[error("opening a tunnel stream via {addr}: {source}")]
+    Stream { addr: SocketAddr, source: h2::Error },
+    #[error("the tunnel at {addr} refused {authority}: {status}")]
+    Refused {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("{what} via {addr} timed out after {after:?}")]
+    Timeout {
+        what: &'static str,
+        addr: SocketAddr,
+        after: Duration,
+    },
+    #[error("building the CONNECT request: {0}")]
+    Request(#[from] http::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Socket, TLS and HTTP/2 handshake of a new connection, together.
+    pub connect_timeout: Duration,
+    /// Opening one stream (until the server's response).
+    pub stream_timeout: Duration,
+    /// A connection without streams for this long is closed.
+    pub idle_timeout: Duration,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    /// The most queued for sending per stream, and the largest single write.
+    pub buffer_bytes: usize,
+    pub max_header_list_size: u32,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            stream_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            stream_window: 256 * 1024,
+            connection_window: 1024 * 1024,
+            buffer_bytes: 64 * 1024,
+            max_header_list_size: 8 * 1024,
+        }
+    }
+}
+
+type Key = (SpiffeId, SpiffeId, SocketAddr);
+type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
+
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    state: Arc<ConnState>,
+}
+
+struct ConnState {
+    /// Streams open (either half alive).
+    active: AtomicUsize,
+    /// When the last stream ended, in milliseconds since the pool's epoch.
+    last_used_ms: AtomicU64,
+    closed: AtomicBool,
+    epoch: Instant,
+}
+
+impl ConnState {
+    fn touch(&self) {
+        self.last_used_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last_used(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Held by both halves of a stream: counts it as active on its connection.
+struct StreamGuard(Arc<ConnState>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Tunnel connections shared by all outbound connections of the node. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<CertStore>,
+    options: PoolOptions,
+    slots: Mutex<HashMap<Key, Slot>>,
+    next_id: AtomicU64,
+    opened: AtomicU64,
+    live: AtomicUsize,
+    epoch: Instant,
+}
+
+enum OpenError {
+    /// The connection could not carry the stream (closing, GOAWAY): another one may.
+    Connection(h2::Error),
+    Pool(PoolError),
+}
+
+impl Pool {
+    pub fn new(store: Arc<CertStore>, options: PoolOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                options,
+                slots: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                opened: AtomicU64::new(0),
+                live: AtomicUsize::new(0),
+                epoch: Instant::now(),
+            }),
+        }
+    }
+
+    /// Opens a stream from `source` to `authority` through the tunnel server at
+    /// `tunnel_addr`, which must present `expected_server`. Reuses a pooled connection when
+    /// there is a live one; otherwise calls `socket(tunnel_addr)` for a connected TCP socket
+    /// (the caller makes it in the right network namespace, with its mark) and handshakes.
+    /// `socket` is called at most once.
+    pub async fn connect<S, F>(
+        &self,
+        source: &SpiffeId,
+        expected_server: &SpiffeId,
+        tunnel_addr: SocketAddr,
+        authority: SocketAddr,
+        socket: S,
+    ) -> Result<TunnelStream, PoolError>
+    where
+        S: FnOnce(SocketAddr) -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let key: Key = (source.clone(), expected_server.clone(), tunnel_addr);
+        let slot = self.slot(&key);
+        let mut socket = Some(socket);
+        loop {
+            let (conn, fresh) = {
+                let mut current = slot.lock().await;
+                let reusable = current
+                    .as_ref()
+                    .filter(|conn| !conn.state.closed.load(Ordering::Acquire))
+                    .cloned();
+                let (conn, fresh) = match (reusable, socket.take()) {
+                    (Some(conn), socket_back) => {
+                        socket = socket_back;
+                        (conn, false)
+                    }
+                    (None, Some(make_socket)) => {
+                        let after = self.inner.options.connect_timeout;
+                        let opened =
+                            tokio::time::timeout(after, self.open(&key, slot.clone(), make_socket))
+                                .await
+                                .map_err(|_| PoolError::Timeout {
+                                    what: "tunnel connection",
+                                    addr: tunnel_addr,
+                                    after,
+                                })??;
+                        *current = Some(opened.clone());
+                        (opened, true)
+                    }
+                    // Unreachable in practice: only a failed reuse loops, and it leaves the
+                    // socket factory unused.
+                    (None, None) => {
+                        return Err(PoolError::Stream {
+                            addr: tunnel_addr,
+                            source: h2::Error::from(h2::Reason::REFUSED_STREAM),
+                        });
+                    }
+                };
+                // Counted under the slot lock, so the idle closer never sees 0 for a
+                // connection a stream is about to use.
+                conn.state.active.fetch_add(1, Ordering::AcqRel);
+                (conn, fresh)
+            };
+            let guard = StreamGuard(conn.state.clone());
+            match self.open_stream(&conn, tunnel_addr, authority, guard).await {
+                Ok(stream) => return Ok(stream),
+                Err(OpenError::Connection(error)) if !fresh && socket.is_some() => {
+                    // A pooled connection that went away under us: retire it, try a new one.
+                    tracing::debug!(%tunnel_addr, %error, "pooled tunnel connection unusable; reconnecting");
+                    conn.state.closed.store(true, Ordering::Release);
+                }
+                Err(OpenError::Connection(source)) => {
+                    conn.state.closed.store(true, Ordering::Release);
+                    return Err(PoolError::Stream {
+                        addr: tunnel_addr,
+                        source,
+                    });
+                }
+                Err(OpenError::Pool(error)) => return Err(error),
+            }
+        }
+    }
+
+    /// Tunnel connections currently open.
+    pub fn live_connections(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// Tunnel connections opened since the pool was made.
+    pub fn opened_connections(&self) -> u64 {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+
+    fn slot(&self, key: &Key) -> Slot {
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    async fn open<S, F>(&self, key: &Key, slot: Slot, socket: S) -> Result<Conn, PoolError>
+    where
+        S: FnOnce(SocketAddr) -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let (source, expected, addr) = key;
+        let addr = *addr;
+        let options = &self.inner.options;
+        let config = client_config(&self.inner.store, source, expected)?;
+        let tcp = socket(addr)
+            .await
+            .map_err(|source| PoolError::Socket { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        // The name is not checked (the verifier checks the SPIFFE identity) and, being an IP,
+        // is not sent as SNI.
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|error| PoolError::Tls {
+                addr,
+                reason: super::tls_reason(&error),
+            })?;
+        if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+            return Err(PoolError::Alpn { addr });
+        }
+        let (send, connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(options.stream_window)
+            .initial_connection_window_size(options.connection_window)
+            .max_send_buffer_size(options.buffer_bytes)
+            .max_header_list_size(options.max_header_list_size)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| PoolError::Handshake { addr, source })?;
+        let state = Arc::new(ConnState {
+            active: AtomicUsize::new(0),
+            last_used_ms: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            epoch: self.inner.epoch,
+        });
+        state.touch();
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        self.inner.live.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive(
+            Arc::downgrade(&self.inner),
+            key.clone(),
+            slot,
+            id,
+            state.clone(),
+            connection,
+        ));
+        Ok(Conn { id, send, state })
+    }
+
+    async fn open_stream(
+        &self,
+        conn: &Conn,
+        addr: SocketAddr,
+        authority: SocketAddr,
+        guard: StreamGuard,
+    ) -> Result<TunnelStream, OpenError> {
+        let after = self.inner.options.stream_timeout;
+        let request = connect_request(authority).map_err(|e| OpenError::Pool(e.into()))?;
+        let opening = async {
+            let mut send = conn
+                .send
+                .clone()
+                .ready()
+                .await
+                .map_err(OpenError::Connection)?;
+            let (response, send_stream) = send
+                .send_request(request, false)
+                .map_err(OpenError::Connection)?;
+            let response = response.await.map_err(|source| {
+                if source.is_go_away() || source.is_io() {
+                    OpenError::Connection(source)
+                } else {
+                    OpenError::Pool(PoolError::Stream { addr, source })
+                }
+            })?;
+            if response.status() != StatusCode::OK {
+                return Err(OpenError::Pool(PoolError::Refused {
+                    addr,
+                    authority,
+                    status: response.status(),
+                }));
+            }
+            Ok((response.into_body(), send_stream))
+        };
+        let (recv, send) = tokio::time::timeout(after, opening).await.map_err(|_| {
+            OpenError::Pool(PoolError::Timeout {
+                what: "opening a tunnel stream",
+                addr,
+                after,
+            })
+        })??;
+        let guard: Arc<dyn Send + Sync> = Arc::new(guard);
+        Ok(TunnelStream::new(
+            recv,
+            send,
+            self.inner.options.buffer_bytes,
+            Some(guard),
+        ))
+    }
+}
+
+/// Runs one connection until it ends or has been idle for the idle timeout. Idle closing
+/// clears the pool slot (under its lock, where streams are counted) which drops the last
+/// `SendRequest`, so h2 ends the connection cleanly.
+async fn drive<T>(
+    pool: Weak<Inner>,
+    key: Key,
+    slot: Slot,
+    id: u64,
+    state: Arc<ConnState>,
+    connection: h2::client::Connection<T, Bytes>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let idle_timeout = match pool.upgrade() {
+        Some(pool) => pool.options.idle_timeout,
+        None => return,
+    };
+    tokio::pin!(connection);
+    let mut closing = false;
+    // While streams are open (or the slot is busy) look again a little later: last_used is
+    // only refreshed when a stream ends.
+    let recheck = idle_timeout.min(Duration::from_secs(1));
+    let mut wake = state.last_used() + idle_timeout;
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    tracing::debug!(addr = %key.2, %error, "tunnel connection ended");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(wake), if !closing => {
+                let now = Instant::now();
+                let idle_until = state.last_used() + idle_timeout;
+                if idle_until > now {
+                    wake = idle_until;
+                    continue;
+                }
+                let Ok(mut current) = slot.try_lock() else {
+                    wake = now + recheck;
+                    continue;
+                };
+                if state.active.load(Ordering::Acquire) != 0 {
+                    wake = now + recheck;
+                    continue;
+                }
+                state.closed.store(true, Ordering::Release);
+                if current.as_ref().is_some_and(|conn| conn.id == id) {
+                    *current = None;
+                }
+                closing = true;
+                tracing::debug!(addr = %key.2, "closing idle tunnel connection");
+            }
+        }
+    }
+    state.closed.store(true, Ordering::Release);
+    if let Ok(mut current) = slot.try_lock()
+        && current.as_ref().is_some_and(|conn| conn.id == id)
+    {
+        *current = None;
+    }
+    drop(slot);
+    if let Some(pool) = pool.upgrade() {
+        pool.live.fetch_sub(1, Ordering::Relaxed);
+        let mut slots = pool
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Drop the key when nobody holds or waits on its slot and it is empty.
+        let unused = slots.get(&key).is_some_and(|slot| {
+            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|current| current.is_none())
+        });
+        if unused {
+            slots.remove(&key);
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The receiving end of tunnels: one [`Server`] per local pod, on a listener the agent opened
+//! inside the pod's network namespace, presenting the pod's identity.
+//!
+//! Every refusal is one `info` log line with the peer and the reason; nothing a peer sends can
+//! panic a task. Memory is bounded by: the connection limit, the handshake limits (global and
+//! per peer address, shareable across all servers of the node) with a timeout covering TLS and
+//! the HTTP/2 preface, h2's header-list and concurrent-stream limits, and flow-control
+//! windows (a slow upstream stops the client after one window).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Request, Response, StatusCode};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinHandle,
+    time::{Instant, timeout, timeout_at},
+};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    connect::parse_connect,
+    stream::{TunnelReadHalf, TunnelStream, TunnelWriteHalf},
+};
+use crate::{
+    proxy::copy::bidirectional_halves,
+    tls::{ALPN_H2, CertStore, ConfigError, SpiffeId, peer_identity, server_config},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("tunnel server: {0}")]
+    Config(#[from] ConfigError),
+}
+
+/// A stream the server accepted: who asked, for what, from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The client's verified SPIFFE identity.
+    pub client_identity: SpiffeId,
+    /// The identity this server presents (the destination pod's).
+    pub server_identity: SpiffeId,
+    /// The validated `:authority`.
+    pub authority: SocketAddr,
+    /// The TCP peer of the tunnel connection (the source node or pod).
+    pub peer_addr: SocketAddr,
+}
+
+/// Why a handler will not connect a stream; becomes the response status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Policy, or a target that is not this pod: 403.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The upstream could not be reached: 502.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// The node is overloaded (rate limit): 503.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            Refusal::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Connects an accepted stream to its upstream (policy check included). Implemented for any
+/// `Fn(ConnectRequest) -> impl Future<Output = Result<U, Refusal>>`.
+pub trait ConnectHandler: Send + Sync + 'static {
+    type Upstream: AsyncRead + AsyncWrite + Send + 'static;
+
+    fn connect(
+        &self,
+        request: ConnectRequest,
+    ) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send;
+}
+
+impl<F, Fut, U> ConnectHandler for F
+where
+    F: Fn(ConnectRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<U, Refusal>> + Send,
+    U: AsyncRead + AsyncWrite + Send + 'static,
+{
+    type Upstream = U;
+
+    fn connect(&self, request: ConnectRequest) -> impl Future<Output = Result<U, Refusal>> + Send {
+        self(request)
+    }
+}
+
+/// Concurrent TLS handshakes allowed, in total and per peer address. Clone it into the
+/// options of every server of the node so a flood at one pod is bounded node-wide.
+#[derive(Clone)]
+pub struct HandshakeLimits {
+    total: Arc<Semaphore>,
+    per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_peer: usize,
+}
+
+impl HandshakeLimits {
+    pub fn new(max_total: usize, max_per_peer: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(max_total.max(1))),
+            per_peer: Arc::new(Mutex::new(HashMap::new())),
+            max_per_peer: max_per_peer.max(1),
+        }
+    }
+
+    fn try_acquire(&self, peer: IpAddr) -> Option<HandshakePermit> {
+        let total = self.total.clone().try_acquire_owned().ok()?;
+        let mut per_peer = self
+            .per_peer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = per_peer.entry(peer).or_insert(0);
+        if *count >= self.max_per_peer {
+            return None;
+        }
+        *count += 1;
+        Some(HandshakePermit {
+            _total: total,
+            limits: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self::new(256, 32)
+    }
+}
+
+struct HandshakePermit {
+    _total: OwnedSemaphorePermit,
+    limits: HandshakeLimits,
+    peer: IpAddr,
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        let mut per_peer = self
+            .limits
+            .per_peer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = per_peer.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// TLS handshake plus HTTP/2 preface and SETTINGS.
+    pub handshake_timeout: Duration,
+    pub handshakes: HandshakeLimits,
+    /// Established tunnel connections of this server.
+    pub max_connections: usize,
+    /// Streams per connection (h2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Larger header blocks are refused (h2 answers 431 or resets the stream).
+    pub max_header_list_size: u32,
+    /// Receive window per stream, and per connection (the bound on buffered data).
+    pub stream_window: u32,
+    pub connection_window: u32,
+    /// For the handler to return an upstream.
+    pub connect_timeout: Duration,
+    /// Copy buffer per direction, and the most queued for sending per stream.
+    pub buffer_bytes: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            handshakes: HandshakeLimits::default(),
+            max_connections: 1024,
+            max_concurrent_streams: 256,
+            max_header_list_size: 8 * 1024,
+            stream_window: 256 * 1024,
+            connection_window: 1024 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            buffer_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A tunnel server for one identity. Cheap to clone.
+pub struct Server<H> {
+    shared: Arc<Shared<H>>,
+}
+
+impl<H> Clone for Server<H> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<H> {
+    acceptor: TlsAcceptor,
+    identity: SpiffeId,
+    handler: H,
+    options: ServerOptions,
+    connections: Arc<Semaphore>,
+}
+
+impl<H: ConnectHandler> Server<H> {
+    /// `identity` must already be in the store ([`CertStore::ensure`]); the server presents
+    /// its current certificate at each handshake, so rotations need nothing from the caller.
+    pub fn new(
+        store: &Arc<CertStore>,
+        identity: SpiffeId,
+        handler: H,
+        options: ServerOptions,
+    ) -> Result<Self, ServerError> {
+        let config = server_config(store, &identity)?;
+        let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                acceptor: TlsAcceptor::from(config),
+                identity,
+                handler,
+                options,
+                connections,
+            }),
+        })
+    }
+
+    /// Serves `listener` until the task is aborted. Aborting stops accepting; established
+    /// connections (their own tasks) go on until they end.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::warn!(identity = %self.shared.identity, %error, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.shared.connections.clone().try_acquire_owned() else {
+                tracing::info!(%peer, identity = %self.shared.identity, "tunnel connection refused: connection limit reached");
+                continue;
+            };
+            let Some(handshake) = self.shared.options.handshakes.try_acquire(peer.ip()) else {
+                tracing::info!(%peer, identity = %self.shared.identity, "tunnel connection refused: too many concurrent handshakes");
+                continue;
+            };
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                connection(shared, tcp, peer, handshake).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// [`Server::serve`] on its own task.
+    pub fn spawn(self, listener: TcpListener) -> JoinHandle<()> {
+        tokio::spawn(self.serve(listener))
+    }
+}
+
+async fn connection<H: ConnectHandler>(
+    shared: Arc<Shared<H>>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handshake: HandshakePermit,
+) {
+    let identity = &shared.identity;
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + shared.options.handshake_timeout;
+    let tls = match timeout_at(deadline, shared.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::info!(%peer, %identity, reason = %super::tls_reason(&error), "tunnel handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, %identity, reason = "timed out", "tunnel handshake refused");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        tracing::info!(%peer, %identity, reason = "client did not negotiate ALPN h2", "tunnel handshake refused");
+        return;
+    }
+    let client_identity = match peer_identity(session) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::info!(%peer, %identity, reason = %error, "tunnel handshake refused");
+            return;
+        }
+    };
+    let options = &shared.options;
+    let mut builder = h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .max_header_list_size(options.max_header_list_size)
+        .initial_window_size(options.stream_window)
+        .initial_connection_window_size(options.connection_window)
+        .max_send_buffer_size(options.buffer_bytes);
+    let mut h2 = match timeout_at(deadline, builder.handshake::<_, Bytes>(tls)).await {
+        Ok(Ok(h2)) => h2,
+        Ok(Err(error)) => {
+            tracing::info!(%peer, %identity, client = %client_identity, reason = %error, "tunnel HTTP/2 handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, %identity, client = %client_identity, reason = "HTTP/2 preface timed out", "tunnel HTTP/2 handshake refused");
+            return;
+        }
+    };
+    drop(handshake);
+    tracing::debug!(%peer, %identity, client = %client_identity, "tunnel connection established");
+    // Accepting also drives the connection; stream tasks run beside it.
+    while let Some(accepted) = h2.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                let shared = shared.clone();
+                let client_identity = client_identity.clone();
+                tokio::spawn(async move {
+                    stream(shared, request, respond, client_identity, peer).await;
+                });
+            }
+            Err(error) => {
+                if !error.is_go_away() && !error.is_io() {
+                    tracing::info!(%peer, %identity, client = %client_identity, %error, "tunnel connection ended by protocol error");
+                }
+                break;
+            }
+        }
+    }
+}
+
+async fn stream<H: ConnectHandler>(
+    shared: Arc<Shared<H>>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    client_identity: SpiffeId,
+    peer: SocketAddr,
+) {
+    let identity = &shared.identity;
+    let (parts, body) = request.into_parts();
+    let head = Request::from_parts(parts, ());
+    let authority = match parse_connect(&head) {
+        Ok(authority) => authority,
+        Err(error) => {
+            tracing::info!(%peer, %identity, client = %client_identity, reason = %error, "tunnel stream refused: 400");
+            refuse(&mut respond, StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    let request = ConnectRequest {
+        client_identity: client_identity.clone(),
+        server_identity: identity.clone(),
+        authority,
+        peer_addr: peer,
+    };
+    let upstream = match timeout(
+        shared.options.connect_timeout,
+        shared.handler.connect(request),
+    )
+    .await
+    {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(refusal)) => {
+            let status = refusal.status();
+            tracing::info!(%peer, %identity, client = %client_identity, %authority, reason = %refusal, "tunnel stream refused: {}", status.as_u16());
+            refuse(&mut respond, status);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, %identity, client = %client_identity, %authority, reason = "upstream connect timed out", "tunnel stream refused: 504");
+            refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT);
+            return;
+        }
+    };
+    let response = Response::builder().status(StatusCode::OK).body(());
+    let send = match response.map(|response| respond.send_response(response, false)) {
+        Ok(Ok(send)) => send,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %authority, %error, "tunnel stream gone before the response");
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "building the 200 response");
+            return;
+        }
+    };
+    let tunnel = TunnelStream::new(body, send, shared.options.buffer_bytes, None);
+    let (down_read, down_write): (TunnelReadHalf, TunnelWriteHalf) = tunnel.into_split();
+    let (up_read, up_write) = tokio::io::split(upstream);
+    match bidirectional_halves(
+        (down_read, down_write),
+        (up_read, up_write),
+        shared.options.buffer_bytes,
+        shared.options.idle_timeout,
+    )
+    .await
+    {
+        Ok(moved) => tracing::debug!(
+            %peer, %authority, client = %client_identity,
+            to_upstream = moved.downstream_to_upstream,
+            from_upstream = moved.upstream_to_downstream,
+            "tunnel stream done"
+        ),
+        Err(error) => {
+            tracing::debug!(%peer, %authority, client = %client_identity, %error, "tunnel stream ended")
+        }
+    }
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    if let Ok(response) = Response::builder().status(status).body(()) {
+        let _ = respond.send_response(response, true);
+    }
+}

@@ -1,0 +1,205 @@
+//! One `mesh-agent` per bench node: its YAML config, start in the node's network namespace
+//! (never in a pod cgroup), readiness, status, and SIGTERM + `mesh-agent uninstall` on drop.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use mesh_tests::{Node, Pod, output_timeout};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A workload entry: the pod and the `app` label services select on.
+pub struct WorkloadSpec<'a> {
+    pub pod: &'a Pod,
+    pub app: &'a str,
+}
+
+/// A service entry: `vip:port` -> `target_port` of the pods labelled `app`.
+pub struct ServiceSpec<'a> {
+    pub name: &'a str,
+    pub vip: &'a str,
+    pub port: u16,
+    pub target_port: u16,
+    pub app: &'a str,
+}
+
+/// The agent config for `node`; `extra_agent` is more YAML for the `agent` block (indented
+/// by two spaces), e.g. what a cross-node mode needs.
+pub fn config_yaml(
+    node: &Node,
+    bpf_name: &str,
+    cgroup: &Path,
+    extra_agent: &[String],
+    workloads: &[WorkloadSpec<'_>],
+    services: &[ServiceSpec<'_>],
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "agent:");
+    let _ = writeln!(out, "  node: {}", node.name());
+    let _ = writeln!(out, "  bpfName: {bpf_name}");
+    let _ = writeln!(out, "  cgroup: {}", cgroup.display());
+    let _ = writeln!(out, "  adminAddr: 127.0.0.1:15000");
+    let _ = writeln!(out, "  connectTimeoutMs: 2000");
+    for line in extra_agent {
+        let _ = writeln!(out, "  {line}");
+    }
+    let _ = writeln!(out, "workloads:");
+    for w in workloads {
+        let _ = writeln!(out, "  - name: {}", w.pod.name());
+        let _ = writeln!(out, "    namespace: bench");
+        let _ = writeln!(out, "    serviceAccount: {}", w.app);
+        let _ = writeln!(out, "    ips: [\"{}\"]", w.pod.ipv4());
+        let _ = writeln!(out, "    node: {}", w.pod.node_name());
+        let _ = writeln!(out, "    netns: {}", w.pod.netns_path().display());
+        let _ = writeln!(out, "    labels: {{app: {}}}", w.app);
+    }
+    let _ = writeln!(out, "services:");
+    for s in services {
+        let _ = writeln!(out, "  - name: {}", s.name);
+        let _ = writeln!(out, "    namespace: bench");
+        let _ = writeln!(out, "    vips: [\"{}\"]", s.vip);
+        let _ = writeln!(out, "    ports:");
+        let _ = writeln!(out, "      - port: {}", s.port);
+        let _ = writeln!(out, "        targetPort: {}", s.target_port);
+        let _ = writeln!(out, "    endpoints:");
+        let _ = writeln!(out, "      selector: {{app: {}}}", s.app);
+    }
+    out
+}
+
+/// A running agent, stopped (SIGTERM) and uninstalled when dropped.
+pub struct RunningAgent {
+    child: Option<Child>,
+    node: Node,
+    bin: PathBuf,
+    bpf_name: String,
+    pub label: String,
+    pub log: PathBuf,
+}
+
+impl RunningAgent {
+    /// Writes `config` next to `log` and starts the agent in `node`'s network namespace.
+    pub fn start(
+        bin: &Path,
+        node: &Node,
+        bpf_name: &str,
+        cgroup: &Path,
+        config: &str,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let config_path = log.with_extension("yaml");
+        fs::write(&config_path, config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let log_file =
+            fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = node.try_command(bin)?;
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--cgroup")
+            .arg(cgroup)
+            // One access-log line per connection at info: keep the bench on warnings, the
+            // log file still shows why something failed.
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_BENCH_AGENT_LOG").unwrap_or("warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = command.spawn().context("starting mesh-agent")?;
+        let mut agent = RunningAgent {
+            child: Some(child),
+            node: node.clone(),
+            bin: bin.to_owned(),
+            bpf_name: bpf_name.to_owned(),
+            label: format!("mesh-agent@{}", node.name()),
+            log,
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                bail!(
+                    "{} exited during start-up ({status}); see {}",
+                    self.label,
+                    self.log.display()
+                );
+            }
+            if self.status().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not serve its admin API within {READY_TIMEOUT:?}; see {}",
+                    self.label,
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `mesh-agent status --json` in the node's network namespace.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let mut command = self.node.try_command(&self.bin)?;
+        command.args(["status", "--json"]);
+        let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        if !output.status.success() {
+            bail!(
+                "mesh-agent status: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        serde_json::from_slice(&output.stdout).context("parsing mesh-agent status --json")
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} ignored SIGTERM for 5 s; killing it", self.label);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.stop();
+        let uninstall = Command::new(&self.bin)
+            .args(["uninstall", "--name", &self.bpf_name])
+            .stdout(Stdio::null())
+            .status();
+        if !uninstall.is_ok_and(|s| s.success()) {
+            eprintln!("mesh-agent uninstall --name {} failed", self.bpf_name);
+        }
+    }
+}
