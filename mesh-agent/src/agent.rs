@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     admin::{
         self, AdminState, StatusReport,
-        status::{ConfigStatus, ProgramStatus},
+        status::{CertificateStatus, ConfigStatus, ConnectionStatus, ProgramStatus},
     },
     balance::RoundRobin,
     config::{Config, watch},
@@ -73,6 +73,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
     let mut updates = watcher.current();
     let report = {
         let pods = pods.clone();
+        let proxy = proxy.clone();
         let reloads = watcher.stats();
         let metrics = metrics.clone();
         let (node, cgroup) = (agent.node.clone(), cgroup.display().to_string());
@@ -91,6 +92,17 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                 },
                 programs: programs.clone(),
                 workloads: lock(&pods).status(),
+                certificates: certificates(&proxy),
+                connections: proxy
+                    .connections
+                    .subjects()
+                    .into_iter()
+                    .map(|s| ConnectionStatus {
+                        source: s.source,
+                        destination: s.destination,
+                        port: s.port,
+                    })
+                    .collect(),
             }
         })
     };
@@ -139,6 +151,25 @@ fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
         tracing::error!(%error, "enrollment failed");
     }
     metrics.enrolled_pods.set(pods.enrolled_count() as i64);
+}
+
+fn certificates(proxy: &ProxyContext) -> Vec<CertificateStatus> {
+    let seconds = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    proxy
+        .mesh_tls
+        .store
+        .list()
+        .into_iter()
+        .map(|c| CertificateStatus {
+            identity: c.identity.to_string(),
+            serial: c.serial,
+            not_before: seconds(c.not_before),
+            not_after: seconds(c.not_after),
+        })
+        .collect()
 }
 
 fn lock(pods: &Mutex<Pods>) -> MutexGuard<'_, Pods> {

@@ -16,6 +16,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("bpftool", "bpftool"),
+    ("tcpdump", "tcpdump"),
 ];
 
 /// bpf-linker version known to work with the nightly's LLVM (see shared/TOOLCHAIN.md).

@@ -17,6 +17,30 @@ pub struct StatusReport {
     pub config: ConfigStatus,
     pub programs: Vec<ProgramStatus>,
     pub workloads: Vec<WorkloadStatus>,
+    /// Certificates held for the identities of this node's pods.
+    pub certificates: Vec<CertificateStatus>,
+    /// Connections into this node's pods, with the identity they were authorized as.
+    pub connections: Vec<ConnectionStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    pub identity: String,
+    pub serial: String,
+    /// Seconds since the Unix epoch.
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStatus {
+    /// The client's SPIFFE identity; absent for plaintext clients.
+    pub source: Option<String>,
+    /// `namespace/name` of the destination pod.
+    pub destination: String,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -108,5 +132,29 @@ fn render(report: &StatusReport) -> String {
             w.workload, w.netns_cookie, w.captured, w.skipped, w.no_listener
         );
     }
+    let _ = writeln!(
+        out,
+        "\n{:<56} {:>34} {:>12}",
+        "CERTIFICATE", "SERIAL", "EXPIRES IN"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for cert in &report.certificates {
+        let left = cert.not_after.saturating_sub(now);
+        let _ = writeln!(
+            out,
+            "{:<56} {:>34} {:>9}m{:02}s",
+            cert.identity,
+            cert.serial,
+            left / 60,
+            left % 60
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nconnections into local pods: {}",
+        report.connections.len()
+    );
     out
 }

@@ -85,6 +85,14 @@ impl Registry {
         closed
     }
 
+    /// What each live connection was authorized as (for the admin API).
+    pub fn subjects(&self) -> Vec<Subject> {
+        self.lock()
+            .values()
+            .map(|entry| entry.subject.clone())
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -106,6 +106,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         max_conns: u64,
     },
+    /// One HTTP/1.1 GET (e.g. an agent's admin `/metrics`, run in the node's network
+    /// namespace); prints the response body as is. Fails on a status other than 200.
+    HttpGet {
+        /// Address of the server, e.g. 127.0.0.1:15000.
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/metrics")]
+        path: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,6 +130,11 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd) -> Result<()> {
     let report = match cmd {
         Cmd::Server { listen } => return server(listen),
+        Cmd::HttpGet { addr, path } => {
+            let body = http_get(addr, &path)?;
+            io::stdout().write_all(&body)?;
+            return Ok(());
+        }
         Cmd::Probe { connect, timeout } => probe(connect, secs(timeout))?,
         Cmd::Rr {
             connect,
@@ -151,6 +165,55 @@ fn run(cmd: Cmd) -> Result<()> {
     };
     println!("{report}");
     Ok(())
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`: status line checked, headers skipped,
+/// body read to EOF (chunked transfer decoded).
+fn http_get(addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
+    let mut s = connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response)
+        .with_context(|| format!("reading the response of {addr}{path}"))?;
+    let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+        bail!("{addr}{path}: no complete HTTP header in the response");
+    };
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let body = response.split_off(split + 4);
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("{addr}{path}: {status}");
+    }
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if !chunked {
+        return Ok(body);
+    }
+    let mut out = Vec::new();
+    let mut rest = &body[..];
+    loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            bail!("{addr}{path}: truncated chunked body");
+        };
+        let size_text = String::from_utf8_lossy(&rest[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .with_context(|| format!("{addr}{path}: bad chunk size {size_text:?}"))?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if rest.len() < size + 2 {
+            bail!("{addr}{path}: truncated chunk");
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
 }
 
 fn secs(s: f64) -> Duration {

@@ -30,15 +30,23 @@ pub struct ServiceSpec<'a> {
 }
 
 /// The agent config for `node`; `extra_agent` is more YAML for the `agent` block (indented
-/// by two spaces), e.g. what a cross-node mode needs.
+/// by two spaces), e.g. what a cross-node mode needs. With `remote_workloads` the config
+/// lists the workloads of every node (the mTLS tunnel needs to know a remote endpoint is a
+/// mesh pod); without, only `node`'s own, and a service whose pods are all elsewhere gets
+/// their addresses as plain endpoints.
 pub fn config_yaml(
     node: &Node,
     bpf_name: &str,
     cgroup: &Path,
     extra_agent: &[String],
+    remote_workloads: bool,
     workloads: &[WorkloadSpec<'_>],
     services: &[ServiceSpec<'_>],
 ) -> String {
+    let listed: Vec<&WorkloadSpec<'_>> = workloads
+        .iter()
+        .filter(|w| remote_workloads || w.pod.node_name() == node.name())
+        .collect();
     let mut out = String::new();
     let _ = writeln!(out, "agent:");
     let _ = writeln!(out, "  node: {}", node.name());
@@ -50,13 +58,16 @@ pub fn config_yaml(
         let _ = writeln!(out, "  {line}");
     }
     let _ = writeln!(out, "workloads:");
-    for w in workloads {
+    for w in &listed {
+        let local = w.pod.node_name() == node.name();
         let _ = writeln!(out, "  - name: {}", w.pod.name());
         let _ = writeln!(out, "    namespace: bench");
         let _ = writeln!(out, "    serviceAccount: {}", w.app);
         let _ = writeln!(out, "    ips: [\"{}\"]", w.pod.ipv4());
         let _ = writeln!(out, "    node: {}", w.pod.node_name());
-        let _ = writeln!(out, "    netns: {}", w.pod.netns_path().display());
+        if local {
+            let _ = writeln!(out, "    netns: {}", w.pod.netns_path().display());
+        }
         let _ = writeln!(out, "    labels: {{app: {}}}", w.app);
     }
     let _ = writeln!(out, "services:");
@@ -68,9 +79,60 @@ pub fn config_yaml(
         let _ = writeln!(out, "      - port: {}", s.port);
         let _ = writeln!(out, "        targetPort: {}", s.target_port);
         let _ = writeln!(out, "    endpoints:");
-        let _ = writeln!(out, "      selector: {{app: {}}}", s.app);
+        if listed.iter().any(|w| w.app == s.app) {
+            let _ = writeln!(out, "      selector: {{app: {}}}", s.app);
+        } else {
+            let addresses: Vec<String> = workloads
+                .iter()
+                .filter(|w| w.app == s.app)
+                .map(|w| format!("\"{}\"", w.pod.ipv4()))
+                .collect();
+            let _ = writeln!(out, "      addresses: [{}]", addresses.join(", "));
+        }
     }
     out
+}
+
+/// The `mesh_connections_total{direction, outcome}` counters of one `/metrics` scrape.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    connections: Vec<(String, String, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut connections = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("mesh_connections_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once('}') else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| k.trim() == name)
+                    .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            connections.push((label("direction"), label("outcome"), value));
+        }
+        Metrics { connections }
+    }
+
+    /// `mesh_connections_total` for `direction` and `outcome` (`None`: every outcome).
+    pub fn connections(&self, direction: &str, outcome: Option<&str>) -> f64 {
+        self.connections
+            .iter()
+            .filter(|(d, o, _)| d == direction && outcome.is_none_or(|want| o == want))
+            .map(|(_, _, v)| v)
+            .sum()
+    }
 }
 
 /// A running agent, stopped (SIGTERM) and uninstalled when dropped.
@@ -170,6 +232,60 @@ impl RunningAgent {
             );
         }
         serde_json::from_slice(&output.stdout).context("parsing mesh-agent status --json")
+    }
+
+    /// The agent's Prometheus `/metrics`, fetched from inside the node's network namespace
+    /// (the admin API listens on the node's loopback) with `mesh-loadgen http-get`.
+    pub fn metrics(&self, loadgen: &Path) -> Result<Metrics> {
+        let mut command = self.node.try_command(loadgen)?;
+        command.args([
+            "http-get",
+            "--addr",
+            "127.0.0.1:15000",
+            "--path",
+            "/metrics",
+        ]);
+        let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        if !output.status.success() {
+            bail!(
+                "GET /metrics of {}: {}",
+                self.label,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(Metrics::parse(&String::from_utf8_lossy(&output.stdout)))
+    }
+
+    /// Whether `status --json` looks healthy: config applied without rejections, programs
+    /// loaded, every listed workload enrolled (a netns cookie) and holding a certificate.
+    pub fn check_healthy(&self) -> Result<serde_json::Value> {
+        let status = self.status()?;
+        let mut problems = Vec::new();
+        if status["config"]["rejected"].as_u64().unwrap_or(0) > 0 {
+            problems.push(format!(
+                "config rejected: {}",
+                status["config"]["lastError"]
+            ));
+        }
+        if status["programs"].as_array().is_none_or(Vec::is_empty) {
+            problems.push("no eBPF programs".into());
+        }
+        let workloads = status["workloads"].as_array().cloned().unwrap_or_default();
+        if workloads.is_empty() {
+            problems.push("no enrolled workloads".into());
+        }
+        for w in &workloads {
+            if w["netnsCookie"].as_u64().unwrap_or(0) == 0 {
+                problems.push(format!("{} not enrolled", w["workload"]));
+            }
+        }
+        if status["certificates"].as_array().is_none_or(Vec::is_empty) {
+            problems.push("no workload certificates".into());
+        }
+        if !problems.is_empty() {
+            bail!("{} unhealthy: {}", self.label, problems.join("; "));
+        }
+        Ok(status)
     }
 
     fn stop(&mut self) {

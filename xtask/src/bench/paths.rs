@@ -1,10 +1,8 @@
 //! The data paths the bench compares: one entry each, measured the same way.
 
-use std::net::SocketAddr;
-
-use anyhow::{Result, bail};
 use clap::ValueEnum;
 use mesh_tests::Pod;
+use std::{net::SocketAddr, path::Path};
 
 /// Key of the direct same-node path, the baseline of same-node paths.
 pub const DIRECT_SAME: &str = "direct-same-node";
@@ -14,16 +12,19 @@ pub const AGENT_SAME: &str = "agent-same-node";
 pub const AGENT_CROSS: &str = "agent-cross-node";
 pub const HAPROXY_CROSS: &str = "haproxy-tls-cross-node";
 
-/// How agent-to-agent traffic crosses nodes; it names the agent cross-node path and adds
-/// what the mode needs to each agent's config.
+/// How agent-to-agent traffic crosses nodes; it names the agent cross-node path and decides
+/// what each agent's config holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum CrossNodeMode {
-    /// Today's agent: the client node's agent connects straight to the remote pod, whose
-    /// node's agent takes the connection in (inbound capture).
+    /// The HBONE tunnel: node1's agent opens an HTTP/2 CONNECT stream over mutual TLS to the
+    /// remote pod's tunnel port (15008), served by node2's agent. Both agents share one CA
+    /// and list the workloads of both nodes.
     #[default]
-    Plaintext,
-    /// The HBONE mTLS tunnel between the two agents (not in the agent yet).
     Mtls,
+    /// No tunnel: each agent knows only its own node's workloads, the remote service's
+    /// endpoint is a bare address, so node1's agent connects straight to the remote pod and
+    /// node2's agent takes the connection in (inbound capture).
+    Plaintext,
 }
 
 impl CrossNodeMode {
@@ -31,20 +32,26 @@ impl CrossNodeMode {
     pub fn label(self) -> &'static str {
         match self {
             CrossNodeMode::Plaintext => "agent cross-node (plaintext)",
-            CrossNodeMode::Mtls => "agent cross-node (mTLS tunnel)",
+            CrossNodeMode::Mtls => "agent cross-node (mTLS)",
         }
     }
 
-    /// Extra lines of each agent's `agent:` block in this mode.
-    pub fn agent_config(self) -> Result<Vec<String>> {
+    /// Extra lines of each agent's `agent:` block in this mode; `ca_dir` holds the shared
+    /// CA (`ca.crt`, `ca.key`) of the mTLS mode.
+    pub fn agent_config(self, ca_dir: &Path) -> Vec<String> {
         match self {
-            CrossNodeMode::Plaintext => Ok(Vec::new()),
-            // When the tunnel lands: the settings it needs (certificates, tunnel port) go
-            // here, and the rest of the bench stays as it is.
-            CrossNodeMode::Mtls => bail!(
-                "the agent has no mTLS tunnel yet: run with --cross-node plaintext until it lands"
-            ),
+            CrossNodeMode::Plaintext => Vec::new(),
+            CrossNodeMode::Mtls => vec![
+                format!("caCertFile: {}", ca_dir.join("ca.crt").display()),
+                format!("caKeyFile: {}", ca_dir.join("ca.key").display()),
+            ],
         }
+    }
+
+    /// Whether each agent lists the other node's workloads (the tunnel needs them; without
+    /// them a remote endpoint is a plain address).
+    pub fn lists_remote_workloads(self) -> bool {
+        self == CrossNodeMode::Mtls
     }
 }
 
