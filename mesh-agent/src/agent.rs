@@ -42,6 +42,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
     let mut datapath = Datapath::load(&agent.bpf_name, &cgroup, settings)
         .with_context(|| format!("loading eBPF programs on cgroup {}", cgroup.display()))?;
     datapath.set_excluded_ports(&agent.excluded_ports)?;
+    datapath.set_excluded_cidrs(&agent.excluded_cidrs)?;
     let programs: Vec<ProgramStatus> = datapath
         .programs()
         .iter()

@@ -15,6 +15,7 @@ pub mod maps {
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const LOCAL_POD_IPS: &str = "LOCAL_POD_IPS";

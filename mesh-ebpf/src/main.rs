@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_tuple, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
@@ -41,6 +41,9 @@ static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(4096, 0);
 /// Destination ports never captured (node-wide), value unused.
 #[map]
 static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+/// Destination networks never captured (node-wide), as IPv6 (IPv4 mapped into ::ffff:0:0/96).
+#[map]
+static EXCLUDED_CIDRS: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(256, 0);
 /// Short-lived: written at connect, moved to the flow map at establishment. LRU so an
 /// abandoned connect (refused, timed out) cannot fill it.
 #[map]
@@ -195,7 +198,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         dst.family = FAMILY_V4;
         dst.ip[0] = ip;
     }
-    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
+    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() || excluded_network(&dst) {
         count(netns, Stat::Skipped);
         return ALLOW;
     }
@@ -305,6 +308,22 @@ fn bind(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     DENY
+}
+
+/// Whether the destination is in one of the excluded networks.
+#[inline(always)]
+fn excluded_network(dst: &SockAddr) -> bool {
+    let mut data = [0u8; 16];
+    if dst.family == FAMILY_V4 {
+        data[10] = 0xff;
+        data[11] = 0xff;
+        data[12..16].copy_from_slice(&dst.ip[0].to_ne_bytes());
+    } else {
+        for (i, word) in dst.ip.iter().enumerate() {
+            data[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    EXCLUDED_CIDRS.get(Key::new(128, data)).is_some()
 }
 
 #[sk_lookup]

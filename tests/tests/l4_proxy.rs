@@ -314,7 +314,11 @@ fn proxy_ports_are_kept_for_the_proxy_and_excluded_ports_are_not_captured() {
         .expect("sink");
     let config = mesh.config(&[("app", "echo")]).replace(
         "  connectTimeoutMs: 2000\n",
-        "  connectTimeoutMs: 2000\n  excludedPorts: [9000]\n",
+        &format!(
+            "  connectTimeoutMs: 2000\n  excludedPorts: [9000]\n  excludedCidrs: [\"{}/32\", \"{}/128\"]\n",
+            mesh.c.ipv4(),
+            mesh.c.ipv6()
+        ),
     );
     let agent = Agent::start(&mesh.topo, &mesh.node, &config).expect("agent");
     // An app in an enrolled pod may not take the proxy's ports (bind4/6 refuse it).
@@ -335,10 +339,19 @@ fn proxy_ports_are_kept_for_the_proxy_and_excluded_ports_are_not_captured() {
             ],
         )
         .expect("send");
+    // So does an excluded destination network (c's addresses), over IPv4 and IPv6.
+    for target in [
+        format!("{}:8080", mesh.c.ipv4()),
+        format!("[{}]:8080", mesh.c.ipv6()),
+    ] {
+        mesh.a
+            .run(TOOL, ["connect", "--connect", &target])
+            .expect("connect to c");
+    }
     let counters = agent.workload_counters(&mesh.a).expect("status");
     assert_eq!(
         (counters["captured"].as_u64(), counters["skipped"].as_u64()),
-        (Some(0), Some(1)),
+        (Some(0), Some(3)),
         "{counters}"
     );
 }
@@ -404,5 +417,63 @@ fn authorization_policy_holds_on_the_node_and_a_change_closes_what_it_now_denies
             .ok(),
         Some(()),
         "d is no longer denied"
+    );
+}
+
+#[test]
+fn unknown_destinations_pass_or_are_denied_per_workload_and_removal_unenrolls() {
+    let mut mesh = Mesh::new("unknown_dst");
+    let strict = mesh.topo.add_pod(&mesh.node, "s").expect("pod s");
+    let outside = mesh.topo.add_pod(&mesh.node, "o").expect("pod o");
+    let _server = outside
+        .spawn_ready(TOOL, ["serve", "--listen", "[::]:7000", "--name", "o"])
+        .expect("server outside the mesh");
+    let config = |with_strict: bool| {
+        let mut builder =
+            ConfigBuilder::new(&mesh.topo, &mesh.node).workload(&mesh.a, &[("app", "client")], &[]);
+        if with_strict {
+            builder =
+                builder.workload(&strict, &[("app", "strict")], &["unknownDestination: deny"]);
+        }
+        builder.build()
+    };
+    let agent = Agent::start(&mesh.topo, &mesh.node, &config(true)).expect("agent");
+    let target = format!("{}:7000", outside.ipv4());
+    mesh.a
+        .run(TOOL, ["id", "--connect", &target])
+        .expect("passthrough to a pod outside the mesh");
+    assert!(
+        strict.run(TOOL, ["id", "--connect", &target]).is_err(),
+        "denied for the strict pod"
+    );
+    assert_eq!(
+        agent.workload_counters(&strict).expect("status")["captured"],
+        1
+    );
+
+    // Taking the workload out of the config unenrolls it: no capture, no sk_lookup link.
+    let links_before =
+        mesh_tests::kernel::pinned_link_ids(&mesh.topo.bpf_pin_name()).expect("links");
+    agent
+        .write_config(&config(false))
+        .expect("config without s");
+    wait_until(
+        || agent.status().is_ok_and(|s| s["config"]["applied"] == 1),
+        "reload applied",
+    );
+    strict
+        .run(TOOL, ["id", "--connect", &target])
+        .expect("s connects directly now");
+    let cookie = kernel::netns_cookie(&strict.netns_path()).expect("cookie");
+    assert_eq!(
+        kernel::pod_stats(&mesh.topo.bpf_pin_name(), cookie).expect("map"),
+        None
+    );
+    let links_after =
+        mesh_tests::kernel::pinned_link_ids(&mesh.topo.bpf_pin_name()).expect("links");
+    assert_eq!(
+        links_after.len() + 1,
+        links_before.len(),
+        "s's sk_lookup link is gone"
     );
 }

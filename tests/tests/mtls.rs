@@ -203,10 +203,15 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
 }
 
 #[test]
-fn cross_node_authorization_allows_and_denies_by_identity() {
+fn cross_node_authorization_allows_and_denies_by_identity_and_revokes_on_change() {
     let mesh = TwoNodes::new("mtls_authz");
-    let only_a = "  authorization:\n    - name: echo-from-a\n      namespace: test\n      selector: {app: echo}\n      rules:\n        - from:\n            identities: [\"spiffe://cluster.local/ns/test/sa/a\"]\n";
-    let (_one, _two) = mesh.agents(&[], Some(only_a));
+    let policy = |action: &str| {
+        format!(
+            "  authorization:\n    - name: echo-policy\n      namespace: test\n      selector: {{app: echo}}\n      action: {action}\n      rules:\n        - from:\n            identities: [\"{ID_A}\"]\n"
+        )
+    };
+    let allow_a = policy("allow");
+    let (_one, two) = mesh.agents(&[], Some(&allow_a));
     mesh.a
         .run(TOOL, ["id", "--connect", VIP])
         .expect("a is allowed");
@@ -214,6 +219,39 @@ fn cross_node_authorization_allows_and_denies_by_identity() {
         mesh.d.run(TOOL, ["id", "--connect", VIP]).is_err(),
         "d is denied by b's node"
     );
+
+    // A live tunnel stream from a, then node 2 denies a: the stream is closed.
+    let mut held = mesh
+        .a
+        .spawn_ready(TOOL, ["hold", "--connect", VIP, "--seconds", "5"])
+        .expect("hold");
+    let deny_a = policy("deny");
+    let pin = mesh.topo.bpf_pin_name();
+    let config = mesh.config(&mesh.n2, &[], Some(&deny_a)).replace(
+        &format!("bpfName: {pin}\n"),
+        &format!("bpfName: {pin}-n2\n"),
+    );
+    two.write_config(&config).expect("new policy on node 2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !two.status().is_ok_and(|s| s["config"]["applied"] == 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 applied the policy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = wait_timeout(held.child_mut(), Duration::from_secs(10)).expect("wait");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the held stream was closed: {status:?}"
+    );
+    assert!(
+        mesh.a.run(TOOL, ["id", "--connect", VIP]).is_err(),
+        "a is denied now"
+    );
+    mesh.d
+        .run(TOOL, ["id", "--connect", VIP])
+        .expect("d is allowed now");
 }
 
 #[test]

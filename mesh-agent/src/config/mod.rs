@@ -19,9 +19,9 @@ pub mod watch;
 pub use error::ConfigError;
 pub use file::system_node_name;
 pub use model::{
-    AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Config, Endpoint,
-    EndpointSelection, FailMode, Policies, QualifiedName, RuleSource, Service, ServicePort,
-    UnknownDestination, Workload, WorkloadId,
+    AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Cidr, Config,
+    Endpoint, EndpointSelection, FailMode, Policies, QualifiedName, RuleSource, Service,
+    ServicePort, UnknownDestination, Workload, WorkloadId,
 };
 pub use watch::{ConfigWatch, ReloadStats, ReloadStatus};
 

@@ -150,6 +150,8 @@ pub struct AgentConfig {
     pub proxy_mark: u32,
     /// Destination ports never captured, sorted.
     pub excluded_ports: Vec<u16>,
+    /// Destination networks never captured (e.g. the node's own network), in file order.
+    pub excluded_cidrs: Vec<Cidr>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// Copy buffer per direction per connection.
@@ -178,6 +180,19 @@ impl AgentConfig {
         let min = ports.iter().copied().min().unwrap_or(self.outbound_port);
         let max = ports.iter().copied().max().unwrap_or(self.outbound_port);
         (min, max)
+    }
+}
+
+/// An IP network, `address/prefix`, with the host bits zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 

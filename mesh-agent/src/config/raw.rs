@@ -35,6 +35,7 @@ pub(super) struct RawAgent {
     pub admin_addr: Option<S<String>>,
     pub proxy_mark: Option<S<u64>>,
     pub excluded_ports: Option<Vec<S<u64>>>,
+    pub excluded_cidrs: Option<Vec<S<String>>>,
     pub connect_timeout_ms: Option<S<u64>>,
     pub idle_timeout_ms: Option<S<u64>>,
     pub buffer_bytes: Option<S<u64>>,

@@ -134,6 +134,7 @@ fn full_document() {
         "  adminAddr: '[::1]:16000'",
         "  proxyMark: 0x540",
         "  excludedPorts: [443, 22]",
+        "  excludedCidrs: [10.0.0.0/8, 'fd00::/16']",
         "  connectTimeoutMs: 250",
         "  idleTimeoutMs: 60000",
         "  bufferBytes: 16384",
@@ -190,6 +191,16 @@ fn full_document() {
             admin_addr: sock("[::1]:16000"),
             proxy_mark: 0x540,
             excluded_ports: vec![22, 443],
+            excluded_cidrs: vec![
+                Cidr {
+                    addr: "10.0.0.0".parse().expect("ip"),
+                    prefix: 8
+                },
+                Cidr {
+                    addr: "fd00::".parse().expect("ip"),
+                    prefix: 16
+                },
+            ],
             connect_timeout: Duration::from_millis(250),
             idle_timeout: Duration::from_secs(60),
             buffer_bytes: 16384,
@@ -328,6 +339,7 @@ fn defaults() {
             admin_addr: sock("127.0.0.1:15000"),
             proxy_mark: 0x539,
             excluded_ports: vec![],
+            excluded_cidrs: vec![],
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),
             buffer_bytes: 65536,
@@ -520,6 +532,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
         error(&base_with(&[(2, "  nodeName: node-a")], &[])),
         "mesh.yaml:2:3: agent.nodeName: unknown field `nodeName`, expected one of node, cgroup, \
          bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, excludedPorts, \
+         excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, trustDomain, caCertFile, caKeyFile, \
          trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs"
     );
@@ -610,6 +623,29 @@ fn port_out_of_range() {
     assert_eq!(
         error(&base_with(&[(2, "  excludedPorts: [22, 0]")], &[])),
         "mesh.yaml:2:23: agent.excludedPorts[1]: port 0 is out of range 1..=65535"
+    );
+}
+
+#[test]
+fn excluded_cidrs_are_checked() {
+    assert_eq!(
+        error(&base_with(&[(2, "  excludedCidrs: [10.0.0.0/33]")], &[])),
+        "mesh.yaml:2:19: agent.excludedCidrs[0]: prefix \"33\" is not in 0..=32"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  excludedCidrs: [10.0.0.1/8]")], &[])),
+        "mesh.yaml:2:19: agent.excludedCidrs[0]: 10.0.0.1/8 has host bits set (the network is not written as meant)"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  excludedCidrs: [10.0.0.0]")], &[])),
+        "mesh.yaml:2:19: agent.excludedCidrs[0]: \"10.0.0.0\" is not a CIDR (address/prefix)"
+    );
+    assert_eq!(
+        error(&base_with(
+            &[(2, "  excludedCidrs: [192.168.0.0/16, 192.168.0.0/16]")],
+            &[]
+        )),
+        "mesh.yaml:2:35: agent.excludedCidrs[1]: 192.168.0.0/16 is listed twice"
     );
 }
 

@@ -11,7 +11,7 @@ use serde_saphyr::Location;
 
 use super::error::ConfigError;
 use super::model::{
-    AgentConfig, AuthorizationPolicy, AuthorizationRule, Config, Endpoint, EndpointSelection,
+    AgentConfig, AuthorizationPolicy, AuthorizationRule, Cidr, Config, Endpoint, EndpointSelection,
     Policies, QualifiedName, RuleSource, Service, ServicePort, Workload, WorkloadId, defaults,
 };
 use super::raw::{
@@ -192,6 +192,17 @@ impl Cx<'_> {
         }
         excluded_ports.sort_unstable();
 
+        let mut excluded_cidrs: Vec<Cidr> = Vec::new();
+        for (i, c) in a.excluded_cidrs.iter().flatten().enumerate() {
+            let path = format!("agent.excludedCidrs[{i}]");
+            let cidr = parse_cidr(&c.value)
+                .map_err(|reason| self.err(c.referenced, path.as_str(), reason))?;
+            if excluded_cidrs.contains(&cidr) {
+                return Err(self.err(c.referenced, path, format!("{cidr} is listed twice")));
+            }
+            excluded_cidrs.push(cidr);
+        }
+
         let millis = |field: &Option<S<u64>>, path: &str, default: Duration| match field {
             Some(ms) if ms.value == 0 => Err(self.err(ms.referenced, path, "must be at least 1")),
             Some(ms) => Ok(Duration::from_millis(ms.value)),
@@ -303,6 +314,7 @@ impl Cx<'_> {
             admin_addr,
             proxy_mark,
             excluded_ports,
+            excluded_cidrs,
             connect_timeout,
             idle_timeout,
             buffer_bytes,
@@ -1067,4 +1079,32 @@ struct Target {
 /// The labels include every pair of the selector.
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// `address/prefix`; the host bits must be zero so the network is written as meant.
+fn parse_cidr(text: &str) -> std::result::Result<Cidr, String> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= max)
+        .ok_or_else(|| format!("prefix {prefix:?} is not in 0..={max}"))?;
+    let bits = match addr {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    // The address sits in the top bits: shifting the prefix out leaves the host bits.
+    let host_bits = bits.checked_shl(u32::from(prefix)).unwrap_or(0);
+    if prefix < max && host_bits != 0 {
+        return Err(format!(
+            "{text} has host bits set (the network is not written as meant)"
+        ));
+    }
+    Ok(Cidr { addr, prefix })
 }

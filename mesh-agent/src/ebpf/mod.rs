@@ -12,7 +12,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuHashMap, SockHash},
+    maps::{
+        Array, HashMap, MapData, PerCpuHashMap, SockHash,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
@@ -20,6 +23,7 @@ use aya::{
 };
 mod addr;
 
+use crate::config::Cidr;
 pub use addr::{decode as decode_addr, flow_key};
 use mesh_common::{
     EnrolledPod, FlowKey, OrigDst, PodStats, SCHEMA_VERSION, Settings, SockAddr, maps, programs,
@@ -87,6 +91,7 @@ pub struct Datapath {
     pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
     orig_dst: HashMap<MapData, FlowKey, OrigDst>,
     excluded_ports: HashMap<MapData, u16, u8>,
+    excluded_cidrs: LpmTrie<MapData, [u8; 16], u8>,
     inbound_listeners: SockHash<MapData, SockAddr>,
     local_pod_ips: HashMap<MapData, SockAddr, u8>,
     link_dir: PathBuf,
@@ -174,6 +179,7 @@ impl Datapath {
             pod_stats: take_map(&mut ebpf, maps::POD_STATS)?,
             orig_dst: take_map(&mut ebpf, maps::ORIG_DST_BY_FLOW)?,
             excluded_ports: take_map(&mut ebpf, maps::EXCLUDED_PORTS)?,
+            excluded_cidrs: take_map(&mut ebpf, maps::EXCLUDED_CIDRS)?,
             inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
             local_pod_ips: take_map(&mut ebpf, maps::LOCAL_POD_IPS)?,
             link_dir,
@@ -302,12 +308,45 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes the node-wide excluded destination networks exactly `cidrs`.
+    pub fn set_excluded_cidrs(&mut self, cidrs: &[Cidr]) -> Result<()> {
+        let name = maps::EXCLUDED_CIDRS;
+        let wanted: Vec<Key<[u8; 16]>> = cidrs.iter().map(cidr_key).collect();
+        let stale: Vec<Key<[u8; 16]>> = self
+            .excluded_cidrs
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| {
+                !wanted
+                    .iter()
+                    .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data())
+            })
+            .collect();
+        for key in stale {
+            ignore_missing(self.excluded_cidrs.remove(&key), name)?;
+        }
+        for key in &wanted {
+            self.excluded_cidrs
+                .insert(key, 1, 0)
+                .map_err(|source| EbpfError::Map { name, source })?;
+        }
+        Ok(())
+    }
+
     /// The original destination of a captured connection, taken (read and removed) by the
     /// proxy when it accepts the connection.
     pub fn take_orig_dst(&mut self, key: &FlowKey) -> Option<OrigDst> {
         let orig = self.orig_dst.get(key, 0).ok()?;
         let _ = self.orig_dst.remove(key);
         Some(orig)
+    }
+}
+
+/// A network as the connect programs key it: IPv6, IPv4 mapped into ::ffff:0:0/96.
+fn cidr_key(cidr: &Cidr) -> Key<[u8; 16]> {
+    match cidr.addr {
+        IpAddr::V4(v4) => Key::new(96 + u32::from(cidr.prefix), v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => Key::new(u32::from(cidr.prefix), v6.octets()),
     }
 }
 
