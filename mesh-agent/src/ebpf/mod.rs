@@ -131,34 +131,25 @@ impl Datapath {
             source,
         })?;
 
+        // aya's program types share these methods but no trait: one macro attaches either.
+        macro_rules! attach_to_cgroup {
+            ($kind:ty, $name:expr) => {{
+                let name = $name;
+                let program: &mut $kind = program_mut(&mut ebpf, name)?;
+                let error = |source| EbpfError::Program { name, source };
+                program.load().map_err(error)?;
+                let id = program.attach(&cgroup_file, LINK_MODE).map_err(error)?;
+                let link = program.take_link(id).map_err(error)?;
+                let link =
+                    FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
+                pin_link(name, link, &link_dir, cgroup)?
+            }};
+        }
         let mut attached = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
-            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| EbpfError::Program { name, source })?;
-            let id = program
-                .attach(&cgroup_file, LINK_MODE)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
-            attached.push(pin_link(name, link, &link_dir, cgroup)?);
+            attached.push(attach_to_cgroup!(CgroupSockAddr, name));
         }
-        let program: &mut SockOps = program_mut(&mut ebpf, programs::SOCK_OPS)?;
-        let name = programs::SOCK_OPS;
-        program
-            .load()
-            .map_err(|source| EbpfError::Program { name, source })?;
-        let id = program
-            .attach(&cgroup_file, LINK_MODE)
-            .map_err(|source| EbpfError::Program { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| EbpfError::Program { name, source })?;
-        let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
-        attached.push(pin_link(name, link, &link_dir, cgroup)?);
+        attached.push(attach_to_cgroup!(SockOps, programs::SOCK_OPS));
 
         // sk_lookup attaches per pod network namespace, at enrollment.
         let name = programs::SK_LOOKUP;
