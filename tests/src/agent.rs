@@ -168,10 +168,15 @@ impl Agent {
         let config_path = dir.join(format!("{}.yaml", node.name()));
         fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;
+        // The pin name the config gives (a second agent in a topology has its own).
+        let bpf_name = config
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("bpfName:"))
+            .map_or_else(|| topology.bpf_pin_name(), |name| name.trim().to_owned());
         let mut agent = Agent {
             child: None,
             node: node.clone(),
-            bpf_name: topology.bpf_pin_name(),
+            bpf_name,
             config_path,
         };
         agent.spawn(cgroup)?;

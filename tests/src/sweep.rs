@@ -85,10 +85,11 @@ pub fn sweep() -> Result<SweepReport> {
                 }
             }
         }
-        let bpf = Path::new(BPFFS_DIR).join(format!("{DIR_PREFIX}{id}"));
-        if bpf.exists() {
-            note(remove_dir_all_if_present(&bpf));
-            report.bpf_dirs.push(bpf);
+        for dir in crate::topology::owned_dirs(&format!("{DIR_PREFIX}{id}")) {
+            if dir.exists() {
+                note(remove_dir_all_if_present(&dir));
+                report.bpf_dirs.push(dir);
+            }
         }
         let marker = naming::marker_path(&id);
         if marker.exists() {

@@ -502,8 +502,12 @@ impl Topology {
         }
         // 3. cgroups, children first, retrying while processes exit.
         note(cgroup::remove_tree(&self.cgroup_root, TEARDOWN_TIMEOUT));
-        // 4. bpffs pins of the agent.
-        note(remove_dir_all_if_present(&self.bpf_pin_dir()));
+        // 4. bpffs pins of the agents (`mesh-test-<id>` and any `mesh-test-<id>-<suffix>` of
+        //    a second agent), their runtime state (/run/mesh-agent/<name>), and the test's
+        //    scratch files (/tmp/mesh-test-<id>). Removing the pins detaches the links.
+        for dir in owned_dirs(&self.bpf_pin_name()) {
+            note(remove_dir_all_if_present(&dir));
+        }
         // 5. The marker last: until now a sweep must not treat us as dead.
         note(remove_file_if_present(&naming::marker_path(&self.id)));
         match first {
@@ -542,4 +546,22 @@ pub(crate) fn remove_file_if_present(p: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
     }
+}
+
+/// Directories named `<pin name>` or `<pin name>-*` under bpffs and /run/mesh-agent, plus
+/// the scratch directory `/tmp/<pin name>`: what a test run with this pin name may leave.
+pub(crate) fn owned_dirs(pin_name: &str) -> Vec<PathBuf> {
+    let mut dirs = vec![std::env::temp_dir().join(pin_name)];
+    for parent in ["/sys/fs/bpf", "/run/mesh-agent"] {
+        let Ok(entries) = fs::read_dir(parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == pin_name || name.starts_with(&format!("{pin_name}-")) {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    dirs
 }
