@@ -13,6 +13,7 @@
 
 mod agent;
 mod haproxy;
+mod mtls;
 mod paths;
 mod procstat;
 mod report;
@@ -51,9 +52,13 @@ pub struct Args {
     /// Output directory (default: target/bench).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// How the agent cross-node path crosses nodes (names its column).
+    /// How the agent cross-node path crosses nodes (names its column): the mTLS tunnel
+    /// (default) or plaintext agent to agent.
     #[arg(long, value_enum, default_value_t)]
     cross_node: CrossNodeMode,
+    /// Leave out the in-process mTLS micro-benchmark (handshakes/s per core, ...).
+    #[arg(long)]
+    no_tls_micro: bool,
     /// Requests per second of the open-loop request/response test.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
@@ -125,8 +130,6 @@ struct Bins {
 pub fn run_bench(args: &Args) -> Result<()> {
     let started = Instant::now();
     setup::require_root("the bench loads eBPF programs and creates network namespaces")?;
-    // Fail before building when the mode cannot run.
-    let cross_config = args.cross_node.agent_config()?;
     setup::machine()?;
     ebpf::build()?;
     run(
@@ -141,6 +144,12 @@ pub fn run_bench(args: &Args) -> Result<()> {
         ]),
         "cargo build --release (mesh-agent, mesh-tests)",
     )?;
+    if !args.no_tls_micro {
+        run(
+            cargo().args(["bench", "-p", "mesh-agent", "--bench", "tunnel", "--no-run"]),
+            "cargo bench --no-run (mesh-agent tunnel micro-benchmark)",
+        )?;
+    }
     let release = target_dir().join("release");
     let bins = Bins {
         agent: release.join("mesh-agent"),
@@ -163,6 +172,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         .unwrap_or_else(|| target_dir().join("bench"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize()?;
+    let cross_config = mtls::cross_node_setup(args.cross_node, &bins, &out)?;
     let build_time = started.elapsed();
 
     let measure_start = Instant::now();
@@ -181,7 +191,11 @@ pub fn run_bench(args: &Args) -> Result<()> {
                 continue;
             }
             eprintln!("bench: measuring {} ...", path.label);
-            let result = measure(&bins, &profile, &path);
+            let check = (path.name == paths::AGENT_CROSS).then(|| world.tunnel_before(&bins));
+            let mut result = measure(&bins, &profile, &path);
+            if let Some(before) = check {
+                world.tunnel_after(&bins, args.cross_node, before, &mut result);
+            }
             for error in &result.errors {
                 eprintln!("bench: {}: {error}", path.name);
             }
@@ -193,6 +207,15 @@ pub fn run_bench(args: &Args) -> Result<()> {
         // The world drops here: agents stop and uninstall, haproxy stops, topology goes.
     };
     let measure_time = measure_start.elapsed();
+    let tls_micro = if args.no_tls_micro {
+        Value::Null
+    } else {
+        eprintln!("bench: in-process mTLS micro-benchmark ...");
+        mtls::tls_micro(args.quick, &out).unwrap_or_else(|e| {
+            eprintln!("bench: mTLS micro-benchmark failed: {e:#}");
+            json!({ "error": format!("{e:#}") })
+        })
+    };
     let meta = json!({
         "quick": args.quick,
         "cross_node_mode": format!("{:?}", args.cross_node).to_lowercase(),
@@ -206,6 +229,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         "build_s": build_time.as_secs_f64(),
         "measure_s": measure_time.as_secs_f64(),
         "notes": world_notes,
+        "tls_micro": tls_micro,
     });
     let markdown = report::write(&out, &meta, &results, &profile)?;
     println!("{markdown}");
@@ -219,6 +243,9 @@ pub fn run_bench(args: &Args) -> Result<()> {
     if results.iter().any(|r| !r.errors.is_empty()) {
         bail!("some measurements failed (see above and results.json)");
     }
+    if meta["tls_micro"].get("error").is_some() {
+        bail!("the mTLS micro-benchmark failed (see above)");
+    }
     Ok(())
 }
 
@@ -231,6 +258,8 @@ fn target_dir() -> PathBuf {
 /// The topology and everything running in it. Fields drop in order: processes first, the
 /// topology (namespaces, cgroups, pins) last.
 struct World {
+    /// Address of the remote mesh server pod (the agent cross-node path's endpoint).
+    remote_ip: String,
     paths: Vec<PathSpec>,
     _servers: Vec<Background>,
     agents: Vec<RunningAgent>,
@@ -314,6 +343,7 @@ impl World {
                 &bpf_name,
                 topo.cgroup_root(),
                 cross_config,
+                cross_mode.lists_remote_workloads(),
                 &workloads,
                 &services,
             );
@@ -402,12 +432,32 @@ impl World {
             });
         }
         Ok(World {
+            remote_ip: server_mesh_2.ipv4().to_string(),
             paths,
             _servers: servers,
             agents,
             haproxy,
             _topology: topo,
         })
+    }
+
+    /// Both agents' counters before the agent cross-node path.
+    fn tunnel_before(&self, bins: &Bins) -> Result<mtls::Snapshot> {
+        mtls::snapshot(&self.agents, bins)
+    }
+
+    /// Checks (after the agent cross-node path) that its connections rode the tunnel.
+    fn tunnel_after(
+        &self,
+        bins: &Bins,
+        mode: CrossNodeMode,
+        before: Result<mtls::Snapshot>,
+        result: &mut PathResult,
+    ) {
+        mtls::check(mode, &self.agents, bins, before, &self.remote_ip, result);
+        for note in &result.notes {
+            eprintln!("bench: {note}");
+        }
     }
 
     /// The agents' status (capture counters) for the record.

@@ -16,6 +16,8 @@ pub struct PathResult {
     pub metrics: BTreeMap<&'static str, f64>,
     /// The load generator's full reports.
     pub raw: serde_json::Map<String, Value>,
+    /// Lines printed under the table (e.g. the tunnel check of the mTLS path).
+    pub notes: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -27,6 +29,7 @@ impl PathResult {
             baseline: path.baseline,
             metrics: BTreeMap::new(),
             raw: serde_json::Map::new(),
+            notes: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -55,7 +58,11 @@ const METRICS: &[(&str, &str, usize)] = &[
     ("pp_p99_us", "1-byte ping-pong p99 (µs)", 1),
     ("bulk1_gbps", "bulk, 1 stream (Gbit/s)", 2),
     ("bulk8_gbps", "bulk, 8 streams (Gbit/s)", 2),
-    ("cps", "new connections/s (1 KiB exchange)", 0),
+    (
+        "cps",
+        "new connections/s (1 KiB exchange; mTLS: warm tunnel pool)",
+        0,
+    ),
     ("cps_p99_us", "new connection + exchange p99 (µs)", 1),
     ("proxy_rss_idle_mib", "proxy RSS idle (MiB)", 1),
     ("proxy_rss_load_mib", "proxy RSS under load, max (MiB)", 1),
@@ -78,6 +85,7 @@ pub fn write(
                 "baseline": r.baseline,
                 "metrics": r.metrics,
                 "ratios": ratios(r, results),
+                "notes": r.notes,
                 "errors": r.errors,
                 "raw": r.raw,
             })
@@ -157,7 +165,11 @@ fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
          RR: {} req/s over {} connections, open loop, latency from the scheduled send time, \
          {} s after {} s warm-up. Ping-pong {} s; bulk {} s each; new connections: {} \
          threads, {} s or {} connections. Proxy = the processes on the path (both agents \
-         cross-node, both haproxy); CPU over the two bulk runs.",
+         cross-node, both haproxy); CPU over the two bulk runs. The agent mTLS path's new \
+         connections reuse ONE pooled TLS connection per (source identity, destination): each \
+         is a new HTTP/2 CONNECT stream through a warm tunnel, no TLS handshake (the \
+         handshake cost is the in-process figure below); HAProxy (TCP mode) opens a new TLS \
+         connection per connection (resuming the TLS session, its default).",
         p.rr_rate,
         p.rr_conns,
         p.rr_s,
@@ -168,6 +180,12 @@ fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
         p.cps_s,
         p.cps_max
     );
+    for r in results {
+        for note in &r.notes {
+            let _ = writeln!(md, "\n{}: {note}", r.label);
+        }
+    }
+    md.push_str(&super::mtls::markdown(&meta["tls_micro"]));
     for r in results.iter().filter(|r| !r.errors.is_empty()) {
         let _ = writeln!(md, "\n**{}**: {}", r.label, r.errors.join("; "));
     }
