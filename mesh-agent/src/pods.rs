@@ -18,7 +18,7 @@ use crate::{
     admin::status::WorkloadStatus,
     config::{Config, FailMode, Workload},
     ebpf::{Datapath, EbpfError},
-    proxy::{PodHandle, PodListeners, ProxyContext, ProxyError},
+    proxy::{PodHandle, PodListeners, ProxyContext, ProxyError, SocketReserve},
     sys::{NetnsError, NetnsThread},
     tls::{IdentityError, SpiffeId},
 };
@@ -174,6 +174,7 @@ impl Pods {
         let handle = PodHandle {
             key: key.to_owned(),
             identity,
+            sockets: SocketReserve::new(netns.clone(), config.agent().proxy_mark),
             netns,
         };
         // Listeners first, so the first captured connect already finds them.

@@ -7,8 +7,10 @@ mod inbound;
 mod mesh_tls;
 
 pub use mesh_tls::{MeshTls, MeshTlsError, dev_ca_dir};
+pub use reserve::SocketReserve;
 mod outbound;
 pub mod registry;
+mod reserve;
 pub mod route;
 mod socket;
 
@@ -88,6 +90,8 @@ pub struct PodHandle {
     /// Its SPIFFE identity: what it presents to other nodes' pods.
     pub identity: SpiffeId,
     pub netns: NetnsThread,
+    /// Ready upstream sockets made in the pod's netns.
+    pub sockets: Arc<SocketReserve>,
 }
 
 /// The listeners of one pod; dropping it closes them (established connections go on).

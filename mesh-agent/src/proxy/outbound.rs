@@ -4,9 +4,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::{
-    PodHandle, ProxyContext, copy, mesh_tls, registry::Subject, route, route::Route, socket,
-};
+use super::{PodHandle, ProxyContext, copy, mesh_tls, registry::Subject, route, route::Route};
 use crate::{authz, config::AgentConfig, ebpf, tls::SpiffeId, tunnel::TunnelStream};
 
 pub async fn serve(ctx: Arc<ProxyContext>, pod: PodHandle, listener: TcpListener) {
@@ -193,13 +191,7 @@ pub async fn connect(
     target: SocketAddr,
     agent: &AgentConfig,
 ) -> std::io::Result<TcpStream> {
-    let mark = agent.proxy_mark;
-    let socket = pod
-        .netns
-        .run(move || socket::upstream(target, mark))
-        .await
-        .map_err(std::io::Error::other)??;
-    let socket = TcpSocket::from_std_stream(socket);
+    let socket = TcpSocket::from_std_stream(pod.sockets.take(target).await?);
     match tokio::time::timeout(agent.connect_timeout, socket.connect(target)).await {
         Ok(result) => result,
         Err(_) => Err(std::io::Error::new(

@@ -99,6 +99,12 @@ impl NetnsThread {
         rx.await.map_err(|_| NetnsError::Gone(self.path.clone()))
     }
 
+    /// Queues `f` to run on the thread, without waiting for it.
+    pub fn submit(&self, f: impl FnOnce() + Send + 'static) {
+        // A gone thread means the pod is being removed: nothing left to do.
+        let _ = self.jobs.send(Box::new(f));
+    }
+
     /// Like [`run`](Self::run), for callers outside the runtime.
     pub fn run_blocking<T, F>(&self, f: F) -> Result<T, NetnsError>
     where
