@@ -66,6 +66,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         metrics: metrics.clone(),
         connections: Arc::default(),
         mesh_tls: mesh_tls.clone(),
+        connection_slots: Arc::new(tokio::sync::Semaphore::new(agent.max_connections)),
     });
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
     apply(&pods, &config, &metrics);

@@ -477,3 +477,39 @@ fn unknown_destinations_pass_or_are_denied_per_workload_and_removal_unenrolls() 
         "s's sk_lookup link is gone"
     );
 }
+
+#[test]
+fn at_the_connection_limit_new_connections_wait_instead_of_costing_memory() {
+    let mesh = Mesh::new("limit");
+    let config = mesh.config(&[("app", "echo")]).replace(
+        "  connectTimeoutMs: 2000\n",
+        "  connectTimeoutMs: 2000\n  maxConnections: 2\n",
+    );
+    let _agent = Agent::start(&mesh.topo, &mesh.node, &config).expect("agent");
+    let vip = format!("{VIP}:80");
+    let mut holds: Vec<_> = (0..2)
+        .map(|_| {
+            mesh.a
+                .spawn_ready(TOOL, ["hold", "--connect", &vip, "--seconds", "3"])
+                .expect("hold")
+        })
+        .collect();
+    // Both slots are taken: a third connection waits in the backlog, unanswered.
+    let waiting = mesh
+        .a
+        .run(TOOL, ["id", "--connect", &vip, "--timeout-ms", "1000"]);
+    assert!(
+        waiting.is_err(),
+        "a third connection was served at a limit of 2"
+    );
+    for hold in &mut holds {
+        let status =
+            mesh_tests::wait_timeout(hold.child_mut(), Duration::from_secs(10)).expect("wait");
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "held connections kept flowing"
+        );
+    }
+    // Slots free again: served.
+    assert!(["b", "c"].contains(&mesh.id(&vip).0.as_str()));
+}

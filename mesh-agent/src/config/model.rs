@@ -26,6 +26,8 @@ pub mod defaults {
     pub const BUFFER_BYTES: usize = 64 * 1024;
     /// Upper bound of `bufferBytes` (per direction per connection).
     pub const MAX_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+    /// Connections the proxy copies at once, node-wide (each holds two copy buffers).
+    pub const MAX_CONNECTIONS: usize = 16384;
     pub const NAMESPACE: &str = "default";
     pub const SERVICE_ACCOUNT: &str = "default";
     pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -156,6 +158,9 @@ pub struct AgentConfig {
     pub idle_timeout: Duration,
     /// Copy buffer per direction per connection.
     pub buffer_bytes: usize,
+    /// Connections proxied at once (outbound and inbound); beyond it the listeners stop
+    /// accepting and new connections wait in the kernel's backlog. Read at start.
+    pub max_connections: usize,
     /// SPIFFE trust domain of the mesh identities (a DNS-like name); default `cluster.local`.
     pub trust_domain: String,
     /// PEM certificate of the built-in CA (absolute path). `None` (with `ca_key_file`): the

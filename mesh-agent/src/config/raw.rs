@@ -39,6 +39,7 @@ pub(super) struct RawAgent {
     pub connect_timeout_ms: Option<S<u64>>,
     pub idle_timeout_ms: Option<S<u64>>,
     pub buffer_bytes: Option<S<u64>>,
+    pub max_connections: Option<S<u64>>,
     pub trust_domain: Option<S<String>>,
     pub ca_cert_file: Option<S<String>>,
     pub ca_key_file: Option<S<String>>,

@@ -138,6 +138,7 @@ fn full_document() {
         "  connectTimeoutMs: 250",
         "  idleTimeoutMs: 60000",
         "  bufferBytes: 16384",
+        "  maxConnections: 100",
         "  trustDomain: mesh.example.org",
         "  caCertFile: /etc/mesh/ca.pem",
         "  caKeyFile: /etc/mesh/ca-key.pem",
@@ -204,6 +205,7 @@ fn full_document() {
             connect_timeout: Duration::from_millis(250),
             idle_timeout: Duration::from_secs(60),
             buffer_bytes: 16384,
+            max_connections: 100,
             trust_domain: "mesh.example.org".into(),
             ca_cert_file: Some(PathBuf::from("/etc/mesh/ca.pem")),
             ca_key_file: Some(PathBuf::from("/etc/mesh/ca-key.pem")),
@@ -343,6 +345,7 @@ fn defaults() {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),
             buffer_bytes: 65536,
+            max_connections: 16384,
             trust_domain: "cluster.local".into(),
             ca_cert_file: None,
             ca_key_file: None,
@@ -533,7 +536,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
         "mesh.yaml:2:3: agent.nodeName: unknown field `nodeName`, expected one of node, cgroup, \
          bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, excludedPorts, \
          excludedCidrs, \
-         connectTimeoutMs, idleTimeoutMs, bufferBytes, trustDomain, caCertFile, caKeyFile, \
+         connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
          trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs"
     );
     assert_eq!(

@@ -236,6 +236,19 @@ impl Cx<'_> {
                 })?,
             None => defaults::BUFFER_BYTES,
         };
+        let max_connections = match &a.max_connections {
+            Some(n) => usize::try_from(n.value)
+                .ok()
+                .filter(|n| (1..=1 << 24).contains(n))
+                .ok_or_else(|| {
+                    self.err(
+                        n.referenced,
+                        "agent.maxConnections",
+                        format!("{} is out of range 1..={}", n.value, 1 << 24),
+                    )
+                })?,
+            None => defaults::MAX_CONNECTIONS,
+        };
 
         let trust_domain = match &a.trust_domain {
             Some(t) => self.trust_domain(t, "agent.trustDomain")?,
@@ -318,6 +331,7 @@ impl Cx<'_> {
             connect_timeout,
             idle_timeout,
             buffer_bytes,
+            max_connections,
             trust_domain,
             ca_cert_file,
             ca_key_file,

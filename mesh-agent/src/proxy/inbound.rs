@@ -2,31 +2,14 @@
 //! sk_lookup program. The accepted socket's local address is the original destination and
 //! its peer the real client, so inbound policy (a later issue) can judge both.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{PodHandle, ProxyContext, copy, outbound, registry::Subject};
 use crate::authz;
 
-pub async fn serve(ctx: Arc<ProxyContext>, pod: PodHandle, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                // Requests and replies pass through as they come; the app's own Nagle
-                // choices still apply on its socket.
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.key, %error, "inbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(
+pub(super) async fn handle(
     ctx: Arc<ProxyContext>,
     pod: PodHandle,
     mut downstream: TcpStream,

@@ -186,6 +186,12 @@ async fn accept_stream(
         ctx.metrics.connection("tunnel", "denied");
         return Err(Refusal::Forbidden(decision.reason.to_owned()));
     }
+    // Tunnel streams count against the same node-wide limit as plaintext connections.
+    let slot = ctx
+        .connection_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Refusal::Unavailable("the node is at its connection limit".into()))?;
     let tracked = ctx.connections.track(Subject {
         source: Some(client.clone()),
         destination: pod.key.clone(),
@@ -200,7 +206,8 @@ async fn accept_stream(
         })?;
     ctx.metrics.connection("tunnel", "accepted");
     tracing::info!(target: "access", direction = "tunnel", pod = %pod.key, %client, peer = %request.peer_addr, %target, result = "accepted");
-    TrackedStream::new(stream, tracked).map_err(|error| Refusal::Unavailable(error.to_string()))
+    TrackedStream::new(stream, tracked, slot)
+        .map_err(|error| Refusal::Unavailable(error.to_string()))
 }
 
 /// Opens a tunnel stream from `pod` (with its own identity) to `target`, a pod of another node
@@ -261,10 +268,16 @@ pub fn tunnel_listener(
 pub struct TrackedStream {
     stream: TcpStream,
     _watch: JoinHandle<()>,
+    /// Held while the stream lives.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl TrackedStream {
-    fn new(stream: TcpStream, tracked: super::registry::Tracked) -> std::io::Result<Self> {
+    fn new(
+        stream: TcpStream,
+        tracked: super::registry::Tracked,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> std::io::Result<Self> {
         let fd: OwnedFd = stream.as_fd().try_clone_to_owned()?;
         let watch = tokio::spawn(async move {
             tracked.revoked().await;
@@ -273,6 +286,7 @@ impl TrackedStream {
         Ok(Self {
             stream,
             _watch: watch,
+            _slot: slot,
         })
     }
 }

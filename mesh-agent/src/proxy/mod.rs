@@ -21,7 +21,11 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinHandle,
+};
 
 use crate::{
     authz,
@@ -60,6 +64,8 @@ pub struct ProxyContext {
     pub connections: Arc<registry::Registry>,
     /// Certificates, tunnels to other nodes, tunnel servers of local pods.
     pub mesh_tls: Arc<MeshTls>,
+    /// One permit per connection being proxied (`agent.maxConnections`).
+    pub connection_slots: Arc<Semaphore>,
 }
 
 impl ProxyContext {
@@ -139,10 +145,12 @@ impl PodListeners {
                 SocketAddr::new(loopback, agent.outbound_port),
                 agent.proxy_mark,
             )?;
-            started.tasks.push(tokio::spawn(outbound::serve(
+            started.tasks.push(tokio::spawn(accept_loop(
                 ctx.clone(),
                 pod.clone(),
                 outbound,
+                "outbound",
+                outbound::handle,
             )));
             // Inbound: sk_lookup hands this socket the pod's new incoming connections of the
             // same family, whatever their port; on loopback so nobody reaches it directly.
@@ -161,13 +169,54 @@ impl PodListeners {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .set_inbound_listeners(&family)
                 .map_err(Box::new)?;
-            started.tasks.push(tokio::spawn(inbound::serve(
+            started.tasks.push(tokio::spawn(accept_loop(
                 ctx.clone(),
                 pod.clone(),
                 inbound,
+                "inbound",
+                inbound::handle,
             )));
         }
         Ok(started)
+    }
+}
+
+/// Accepts on `listener` and runs `handle` on each connection in its own task, which holds
+/// a connection slot until it ends. At the limit the accepted connection waits for a slot
+/// and the loop accepts nothing more, so a flood waits in the kernel's backlog instead of in
+/// agent memory (at most one waiting connection per listener).
+async fn accept_loop<F, Fut>(
+    ctx: Arc<ProxyContext>,
+    pod: PodHandle,
+    listener: TcpListener,
+    direction: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<ProxyContext>, PodHandle, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                // Taken after accept: an idle listener must not sit on a slot.
+                let Ok(slot) = ctx.connection_slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // Requests and replies pass through as they come; the app's own Nagle
+                // choices still apply on its socket.
+                let _ = stream.set_nodelay(true);
+                let connection = handle(ctx.clone(), pod.clone(), stream, peer);
+                tokio::spawn(async move {
+                    connection.await;
+                    drop(slot);
+                });
+            }
+            Err(error) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                tracing::warn!(pod = %pod.key, direction, %error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

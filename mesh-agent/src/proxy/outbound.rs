@@ -2,30 +2,12 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::{PodHandle, ProxyContext, copy, mesh_tls, registry::Subject, route, route::Route};
 use crate::{authz, config::AgentConfig, ebpf, tls::SpiffeId, tunnel::TunnelStream};
 
-pub async fn serve(ctx: Arc<ProxyContext>, pod: PodHandle, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Requests and replies pass through as they come; the app's own Nagle
-                // choices still apply on its socket.
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, peer));
-            }
-            Err(error) => {
-                // Out of file descriptors or memory: back off instead of spinning.
-                tracing::warn!(pod = %pod.key, %error, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(
+pub(super) async fn handle(
     ctx: Arc<ProxyContext>,
     pod: PodHandle,
     mut downstream: TcpStream,

@@ -54,6 +54,9 @@ enum Cmd {
     Id {
         #[arg(long)]
         connect: String,
+        /// How long to wait for the reply.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
     },
     /// Sends N bytes to a `serve` while reading the echo; checks it.
     Echo {
@@ -110,7 +113,10 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Serve { listen, name } => serve(&listen, &name),
         Cmd::Sink { listen } => sink(&listen),
         Cmd::Send { connect, bytes } => send(&connect, bytes),
-        Cmd::Id { connect } => id(&connect),
+        Cmd::Id {
+            connect,
+            timeout_ms,
+        } => id(&connect, Duration::from_millis(timeout_ms)),
         Cmd::Hold { connect, seconds } => hold(&connect, seconds),
         Cmd::Echo { connect, bytes } => echo(&connect, bytes),
         Cmd::Connect { connect } => {
@@ -278,8 +284,10 @@ fn send(addr: &str, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn id(addr: &str) -> Result<()> {
+fn id(addr: &str, timeout: Duration) -> Result<()> {
     let mut s = connect_tcp(addr)?;
+    s.set_read_timeout(Some(timeout))
+        .context("setting the reply timeout")?;
     s.write_all(b"ID\n").context("sending ID")?;
     let reply = read_line(&s)?;
     println!("{reply}");
