@@ -17,8 +17,8 @@ use crate::{
         status::{CertificateStatus, ConfigStatus, ConnectionStatus, ProgramStatus},
     },
     balance::RoundRobin,
-    config::{Config, watch},
-    ebpf::{self, Datapath},
+    config::{AgentConfig, Config, watch},
+    ebpf::{self, Datapath, EbpfError},
     metrics::Metrics,
     pods::Pods,
     proxy::{MeshTls, ProxyContext},
@@ -39,10 +39,8 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         proxy_port_min,
         proxy_port_max,
     };
-    let mut datapath = Datapath::load(&agent.bpf_name, &cgroup, settings)
+    let datapath = Datapath::load(&agent.bpf_name, &cgroup, settings)
         .with_context(|| format!("loading eBPF programs on cgroup {}", cgroup.display()))?;
-    datapath.set_excluded_ports(&agent.excluded_ports)?;
-    datapath.set_excluded_cidrs(&agent.excluded_cidrs)?;
     let programs: Vec<ProgramStatus> = datapath
         .programs()
         .iter()
@@ -68,29 +66,36 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         mesh_tls: mesh_tls.clone(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(agent.max_connections)),
     });
+    sync_exclusions(&proxy, &agent)?;
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
     apply(&pods, &config, &metrics);
 
     let watcher = watch::spawn(config_path, config.clone());
+    // Valid files the agent did not apply (they changed a start-up-only setting).
+    let refused: Arc<Mutex<Refused>> = Arc::default();
     let mut updates = watcher.current();
     let report = {
         let pods = pods.clone();
         let proxy = proxy.clone();
+        let refused = refused.clone();
         let reloads = watcher.stats();
         let metrics = metrics.clone();
         let (node, cgroup) = (agent.node.clone(), cgroup.display().to_string());
         let file = config_path.display().to_string();
         Box::new(move || {
             let reloads = reloads.snapshot();
-            metrics.observe_reloads(reloads.applied, reloads.rejected);
+            let refusals = lock_refused(&refused).clone();
+            let applied = reloads.applied.saturating_sub(refusals.count);
+            let rejected = reloads.rejected + refusals.count;
+            metrics.observe_reloads(applied, rejected);
             StatusReport {
                 node: node.clone(),
                 cgroup: cgroup.clone(),
                 config: ConfigStatus {
                     file: file.clone(),
-                    applied: reloads.applied,
-                    rejected: reloads.rejected,
-                    last_error: reloads.last_error,
+                    applied,
+                    rejected,
+                    last_error: reloads.last_error.or(refusals.reason),
                 },
                 programs: programs.clone(),
                 workloads: lock(&pods).status(),
@@ -129,8 +134,24 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     break;
                 }
                 let snapshot = updates.borrow_and_update().clone();
+                let restart_only = agent.restart_only_changes(snapshot.agent());
+                if !restart_only.is_empty() {
+                    let reason = format!(
+                        "agent.{} changed: takes effect on restart; the running configuration stays",
+                        restart_only.join(", agent.")
+                    );
+                    tracing::error!(%reason, "configuration reload refused");
+                    let mut refusals = lock_refused(&refused);
+                    refusals.count += 1;
+                    refusals.reason = Some(reason);
+                    continue;
+                }
+                lock_refused(&refused).reason = None;
                 // New connections route by the new snapshot; established ones keep flowing.
                 proxy.config.store(snapshot.clone());
+                if let Err(error) = sync_exclusions(&proxy, snapshot.agent()) {
+                    tracing::error!(%error, "updating the excluded ports and networks");
+                }
                 apply(&pods, &snapshot, &metrics);
                 let revoked = proxy.revoke_denied(&snapshot);
                 if revoked > 0 {
@@ -172,6 +193,23 @@ fn certificates(proxy: &ProxyContext) -> Vec<CertificateStatus> {
             not_after: seconds(c.not_after),
         })
         .collect()
+}
+
+fn sync_exclusions(proxy: &ProxyContext, agent: &AgentConfig) -> Result<(), EbpfError> {
+    let mut datapath = proxy.datapath.lock().unwrap_or_else(|p| p.into_inner());
+    datapath.set_excluded_ports(&agent.excluded_ports)?;
+    datapath.set_excluded_cidrs(&agent.excluded_cidrs)
+}
+
+/// Valid configuration files the agent refused to apply, and why the last one was.
+#[derive(Clone, Default)]
+struct Refused {
+    count: u64,
+    reason: Option<String>,
+}
+
+fn lock_refused(refused: &Mutex<Refused>) -> MutexGuard<'_, Refused> {
+    refused.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock(pods: &Mutex<Pods>) -> MutexGuard<'_, Pods> {

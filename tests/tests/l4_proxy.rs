@@ -513,3 +513,55 @@ fn at_the_connection_limit_new_connections_wait_instead_of_costing_memory() {
     // Slots free again: served.
     assert!(["b", "c"].contains(&mesh.id(&vip).0.as_str()));
 }
+
+#[test]
+fn a_reload_changing_start_up_settings_is_refused_and_exclusions_apply_live() {
+    let mesh = Mesh::new("reload_agent");
+    let agent = mesh.agent();
+    let vip = format!("{VIP}:80");
+    let base = mesh.config(&[("app", "echo")]);
+    // A new outbound port would need new listeners in every pod: refused until restart.
+    agent
+        .write_config(&base.replace(
+            "  connectTimeoutMs: 2000\n",
+            "  connectTimeoutMs: 2000\n  outboundPort: 15101\n",
+        ))
+        .expect("write");
+    wait_until(
+        || agent.status().is_ok_and(|s| s["config"]["rejected"] == 1),
+        "reload refused",
+    );
+    let status = agent.status().expect("status");
+    let error = status["config"]["lastError"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("agent.outboundPort") && error.contains("restart"),
+        "{error}"
+    );
+    assert!(
+        ["b", "c"].contains(&mesh.id(&vip).0.as_str()),
+        "traffic goes on"
+    );
+    // Excluded ports are live: connects to b:8080 now go direct.
+    agent
+        .write_config(&base.replace(
+            "  connectTimeoutMs: 2000\n",
+            "  connectTimeoutMs: 2000\n  excludedPorts: [8080]\n",
+        ))
+        .expect("write");
+    wait_until(
+        || agent.status().is_ok_and(|s| s["config"]["applied"] == 1),
+        "reload applied",
+    );
+    let before = agent.workload_counters(&mesh.a).expect("status")["skipped"].as_u64();
+    mesh.a
+        .run(
+            TOOL,
+            ["connect", "--connect", &format!("{}:8080", mesh.b.ipv4())],
+        )
+        .expect("connect");
+    let after = agent.workload_counters(&mesh.a).expect("status")["skipped"].as_u64();
+    assert_eq!((before, after), (Some(0), Some(1)));
+}

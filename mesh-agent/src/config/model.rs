@@ -178,6 +178,46 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The settings that differ between `self` and `new` and take effect only when the agent
+    /// starts (listeners, pins, the CA, the connection limit), by their YAML names. A reload
+    /// changing any of them is refused rather than half applied.
+    pub fn restart_only_changes(&self, new: &AgentConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("node", self.node != new.node);
+        check("cgroup", self.cgroup != new.cgroup);
+        check("bpfName", self.bpf_name != new.bpf_name);
+        check("outboundPort", self.outbound_port != new.outbound_port);
+        check("inboundPort", self.inbound_port != new.inbound_port);
+        check("tunnelPort", self.tunnel_port != new.tunnel_port);
+        check("adminAddr", self.admin_addr != new.admin_addr);
+        check("proxyMark", self.proxy_mark != new.proxy_mark);
+        check(
+            "maxConnections",
+            self.max_connections != new.max_connections,
+        );
+        check("trustDomain", self.trust_domain != new.trust_domain);
+        check("caCertFile", self.ca_cert_file != new.ca_cert_file);
+        check("caKeyFile", self.ca_key_file != new.ca_key_file);
+        check(
+            "trustRootFiles",
+            self.trust_root_files != new.trust_root_files,
+        );
+        check(
+            "certLifetimeMinutes",
+            self.cert_lifetime != new.cert_lifetime,
+        );
+        check(
+            "tunnelIdleTimeoutMs",
+            self.tunnel_idle_timeout != new.tunnel_idle_timeout,
+        );
+        changed
+    }
+
     /// Lowest and highest of the proxy's listener ports (outbound, inbound, tunnel): the range
     /// the eBPF programs reserve for the proxy (`mesh_common::Settings`).
     pub fn proxy_port_range(&self) -> (u16, u16) {
