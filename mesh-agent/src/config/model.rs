@@ -87,6 +87,14 @@ impl Config {
             .and_then(|id| self.workload(*id))
     }
 
+    /// The local workload named `namespace/name` (how the data plane keys pods), without
+    /// allocating: it is looked up once per proxied connection.
+    pub fn local_workload(&self, qualified: &str) -> Option<&Workload> {
+        let (namespace, name) = qualified.split_once('/')?;
+        self.local_workloads()
+            .find(|w| w.namespace == namespace && w.name == name)
+    }
+
     /// Workloads on this agent's node (`workload.node == agent.node`), in file order.
     pub fn local_workloads(&self) -> impl Iterator<Item = &Workload> + '_ {
         self.local.iter().filter_map(|id| self.workload(*id))

@@ -20,17 +20,14 @@ pub(super) async fn handle(
         return;
     };
     let config = ctx.config.load_full();
-    let agent = config.agent().clone();
+    let agent = config.agent();
     let (first, last) = agent.proxy_port_range();
     if (first..=last).contains(&dst.port()) {
         // A connection to a proxy port itself would loop back here.
         outbound::reset(&downstream);
         return;
     }
-    let Some(workload) = config
-        .local_workloads()
-        .find(|w| w.qualified_name().to_string() == pod.key)
-    else {
+    let Some(workload) = config.local_workload(&pod.key) else {
         outbound::reset(&downstream);
         return;
     };
@@ -48,10 +45,9 @@ pub(super) async fn handle(
         destination: pod.key.clone(),
         port: dst.port(),
     });
-    drop(config);
     // The app is in this pod: connect from inside its netns to its own address. The
     // sk_lookup program leaves connections from the pod's own addresses alone.
-    let mut upstream = match outbound::connect(&pod, dst, &agent).await {
+    let mut upstream = match outbound::connect(&pod, dst, agent).await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::info!(target: "access", direction = "inbound", pod = %pod.key, %client, %dst, result = "connect_failed", %error);
@@ -62,11 +58,14 @@ pub(super) async fn handle(
     };
     ctx.metrics.connection("inbound", "plaintext");
     let _active = ctx.metrics.active("inbound");
+    // The copy keeps only what it needs of the snapshot.
+    let (buffer_bytes, idle_timeout) = (agent.buffer_bytes, agent.idle_timeout);
+    drop(config);
     let result = copy::bidirectional(
         &mut downstream,
         &mut upstream,
-        agent.buffer_bytes,
-        agent.idle_timeout,
+        buffer_bytes,
+        idle_timeout,
         Some(&tracked),
     )
     .await;

@@ -149,12 +149,9 @@ async fn accept_stream(
     request: ConnectRequest,
 ) -> Result<TrackedStream, Refusal> {
     let config = ctx.config.load_full();
-    let agent = config.agent().clone();
+    let agent = config.agent();
     let target = request.authority;
-    let Some(workload) = config
-        .local_workloads()
-        .find(|w| w.qualified_name().to_string() == pod.key)
-    else {
+    let Some(workload) = config.local_workload(&pod.key) else {
         return Err(Refusal::Unavailable(format!(
             "{} is not served here",
             pod.key
@@ -197,8 +194,7 @@ async fn accept_stream(
         destination: pod.key.clone(),
         port: target.port(),
     });
-    drop(config);
-    let stream = outbound::connect(pod, target, &agent)
+    let stream = outbound::connect(pod, target, agent)
         .await
         .map_err(|error| {
             ctx.metrics.connection("tunnel", "connect_failed");

@@ -72,14 +72,7 @@ impl ProxyContext {
     /// Closes the established connections `config` no longer authorizes; returns how many.
     pub fn revoke_denied(&self, config: &Config) -> usize {
         self.connections.revoke(|subject| {
-            let Some((namespace, name)) = subject.destination.split_once('/') else {
-                return true;
-            };
-            let Some(workload) = config
-                .workloads()
-                .iter()
-                .find(|w| w.namespace == namespace && w.name == name)
-            else {
+            let Some(workload) = config.local_workload(&subject.destination) else {
                 // The workload left the config: not a policy decision; its pod goes away.
                 return true;
             };

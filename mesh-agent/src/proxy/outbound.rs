@@ -29,10 +29,7 @@ pub(super) async fn handle(
         return;
     };
     let config = ctx.config.load_full();
-    let Some(source) = config
-        .local_workloads()
-        .find(|w| w.qualified_name().to_string() == pod.key)
-    else {
+    let Some(source) = config.local_workload(&pod.key) else {
         tracing::warn!(pod = %pod.key, %dst, "pod no longer configured; closing");
         reset(&downstream);
         return;
@@ -49,10 +46,10 @@ pub(super) async fn handle(
             return;
         }
     };
-    let agent = config.agent().clone();
-    let destination = config.workload_by_ip(target.ip()).cloned();
+    // The snapshot is held until the upstream is connected; the copy keeps only what it needs.
+    let agent = config.agent();
     let mut tracked = None;
-    let upstream = match &destination {
+    let upstream = match config.workload_by_ip(target.ip()) {
         // A pod on this node is reached directly, not through its inbound side: its inbound
         // policy is applied here, with the source pod's identity, which this agent knows.
         Some(destination) if destination.local => {
@@ -69,8 +66,7 @@ pub(super) async fn handle(
                 destination: destination.qualified_name().to_string(),
                 port: target.port(),
             }));
-            drop(config);
-            connect(&pod, target, &agent)
+            connect(&pod, target, agent)
                 .await
                 .map(Upstream::Direct)
                 .map_err(|e| e.to_string())
@@ -78,11 +74,13 @@ pub(super) async fn handle(
         // A pod of another node: through an mTLS tunnel to its node's agent, which checks
         // our identity and its policy.
         Some(destination) => {
-            let expected = destination.spiffe_id(&agent.trust_domain);
-            drop(config);
-            match SpiffeId::parse(&expected) {
+            match SpiffeId::new(
+                &agent.trust_domain,
+                &destination.namespace,
+                &destination.service_account,
+            ) {
                 Ok(expected) => {
-                    mesh_tls::connect_remote(&ctx.mesh_tls, &pod, &expected, target, &agent)
+                    mesh_tls::connect_remote(&ctx.mesh_tls, &pod, &expected, target, agent)
                         .await
                         .map(Upstream::Tunnel)
                         .map_err(|e| e.to_string())
@@ -91,14 +89,13 @@ pub(super) async fn handle(
             }
         }
         // Outside the mesh: plain TCP from the pod.
-        None => {
-            drop(config);
-            connect(&pod, target, &agent)
-                .await
-                .map(Upstream::Direct)
-                .map_err(|e| e.to_string())
-        }
+        None => connect(&pod, target, agent)
+            .await
+            .map(Upstream::Direct)
+            .map_err(|e| e.to_string()),
     };
+    let (buffer_bytes, idle_timeout) = (agent.buffer_bytes, agent.idle_timeout);
+    drop(config);
     let upstream = match upstream {
         Ok(upstream) => upstream,
         Err(error) => {
@@ -120,8 +117,8 @@ pub(super) async fn handle(
             copy::bidirectional(
                 &mut downstream,
                 &mut upstream,
-                agent.buffer_bytes,
-                agent.idle_timeout,
+                buffer_bytes,
+                idle_timeout,
                 tracked.as_ref(),
             )
             .await
@@ -131,8 +128,8 @@ pub(super) async fn handle(
             copy::bidirectional_halves(
                 (down_read, down_write),
                 stream.into_split(),
-                agent.buffer_bytes,
-                agent.idle_timeout,
+                buffer_bytes,
+                idle_timeout,
             )
             .await
         }
