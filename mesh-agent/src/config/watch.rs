@@ -187,6 +187,10 @@ async fn run(
         }
         polls = polls.wrapping_add(1);
 
+        let read_error = |source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        };
         let stamp = match tokio::fs::metadata(&path).await {
             Ok(meta) => Stamp {
                 ino: meta.ino(),
@@ -194,14 +198,7 @@ async fn run(
                 mtime: meta.modified().ok(),
             },
             Err(source) => {
-                unreadable(
-                    &mut state,
-                    &status,
-                    ConfigError::Read {
-                        file: file.clone(),
-                        source,
-                    },
-                );
+                unreadable(&mut state, &status, read_error(source));
                 continue;
             }
         };
@@ -218,14 +215,7 @@ async fn run(
         let text = match tokio::fs::read_to_string(&path).await {
             Ok(text) => text,
             Err(source) => {
-                unreadable(
-                    &mut state,
-                    &status,
-                    ConfigError::Read {
-                        file: file.clone(),
-                        source,
-                    },
-                );
+                unreadable(&mut state, &status, read_error(source));
                 continue;
             }
         };
