@@ -17,8 +17,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mesh_agent::{
     balance::{Balancer, RoundRobin},
     config::{Config, Endpoint},
+    copy::{Transferred, tcp as copy_tcp},
     ebpf::{decode_addr, flow_key},
-    proxy::{copy::bidirectional, route},
+    proxy::route,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -123,12 +124,12 @@ async fn copy_once(bytes: usize, buffer: usize) -> Duration {
     let (mut app, mut proxy_down) = pair().await;
     let (mut proxy_up, mut sink) = pair().await;
     let proxy = tokio::spawn(async move {
-        bidirectional(
+        copy_tcp(
             &mut proxy_down,
             &mut proxy_up,
             buffer,
             Duration::from_secs(30),
-            None,
+            &Transferred::default(),
         )
         .await
     });

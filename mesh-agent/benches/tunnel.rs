@@ -26,7 +26,9 @@ use mesh_agent::{
         CertStore, LocalCa, SpiffeId, StoreOptions, TrustBundle, client_config, generate_dev_ca,
         peer_identity, server_config,
     },
-    tunnel::{ConnectRequest, Pool, PoolOptions, Refusal, Server, ServerOptions, TunnelStream},
+    tunnel::{
+        ConnectRequest, Forward, Pool, PoolOptions, Refusal, Server, ServerOptions, TunnelStream,
+    },
 };
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -103,7 +105,7 @@ async fn tunnel_server(ids: &Identities) -> SocketAddr {
     let server = Server::new(
         &ids.store,
         ids.server.clone(),
-        handler,
+        Forward::new(handler),
         ServerOptions::default(),
     )
     .expect("server");

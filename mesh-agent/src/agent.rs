@@ -3,12 +3,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
 };
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use mesh_common::Settings;
+use parking_lot::Mutex;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -21,25 +22,26 @@ use crate::{
     ebpf::{self, Datapath, EbpfError},
     metrics::Metrics,
     pods::Pods,
-    proxy::{MeshTls, ProxyContext},
+    proxy::ProxyContext,
     sys,
+    tunnel::MeshTls,
 };
 
 pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config_path)?);
     sys::ensure_bpffs()?;
-    let cgroup = match cgroup_override.or_else(|| config.agent().cgroup.clone()) {
+    let cgroup = match cgroup_override.or_else(|| config.agent().startup.cgroup.clone()) {
         Some(cgroup) => cgroup,
         None => sys::cgroup2_root()?,
     };
     let agent = config.agent().clone();
-    let (proxy_port_min, proxy_port_max) = agent.proxy_port_range();
+    let (proxy_port_min, proxy_port_max) = agent.startup.proxy_port_range();
     let settings = Settings {
-        proxy_mark: agent.proxy_mark,
+        proxy_mark: agent.startup.proxy_mark,
         proxy_port_min,
         proxy_port_max,
     };
-    let datapath = Datapath::load(&agent.bpf_name, &cgroup, settings)
+    let datapath = Datapath::load(&agent.startup.bpf_name, &cgroup, settings)
         .with_context(|| format!("loading eBPF programs on cgroup {}", cgroup.display()))?;
     let programs: Vec<ProgramStatus> = datapath
         .programs()
@@ -51,20 +53,21 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         .collect();
     tracing::info!(
         cgroup = %cgroup.display(),
-        pins = %ebpf::pin_root(&agent.bpf_name).display(),
+        pins = %ebpf::pin_root(&agent.startup.bpf_name).display(),
         "eBPF programs attached"
     );
 
-    let mesh_tls = Arc::new(MeshTls::start(&agent).context("setting up mTLS")?);
+    let mesh_tls = Arc::new(MeshTls::start(&agent.startup).context("setting up mTLS")?);
     let metrics = Arc::new(Metrics::new());
     let proxy = Arc::new(ProxyContext {
         config: Arc::new(ArcSwap::new(config.clone())),
+        orig_dst: datapath.orig_dst(),
         datapath: Arc::new(Mutex::new(datapath)),
         balancer: Arc::new(RoundRobin::default()),
         metrics: metrics.clone(),
         connections: Arc::default(),
         mesh_tls: mesh_tls.clone(),
-        connection_slots: Arc::new(tokio::sync::Semaphore::new(agent.max_connections)),
+        connection_slots: Arc::new(tokio::sync::Semaphore::new(agent.startup.max_connections)),
     });
     sync_exclusions(&proxy, &agent)?;
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
@@ -80,11 +83,11 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         let refused = refused.clone();
         let reloads = watcher.stats();
         let metrics = metrics.clone();
-        let (node, cgroup) = (agent.node.clone(), cgroup.display().to_string());
+        let (node, cgroup) = (agent.startup.node.clone(), cgroup.display().to_string());
         let file = config_path.display().to_string();
         Box::new(move || {
             let reloads = reloads.snapshot();
-            let refusals = lock_refused(&refused).clone();
+            let refusals = refused.lock().clone();
             let applied = reloads.applied.saturating_sub(refusals.count);
             let rejected = reloads.rejected + refusals.count;
             metrics.observe_reloads(applied, rejected);
@@ -98,14 +101,14 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     last_error: reloads.last_error.or(refusals.reason),
                 },
                 programs: programs.clone(),
-                workloads: lock(&pods).status(),
+                workloads: pods.lock().status(),
                 certificates: certificates(&proxy),
                 connections: proxy
                     .connections
                     .subjects()
                     .into_iter()
                     .map(|s| ConnectionStatus {
-                        source: s.source,
+                        source: s.source.map(|id| id.to_string()),
                         destination: s.destination,
                         port: s.port,
                     })
@@ -114,14 +117,14 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         })
     };
     admin::serve(
-        agent.admin_addr,
+        agent.startup.admin_addr,
         Arc::new(AdminState {
             metrics: metrics.clone(),
             report,
         }),
     )
     .await?;
-    tracing::info!(admin = %agent.admin_addr, "agent ready");
+    tracing::info!(admin = %agent.startup.admin_addr, "agent ready");
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -134,19 +137,19 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     break;
                 }
                 let snapshot = updates.borrow_and_update().clone();
-                let restart_only = agent.restart_only_changes(snapshot.agent());
+                let restart_only = agent.startup.changes(&snapshot.agent().startup);
                 if !restart_only.is_empty() {
                     let reason = format!(
                         "agent.{} changed: takes effect on restart; the running configuration stays",
                         restart_only.join(", agent.")
                     );
                     tracing::error!(%reason, "configuration reload refused");
-                    let mut refusals = lock_refused(&refused);
+                    let mut refusals = refused.lock();
                     refusals.count += 1;
                     refusals.reason = Some(reason);
                     continue;
                 }
-                lock_refused(&refused).reason = None;
+                refused.lock().reason = None;
                 // New connections route by the new snapshot; established ones keep flowing.
                 proxy.config.store(snapshot.clone());
                 if let Err(error) = sync_exclusions(&proxy, snapshot.agent()) {
@@ -168,7 +171,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
 }
 
 fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
-    let mut pods = lock(pods);
+    let mut pods = pods.lock();
     for error in pods.sync(config) {
         metrics.enroll_failures.inc();
         tracing::error!(%error, "enrollment failed");
@@ -196,9 +199,9 @@ fn certificates(proxy: &ProxyContext) -> Vec<CertificateStatus> {
 }
 
 fn sync_exclusions(proxy: &ProxyContext, agent: &AgentConfig) -> Result<(), EbpfError> {
-    let mut datapath = proxy.datapath.lock().unwrap_or_else(|p| p.into_inner());
-    datapath.set_excluded_ports(&agent.excluded_ports)?;
-    datapath.set_excluded_cidrs(&agent.excluded_cidrs)
+    let mut datapath = proxy.datapath.lock();
+    datapath.set_excluded_ports(&agent.live.excluded_ports)?;
+    datapath.set_excluded_cidrs(&agent.live.excluded_cidrs)
 }
 
 /// Valid configuration files the agent refused to apply, and why the last one was.
@@ -206,12 +209,4 @@ fn sync_exclusions(proxy: &ProxyContext, agent: &AgentConfig) -> Result<(), Ebpf
 struct Refused {
     count: u64,
     reason: Option<String>,
-}
-
-fn lock_refused(refused: &Mutex<Refused>) -> MutexGuard<'_, Refused> {
-    refused.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock(pods: &Mutex<Pods>) -> MutexGuard<'_, Pods> {
-    pods.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -18,16 +18,21 @@
 //!    when one of them matches;
 //! 3. else it is allowed (no policy: default allow).
 //!
-//! `source` is the peer's SPIFFE ID from its mTLS certificate, `None` for a plaintext
-//! (unauthenticated) connection. A `from` block has only identity conditions (exact
-//! identities, identity prefixes, namespaces), so it never matches an unauthenticated source;
-//! a rule without `from` matches any source. A `namespaces` condition reads the namespace of
-//! identities of the agent's trust domain only (`spiffe://<trustDomain>/ns/<ns>/sa/<sa>`).
+//! `source` is the peer's SPIFFE ID from its mTLS certificate (already parsed and checked by
+//! [`SpiffeId`], the one parser of identities), `None` for a plaintext (unauthenticated)
+//! connection. A `from` block has only identity conditions (exact identities, identity
+//! prefixes, namespaces), so it never matches an unauthenticated source; a rule without `from`
+//! matches any source. A `namespaces` condition matches the identity's namespace only when its
+//! trust domain is the agent's (`agent.trustDomain`): `/ns/demo/` of another trust domain is
+//! another organisation's `demo`, not ours.
 //!
 //! `port` is the destination port the workload itself listens on (a service's target port),
 //! not the service port.
 
-use crate::config::{AuthorizationAction, AuthorizationPolicy, Config, RuleSource, Workload};
+use crate::{
+    config::{AuthorizationAction, AuthorizationPolicy, Config, RuleSource, Workload},
+    tls::SpiffeId,
+};
 
 /// The reasons a [`Decision`] can carry: a small fixed set, usable as a metric label.
 pub mod reason {
@@ -67,11 +72,11 @@ impl Decision {
 /// documentation for the semantics.
 pub fn authorize(
     config: &Config,
-    source: Option<&str>,
+    source: Option<&SpiffeId>,
     destination: &Workload,
     port: u16,
 ) -> Decision {
-    let peer = Peer::new(source, &config.agent.trust_domain);
+    let peer = Peer::new(source, &config.agent.startup.trust_domain);
     let mut any_allow = false;
     // DENY first, whatever the file order; remember whether an ALLOW policy applies.
     for policy in config.authorization_policies_for(destination) {
@@ -101,35 +106,24 @@ pub fn authorize(
         })
 }
 
-/// The source of a connection, with its namespace read once.
+/// The source of a connection, with the namespace its `namespaces` conditions see.
 struct Peer<'a> {
     /// `None`: unauthenticated.
-    id: Option<&'a str>,
-    /// The `/ns/<namespace>/` of an identity of the agent's trust domain.
+    id: Option<&'a SpiffeId>,
+    /// The namespace of an identity of the agent's trust domain; `None` for another trust
+    /// domain's.
     namespace: Option<&'a str>,
 }
 
 impl<'a> Peer<'a> {
-    fn new(id: Option<&'a str>, trust_domain: &str) -> Self {
+    fn new(id: Option<&'a SpiffeId>, trust_domain: &str) -> Self {
         Self {
             id,
-            namespace: id.and_then(|id| namespace_of(id, trust_domain)),
+            namespace: id
+                .filter(|id| id.trust_domain() == trust_domain)
+                .map(SpiffeId::namespace),
         }
     }
-}
-
-/// The namespace of `spiffe://<trust_domain>/ns/<namespace>/sa/<serviceAccount>`; `None` for
-/// any other shape or trust domain.
-fn namespace_of<'a>(id: &'a str, trust_domain: &str) -> Option<&'a str> {
-    let path = id
-        .strip_prefix("spiffe://")?
-        .strip_prefix(trust_domain)?
-        .strip_prefix("/ns/")?;
-    let (namespace, rest) = path.split_once('/')?;
-    let service_account = rest.strip_prefix("sa/")?;
-    let well_formed =
-        !namespace.is_empty() && !service_account.is_empty() && !service_account.contains('/');
-    well_formed.then_some(namespace)
 }
 
 fn policy_matches(policy: &AuthorizationPolicy, peer: &Peer<'_>, port: u16) -> bool {
@@ -156,11 +150,8 @@ fn source_matches(from: &RuleSource, peer: &Peer<'_>) -> bool {
         return false;
     };
     let principal_ok = !has_principals
-        || from.identities.iter().any(|i| i == id)
-        || from
-            .identity_prefixes
-            .iter()
-            .any(|p| id.starts_with(p.as_str()));
+        || from.identities.contains(id)
+        || from.identity_prefixes.iter().any(|p| id.starts_with(p));
     let namespace_ok = !has_namespaces
         || peer
             .namespace
@@ -210,8 +201,14 @@ mod tests {
     }
 
     #[track_caller]
+    fn id(text: &str) -> SpiffeId {
+        SpiffeId::parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[track_caller]
     fn decide(config: &Config, source: Option<&str>, dst: &str, port: u16) -> Decision {
-        authorize(config, source, workload(config, dst), port)
+        let source = source.map(id);
+        authorize(config, source.as_ref(), workload(config, dst), port)
     }
 
     #[track_caller]
@@ -234,7 +231,7 @@ mod tests {
                 reason: reason::NO_POLICY,
             }
         );
-        assert!(authorize(&c, Some(CLIENT), &c.workloads[0], 80).allowed);
+        assert!(authorize(&c, Some(&id(CLIENT)), &c.workloads[0], 80).allowed);
     }
 
     #[test]
@@ -408,19 +405,8 @@ mod tests {
         assert!(!allowed(&namespace, Some(PROD), "demo/echo-1", 80));
         // The namespace of another trust domain's identity is not ours.
         assert!(!allowed(&namespace, Some(FOREIGN), "demo/echo-1", 80));
-        // Not of the SPIFFE Kubernetes shape: no namespace.
-        assert!(!allowed(
-            &namespace,
-            Some("spiffe://cluster.local/ns/demo"),
-            "demo/echo-1",
-            80
-        ));
-        assert!(!allowed(
-            &namespace,
-            Some("spiffe://cluster.local/ns/demo/sa/a/b"),
-            "demo/echo-1",
-            80
-        ));
+        // A trust domain that merely starts with ours is another one. (A source of another
+        // shape than /ns/<ns>/sa/<sa> cannot reach here: `SpiffeId` does not parse it.)
         assert!(!allowed(
             &namespace,
             Some("spiffe://cluster.local.evil/ns/demo/sa/a"),
@@ -535,16 +521,16 @@ mod tests {
         // A copy of echo-2 whose labels changed: the precomputed list (none) must not be used.
         let mut relabelled = workload(&c, "demo/echo-2").clone();
         relabelled.labels.insert("v".into(), "v1".into());
-        assert!(!authorize(&c, Some(CLIENT), &relabelled, 80).allowed);
+        assert!(!authorize(&c, Some(&id(CLIENT)), &relabelled, 80).allowed);
         // A copy with an id out of range.
         let mut stray = workload(&c, "demo/echo-1").clone();
         stray.id = crate::config::WorkloadId(99);
-        assert!(!authorize(&c, Some(CLIENT), &stray, 80).allowed);
+        assert!(!authorize(&c, Some(&id(CLIENT)), &stray, 80).allowed);
         stray.namespace = "prod".into();
-        assert!(authorize(&c, Some(CLIENT), &stray, 80).allowed);
+        assert!(authorize(&c, Some(&id(CLIENT)), &stray, 80).allowed);
         // An identical copy uses the precomputed list, with the same result.
         let copy = workload(&c, "demo/echo-1").clone();
-        assert!(!authorize(&c, Some(CLIENT), &copy, 80).allowed);
+        assert!(!authorize(&c, Some(&id(CLIENT)), &copy, 80).allowed);
     }
 
     #[test]
@@ -557,8 +543,8 @@ mod tests {
             "t.yaml",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert!(authorize(&c, Some(FOREIGN), &c.workloads[0], 1).allowed);
-        assert!(!authorize(&c, Some(CLIENT), &c.workloads[0], 1).allowed);
+        assert!(authorize(&c, Some(&id(FOREIGN)), &c.workloads[0], 1).allowed);
+        assert!(!authorize(&c, Some(&id(CLIENT)), &c.workloads[0], 1).allowed);
     }
 
     /// The commented example of deploy/examples/local.yaml, uncommented, does what it says.
@@ -582,37 +568,15 @@ mod tests {
         let text = text.replace("policies: {}", &example);
         let c = Config::from_yaml_str(&text, "local.yaml").unwrap_or_else(|e| panic!("{e}"));
         let client = workload(&c, "demo/client");
-        let client_id = client.spiffe_id(&c.agent.trust_domain);
-        assert_eq!(client_id, CLIENT);
+        let client_id = client.identity.clone();
+        assert_eq!(client_id.to_string(), CLIENT);
         let server = workload(&c, "demo/server-1");
-        let echo_id = server.spiffe_id(&c.agent.trust_domain);
+        let echo_id = server.identity.clone();
         assert!(authorize(&c, Some(&client_id), server, 8080).allowed);
         assert!(!authorize(&c, Some(&client_id), server, 9090).allowed);
         assert!(!authorize(&c, Some(&echo_id), server, 8080).allowed);
         assert!(!authorize(&c, None, server, 8080).allowed);
         // The client itself is not selected.
         assert!(authorize(&c, None, client, 8080).allowed);
-    }
-
-    #[test]
-    fn namespace_of_parses_only_the_kubernetes_shape() {
-        assert_eq!(namespace_of(CLIENT, "cluster.local"), Some("demo"));
-        assert_eq!(namespace_of(CLIENT, "cluster"), None);
-        assert_eq!(
-            namespace_of("spiffe://cluster.local/ns//sa/x", "cluster.local"),
-            None
-        );
-        assert_eq!(
-            namespace_of("spiffe://cluster.local/ns/a/sa/", "cluster.local"),
-            None
-        );
-        assert_eq!(
-            namespace_of("spiffe://cluster.local/ns/a/xa/b", "cluster.local"),
-            None
-        );
-        assert_eq!(
-            namespace_of("http://cluster.local/ns/a/sa/b", "cluster.local"),
-            None
-        );
     }
 }

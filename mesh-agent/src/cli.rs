@@ -52,10 +52,30 @@ pub enum Command {
         #[arg(long, default_value = "mesh")]
         name: String,
     },
+    /// Work with configuration files without running an agent.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Manage the certificate authority that signs the mesh's workload certificates.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file exactly as `run` loads it, without running anything: no
+    /// root needed, no eBPF, namespace or network is touched (like `nginx -t`).
+    ///
+    /// Valid: prints `FILE: ok (N workloads, N services, N authorization policies)` and exits
+    /// 0. Invalid or unreadable: prints `FILE:LINE:COLUMN: field.path: message` on stderr and
+    /// exits 1.
+    Check {
+        /// The YAML configuration to check.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
 }
 

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use mesh_agent::{admin, agent, cli, ebpf, proxy};
+use mesh_agent::{admin, agent, cli, config, ebpf, tunnel};
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
@@ -16,6 +16,22 @@ fn main() -> anyhow::Result<()> {
         cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         cli::LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    // Checking a file needs nothing else: no runtime, no privilege.
+    if let cli::Command::Config {
+        command: cli::ConfigCommand::Check { file },
+    } = &cli.command
+    {
+        match config::check(file) {
+            Ok(summary) => {
+                println!("{summary}");
+                return Ok(());
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                std::process::exit(1);
+            }
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -24,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         cli::Command::Status { admin, json } => runtime.block_on(admin::status::print(admin, json)),
         cli::Command::Uninstall { name } => {
             // The development CA, if the agent made one (/run/mesh-agent/<name>).
-            if let Some(state) = proxy::dev_ca_dir(&name).parent() {
+            if let Some(state) = tunnel::dev_ca_dir(&name).parent() {
                 let _ = std::fs::remove_dir_all(state);
             }
             let root = ebpf::pin_root(&name);
@@ -35,6 +51,8 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        // Handled above, before the runtime.
+        cli::Command::Config { .. } => Ok(()),
         cli::Command::Ca {
             command:
                 cli::CaCommand::Init {

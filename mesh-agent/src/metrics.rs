@@ -50,9 +50,10 @@ impl Metrics {
         let connections = IntCounterVec::new(
             Opts::new(
                 "connections_total",
-                "Proxied connections by direction and outcome",
+                "Connections handled, counted when they end, by direction (outbound, inbound, \
+                 tunnel), route and outcome",
             ),
-            &["direction", "outcome"],
+            &["direction", "route", "outcome"],
         )
         .expect("static metric definition");
         let active_connections = IntGaugeVec::new(
@@ -63,7 +64,8 @@ impl Metrics {
         let bytes = IntCounterVec::new(
             Opts::new(
                 "bytes_total",
-                "Bytes copied, by direction and way (sent: from the pod)",
+                "Bytes copied, by direction and way (from_client: from the side that opened the \
+                 connection; to_client: back to it)",
             ),
             &["direction", "way"],
         )
@@ -92,10 +94,10 @@ impl Metrics {
         }
     }
 
-    /// A connection was accepted and handled with `outcome` (its route, or why it failed).
-    pub fn connection(&self, direction: &str, outcome: &str) {
+    /// A connection ended with `outcome` (see `proxy::Outcome`).
+    pub fn connection(&self, direction: &str, route: &str, outcome: &str) {
         self.connections
-            .with_label_values(&[direction, outcome])
+            .with_label_values(&[direction, route, outcome])
             .inc();
     }
 
@@ -105,13 +107,13 @@ impl Metrics {
         ActiveGuard(gauge)
     }
 
-    pub fn bytes(&self, direction: &str, sent: u64, received: u64) {
+    pub fn bytes(&self, direction: &str, from_client: u64, to_client: u64) {
         self.bytes
-            .with_label_values(&[direction, "sent"])
-            .inc_by(sent);
+            .with_label_values(&[direction, "from_client"])
+            .inc_by(from_client);
         self.bytes
-            .with_label_values(&[direction, "received"])
-            .inc_by(received);
+            .with_label_values(&[direction, "to_client"])
+            .inc_by(to_client);
     }
 
     /// Brings the reload counters up to the watcher's totals.

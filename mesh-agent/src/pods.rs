@@ -4,23 +4,17 @@
 //! the pod's listeners there, attaches inbound capture to the namespace, and writes its
 //! cookie into the eBPF enrolled map; taking a pod out undoes all of it.
 
-use std::{
-    collections::BTreeMap,
-    fs::File,
-    net::IpAddr,
-    path::PathBuf,
-    sync::{Arc, MutexGuard},
-};
+use std::{collections::BTreeMap, fs::File, net::IpAddr, path::PathBuf, sync::Arc};
 
 use mesh_common::{EnrolledPod, FAIL_CLOSED, FAIL_OPEN};
+use parking_lot::MutexGuard;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    admin::status::WorkloadStatus,
     config::{Config, FailMode, Workload},
     ebpf::{Datapath, EbpfError},
     proxy::{PodHandle, PodListeners, ProxyContext, ProxyError, SocketReserve},
     sys::{NetnsError, NetnsThread},
-    tls::{IdentityError, SpiffeId},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +31,6 @@ pub enum EnrollError {
     Netns {
         workload: String,
         source: NetnsError,
-    },
-    #[error("workload {workload}: {source}")]
-    Identity {
-        workload: String,
-        source: IdentityError,
     },
     #[error("workload {workload}: {source}")]
     Proxy {
@@ -68,6 +57,22 @@ struct PodEntry {
     handle: PodHandle,
     /// Closed when the pod is taken out.
     _listeners: PodListeners,
+}
+
+/// One enrolled pod, as `/status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// `namespace/name`
+    pub workload: String,
+    pub netns: String,
+    pub netns_cookie: u64,
+    /// Connects rewritten to the pod's outbound listener.
+    pub captured: u64,
+    /// Connects left alone (loopback, excluded port).
+    pub skipped: u64,
+    /// Connects that found no proxy listener (fail-open: passed, fail-closed: refused).
+    pub no_listener: u64,
 }
 
 pub struct Pods {
@@ -162,19 +167,10 @@ impl Pods {
             workload: workload_name(),
             source,
         })?;
-        let identity = SpiffeId::new(
-            &config.agent().trust_domain,
-            &workload.namespace,
-            &workload.service_account,
-        )
-        .map_err(|source| EnrollError::Identity {
-            workload: workload_name(),
-            source,
-        })?;
         let handle = PodHandle {
-            key: key.to_owned(),
-            identity,
-            sockets: SocketReserve::new(netns.clone(), config.agent().proxy_mark),
+            key: key.into(),
+            identity: workload.identity.clone(),
+            sockets: SocketReserve::new(netns.clone(), config.agent().startup.proxy_mark),
             netns,
         };
         // Listeners first, so the first captured connect already finds them.
@@ -187,8 +183,8 @@ impl Pods {
             })?;
         let cookie = handle.netns.cookie();
         let settings = EnrolledPod {
-            outbound_port: config.agent().outbound_port,
-            inbound_port: config.agent().inbound_port,
+            outbound_port: config.agent().startup.outbound_port,
+            inbound_port: config.agent().startup.inbound_port,
             fail_mode: match enrollment.fail_mode {
                 FailMode::Open => FAIL_OPEN,
                 FailMode::Closed => FAIL_CLOSED,
@@ -233,14 +229,14 @@ impl Pods {
         self.enrolled.len()
     }
 
-    pub fn status(&self) -> Vec<WorkloadStatus> {
+    pub fn status(&self) -> Vec<PodStatus> {
         let datapath = self.datapath();
         self.enrolled
             .iter()
             .map(|(key, pod)| {
                 let cookie = pod.handle.netns.cookie();
                 let stats = datapath.pod_stats(cookie);
-                WorkloadStatus {
+                PodStatus {
                     workload: key.clone(),
                     netns: pod.enrollment.netns.display().to_string(),
                     netns_cookie: cookie,
@@ -253,11 +249,7 @@ impl Pods {
     }
 
     fn datapath(&self) -> MutexGuard<'_, Datapath> {
-        // Map writes are single syscalls: a panic elsewhere cannot leave them half done.
-        self.proxy
-            .datapath
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.proxy.datapath.lock()
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Every type here is `#[repr(C)]`, has no implicit padding, and is the key or value of a
 //! pinned map: changing a layout means bumping [`SCHEMA_VERSION`], so an agent never reads
-//! maps pinned by an incompatible older agent.
+//! maps pinned by an incompatible older agent. Each type's size and alignment are asserted at
+//! compile time next to it; every size is the sum of the field sizes, so there is no implicit
+//! padding (where alignment would leave a hole, an explicit `_pad` field fills it).
 #![no_std]
 
 /// Version of the pinned map layout; part of the pin directory name.
@@ -41,6 +43,8 @@ pub struct Settings {
     pub proxy_port_min: u16,
     pub proxy_port_max: u16,
 }
+const _: () =
+    assert!(core::mem::size_of::<Settings>() == 8 && core::mem::align_of::<Settings>() == 4);
 
 /// What to do with a pod's outbound connection when no proxy listener is there to take it.
 pub const FAIL_OPEN: u32 = 0;
@@ -57,6 +61,8 @@ pub struct EnrolledPod {
     /// [`FAIL_OPEN`] or [`FAIL_CLOSED`].
     pub fail_mode: u32,
 }
+const _: () =
+    assert!(core::mem::size_of::<EnrolledPod>() == 8 && core::mem::align_of::<EnrolledPod>() == 4);
 
 /// Value of `POD_STATS`, keyed by netns cookie: what connect4/6 did for an enrolled pod.
 #[repr(C)]
@@ -69,6 +75,8 @@ pub struct PodStats {
     /// TCP connects that found no listener: passed (fail-open) or refused (fail-closed).
     pub no_listener: u64,
 }
+const _: () =
+    assert!(core::mem::size_of::<PodStats>() == 24 && core::mem::align_of::<PodStats>() == 8);
 
 /// Address family tags used in [`SockAddr::family`].
 pub const FAMILY_V4: u16 = 2;
@@ -83,6 +91,8 @@ pub struct SockAddr {
     pub port: u16,
     pub family: u16,
 }
+const _: () =
+    assert!(core::mem::size_of::<SockAddr>() == 20 && core::mem::align_of::<SockAddr>() == 4);
 
 /// Value of `ORIG_DST_BY_COOKIE` (keyed by the app socket's cookie) and of
 /// `ORIG_DST_BY_FLOW`: where the app meant to connect before connect4/6 rewrote it.
@@ -93,6 +103,9 @@ pub struct OrigDst {
     pub dst: SockAddr,
     pub _pad: u32,
 }
+// 8 + 20 + 4: `_pad` fills what would otherwise be trailing padding to the u64 alignment.
+const _: () =
+    assert!(core::mem::size_of::<OrigDst>() == 32 && core::mem::align_of::<OrigDst>() == 8);
 
 /// Key of `ORIG_DST_BY_FLOW`: the app side of a captured connection as the proxy sees it on
 /// accept (peer address), within the pod's network namespace.
@@ -103,14 +116,25 @@ pub struct FlowKey {
     pub src: SockAddr,
     pub _pad: u32,
 }
+// 8 + 20 + 4, as OrigDst.
+const _: () =
+    assert!(core::mem::size_of::<FlowKey>() == 32 && core::mem::align_of::<FlowKey>() == 8);
 
+// `aya::Pod` is an unsafe trait (the agent copies these types to and from map bytes), so
+// implementing it is the one place this crate needs unsafe code.
 #[cfg(feature = "user")]
+#[allow(unsafe_code)]
 mod pod {
-    // SAFETY: all types are repr(C), Copy, made only of integers, without implicit padding.
+    // SAFETY: repr(C), Copy, integers only (u32, u16, u16), no padding (size asserted).
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: repr(C), Copy, integers only (u16, u16, u32), no padding (size asserted).
     unsafe impl aya::Pod for super::EnrolledPod {}
+    // SAFETY: repr(C), Copy, integers only (3 x u64), no padding (size asserted).
     unsafe impl aya::Pod for super::PodStats {}
+    // SAFETY: repr(C), Copy, integers only ([u32; 4], u16, u16), no padding (size asserted).
     unsafe impl aya::Pod for super::SockAddr {}
+    // SAFETY: repr(C), Copy, integers only (u64, SockAddr, u32), no padding (size asserted).
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: repr(C), Copy, integers only (u64, SockAddr, u32), no padding (size asserted).
     unsafe impl aya::Pod for super::FlowKey {}
 }

@@ -105,8 +105,10 @@ fn is_proxy_socket(addr: *const bpf_sock_addr) -> bool {
     if mark == 0 {
         return false;
     }
-    // SAFETY: `sk` of a sock_addr context is a valid socket pointer; the verifier checks it.
+    // SAFETY: `addr` is the program's context, valid for its run; its `sk` may be read.
     let sk = unsafe { (*addr).__bindgen_anon_1.sk };
+    // SAFETY: a non-null `sk` of a sock_addr context points to the socket; the verifier checks
+    // the access.
     !sk.is_null() && unsafe { (*sk).mark } == mark
 }
 
@@ -115,6 +117,8 @@ fn is_proxy_socket(addr: *const bpf_sock_addr) -> bool {
 fn listener_exists(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
     // SAFETY: zeroed bpf_sock_tuple is valid; it is a plain C union of integers.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // SAFETY: both arms of the union are plain integers, valid in any bit pattern (and zeroed
+    // above), so borrowing either one is sound.
     let size = unsafe {
         if v6 {
             let t = &mut tuple.__bindgen_anon_1.ipv6;
@@ -128,10 +132,14 @@ fn listener_exists(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
             12
         }
     };
+    // SAFETY: the program's own context, and a live tuple whose used part is `size` bytes; the
+    // verifier checks the helper's arguments.
     let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr_void(), &mut tuple, size, CURRENT_NETNS, 0) };
     if sk.is_null() {
         return false;
     }
+    // SAFETY: a non-null socket from bpf_sk_lookup_tcp, released exactly once (the verifier
+    // insists on it).
     unsafe { bpf_sk_release(sk as *mut c_void) };
     true
 }
@@ -163,19 +171,24 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if unsafe { (*addr).protocol } != IPPROTO_TCP {
         return ALLOW;
     }
+    // SAFETY: the helper is given the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr_void()) };
+    // SAFETY: the value is copied out at once: no reference outlives a concurrent update or
+    // delete from user space.
     let Some(pod) = (unsafe { ENROLLED.get(netns) }).copied() else {
         return ALLOW;
     };
     if is_proxy_socket(addr) {
         return ALLOW;
     }
+    // SAFETY: the context pointer is valid for the program's run.
     let port = u16::from_be(unsafe { (*addr).user_port } as u16);
     let mut dst = SockAddr {
         port,
         ..Default::default()
     };
     if v6 {
+        // SAFETY: the context pointer is valid for the program's run (connect6 may read it).
         let ip = unsafe { (*addr).user_ip6 };
         let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0xffff);
         let loopback = (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_be(1))
@@ -191,6 +204,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
             dst.ip = ip;
         }
     } else {
+        // SAFETY: the context pointer is valid for the program's run (connect4 may read it).
         let ip = unsafe { (*addr).user_ip4 };
         if (u32::from_be(ip) >> 24) == 127 {
             return ALLOW;
@@ -198,6 +212,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         dst.family = FAMILY_V4;
         dst.ip[0] = ip;
     }
+    // SAFETY: only the presence of the entry is used, never the value behind the reference.
     if unsafe { EXCLUDED_PORTS.get(port) }.is_some() || excluded_network(&dst) {
         count(netns, Stat::Skipped);
         return ALLOW;
@@ -210,6 +225,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
             ALLOW
         };
     }
+    // SAFETY: the helper is given the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr_void()) };
     let orig = OrigDst {
         netns_cookie: netns,
@@ -220,6 +236,8 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         // Without the original destination the proxy could not route it: leave it alone.
         return ALLOW;
     }
+    // SAFETY: the context pointer is valid for the program's run, and connect4/6 programs may
+    // write the destination address and port (the verifier checks which fields).
     unsafe {
         if v6 {
             (*addr).user_ip6 = [0, 0, 0, u32::from_be(1)];
@@ -242,7 +260,9 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
+    // SAFETY: the helper is given the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the value is copied out at once, before this program removes the entry.
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
@@ -251,6 +271,8 @@ fn on_active_established(ctx: &SockOpsContext) {
     // IPv6 fields lets LLVM merge the loads through a modified context pointer, which the
     // verifier rejects.
     let ops = ctx.ops;
+    // SAFETY: the sock_ops context is valid for the program's run and these fields are
+    // readable in it; `&raw const` makes no reference, only the address of each field.
     let (family, port, ip4, ip6) = unsafe {
         (
             read_volatile(&raw const (*ops).family),
@@ -299,11 +321,14 @@ fn bind(ctx: &SockAddrContext) -> i32 {
     let Some(settings) = SETTINGS.get(0).copied() else {
         return ALLOW;
     };
+    // SAFETY: the context pointer is valid for the program's run.
     let port = u16::from_be(unsafe { (*addr).user_port } as u16);
     if port < settings.proxy_port_min || port > settings.proxy_port_max {
         return ALLOW;
     }
+    // SAFETY: the helper is given the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr_void()) };
+    // SAFETY: only the presence of the entry is used, never the value behind the reference.
     if unsafe { ENROLLED.get(netns) }.is_none() || is_proxy_socket(addr) {
         return ALLOW;
     }
@@ -335,11 +360,13 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return pass;
     }
     let port = lookup.local_port as u16;
-    if let Some(settings) = SETTINGS.get(0) {
-        if port >= settings.proxy_port_min && port <= settings.proxy_port_max {
-            return pass;
-        }
+    if let Some(settings) = SETTINGS.get(0)
+        && port >= settings.proxy_port_min
+        && port <= settings.proxy_port_max
+    {
+        return pass;
     }
+    // SAFETY: only the presence of the entry is used, never the value behind the reference.
     if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
         return pass;
     }
@@ -365,6 +392,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         client.family = FAMILY_V4;
         client.ip[0] = remote;
     }
+    // SAFETY: only the presence of the entry is used, never the value behind the reference.
     if unsafe { LOCAL_POD_IPS.get(client) }.is_some() {
         return pass;
     }

@@ -10,6 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
 use crate::{Node, Pod, Topology, exec::output_timeout};
 
@@ -183,6 +187,8 @@ impl Agent {
         Ok(agent)
     }
 
+    // Unsafe: `CommandExt::pre_exec`, to join the cgroup between fork and exec.
+    #[allow(unsafe_code)]
     fn spawn(&mut self, cgroup: Option<&Path>) -> Result<()> {
         let mut command = self.node.try_command(agent_path()?)?;
         if let Some(cgroup) = cgroup {
@@ -268,6 +274,29 @@ impl Agent {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// The agent's `/metrics` (Prometheus text), read from inside its node.
+    pub fn metrics(&self) -> Result<String> {
+        let mut command = self.node.try_command(crate::testtool_path()?)?;
+        command.args([
+            "http-get",
+            "--connect",
+            "127.0.0.1:15000",
+            "--path",
+            "/metrics",
+        ]);
+        let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        if !output.status.success() {
+            bail!("GET /metrics: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The value of the sample `name{labels}` in `/metrics` (labels in any order, all of
+    /// them given); 0 when the series does not exist yet.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(metric_value(&self.metrics()?, name, labels))
+    }
+
     /// The counters of one workload (`test/<pod>`) from the status report.
     pub fn workload_counters(&self, pod: &Pod) -> Result<serde_json::Value> {
         let status = self.status()?;
@@ -296,8 +325,8 @@ impl Agent {
         let Some(mut child) = self.child.take() else {
             bail!("the agent is not running")
         };
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        // Our own, not yet reaped, child: the pid cannot have been reused.
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -343,6 +372,31 @@ impl Drop for Agent {
         let _ = self.uninstall();
         let _ = fs::remove_file(&self.config_path);
     }
+}
+
+/// The value of `name{labels}` in a Prometheus text exposition; 0 when absent.
+pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if series_name != name {
+                return None;
+            }
+            let mut have: Vec<String> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(str::to_owned)
+                .collect();
+            have.sort();
+            (have == wanted).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }
 
 /// Writes `n` in decimal into `buf` without allocating (safe between fork and exec).

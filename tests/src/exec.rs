@@ -37,6 +37,8 @@ impl Target {
     ///
     /// The fds are opened here, before fork, because opening files is not
     /// async-signal-safe; the hook only calls `getpid`, `write` and `setns`.
+    // Unsafe: `CommandExt::pre_exec`, the only way to run code between fork and exec.
+    #[allow(unsafe_code)]
     pub(crate) fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
         let netns: OwnedFd = File::open(&self.netns_path)
             .with_context(|| {
@@ -81,6 +83,8 @@ impl Target {
 
     /// Like [`Self::try_command`], but errors are deferred to `spawn()`
     /// (the returned Command fails to start), after being printed with context.
+    // Unsafe: `CommandExt::pre_exec` (a hook that makes the spawn fail).
+    #[allow(unsafe_code)]
     pub(crate) fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let program = program.as_ref().to_owned();
         match self.try_command(&program) {
@@ -133,8 +137,8 @@ impl Target {
 
 /// Writes the decimal pid of the calling process to `fd` without allocating.
 fn write_own_pid(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: getpid cannot fail and is async-signal-safe.
-    let pid = unsafe { libc::getpid() };
+    // getpid and write are async-signal-safe; nothing here allocates.
+    let pid = nix::unistd::getpid().as_raw();
     let mut buf = [0u8; 12];
     let mut n = pid.unsigned_abs();
     let mut i = buf.len();
@@ -146,12 +150,7 @@ fn write_own_pid(fd: &OwnedFd) -> io::Result<()> {
             break;
         }
     }
-    let len = buf.len() - i;
-    // SAFETY: buf[i..] is valid for len bytes; fd is open for writing.
-    let r = unsafe { libc::write(fd.as_raw_fd(), buf[i..].as_ptr().cast(), len) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::unistd::write(fd, &buf[i..])?;
     Ok(())
 }
 

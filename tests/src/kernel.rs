@@ -8,6 +8,8 @@ use aya::maps::{Map, MapData, PerCpuHashMap};
 use mesh_common::{PodStats, SCHEMA_VERSION, maps};
 
 /// The cookie of the network namespace at `netns_path` (what the agent keys pods by).
+// Unsafe: SO_NETNS_COOKIE has no safe wrapper (nix, socket2), so getsockopt(2) directly.
+#[allow(unsafe_code)]
 pub fn netns_cookie(netns_path: &Path) -> Result<u64> {
     let file =
         File::open(netns_path).with_context(|| format!("opening {}", netns_path.display()))?;

@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Everything is removed when the [`Topology`] drops (also on panic);
-//! [`sweep`] removes leftovers of crashed runs. See ARCHITECTURE.md §8.
+//! [`sweep`] removes leftovers of crashed runs. See docs/architecture.md §7.
 
 pub mod agent;
 mod cgroup;

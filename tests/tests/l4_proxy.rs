@@ -565,3 +565,74 @@ fn a_reload_changing_start_up_settings_is_refused_and_exclusions_apply_live() {
     let after = agent.workload_counters(&mesh.a).expect("status")["skipped"].as_u64();
     assert_eq!((before, after), (Some(0), Some(1)));
 }
+
+/// Waits until `mesh_bytes_total` and `mesh_connections_total` show what was sent: results
+/// are recorded when a connection ends, a moment after the client has its reply.
+fn wait_for_metric(agent: &Agent, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = agent.metric(name, labels).expect("metrics");
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}{labels:?} is {got}, expected {want}\n{}",
+            agent.metrics().unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn byte_and_connection_counters_follow_each_direction() {
+    let mut mesh = Mesh::new("byte_counters");
+    let outsider = mesh.topo.add_pod(&mesh.node, "d").expect("pod d");
+    let _sink = mesh
+        .b
+        .spawn_ready(TOOL, ["sink", "--listen", "[::]:9000"])
+        .expect("sink");
+    let agent = mesh.agent();
+    let sink = format!("{}:9000", mesh.b.ipv4());
+    // Outbound: pod a (enrolled) sends 100,000 bytes; the sink answers with one line,
+    // `<64 hex digits> 100000\n` (72 bytes).
+    mesh.a
+        .run(TOOL, ["send", "--connect", &sink, "--bytes", "100000"])
+        .expect("send from a");
+    let outbound = [("direction", "outbound")];
+    let way = |way| [("direction", "outbound"), ("way", way)];
+    wait_for_metric(&agent, "mesh_bytes_total", &way("from_client"), 100_000.0);
+    wait_for_metric(&agent, "mesh_bytes_total", &way("to_client"), 72.0);
+    wait_for_metric(
+        &agent,
+        "mesh_connections_total",
+        &[outbound[0], ("route", "pod"), ("outcome", "closed")],
+        1.0,
+    );
+    // Inbound: d (not enrolled) sends 30,000 bytes to b, whose inbound listener takes it;
+    // the reply is 71 bytes. From the client means from d here, whoever owns the pod.
+    outsider
+        .run(TOOL, ["send", "--connect", &sink, "--bytes", "30000"])
+        .expect("send from d");
+    let way = |way| [("direction", "inbound"), ("way", way)];
+    wait_for_metric(&agent, "mesh_bytes_total", &way("from_client"), 30_000.0);
+    wait_for_metric(&agent, "mesh_bytes_total", &way("to_client"), 71.0);
+    wait_for_metric(
+        &agent,
+        "mesh_connections_total",
+        &[
+            ("direction", "inbound"),
+            ("route", "plaintext"),
+            ("outcome", "closed"),
+        ],
+        1.0,
+    );
+    // Nothing was counted twice or the wrong way round.
+    let outbound_from = agent
+        .metric(
+            "mesh_bytes_total",
+            &[("direction", "outbound"), ("way", "from_client")],
+        )
+        .expect("metrics");
+    assert_eq!(outbound_from, 100_000.0);
+}

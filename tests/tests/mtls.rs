@@ -109,7 +109,7 @@ impl TwoNodes {
 #[test]
 fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identity() {
     let mesh = TwoNodes::new("mtls_path");
-    let (_one, two) = mesh.agents(&[], None);
+    let (one, two) = mesh.agents(&[], None);
     // Capture everything on node 1's underlay while the client talks to the service.
     let pcap = std::env::temp_dir()
         .join(format!("mesh-test-{}", mesh.topo.id()))
@@ -148,6 +148,47 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
         )
         .expect("4 MiB echoed");
 
+    // Both agents counted the same bytes each way: `ID\n` and the 4 MiB from the client,
+    // the id reply and the echo back; the server side as tunnel streams.
+    let from_client = (3 + bytes) as f64;
+    let metric = |agent: &Agent, direction: &str, way: &str| {
+        agent
+            .metric(
+                "mesh_bytes_total",
+                &[("direction", direction), ("way", way)],
+            )
+            .expect("metrics")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&two, "tunnel", "from_client") != from_client
+        || metric(&one, "outbound", "from_client") != from_client
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bytes from the client: outbound {} and tunnel {}, expected {from_client}",
+            metric(&one, "outbound", "from_client"),
+            metric(&two, "tunnel", "from_client"),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let to_client = metric(&one, "outbound", "to_client");
+    assert!(to_client > bytes as f64, "the echo came back: {to_client}");
+    assert_eq!(metric(&two, "tunnel", "to_client"), to_client);
+    let closed = |agent: &Agent, direction: &str, route: &str| {
+        agent
+            .metric(
+                "mesh_connections_total",
+                &[
+                    ("direction", direction),
+                    ("route", route),
+                    ("outcome", "closed"),
+                ],
+            )
+            .expect("metrics")
+    };
+    assert_eq!(closed(&one, "outbound", "service"), 2.0);
+    assert_eq!(closed(&two, "tunnel", "tunnel"), 2.0);
+
     // While a connection is open, node 2's agent shows it with a's identity.
     let mut held = mesh
         .a
@@ -171,8 +212,11 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
     );
 
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(capture.id() as i32, libc::SIGINT) };
+    // Our own, not yet reaped, child.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(capture.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
     let _ = capture.wait();
     let data = std::fs::read(&pcap).expect("capture file");
     assert!(

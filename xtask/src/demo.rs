@@ -7,10 +7,15 @@ use std::{fs, path::PathBuf};
 use anyhow::{Context, bail};
 use mesh_tests::{Agent, Topology, parse_id_reply};
 
-use crate::{cargo, ebpf, run, setup, workspace_root};
+use crate::{
+    command::{cargo, run, workspace_root},
+    ebpf, setup,
+};
 
 const VIP: &str = "10.96.0.10:80";
 
+// Unsafe: `std::env::set_var` (it tells mesh-tests where the freshly built agent is).
+#[allow(unsafe_code)]
 pub fn demo() -> anyhow::Result<()> {
     setup::require_root("the demo loads eBPF programs and creates network namespaces")?;
     setup::machine()?;
@@ -28,7 +33,7 @@ pub fn demo() -> anyhow::Result<()> {
         "building the agent",
     )?;
     let bin_dir = workspace_root().join("target/debug");
-    // SAFETY (env): single-threaded here, before anything reads the environment concurrently.
+    // SAFETY: single-threaded here, before anything reads the environment concurrently.
     unsafe {
         std::env::set_var("MESH_AGENT_BIN", bin_dir.join("mesh-agent"));
     }

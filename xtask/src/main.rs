@@ -1,17 +1,14 @@
 //! Project tasks. `cargo xtask --help` lists them.
 
 mod bench;
+mod command;
 mod demo;
 mod ebpf;
 mod setup;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
-
-use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+
+use command::{cargo, run, workspace_root};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -22,8 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build the eBPF programs (installs rust-src and bpf-linker when missing).
+    /// Build the eBPF programs (installs rust-src, clippy and bpf-linker when missing).
     BuildEbpf,
+    /// The lint part of `test`, without root: build the eBPF programs, rustfmt check and
+    /// clippy (warnings denied) on the workspace and on mesh-ebpf.
+    Lint,
     /// Show the agent at work: a node with three pods on this machine, traffic through a
     /// service VIP, the agent's status; everything is removed afterwards (needs root).
     Demo,
@@ -41,6 +41,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => ebpf::build(),
+        Task::Lint => lint(),
         Task::Demo => demo::demo(),
         Task::Test { args } => test(&args),
         Task::Bench(args) => bench::run_bench(&args),
@@ -50,6 +51,21 @@ fn main() -> anyhow::Result<()> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::require_root("the tests load eBPF programs and create network namespaces")?;
     setup::machine()?;
+    lint()?;
+    // The end-to-end tests run this binary in the test nodes.
+    run(
+        cargo().args(["build", "-p", "mesh-agent"]),
+        "cargo build -p mesh-agent",
+    )?;
+    run(
+        cargo().args(["test", "--workspace", "--"]).args(args),
+        "cargo test",
+    )
+}
+
+/// Builds the eBPF object (the agent embeds it, so clippy on the workspace needs it), then
+/// checks formatting and runs clippy on both workspaces.
+fn lint() -> anyhow::Result<()> {
     ebpf::build()?;
     let root = workspace_root();
     run(
@@ -74,38 +90,5 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         ]),
         "cargo clippy",
     )?;
-    // The end-to-end tests run this binary in the test nodes.
-    run(
-        cargo().args(["build", "-p", "mesh-agent"]),
-        "cargo build -p mesh-agent",
-    )?;
-    run(
-        cargo().args(["test", "--workspace", "--"]).args(args),
-        "cargo test",
-    )
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-/// `cargo` from the toolchain running xtask, in the workspace root.
-pub fn cargo() -> Command {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.current_dir(workspace_root());
-    command
-}
-
-/// Runs `command`, failing with `what` when it does not succeed.
-pub fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("starting {what}"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
+    ebpf::clippy()
 }

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::run;
+use crate::command::run;
 
 /// Debian packages by a command they provide.
 const PACKAGES: &[(&str, &str)] = &[
@@ -77,8 +77,8 @@ pub fn machine() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The eBPF toolchain: the nightly's rust-src and a bpf-linker built against the nightly's
-/// own LLVM (Debian's LLVM is older and does not match rustc's bitcode).
+/// The eBPF toolchain: the nightly's rust-src and clippy, and a bpf-linker built against the
+/// nightly's own LLVM (Debian's LLVM is older and does not match rustc's bitcode).
 pub fn toolchain() -> anyhow::Result<()> {
     let sysroot = PathBuf::from(
         output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
@@ -89,6 +89,12 @@ pub fn toolchain() -> anyhow::Result<()> {
         run(
             Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
             "rustup component add rust-src",
+        )?;
+    }
+    if !sysroot.join("bin/cargo-clippy").is_file() {
+        run(
+            Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "nightly"]),
+            "rustup component add clippy",
         )?;
     }
     if !bpf_linker_ok() {

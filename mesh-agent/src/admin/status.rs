@@ -9,6 +9,8 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
+use crate::pods::PodStatus;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusReport {
@@ -16,7 +18,7 @@ pub struct StatusReport {
     pub cgroup: String,
     pub config: ConfigStatus,
     pub programs: Vec<ProgramStatus>,
-    pub workloads: Vec<WorkloadStatus>,
+    pub workloads: Vec<PodStatus>,
     /// Certificates held for the identities of this node's pods.
     pub certificates: Vec<CertificateStatus>,
     /// Connections into this node's pods, with the identity they were authorized as.
@@ -57,21 +59,6 @@ pub struct ConfigStatus {
 pub struct ProgramStatus {
     pub name: String,
     pub pin: String,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkloadStatus {
-    /// `namespace/name`
-    pub workload: String,
-    pub netns: String,
-    pub netns_cookie: u64,
-    /// Connects rewritten to the pod's outbound listener.
-    pub captured: u64,
-    /// Connects left alone (loopback, excluded port).
-    pub skipped: u64,
-    /// Connects that found no proxy listener (fail-open: passed, fail-closed: refused).
-    pub no_listener: u64,
 }
 
 /// Fetches /status from the agent at `admin` and prints it as a table or JSON.

@@ -1,7 +1,9 @@
 //! Endpoint selection. Stage one ships round robin; the balancing issue adds P2C peak-EWMA,
 //! least connections, Maglev and outlier ejection behind the same trait.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
 
 use crate::config::Endpoint;
 
@@ -23,10 +25,7 @@ impl Balancer for RoundRobin {
         if candidates.is_empty() {
             return None;
         }
-        let mut next = self
-            .next
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut next = self.next.lock();
         let turn = match next.get_mut(key) {
             Some(turn) => turn,
             None => next.entry(key.to_owned()).or_default(),

@@ -3,7 +3,8 @@
 //!
 //! - [`model`]: the resolved snapshot [`Config`] and its parts.
 //! - the file source: [`Config::from_yaml_str`], [`Config::load`] (strict parsing with
-//!   positions, then validation that resolves endpoints and builds the lookups).
+//!   positions, then validation that resolves endpoints and builds the lookups), and
+//!   [`check`] for `mesh-agent config check`.
 //! - [`watch`]: reloads the file on change; an invalid file is refused with `file:line:column`
 //!   and the previous snapshot stays.
 //!
@@ -17,11 +18,11 @@ mod validate;
 pub mod watch;
 
 pub use error::ConfigError;
-pub use file::system_node_name;
+pub use file::{check, system_node_name};
 pub use model::{
     AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Cidr, Config,
-    Endpoint, EndpointSelection, FailMode, Policies, QualifiedName, RuleSource, Service,
-    ServicePort, UnknownDestination, Workload, WorkloadId,
+    Endpoint, EndpointSelection, FailMode, LiveSettings, Policies, QualifiedName, RuleSource,
+    Service, ServicePort, StartupSettings, UnknownDestination, Workload, WorkloadId,
 };
 pub use watch::{ConfigWatch, ReloadStats, ReloadStatus};
 

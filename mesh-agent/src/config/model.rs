@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::tls::SpiffeId;
 
 /// Defaults of the `agent` block.
 pub mod defaults {
@@ -142,9 +144,21 @@ impl Config {
     }
 }
 
-/// The `agent` block, defaults applied.
+/// The `agent` block, defaults applied, in two parts: what the agent reads once at start
+/// ([`StartupSettings`]: a reload changing it is refused) and what a reload applies
+/// ([`LiveSettings`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
+    pub startup: StartupSettings,
+    pub live: LiveSettings,
+}
+
+/// The settings that take effect only when the agent starts (listeners, pins, the CA, the
+/// connection limit). Serialized only to name the ones a reload changed: the serialized keys
+/// are the YAML names of the `agent` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartupSettings {
     /// Node this agent serves; default: the host name (`/proc/sys/kernel/hostname`).
     pub node: String,
     /// cgroup2 directory to attach to; `None` = the cgroup2 root (resolved elsewhere).
@@ -158,18 +172,10 @@ pub struct AgentConfig {
     pub admin_addr: SocketAddr,
     /// SO_MARK of the proxy's own sockets (never captured); non-zero.
     pub proxy_mark: u32,
-    /// Destination ports never captured, sorted.
-    pub excluded_ports: Vec<u16>,
-    /// Destination networks never captured (e.g. the node's own network), in file order.
-    pub excluded_cidrs: Vec<Cidr>,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// Copy buffer per direction per connection.
-    pub buffer_bytes: usize,
     /// Connections proxied at once (outbound and inbound); beyond it the listeners stop
-    /// accepting and new connections wait in the kernel's backlog. Read at start.
+    /// accepting and new connections wait in the kernel's backlog.
     pub max_connections: usize,
-    /// SPIFFE trust domain of the mesh identities (a DNS-like name); default `cluster.local`.
+    /// SPIFFE trust domain of the mesh identities; default `cluster.local`.
     pub trust_domain: String,
     /// PEM certificate of the built-in CA (absolute path). `None` (with `ca_key_file`): the
     /// agent generates an in-memory development CA. Set together with `ca_key_file`.
@@ -180,50 +186,53 @@ pub struct AgentConfig {
     /// rotation); absolute, distinct, in file order.
     pub trust_root_files: Vec<PathBuf>,
     /// Lifetime of the workload certificates the CA signs; default 24 h, at least a minute.
+    #[serde(rename = "certLifetimeMinutes")]
     pub cert_lifetime: Duration,
     /// An HBONE tunnel (node-to-node connection) with no stream is closed after this long.
+    #[serde(rename = "tunnelIdleTimeoutMs")]
     pub tunnel_idle_timeout: Duration,
 }
 
-impl AgentConfig {
-    /// The settings that differ between `self` and `new` and take effect only when the agent
-    /// starts (listeners, pins, the CA, the connection limit), by their YAML names. A reload
-    /// changing any of them is refused rather than half applied.
-    pub fn restart_only_changes(&self, new: &AgentConfig) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        let mut check = |name, differs: bool| {
-            if differs {
-                changed.push(name);
+/// The settings a reload applies to new connections (and, for the exclusions, to the eBPF
+/// maps at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSettings {
+    /// Destination ports never captured, sorted.
+    pub excluded_ports: Vec<u16>,
+    /// Destination networks never captured (e.g. the node's own network), in file order.
+    pub excluded_cidrs: Vec<Cidr>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Copy buffer per direction per connection.
+    pub buffer_bytes: usize,
+}
+
+impl StartupSettings {
+    /// The YAML names (`tunnelPort`) of the settings that differ between `self` and `new`;
+    /// empty when they are equal. Derived from the serialized form, so a new setting is
+    /// covered by adding the field.
+    pub fn changes(&self, new: &StartupSettings) -> Vec<String> {
+        if self == new {
+            return Vec::new();
+        }
+        match (serde_json::to_value(self), serde_json::to_value(new)) {
+            (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(new))) => {
+                let changed: Vec<String> = old
+                    .iter()
+                    .filter(|(key, value)| new.get(key.as_str()) != Some(value))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                if changed.is_empty() {
+                    // Unreachable while the serialization is faithful; never report "no
+                    // change" for settings that differ.
+                    vec![UNNAMED_CHANGE.to_owned()]
+                } else {
+                    changed
+                }
             }
-        };
-        check("node", self.node != new.node);
-        check("cgroup", self.cgroup != new.cgroup);
-        check("bpfName", self.bpf_name != new.bpf_name);
-        check("outboundPort", self.outbound_port != new.outbound_port);
-        check("inboundPort", self.inbound_port != new.inbound_port);
-        check("tunnelPort", self.tunnel_port != new.tunnel_port);
-        check("adminAddr", self.admin_addr != new.admin_addr);
-        check("proxyMark", self.proxy_mark != new.proxy_mark);
-        check(
-            "maxConnections",
-            self.max_connections != new.max_connections,
-        );
-        check("trustDomain", self.trust_domain != new.trust_domain);
-        check("caCertFile", self.ca_cert_file != new.ca_cert_file);
-        check("caKeyFile", self.ca_key_file != new.ca_key_file);
-        check(
-            "trustRootFiles",
-            self.trust_root_files != new.trust_root_files,
-        );
-        check(
-            "certLifetimeMinutes",
-            self.cert_lifetime != new.cert_lifetime,
-        );
-        check(
-            "tunnelIdleTimeoutMs",
-            self.tunnel_idle_timeout != new.tunnel_idle_timeout,
-        );
-        changed
+            // Only a path that is not UTF-8 fails to serialize (the file cannot write one).
+            _ => vec![UNNAMED_CHANGE.to_owned()],
+        }
     }
 
     /// Lowest and highest of the proxy's listener ports (outbound, inbound, tunnel): the range
@@ -235,6 +244,9 @@ impl AgentConfig {
         (min, max)
     }
 }
+
+/// What [`StartupSettings::changes`] reports when it cannot name the setting.
+const UNNAMED_CHANGE: &str = "(a start-up setting)";
 
 /// An IP network, `address/prefix`, with the host bits zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +272,9 @@ pub struct Workload {
     pub name: String,
     pub namespace: String,
     pub service_account: String,
+    /// `spiffe://<agent.trustDomain>/ns/<namespace>/sa/<serviceAccount>`: what the workload
+    /// presents to other pods and what authorization sees of it.
+    pub identity: SpiffeId,
     /// Canonical (IPv4-mapped addresses folded to IPv4), in file order, non-empty.
     pub ips: Vec<IpAddr>,
     pub node: String,
@@ -276,15 +291,6 @@ impl Workload {
     /// `namespace/name`
     pub fn qualified_name(&self) -> QualifiedName<'_> {
         QualifiedName(&self.namespace, &self.name)
-    }
-
-    /// The workload's SPIFFE identity in `trust_domain`:
-    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<serviceAccount>`.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
     }
 }
 
@@ -451,7 +457,7 @@ pub struct AuthorizationRule {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSource {
     /// Exact SPIFFE IDs.
-    pub identities: Vec<String>,
+    pub identities: Vec<SpiffeId>,
     /// SPIFFE ID prefixes, compared byte for byte: end one with `/`
     /// (`spiffe://cluster.local/ns/demo/`) unless a partial path segment is meant
     /// (`.../ns/demo` also matches `.../ns/demo-test/...`).

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::*;
+use crate::tls::SpiffeId;
 
 /// Parses with `agent.node` defaulting to `host-node`.
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -42,6 +43,11 @@ fn ip(s: &str) -> IpAddr {
 
 fn sock(s: &str) -> SocketAddr {
     s.parse().expect("test socket address")
+}
+
+#[track_caller]
+fn spiffe(text: &str) -> SpiffeId {
+    SpiffeId::parse(text).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -91,7 +97,7 @@ fn example_file_parses() {
         "local.yaml",
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config.agent.node, "node-a");
+    assert_eq!(config.agent.startup.node, "node-a");
     let names: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["client", "server-1", "server-2"]);
     assert!(
@@ -183,41 +189,45 @@ fn full_document() {
     assert_eq!(
         *a,
         AgentConfig {
-            node: "node-a".into(),
-            cgroup: Some(PathBuf::from("/sys/fs/cgroup/unified")),
-            bpf_name: "mesh-test".into(),
-            outbound_port: 16001,
-            inbound_port: 16006,
-            tunnel_port: 16008,
-            admin_addr: sock("[::1]:16000"),
-            proxy_mark: 0x540,
-            excluded_ports: vec![22, 443],
-            excluded_cidrs: vec![
-                Cidr {
-                    addr: "10.0.0.0".parse().expect("ip"),
-                    prefix: 8
-                },
-                Cidr {
-                    addr: "fd00::".parse().expect("ip"),
-                    prefix: 16
-                },
-            ],
-            connect_timeout: Duration::from_millis(250),
-            idle_timeout: Duration::from_secs(60),
-            buffer_bytes: 16384,
-            max_connections: 100,
-            trust_domain: "mesh.example.org".into(),
-            ca_cert_file: Some(PathBuf::from("/etc/mesh/ca.pem")),
-            ca_key_file: Some(PathBuf::from("/etc/mesh/ca-key.pem")),
-            trust_root_files: vec![
-                PathBuf::from("/etc/mesh/old-root.pem"),
-                PathBuf::from("/etc/mesh/new-root.pem"),
-            ],
-            cert_lifetime: Duration::from_secs(90 * 60),
-            tunnel_idle_timeout: Duration::from_millis(2500),
+            startup: StartupSettings {
+                node: "node-a".into(),
+                cgroup: Some(PathBuf::from("/sys/fs/cgroup/unified")),
+                bpf_name: "mesh-test".into(),
+                outbound_port: 16001,
+                inbound_port: 16006,
+                tunnel_port: 16008,
+                admin_addr: sock("[::1]:16000"),
+                proxy_mark: 0x540,
+                max_connections: 100,
+                trust_domain: "mesh.example.org".into(),
+                ca_cert_file: Some(PathBuf::from("/etc/mesh/ca.pem")),
+                ca_key_file: Some(PathBuf::from("/etc/mesh/ca-key.pem")),
+                trust_root_files: vec![
+                    PathBuf::from("/etc/mesh/old-root.pem"),
+                    PathBuf::from("/etc/mesh/new-root.pem"),
+                ],
+                cert_lifetime: Duration::from_secs(90 * 60),
+                tunnel_idle_timeout: Duration::from_millis(2500),
+            },
+            live: LiveSettings {
+                excluded_ports: vec![22, 443],
+                excluded_cidrs: vec![
+                    Cidr {
+                        addr: "10.0.0.0".parse().expect("ip"),
+                        prefix: 8
+                    },
+                    Cidr {
+                        addr: "fd00::".parse().expect("ip"),
+                        prefix: 16
+                    },
+                ],
+                connect_timeout: Duration::from_millis(250),
+                idle_timeout: Duration::from_secs(60),
+                buffer_bytes: 16384,
+            },
         }
     );
-    assert_eq!(a.proxy_port_range(), (16001, 16008));
+    assert_eq!(a.startup.proxy_port_range(), (16001, 16008));
 
     let web1 = &config.workloads[0];
     assert_eq!(
@@ -227,6 +237,7 @@ fn full_document() {
             name: "web-1".into(),
             namespace: "shop".into(),
             service_account: "web".into(),
+            identity: spiffe("spiffe://mesh.example.org/ns/shop/sa/web"),
             ips: vec![ip("10.1.0.2"), ip("fd00:1::2")],
             node: "node-a".into(),
             netns: Some(PathBuf::from("/var/run/netns/web-1")),
@@ -332,30 +343,34 @@ fn defaults() {
     assert_eq!(
         config.agent,
         AgentConfig {
-            node: "host-node".into(),
-            cgroup: None,
-            bpf_name: "mesh".into(),
-            outbound_port: 15001,
-            inbound_port: 15006,
-            tunnel_port: 15008,
-            admin_addr: sock("127.0.0.1:15000"),
-            proxy_mark: 0x539,
-            excluded_ports: vec![],
-            excluded_cidrs: vec![],
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(3600),
-            buffer_bytes: 65536,
-            max_connections: 16384,
-            trust_domain: "cluster.local".into(),
-            ca_cert_file: None,
-            ca_key_file: None,
-            trust_root_files: vec![],
-            cert_lifetime: Duration::from_secs(24 * 3600),
-            tunnel_idle_timeout: Duration::from_secs(60),
+            startup: StartupSettings {
+                node: "host-node".into(),
+                cgroup: None,
+                bpf_name: "mesh".into(),
+                outbound_port: 15001,
+                inbound_port: 15006,
+                tunnel_port: 15008,
+                admin_addr: sock("127.0.0.1:15000"),
+                proxy_mark: 0x539,
+                max_connections: 16384,
+                trust_domain: "cluster.local".into(),
+                ca_cert_file: None,
+                ca_key_file: None,
+                trust_root_files: vec![],
+                cert_lifetime: Duration::from_secs(24 * 3600),
+                tunnel_idle_timeout: Duration::from_secs(60),
+            },
+            live: LiveSettings {
+                excluded_ports: vec![],
+                excluded_cidrs: vec![],
+                connect_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(3600),
+                buffer_bytes: 65536,
+            },
         }
     );
     assert_eq!(
-        w.spiffe_id(&config.agent.trust_domain),
+        w.identity.to_string(),
         "spiffe://cluster.local/ns/default/sa/default"
     );
     assert!(config.policies.authorization.is_empty());
@@ -382,7 +397,7 @@ fn empty_documents_are_empty_configs() {
     ] {
         let config = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         assert!(config.workloads.is_empty() && config.services.is_empty());
-        assert_eq!(config.agent.node, "host-node");
+        assert_eq!(config.agent.startup.node, "host-node");
     }
 }
 
@@ -829,9 +844,9 @@ fn admin_addr_must_be_loopback() {
         error(&base_with(&[(2, "  adminAddr: localhost:15000")], &[])),
         "mesh.yaml:2:14: agent.adminAddr: `localhost:15000` is not an IP:port address"
     );
-    assert!(ok(BASE).agent.admin_addr.ip().is_loopback());
+    assert!(ok(BASE).agent.startup.admin_addr.ip().is_loopback());
     let v6 = ok(&base_with(&[(2, "  adminAddr: '[::1]:15000'")], &[]));
-    assert_eq!(v6.agent.admin_addr, sock("[::1]:15000"));
+    assert_eq!(v6.agent.startup.admin_addr, sock("[::1]:15000"));
 }
 
 #[test]
@@ -847,6 +862,7 @@ fn proxy_mark() {
     assert_eq!(
         ok(&base_with(&[(2, "  proxyMark: 1337")], &[]))
             .agent
+            .startup
             .proxy_mark,
         0x539
     );
@@ -893,18 +909,116 @@ fn other_agent_fields() {
     );
 }
 
+/// The rules of a subdomain name (everything but namespaces and the trust domain).
+const SUBDOMAIN_RULE: &str = "use 1 to 253 lowercase letters, digits, '-' or '.', each \
+                              dot-separated part starting and ending with a letter or digit";
+/// The rules of a namespace.
+const LABEL_RULE: &str = "use 1 to 63 lowercase letters, digits or '-' (no '.'), starting and \
+                          ending with a letter or digit";
+
 #[test]
 fn names_are_dns_names() {
     assert_eq!(
         error(&base_with(&[(4, "  - name: Web_1")], &[])),
-        "mesh.yaml:4:11: workloads[0].name: `Web_1` is not a valid name: use 1 to 253 lowercase \
-         letters, digits, '-' or '.', starting and ending with a letter or digit"
+        format!(
+            "mesh.yaml:4:11: workloads[0].name: `Web_1` is not a valid workload name: {SUBDOMAIN_RULE}"
+        )
     );
     assert_eq!(
         error(&base_with(&[(7, "    serviceAccount: a/b")], &[])),
-        "mesh.yaml:7:21: workloads[0].serviceAccount: `a/b` is not a valid name: use 1 to 253 \
-         lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+        format!(
+            "mesh.yaml:7:21: workloads[0].serviceAccount: `a/b` is not a valid service account: \
+             {SUBDOMAIN_RULE}"
+        )
     );
+    assert_eq!(
+        error(&base_with(&[(7, "    serviceAccount: a..b")], &[])),
+        format!(
+            "mesh.yaml:7:21: workloads[0].serviceAccount: `a..b` is not a valid service account: \
+             {SUBDOMAIN_RULE}"
+        )
+    );
+    assert_eq!(
+        error(&base_with(&[(10, "    node: node-b.")], &[])),
+        format!(
+            "mesh.yaml:10:11: workloads[1].node: `node-b.` is not a valid node name: {SUBDOMAIN_RULE}"
+        )
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  node: -a")], &[])),
+        format!("mesh.yaml:2:9: agent.node: `-a` is not a valid node name: {SUBDOMAIN_RULE}")
+    );
+    assert_eq!(
+        error(&base_with(&[(13, "  - name: web.")], &[])),
+        format!(
+            "mesh.yaml:13:11: services[0].name: `web.` is not a valid service name: {SUBDOMAIN_RULE}"
+        )
+    );
+    assert_eq!(
+        error(&base_with(&[], &["        name: Http"])),
+        format!(
+            "mesh.yaml:19:15: services[0].ports[0].name: `Http` is not a valid port name: \
+             {SUBDOMAIN_RULE}"
+        )
+    );
+    // Subdomains: dots, and parts longer than a DNS label, as Kubernetes allows.
+    let long = format!("    serviceAccount: {}.v2", "a".repeat(70));
+    let config = ok(&base_with(&[(7, Box::leak(long.into_boxed_str()))], &[]));
+    assert_eq!(
+        config.workloads[0].identity.service_account(),
+        format!("{}.v2", "a".repeat(70))
+    );
+}
+
+/// `namespace: team.a` used to be accepted here while identities refused it, so such a
+/// workload could never get a certificate: a namespace is a DNS label everywhere.
+#[test]
+fn a_namespace_is_a_dns_label_everywhere() {
+    let workload = error(&base_with(&[(7, "    namespace: team.a")], &[]));
+    assert_eq!(
+        workload,
+        format!(
+            "mesh.yaml:7:16: workloads[0].namespace: `team.a` is not a valid namespace: {LABEL_RULE}"
+        )
+    );
+    let service = error(&base_with(
+        &[(13, "  - name: web\n    namespace: team.a")],
+        &[],
+    ));
+    assert_eq!(
+        service,
+        format!(
+            "mesh.yaml:14:16: services[0].namespace: `team.a` is not a valid namespace: {LABEL_RULE}"
+        )
+    );
+    let policy = error(&with_policies(&["    - {name: p, namespace: team.a}"]));
+    assert_eq!(
+        policy,
+        format!(
+            "mesh.yaml:21:28: policies.authorization[0].namespace: `team.a` is not a valid \
+             namespace: {LABEL_RULE}"
+        )
+    );
+    let rule = error(&with_policies(&[
+        "    - name: p",
+        "      rules: [{from: {namespaces: [demo, team.a]}}]",
+    ]));
+    assert_eq!(
+        rule,
+        format!(
+            "mesh.yaml:22:42: policies.authorization[0].rules[0].from.namespaces[1]: `team.a` is \
+             not a valid namespace: {LABEL_RULE}"
+        )
+    );
+    let long = format!("    namespace: {}", "a".repeat(64));
+    assert!(
+        error(&base_with(&[(7, Box::leak(long.into_boxed_str()))], &[]))
+            .starts_with("mesh.yaml:7:16: workloads[0].namespace: ")
+    );
+    // 63 is the limit; the workload's identity carries the namespace.
+    let longest = format!("    namespace: {}", "a".repeat(63));
+    let config = ok(&base_with(&[(7, Box::leak(longest.into_boxed_str()))], &[]));
+    assert_eq!(config.workloads[0].identity.namespace(), "a".repeat(63));
 }
 
 // ---- mTLS settings ------------------------------------------------------------------------
@@ -913,11 +1027,10 @@ fn names_are_dns_names() {
 fn mtls_agent_fields() {
     assert_eq!(
         error(&base_with(&[(2, "  trustDomain: Cluster.Local")], &[])),
-        "mesh.yaml:2:16: agent.trustDomain: `Cluster.Local` is not a valid trust domain: use \
-         dot-separated labels of lowercase letters, digits and '-', each starting and ending \
-         with a letter or digit"
+        "mesh.yaml:2:16: agent.trustDomain: `Cluster.Local` is not a valid trust domain: use 1 \
+         to 255 lowercase letters, digits, '.', '-' or '_'"
     );
-    for bad in ["a..b", "-a.b", "a.b-", "a/b", "a:8443", "''", "a_b"] {
+    for bad in ["a/b", "a:8443", "''", "user@a", "\"a b\""] {
         let line = format!("  trustDomain: {bad}");
         let err = error(&base_with(&[(2, Box::leak(line.into_boxed_str()))], &[]));
         assert!(
@@ -925,12 +1038,13 @@ fn mtls_agent_fields() {
             "{bad}: {err}"
         );
     }
-    assert_eq!(
-        ok(&base_with(&[(2, "  trustDomain: prod-1.example.org")], &[]))
-            .agent
-            .trust_domain,
-        "prod-1.example.org"
-    );
+    // SPIFFE's rule, the same as for the identities of peer certificates.
+    for good in ["prod-1.example.org", "a_b", "a..b"] {
+        let line = format!("  trustDomain: {good}");
+        let config = ok(&base_with(&[(2, Box::leak(line.into_boxed_str()))], &[]));
+        assert_eq!(config.agent.startup.trust_domain, good);
+        assert_eq!(config.workloads[0].identity.trust_domain(), good);
+    }
     assert_eq!(
         error(&base_with(&[(2, "  caCertFile: ca.pem")], &[])),
         "mesh.yaml:2:15: agent.caCertFile: `ca.pem` is not an absolute path"
@@ -975,6 +1089,7 @@ fn mtls_agent_fields() {
     assert_eq!(
         ok(&base_with(&[(2, "  certLifetimeMinutes: 1")], &[]))
             .agent
+            .startup
             .cert_lifetime,
         Duration::from_secs(60)
     );
@@ -998,12 +1113,108 @@ fn spiffe_id_of_a_workload() {
         &[],
     ));
     assert_eq!(
-        config.workloads[0].spiffe_id("cluster.local"),
-        "spiffe://cluster.local/ns/default/sa/web"
+        config.workloads[0].identity,
+        spiffe("spiffe://cluster.local/ns/default/sa/web")
     );
     assert_eq!(
-        config.workloads[1].spiffe_id("example.org"),
-        "spiffe://example.org/ns/default/sa/default"
+        config.workloads[1].identity,
+        spiffe("spiffe://cluster.local/ns/default/sa/default")
+    );
+    let other = ok(&base_with(
+        &[
+            (2, "  trustDomain: example.org"),
+            (7, "    namespace: shop"),
+        ],
+        &[],
+    ));
+    assert_eq!(
+        other.workloads[0].identity.to_string(),
+        "spiffe://example.org/ns/shop/sa/default"
+    );
+}
+
+// ---- start-up versus live settings --------------------------------------------------------
+
+/// BASE with `agent_lines` added to its `agent` block.
+fn with_agent(agent_lines: &[&'static str]) -> Config {
+    let mut lines = BASE[..2].to_vec();
+    lines.extend_from_slice(agent_lines);
+    lines.extend_from_slice(&BASE[2..]);
+    ok(&lines)
+}
+
+#[test]
+fn startup_changes_are_named_by_their_yaml_names() {
+    let before = ok(BASE);
+    let changes = |agent_lines: &[&'static str]| {
+        let after = with_agent(agent_lines);
+        before.agent.startup.changes(&after.agent.startup)
+    };
+    assert!(changes(&[]).is_empty());
+    assert_eq!(changes(&["  tunnelPort: 15009"]), ["tunnelPort"]);
+    // The YAML names, also where they are not the field names; in name order.
+    assert_eq!(
+        changes(&[
+            "  tunnelIdleTimeoutMs: 100",
+            "  certLifetimeMinutes: 90",
+            "  trustRootFiles: [/a.pem]",
+            "  maxConnections: 10",
+            "  adminAddr: 127.0.0.1:16000",
+        ]),
+        [
+            "adminAddr",
+            "certLifetimeMinutes",
+            "maxConnections",
+            "trustRootFiles",
+            "tunnelIdleTimeoutMs"
+        ]
+    );
+    // Live settings are not start-up changes.
+    let live = with_agent(&[
+        "  excludedPorts: [22]",
+        "  excludedCidrs: [10.0.0.0/8]",
+        "  connectTimeoutMs: 1",
+        "  idleTimeoutMs: 1",
+        "  bufferBytes: 1",
+    ]);
+    assert_ne!(live.agent.live, before.agent.live);
+    assert_eq!(live.agent.startup, before.agent.startup);
+    assert!(before.agent.startup.changes(&live.agent.startup).is_empty());
+}
+
+/// The names `changes` reports are real keys of the `agent` block, and none is live.
+#[test]
+fn startup_setting_names_are_agent_keys() {
+    let serialized = serde_json::to_value(&ok(BASE).agent.startup).expect("serializes");
+    let keys: Vec<String> = serialized
+        .as_object()
+        .expect("an object")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(keys.len(), 15, "{keys:?}");
+    for key in &keys {
+        // Written without a value, a known key is just absent; an unknown one is refused.
+        if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {
+            assert!(!e.to_string().contains("unknown field"), "{key}: {e}");
+        }
+        assert!(
+            ![
+                "excludedPorts",
+                "excludedCidrs",
+                "connectTimeoutMs",
+                "idleTimeoutMs",
+                "bufferBytes"
+            ]
+            .contains(&key.as_str()),
+            "{key}"
+        );
+    }
+    assert!(
+        parse("agent:\n  notASetting:\n")
+            .expect_err("unknown")
+            .to_string()
+            .contains("unknown field")
     );
 }
 
@@ -1047,7 +1258,7 @@ fn authorization_policies_resolve() {
                 rules: vec![
                     AuthorizationRule {
                         from: Some(RuleSource {
-                            identities: vec!["spiffe://cluster.local/ns/a/sa/b".into()],
+                            identities: vec![spiffe("spiffe://cluster.local/ns/a/sa/b")],
                             identity_prefixes: vec!["spiffe://cluster.local/ns/c/".into()],
                             namespaces: vec!["d".into(), "e".into()],
                         }),
@@ -1173,13 +1384,17 @@ fn authorization_duplicate_name_in_namespace() {
 fn authorization_names_and_selector() {
     assert_eq!(
         error(&with_policies(&["    - name: Allow_All"])),
-        "mesh.yaml:21:13: policies.authorization[0].name: `Allow_All` is not a valid name: use 1 \
-         to 253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+        format!(
+            "mesh.yaml:21:13: policies.authorization[0].name: `Allow_All` is not a valid policy \
+             name: {SUBDOMAIN_RULE}"
+        )
     );
     assert_eq!(
         error(&with_policies(&["    - {name: p, namespace: Demo}"])),
-        "mesh.yaml:21:28: policies.authorization[0].namespace: `Demo` is not a valid name: use 1 \
-         to 253 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+        format!(
+            "mesh.yaml:21:28: policies.authorization[0].namespace: `Demo` is not a valid \
+             namespace: {LABEL_RULE}"
+        )
     );
     assert_eq!(
         error(&with_policies(&["    - name: p", "      selector: {}"])),
@@ -1202,8 +1417,8 @@ fn authorization_identities_must_be_spiffe() {
             "        - from:",
             "            identities: [\"spiffe://cluster.local/ns/a/sa/b\", cluster.local/ns/a/sa/c]",
         ])),
-        "mesh.yaml:24:62: policies.authorization[0].rules[0].from.identities[1]: \
-         `cluster.local/ns/a/sa/c` does not start with spiffe://"
+        "mesh.yaml:24:62: policies.authorization[0].rules[0].from.identities[1]: identity \
+         \"cluster.local/ns/a/sa/c\" does not start with \"spiffe://\""
     );
     assert_eq!(
         error(&with_policies(&[
@@ -1220,9 +1435,20 @@ fn authorization_identities_must_be_spiffe() {
             "      rules:",
             "        - from: {identities: [\"spiffe://cluster.local\"]}",
         ])),
-        "mesh.yaml:23:31: policies.authorization[0].rules[0].from.identities[0]: \
-         `spiffe://cluster.local` is not a SPIFFE ID: expected spiffe://<trust domain>/<path> \
-         (use identityPrefixes for a prefix)"
+        "mesh.yaml:23:31: policies.authorization[0].rules[0].from.identities[0]: identity \
+         \"spiffe://cluster.local\": the path must be /ns/<namespace>/sa/<serviceAccount> (use \
+         identityPrefixes for a prefix)"
+    );
+    // An identity is parsed as those of peer certificates are: by the same name rules.
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from: {identities: [\"spiffe://cluster.local/ns/team.a/sa/b\"]}",
+        ])),
+        "mesh.yaml:23:31: policies.authorization[0].rules[0].from.identities[0]: identity \
+         \"spiffe://cluster.local/ns/team.a/sa/b\": bad namespace: only lower-case letters, \
+         digits and '-' are allowed"
     );
     assert_eq!(
         error(&with_policies(&[
@@ -1230,8 +1456,18 @@ fn authorization_identities_must_be_spiffe() {
             "      rules:",
             "        - from: {identities: [\"spiffe://cluster.local/ns/a/sa/b \"]}",
         ])),
-        "mesh.yaml:23:31: policies.authorization[0].rules[0].from.identities[0]: \
-         `spiffe://cluster.local/ns/a/sa/b ` contains a blank or control character"
+        "mesh.yaml:23:31: policies.authorization[0].rules[0].from.identities[0]: identity \
+         \"spiffe://cluster.local/ns/a/sa/b \": bad service account: only lower-case letters, \
+         digits, '-' and '.' are allowed"
+    );
+    assert_eq!(
+        error(&with_policies(&[
+            "    - name: p",
+            "      rules:",
+            "        - from: {identityPrefixes: [\"spiffe://cluster.local/ns/a \"]}",
+        ])),
+        "mesh.yaml:23:37: policies.authorization[0].rules[0].from.identityPrefixes[0]: \
+         `spiffe://cluster.local/ns/a ` contains a blank or control character"
     );
     assert_eq!(
         error(&with_policies(&[
@@ -1239,9 +1475,10 @@ fn authorization_identities_must_be_spiffe() {
             "      rules:",
             "        - from: {namespaces: [demo, Prod]}",
         ])),
-        "mesh.yaml:23:37: policies.authorization[0].rules[0].from.namespaces[1]: `Prod` is not \
-         a valid name: use 1 to 253 lowercase letters, digits, '-' or '.', starting and ending \
-         with a letter or digit"
+        format!(
+            "mesh.yaml:23:37: policies.authorization[0].rules[0].from.namespaces[1]: `Prod` is \
+             not a valid namespace: {LABEL_RULE}"
+        )
     );
     // A bare `spiffe://` prefix (any authenticated source) is fine.
     ok(&with_policies(&[

@@ -15,7 +15,9 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -97,27 +99,22 @@ pub struct ReloadStats {
 
 impl ReloadStatus {
     pub fn snapshot(&self) -> ReloadStats {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ReloadStats> {
-        // The data stays consistent even if a holder panicked: every update is one assignment.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().clone()
     }
 
     fn applied(&self) {
-        let mut s = self.lock();
+        let mut s = self.inner.lock();
         s.applied += 1;
         s.last_error = None;
         s.last_applied_at = Some(SystemTime::now());
     }
 
     fn valid_unchanged(&self) {
-        self.lock().last_error = None;
+        self.inner.lock().last_error = None;
     }
 
     fn rejected(&self, message: String) {
-        let mut s = self.lock();
+        let mut s = self.inner.lock();
         s.rejected += 1;
         s.last_error = Some(message);
     }

@@ -8,6 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -89,7 +90,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 pub struct Datapath {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
-    orig_dst: HashMap<MapData, FlowKey, OrigDst>,
+    orig_dst: Arc<OrigDstTable>,
     excluded_ports: HashMap<MapData, u16, u8>,
     excluded_cidrs: LpmTrie<MapData, [u8; 16], u8>,
     inbound_listeners: SockHash<MapData, SockAddr>,
@@ -168,7 +169,9 @@ impl Datapath {
         Ok(Self {
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
             pod_stats: take_map(&mut ebpf, maps::POD_STATS)?,
-            orig_dst: take_map(&mut ebpf, maps::ORIG_DST_BY_FLOW)?,
+            orig_dst: Arc::new(OrigDstTable {
+                map: parking_lot::Mutex::new(take_map(&mut ebpf, maps::ORIG_DST_BY_FLOW)?),
+            }),
             excluded_ports: take_map(&mut ebpf, maps::EXCLUDED_PORTS)?,
             excluded_cidrs: take_map(&mut ebpf, maps::EXCLUDED_CIDRS)?,
             inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
@@ -181,6 +184,12 @@ impl Datapath {
 
     pub fn programs(&self) -> &[AttachedProgram] {
         &self.attached
+    }
+
+    /// The original-destination table, for the proxy's hot path: a handle of its own, so
+    /// accepting a connection never waits on enrollment or on a status read.
+    pub fn orig_dst(&self) -> Arc<OrigDstTable> {
+        self.orig_dst.clone()
     }
 
     /// Steers the pod in network namespace `netns_cookie` through the proxy.
@@ -323,13 +332,22 @@ impl Datapath {
         }
         Ok(())
     }
+}
 
-    /// The original destination of a captured connection, taken (read and removed) by the
-    /// proxy when it accepts the connection.
-    pub fn take_orig_dst(&mut self, key: &FlowKey) -> Option<OrigDst> {
-        let orig = self.orig_dst.get(key, 0).ok()?;
-        let _ = self.orig_dst.remove(key);
-        Some(orig)
+/// Original destinations of captured connects, written by sock_ops, taken by the proxy on
+/// accept. Its lock is held for one lookup and one delete (two map syscalls) and by nothing
+/// else; aya's delete wants `&mut` though the kernel map needs no exclusion.
+pub struct OrigDstTable {
+    map: parking_lot::Mutex<HashMap<MapData, FlowKey, OrigDst>>,
+}
+
+impl OrigDstTable {
+    /// The original destination of the connection `key`, read and removed.
+    pub fn take(&self, key: &FlowKey) -> Option<SocketAddr> {
+        let mut map = self.map.lock();
+        let orig = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        decode_addr(&orig.dst)
     }
 }
 

@@ -4,18 +4,21 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+use crate::tls::SpiffeId;
 
 /// What a connection was authorized as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subject {
     /// The client's SPIFFE identity; `None` for a plaintext, unauthenticated client.
-    pub source: Option<String>,
+    pub source: Option<SpiffeId>,
     /// The destination workload, `namespace/name`.
     pub destination: String,
     /// The destination port (the pod's port).
@@ -49,7 +52,7 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        self.registry.live.lock().remove(&self.id);
     }
 }
 
@@ -57,7 +60,7 @@ impl Registry {
     pub fn track(self: &Arc<Self>, subject: Subject) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(Notify::new());
-        self.lock().insert(
+        self.live.lock().insert(
             id,
             Entry {
                 subject,
@@ -73,7 +76,7 @@ impl Registry {
 
     /// Closes every connection `still_allowed` now refuses; returns how many.
     pub fn revoke(&self, mut still_allowed: impl FnMut(&Subject) -> bool) -> usize {
-        let live = self.lock();
+        let live = self.live.lock();
         let mut closed = 0;
         for entry in live.values() {
             if !still_allowed(&entry.subject) {
@@ -87,24 +90,19 @@ impl Registry {
 
     /// What each live connection was authorized as (for the admin API).
     pub fn subjects(&self) -> Vec<Subject> {
-        self.lock()
+        self.live
+            .lock()
             .values()
             .map(|entry| entry.subject.clone())
             .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.live.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.live.lock().is_empty()
     }
 }
 
@@ -116,7 +114,7 @@ mod tests {
 
     fn subject(source: &str, port: u16) -> Subject {
         Subject {
-            source: Some(source.into()),
+            source: Some(source.parse().expect("valid identity")),
             destination: "ns/b".into(),
             port,
         }
@@ -128,7 +126,10 @@ mod tests {
         let keep = registry.track(subject("spiffe://td/ns/ns/sa/a", 80));
         let close = registry.track(subject("spiffe://td/ns/ns/sa/x", 80));
         assert_eq!(
-            registry.revoke(|s| s.source.as_deref() != Some("spiffe://td/ns/ns/sa/x")),
+            registry.revoke(|s| s
+                .source
+                .as_ref()
+                .is_none_or(|id| id.service_account() != "x")),
             1
         );
         tokio::time::timeout(Duration::from_secs(1), close.revoked())

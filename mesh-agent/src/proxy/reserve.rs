@@ -10,10 +10,12 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
+
+use parking_lot::Mutex;
 
 use super::socket;
 use crate::sys::NetnsThread;
@@ -47,7 +49,7 @@ impl SocketReserve {
     /// An unconnected socket for connecting to `target`, made in the pod's netns.
     pub async fn take(self: &Arc<Self>, target: SocketAddr) -> io::Result<std::net::TcpStream> {
         let family = &self.families[usize::from(target.is_ipv6())];
-        let ready = family.ready.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let ready = family.ready.lock().pop();
         self.refill(target);
         match ready {
             Some(socket) => Ok(socket),
@@ -64,24 +66,19 @@ impl SocketReserve {
     /// Tops the family of `target` up to [`TARGET`] on the netns thread, once at a time.
     fn refill(self: &Arc<Self>, target: SocketAddr) {
         let family = &self.families[usize::from(target.is_ipv6())];
-        let low = family.ready.lock().unwrap_or_else(|p| p.into_inner()).len() < LOW_WATER;
+        let low = family.ready.lock().len() < LOW_WATER;
         if !low || family.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
         let reserve = self.clone();
         self.netns.submit(move || {
             let family = &reserve.families[usize::from(target.is_ipv6())];
-            let missing =
-                TARGET.saturating_sub(family.ready.lock().unwrap_or_else(|p| p.into_inner()).len());
+            let missing = TARGET.saturating_sub(family.ready.lock().len());
             // Made outside the lock; a failure (fd limit) just leaves the reserve short.
             let fresh: Vec<_> = (0..missing)
                 .map_while(|_| socket::upstream(target, reserve.mark).ok())
                 .collect();
-            family
-                .ready
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(fresh);
+            family.ready.lock().extend(fresh);
             family.refilling.store(false, Ordering::Release);
         });
     }

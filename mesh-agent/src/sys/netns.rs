@@ -145,6 +145,9 @@ pub fn current_cookie() -> io::Result<u64> {
 }
 
 /// The cookie of the network namespace a socket lives in.
+// Unsafe: SO_NETNS_COOKIE has no safe wrapper (neither nix nor socket2 has it), so this calls
+// getsockopt(2) itself.
+#[allow(unsafe_code)]
 pub fn socket_netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     let mut cookie: u64 = 0;

@@ -315,10 +315,12 @@ pub fn init_dev_ca(
     days: u32,
     force: bool,
 ) -> Result<(PathBuf, PathBuf), CaError> {
-    super::identity::validate_trust_domain(trust_domain).map_err(|reason| CaError::Sign {
-        identity: format!("CA of {trust_domain:?}"),
-        reason: format!("bad trust domain: {reason}"),
-    })?;
+    crate::names::Kind::TrustDomain
+        .check(trust_domain)
+        .map_err(|reason| CaError::Sign {
+            identity: format!("CA of {trust_domain:?}"),
+            reason: format!("bad trust domain: {reason}"),
+        })?;
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     if !force {

@@ -6,14 +6,12 @@
 
 use std::{fmt, str::FromStr};
 
+use crate::names::{self, NameError};
+
 /// The URI scheme and separator every identity starts with.
 const SCHEME: &str = "spiffe://";
-/// SPIFFE caps the trust domain at 255 bytes and the whole ID at 2048.
-const MAX_TRUST_DOMAIN: usize = 255;
+/// SPIFFE caps the whole ID at 2048 bytes (the trust domain's cap is in [`names`]).
 const MAX_ID: usize = 2048;
-/// Kubernetes: a namespace is a DNS label, a service account name a DNS subdomain.
-const MAX_LABEL: usize = 63;
-const MAX_SUBDOMAIN: usize = 253;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
@@ -22,13 +20,13 @@ pub enum IdentityError {
     #[error("identity {0:?} is longer than {MAX_ID} bytes")]
     TooLong(String),
     #[error("identity {id:?}: bad trust domain: {reason}")]
-    TrustDomain { id: String, reason: &'static str },
+    TrustDomain { id: String, reason: NameError },
     #[error("identity {0:?}: the path must be /ns/<namespace>/sa/<serviceAccount>")]
     Path(String),
     #[error("identity {id:?}: bad namespace: {reason}")]
-    Namespace { id: String, reason: &'static str },
+    Namespace { id: String, reason: NameError },
     #[error("identity {id:?}: bad service account: {reason}")]
-    ServiceAccount { id: String, reason: &'static str },
+    ServiceAccount { id: String, reason: NameError },
 }
 
 /// A validated SPIFFE identity of a Kubernetes service account. Cheap enough to clone (three
@@ -59,7 +57,8 @@ impl SpiffeId {
         Ok(parsed)
     }
 
-    /// Parses `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`.
+    /// Parses `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`, each part by the
+    /// rules of [`crate::names`].
     pub fn parse(id: &str) -> Result<Self, IdentityError> {
         let owned = || id.to_owned();
         if id.len() > MAX_ID {
@@ -71,10 +70,12 @@ impl SpiffeId {
         let (trust_domain, path) = rest
             .split_once('/')
             .ok_or_else(|| IdentityError::Path(owned()))?;
-        validate_trust_domain(trust_domain).map_err(|reason| IdentityError::TrustDomain {
-            id: owned(),
-            reason,
-        })?;
+        names::Kind::TrustDomain
+            .check(trust_domain)
+            .map_err(|reason| IdentityError::TrustDomain {
+                id: owned(),
+                reason,
+            })?;
         let mut segments = path.split('/');
         let (Some("ns"), Some(namespace), Some("sa"), Some(service_account), None) = (
             segments.next(),
@@ -85,16 +86,18 @@ impl SpiffeId {
         ) else {
             return Err(IdentityError::Path(owned()));
         };
-        validate_dns(namespace, MAX_LABEL, false).map_err(|reason| IdentityError::Namespace {
-            id: owned(),
-            reason,
-        })?;
-        validate_dns(service_account, MAX_SUBDOMAIN, true).map_err(|reason| {
-            IdentityError::ServiceAccount {
+        names::Kind::Namespace
+            .check(namespace)
+            .map_err(|reason| IdentityError::Namespace {
                 id: owned(),
                 reason,
-            }
-        })?;
+            })?;
+        names::Kind::ServiceAccount
+            .check(service_account)
+            .map_err(|reason| IdentityError::ServiceAccount {
+                id: owned(),
+                reason,
+            })?;
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
@@ -112,6 +115,29 @@ impl SpiffeId {
 
     pub fn service_account(&self) -> &str {
         &self.service_account
+    }
+
+    /// Whether the identity's text (`spiffe://...`) starts with `prefix`, compared byte for
+    /// byte, without building the text (authorization calls this per connection).
+    pub fn starts_with(&self, prefix: &str) -> bool {
+        let mut rest = prefix;
+        for part in [
+            SCHEME,
+            self.trust_domain.as_str(),
+            "/ns/",
+            self.namespace.as_str(),
+            "/sa/",
+            self.service_account.as_str(),
+        ] {
+            if rest.len() <= part.len() {
+                return part.as_bytes().starts_with(rest.as_bytes());
+            }
+            match rest.strip_prefix(part) {
+                Some(tail) => rest = tail,
+                None => return false,
+            }
+        }
+        rest.is_empty()
     }
 }
 
@@ -131,53 +157,6 @@ impl FromStr for SpiffeId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::parse(s)
     }
-}
-
-/// SPIFFE: lower-case letters, digits, '.', '-', '_'; no port, no user info.
-pub fn validate_trust_domain(trust_domain: &str) -> Result<(), &'static str> {
-    if trust_domain.is_empty() {
-        return Err("empty");
-    }
-    if trust_domain.len() > MAX_TRUST_DOMAIN {
-        return Err("longer than 255 bytes");
-    }
-    if !trust_domain
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
-        return Err("only lower-case letters, digits, '.', '-' and '_' are allowed");
-    }
-    Ok(())
-}
-
-/// An RFC 1123 label (`dots == false`) or subdomain (`dots == true`), as Kubernetes names are.
-fn validate_dns(name: &str, max: usize, dots: bool) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("empty");
-    }
-    if name.len() > max {
-        return Err("too long");
-    }
-    let labels: Vec<&str> = if dots {
-        name.split('.').collect()
-    } else {
-        vec![name]
-    };
-    for label in labels {
-        if label.is_empty() || label.len() > MAX_LABEL {
-            return Err("empty or over-long DNS label");
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return Err("only lower-case letters, digits and '-' are allowed");
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err("must start and end with a letter or digit");
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -232,5 +211,25 @@ mod tests {
             Err(IdentityError::Namespace { .. })
         ));
         assert!(SpiffeId::new("td", "a/sa/b", "c").is_err());
+    }
+
+    #[test]
+    fn starts_with_compares_the_text() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/client").expect("valid");
+        let text = id.to_string();
+        for end in 0..=text.len() {
+            assert!(id.starts_with(&text[..end]), "{}", &text[..end]);
+        }
+        for other in [
+            "spiffe://cluster.local/ns/demo/sa/clientx",
+            "spiffe://cluster.local/ns/demo/sa/clients",
+            "spiffe://cluster.local/ns/demo-test/",
+            "spiffe://cluster.localx",
+            "spiffe://cluster.local/ns/dem0",
+            "SPIFFE://",
+            "x",
+        ] {
+            assert!(!id.starts_with(other), "{other}");
+        }
     }
 }

@@ -7,11 +7,12 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{Arc, Weak},
     time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
 use rustls::{
     pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
@@ -111,13 +112,13 @@ impl CertStore {
 
     /// Makes sure `identity` has a certificate, issuing one if needed.
     pub async fn ensure(&self, identity: &SpiffeId) -> Result<CertInfo, StoreError> {
-        if let Some(entry) = self.lock().get(identity) {
+        if let Some(entry) = self.entries.lock().get(identity) {
             return Ok(entry.current.load().info.clone());
         }
         let issued = self.issue(identity).await?;
         let info = issued.info.clone();
         let rotate_at = rotation_instant(&info);
-        let mut entries = self.lock();
+        let mut entries = self.entries.lock();
         // Two concurrent first calls: keep the one that got in first.
         if let Some(entry) = entries.get(identity) {
             return Ok(entry.current.load().info.clone());
@@ -148,12 +149,13 @@ impl CertStore {
 
     /// Forgets an identity (its last pod left). Handshakes already started keep their copy.
     pub fn remove(&self, identity: &SpiffeId) -> bool {
-        self.lock().remove(identity).is_some()
+        self.entries.lock().remove(identity).is_some()
     }
 
     /// The current certificates, by identity, for the admin API.
     pub fn list(&self) -> Vec<CertInfo> {
         let mut list: Vec<CertInfo> = self
+            .entries
             .lock()
             .values()
             .map(|entry| entry.current.load().info.clone())
@@ -184,15 +186,8 @@ impl CertStore {
         tokio::spawn(rotation_loop(store, changed))
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<SpiffeId, Arc<Entry>>> {
-        // A poisoned map is still a consistent map: entries are only inserted or removed.
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn entry(&self, identity: &SpiffeId) -> Option<Arc<Entry>> {
-        self.lock().get(identity).cloned()
+        self.entries.lock().get(identity).cloned()
     }
 
     /// A fresh P-256 key, signed by the signer, checked, ready for rustls.
@@ -248,10 +243,7 @@ impl CertStore {
 fn install(entry: &Entry, issued: Issued) {
     let rotate_at = rotation_instant(&issued.info);
     entry.current.store(Arc::new(issued));
-    *entry
-        .rotate_at
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner()) = rotate_at;
+    *entry.rotate_at.lock() = rotate_at;
 }
 
 /// Half-life, plus or minus a tenth of the lifetime.
@@ -281,16 +273,14 @@ async fn rotation_loop(store: Weak<CertStore>, changed: Arc<Notify>) {
             };
             let now = Instant::now();
             let entries: Vec<(SpiffeId, Arc<Entry>)> = store
+                .entries
                 .lock()
                 .iter()
                 .map(|(id, entry)| (id.clone(), entry.clone()))
                 .collect();
             let mut next = now + MAX_ROTATION_SLEEP;
             for (identity, entry) in entries {
-                let due = *entry
-                    .rotate_at
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let due = *entry.rotate_at.lock();
                 if due > now {
                     next = next.min(due);
                     continue;
@@ -307,16 +297,10 @@ async fn rotation_loop(store: Weak<CertStore>, changed: Arc<Notify>) {
                     Err(error) => {
                         tracing::warn!(%identity, %error, "certificate rotation failed; retrying");
                         let retry = Instant::now() + store.options.retry_after;
-                        *entry
-                            .rotate_at
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = retry;
+                        *entry.rotate_at.lock() = retry;
                     }
                 }
-                let due = *entry
-                    .rotate_at
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let due = *entry.rotate_at.lock();
                 next = next.min(due);
             }
             next

@@ -8,6 +8,7 @@
 //! upgrade machinery (which since 1.x copies upgraded streams through an extra channel task).
 
 mod connect;
+mod mesh;
 mod pool;
 mod server;
 mod stream;
@@ -16,9 +17,11 @@ mod stream;
 mod tests;
 
 pub use connect::{ConnectError, connect_request, parse_connect};
+pub use mesh::{MeshTls, MeshTlsError, dev_ca_dir};
 pub use pool::{Pool, PoolError, PoolOptions};
 pub use server::{
-    ConnectHandler, ConnectRequest, HandshakeLimits, Refusal, Server, ServerError, ServerOptions,
+    ConnectRequest, Forward, ForwardOptions, HandshakeLimits, PendingStream, Refusal, Server,
+    ServerError, ServerOptions, StreamHandler,
 };
 pub use stream::{TunnelReadHalf, TunnelStream, TunnelWriteHalf};
 

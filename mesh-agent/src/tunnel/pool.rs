@@ -14,7 +14,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Weak,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -23,6 +23,7 @@ use std::{
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::StatusCode;
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
@@ -262,7 +263,6 @@ impl Pool {
         self.inner
             .slots
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
             .entry(key.clone())
             .or_default()
             .clone()
@@ -439,10 +439,7 @@ async fn drive<T>(
     drop(slot);
     if let Some(pool) = pool.upgrade() {
         pool.live.fetch_sub(1, Ordering::Relaxed);
-        let mut slots = pool
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slots = pool.slots.lock();
         // Drop the key when nobody holds or waits on its slot and it is empty.
         let unused = slots.get(&key).is_some_and(|slot| {
             Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|current| current.is_none())

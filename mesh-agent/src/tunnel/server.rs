@@ -1,8 +1,9 @@
 //! The receiving end of tunnels: one [`Server`] per local pod, on a listener the agent opened
 //! inside the pod's network namespace, presenting the pod's identity.
 //!
-//! Every refusal is one `info` log line with the peer and the reason; nothing a peer sends can
-//! panic a task. Memory is bounded by: the connection limit, the handshake limits (global and
+//! Every refusal by the server itself (handshake, malformed CONNECT) is one `info` log line
+//! with the peer and the reason; what the handler decides, it reports. Nothing a peer sends
+//! can panic a task. Memory is bounded by: the connection limit, the handshake limits (global and
 //! per peer address, shareable across all servers of the node) with a timeout covering TLS and
 //! the HTTP/2 preface, h2's header-list and concurrent-stream limits, and flow-control
 //! windows (a slow upstream stops the client after one window).
@@ -11,13 +12,14 @@ use std::{
     collections::HashMap,
     future::Future,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
+use parking_lot::Mutex;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -27,14 +29,8 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{
-    connect::parse_connect,
-    stream::{TunnelReadHalf, TunnelStream, TunnelWriteHalf},
-};
-use crate::{
-    proxy::copy::bidirectional_halves,
-    tls::{ALPN_H2, CertStore, ConfigError, SpiffeId, peer_identity, server_config},
-};
+use super::{connect::parse_connect, stream::TunnelStream};
+use crate::tls::{ALPN_H2, CertStore, ConfigError, SpiffeId, peer_identity, server_config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -79,27 +75,113 @@ impl Refusal {
     }
 }
 
-/// Connects an accepted stream to its upstream (policy check included). Implemented for any
-/// `Fn(ConnectRequest) -> impl Future<Output = Result<U, Refusal>>`.
-pub trait ConnectHandler: Send + Sync + 'static {
-    type Upstream: AsyncRead + AsyncWrite + Send + 'static;
-
-    fn connect(
+/// Serves one accepted stream: decides, connects, answers with [`PendingStream::accept`] or
+/// [`PendingStream::refuse`], and copies. Implemented for any
+/// `Fn(ConnectRequest, PendingStream) -> impl Future<Output = ()>`; [`Forward`] adapts a plain
+/// "connect to the upstream" function.
+pub trait StreamHandler: Send + Sync + 'static {
+    fn handle(
         &self,
         request: ConnectRequest,
-    ) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send;
+        stream: PendingStream,
+    ) -> impl Future<Output = ()> + Send;
 }
 
-impl<F, Fut, U> ConnectHandler for F
+impl<F, Fut> StreamHandler for F
+where
+    F: Fn(ConnectRequest, PendingStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    fn handle(
+        &self,
+        request: ConnectRequest,
+        stream: PendingStream,
+    ) -> impl Future<Output = ()> + Send {
+        self(request, stream)
+    }
+}
+
+/// A CONNECT stream not answered yet: the handler accepts it once its upstream is connected
+/// (`200`), or refuses it (`403`, `502`, `503`...). Dropped unanswered, the stream is reset.
+pub struct PendingStream {
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+    buffer_bytes: usize,
+}
+
+impl PendingStream {
+    /// Answers `200` and gives the stream as I/O.
+    pub fn accept(mut self) -> Result<TunnelStream, h2::Error> {
+        let response = Response::new(());
+        let send = self.respond.send_response(response, false)?;
+        Ok(TunnelStream::new(self.body, send, self.buffer_bytes, None))
+    }
+
+    /// Answers with the refusal's status and ends the stream.
+    pub fn refuse(mut self, refusal: &Refusal) {
+        refuse(&mut self.respond, refusal.status());
+    }
+}
+
+/// A [`StreamHandler`] that connects each stream with `connect` (a refusal becomes the
+/// response status) and copies: for tests, benchmarks and simple servers. The agent's own
+/// handler is its connection pipeline.
+pub struct Forward<F> {
+    connect: F,
+    options: ForwardOptions,
+}
+
+#[derive(Clone, Debug)]
+pub struct ForwardOptions {
+    pub connect_timeout: Duration,
+    pub buffer_bytes: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            buffer_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl<F> Forward<F> {
+    pub fn new(connect: F) -> Self {
+        Self {
+            connect,
+            options: ForwardOptions::default(),
+        }
+    }
+}
+
+impl<F, Fut, U> StreamHandler for Forward<F>
 where
     F: Fn(ConnectRequest) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<U, Refusal>> + Send,
     U: AsyncRead + AsyncWrite + Send + 'static,
 {
-    type Upstream = U;
-
-    fn connect(&self, request: ConnectRequest) -> impl Future<Output = Result<U, Refusal>> + Send {
-        self(request)
+    async fn handle(&self, request: ConnectRequest, stream: PendingStream) {
+        let options = &self.options;
+        let upstream = match timeout(options.connect_timeout, (self.connect)(request)).await {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(refusal)) => return stream.refuse(&refusal),
+            Err(_) => return stream.refuse(&Refusal::Unreachable("connect timed out".into())),
+        };
+        let Ok(tunnel) = stream.accept() else {
+            return;
+        };
+        let moved = crate::copy::Transferred::default();
+        let _ = crate::copy::halves(
+            tunnel.into_split(),
+            tokio::io::split(upstream),
+            options.buffer_bytes,
+            options.idle_timeout,
+            &moved,
+        )
+        .await;
     }
 }
 
@@ -123,10 +205,7 @@ impl HandshakeLimits {
 
     fn try_acquire(&self, peer: IpAddr) -> Option<HandshakePermit> {
         let total = self.total.clone().try_acquire_owned().ok()?;
-        let mut per_peer = self
-            .per_peer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut per_peer = self.per_peer.lock();
         let count = per_peer.entry(peer).or_insert(0);
         if *count >= self.max_per_peer {
             return None;
@@ -154,11 +233,7 @@ struct HandshakePermit {
 
 impl Drop for HandshakePermit {
     fn drop(&mut self) {
-        let mut per_peer = self
-            .limits
-            .per_peer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut per_peer = self.limits.per_peer.lock();
         if let Some(count) = per_peer.get_mut(&self.peer) {
             *count -= 1;
             if *count == 0 {
@@ -182,11 +257,8 @@ pub struct ServerOptions {
     /// Receive window per stream, and per connection (the bound on buffered data).
     pub stream_window: u32,
     pub connection_window: u32,
-    /// For the handler to return an upstream.
-    pub connect_timeout: Duration,
-    /// Copy buffer per direction, and the most queued for sending per stream.
+    /// The most queued for sending per stream, and the largest single write.
     pub buffer_bytes: usize,
-    pub idle_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -202,9 +274,7 @@ impl Default for ServerOptions {
             // leaves buffered per tunnel connection at 4 MiB.
             stream_window: 1024 * 1024,
             connection_window: 4 * 1024 * 1024,
-            connect_timeout: Duration::from_secs(5),
             buffer_bytes: 64 * 1024,
-            idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -230,7 +300,7 @@ struct Shared<H> {
     connections: Arc<Semaphore>,
 }
 
-impl<H: ConnectHandler> Server<H> {
+impl<H: StreamHandler> Server<H> {
     /// `identity` must already be in the store ([`CertStore::ensure`]); the server presents
     /// its current certificate at each handshake, so rotations need nothing from the caller.
     pub fn new(
@@ -287,7 +357,7 @@ impl<H: ConnectHandler> Server<H> {
     }
 }
 
-async fn connection<H: ConnectHandler>(
+async fn connection<H: StreamHandler>(
     shared: Arc<Shared<H>>,
     tcp: TcpStream,
     peer: SocketAddr,
@@ -360,7 +430,7 @@ async fn connection<H: ConnectHandler>(
     }
 }
 
-async fn stream<H: ConnectHandler>(
+async fn stream<H: StreamHandler>(
     shared: Arc<Shared<H>>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -379,63 +449,17 @@ async fn stream<H: ConnectHandler>(
         }
     };
     let request = ConnectRequest {
-        client_identity: client_identity.clone(),
+        client_identity,
         server_identity: identity.clone(),
         authority,
         peer_addr: peer,
     };
-    let upstream = match timeout(
-        shared.options.connect_timeout,
-        shared.handler.connect(request),
-    )
-    .await
-    {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(refusal)) => {
-            let status = refusal.status();
-            tracing::info!(%peer, %identity, client = %client_identity, %authority, reason = %refusal, "tunnel stream refused: {}", status.as_u16());
-            refuse(&mut respond, status);
-            return;
-        }
-        Err(_) => {
-            tracing::info!(%peer, %identity, client = %client_identity, %authority, reason = "upstream connect timed out", "tunnel stream refused: 504");
-            refuse(&mut respond, StatusCode::GATEWAY_TIMEOUT);
-            return;
-        }
+    let pending = PendingStream {
+        respond,
+        body,
+        buffer_bytes: shared.options.buffer_bytes,
     };
-    let response = Response::builder().status(StatusCode::OK).body(());
-    let send = match response.map(|response| respond.send_response(response, false)) {
-        Ok(Ok(send)) => send,
-        Ok(Err(error)) => {
-            tracing::debug!(%peer, %authority, %error, "tunnel stream gone before the response");
-            return;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "building the 200 response");
-            return;
-        }
-    };
-    let tunnel = TunnelStream::new(body, send, shared.options.buffer_bytes, None);
-    let (down_read, down_write): (TunnelReadHalf, TunnelWriteHalf) = tunnel.into_split();
-    let (up_read, up_write) = tokio::io::split(upstream);
-    match bidirectional_halves(
-        (down_read, down_write),
-        (up_read, up_write),
-        shared.options.buffer_bytes,
-        shared.options.idle_timeout,
-    )
-    .await
-    {
-        Ok(moved) => tracing::debug!(
-            %peer, %authority, client = %client_identity,
-            to_upstream = moved.downstream_to_upstream,
-            from_upstream = moved.upstream_to_downstream,
-            "tunnel stream done"
-        ),
-        Err(error) => {
-            tracing::debug!(%peer, %authority, client = %client_identity, %error, "tunnel stream ended")
-        }
-    }
+    shared.handler.handle(request, pending).await;
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {

@@ -5,7 +5,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -13,6 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Version};
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -22,7 +23,8 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 use super::{
-    ConnectRequest, Pool, PoolError, PoolOptions, Refusal, Server, ServerOptions, TunnelStream,
+    ConnectRequest, Forward, Pool, PoolError, PoolOptions, Refusal, Server, ServerOptions,
+    TunnelStream,
 };
 use crate::tls::{
     CaError, CertStore, LocalCa, SignFuture, Signer, SpiffeId, StoreOptions, TrustBundle,
@@ -123,7 +125,7 @@ async fn start_server(
         let record = record.clone();
         async move {
             let authority = request.authority;
-            record.lock().expect("lock").push(request);
+            record.lock().push(request);
             if authority.port() == 1 {
                 return Err(Refusal::Forbidden("port 1 is off limits".into()));
             }
@@ -132,7 +134,8 @@ async fn start_server(
                 .map_err(|e| Refusal::Unreachable(e.to_string()))
         }
     };
-    let server = Server::new(store, identity.clone(), handler, options).expect("server");
+    let server =
+        Server::new(store, identity.clone(), Forward::new(handler), options).expect("server");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     (addr, seen, server.spawn(listener))
@@ -250,7 +253,7 @@ async fn ten_megabytes_each_way_with_half_close_and_the_client_identity() {
         "10 MiB each way over one tunnel stream in {elapsed:?} ({:.0} MiB/s each way, debug build)",
         10.0 / elapsed.as_secs_f64()
     );
-    let seen = seen.lock().expect("lock").clone();
+    let seen = seen.lock().clone();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].client_identity, client_id);
     assert_eq!(seen[0].server_identity, server_id);
@@ -297,7 +300,7 @@ async fn concurrent_streams_share_one_connection_and_idle_ones_close() {
     }
     assert_eq!(sockets.load(Ordering::SeqCst), 1, "one TCP connection");
     assert_eq!(pool.opened_connections(), 1);
-    assert_eq!(seen.lock().expect("lock").len(), 64);
+    assert_eq!(seen.lock().len(), 64);
     assert_eq!(pool.live_connections(), 1);
 
     // Idle: closed after the idle timeout, and the next stream opens a new connection.
@@ -328,7 +331,7 @@ async fn the_client_refuses_a_server_with_another_identity() {
         .expect("refused");
     assert!(matches!(error, PoolError::Tls { .. }), "{error}");
     assert!(error.to_string().contains("is not the expected"), "{error}");
-    assert!(seen.lock().expect("lock").is_empty());
+    assert!(seen.lock().is_empty());
 }
 
 #[tokio::test]
@@ -423,10 +426,7 @@ async fn clients_of_another_ca_or_outside_their_validity_are_refused() {
         .expect_err("not-yet-valid client accepted");
     eprintln!("not yet valid: {error}");
 
-    assert!(
-        seen.lock().expect("lock").is_empty(),
-        "no stream got through"
-    );
+    assert!(seen.lock().is_empty(), "no stream got through");
     // The server still serves good clients.
     client_can_connect(&server_store, &client_id, &server_id, tunnel, upstream)
         .await
@@ -513,10 +513,7 @@ async fn malformed_and_oversized_connects_are_refused() {
         .insert("x-padding", "a".repeat(256 * 1024).parse().expect("value"));
     let outcome = status_of(&send, huge).await;
     assert!(outcome.is_err(), "{outcome:?}");
-    assert!(
-        seen.lock().expect("lock").is_empty(),
-        "nothing reached the handler"
-    );
+    assert!(seen.lock().is_empty(), "nothing reached the handler");
     // The connection (or at least the server) still works for a proper CONNECT.
     client_can_connect(&store, &client_id, &server_id, tunnel, upstream)
         .await
@@ -612,5 +609,5 @@ async fn both_roots_of_a_rotation_bundle_are_accepted() {
     client_can_connect(&new_only, &id("strict"), &server_id, tunnel, upstream)
         .await
         .expect_err("server on the old root accepted");
-    assert_eq!(seen.lock().expect("lock").len(), 2);
+    assert_eq!(seen.lock().len(), 2);
 }

@@ -382,10 +382,7 @@ fn summary(h: &Histogram<u64>) -> Value {
 /// Smallest timer slack for this thread, so sleeping until a scheduled send time wakes up
 /// within microseconds instead of the default 50 us slack.
 fn precise_timers() {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
-    }
+    let _ = nix::sys::prctl::set_timerslack(1);
 }
 
 fn sleep_until(t: Instant) {

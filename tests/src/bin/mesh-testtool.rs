@@ -88,6 +88,13 @@ enum Cmd {
         #[arg(long)]
         seconds: u64,
     },
+    /// HTTP/1.0 GET of PATH (the agent's admin API, say); prints the body, fails unless 200.
+    HttpGet {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        path: String,
+    },
     /// Opens N connections at once to a `serve`, echoes a message on each.
     Many {
         #[arg(long)]
@@ -128,6 +135,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::UdpEcho { listen } => udp_echo(&listen),
         Cmd::UdpPing { connect } => udp_ping(&connect),
         Cmd::Many { connect, count } => many(&connect, count),
+        Cmd::HttpGet { connect, path } => http_get(&connect, &path),
     }
 }
 
@@ -281,6 +289,26 @@ fn send(addr: &str, bytes: u64) -> Result<()> {
         reply == want,
         "sink reply {reply:?} does not match sent {want:?}"
     );
+    Ok(())
+}
+
+fn http_get(addr: &str, path: &str) -> Result<()> {
+    let mut s = connect_tcp(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .context("setting the read timeout")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").context("sending the request")?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)
+        .context("reading the response")?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no end of headers in the response")?;
+    ensure!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "GET {path}: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    print!("{body}");
     Ok(())
 }
 

@@ -11,6 +11,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::{Node, Pod, output_timeout};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -292,8 +296,8 @@ impl RunningAgent {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        // Our own, not yet reaped, child: the pid cannot have been reused.
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result};
 use mesh_tests::Node;
 
-use crate::run;
+use crate::command::run;
 
 /// The name the certificate carries and the client side checks.
 const SERVER_NAME: &str = "bench.mesh.local";

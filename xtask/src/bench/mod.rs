@@ -17,6 +17,7 @@ mod mtls;
 mod paths;
 mod procstat;
 mod report;
+mod settings;
 
 use std::{
     io::Read as _,
@@ -30,11 +31,14 @@ use anyhow::{Context, Result, bail};
 use mesh_tests::{Background, Pod, Topology};
 use serde_json::{Value, json};
 
-use crate::{cargo, ebpf, run, setup, workspace_root};
+use crate::{
+    command::{cargo, run, workspace_root},
+    ebpf, setup,
+};
 use agent::{RunningAgent, ServiceSpec, WorkloadSpec};
 pub use paths::CrossNodeMode;
-use paths::{PathSpec, Proxy};
-use report::PathResult;
+use paths::{PathResult, PathSpec, Proxy};
+use settings::{Bins, Profile};
 
 /// Port of the bench servers in every server pod.
 const SERVER_PORT: u16 = 8080;
@@ -69,62 +73,6 @@ pub struct Args {
     /// their direct path in the list too.
     #[arg(long, value_delimiter = ',', value_name = "PATHS")]
     only: Vec<String>,
-}
-
-/// Durations and sizes of one run.
-#[derive(Clone, Copy, Debug)]
-pub struct Profile {
-    pub warmup_s: f64,
-    pub rr_s: f64,
-    pub rr_rate: u64,
-    pub rr_conns: usize,
-    pub pingpong_s: f64,
-    pub bulk_s: f64,
-    pub cps_s: f64,
-    pub cps_threads: usize,
-    /// Connections per cps run, kept under the client netns's TIME_WAIT comfort zone.
-    pub cps_max: u64,
-}
-
-impl Profile {
-    fn new(quick: bool, rate: u64) -> Self {
-        let (warmup_s, rr_s, pingpong_s, bulk_s, cps_s) = if quick {
-            (0.3, 2.0, 1.5, 1.5, 1.5)
-        } else {
-            (1.0, 15.0, 8.0, 8.0, 5.0)
-        };
-        Profile {
-            warmup_s,
-            rr_s,
-            rr_rate: rate,
-            rr_conns: 8,
-            pingpong_s,
-            bulk_s,
-            cps_s,
-            cps_threads: 4,
-            cps_max: 9_000,
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "warmup_s": self.warmup_s,
-            "rr_s": self.rr_s,
-            "rr_rate": self.rr_rate,
-            "rr_conns": self.rr_conns,
-            "rr_size": 1024,
-            "pingpong_s": self.pingpong_s,
-            "bulk_s": self.bulk_s,
-            "cps_s": self.cps_s,
-            "cps_threads": self.cps_threads,
-            "cps_max": self.cps_max,
-        })
-    }
-}
-
-struct Bins {
-    agent: PathBuf,
-    loadgen: PathBuf,
 }
 
 pub fn run_bench(args: &Args) -> Result<()> {

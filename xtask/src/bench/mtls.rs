@@ -9,11 +9,11 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::{
-    Bins, CrossNodeMode,
     agent::{Metrics, RunningAgent},
-    report::PathResult,
+    paths::{CrossNodeMode, PathResult},
+    settings::Bins,
 };
-use crate::{cargo, run};
+use crate::command::{cargo, run};
 
 /// What each agent's `agent:` block needs for `mode`; in mTLS mode, first writes a fresh CA
 /// shared by both agents into `<out>/ca` with `mesh-agent ca init`.

@@ -1,8 +1,11 @@
-//! The data paths the bench compares: one entry each, measured the same way.
+//! The data paths the bench compares: one entry each, measured the same way, and what each
+//! measured.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use clap::ValueEnum;
 use mesh_tests::Pod;
-use std::{net::SocketAddr, path::Path};
+use serde_json::Value;
 
 /// Key of the direct same-node path, the baseline of same-node paths.
 pub const DIRECT_SAME: &str = "direct-same-node";
@@ -79,5 +82,44 @@ pub struct PathSpec {
 impl PathSpec {
     pub fn proxy_pids(&self) -> Vec<u32> {
         self.proxies.iter().map(|p| p.pid).collect()
+    }
+}
+
+/// What one path measured.
+pub struct PathResult {
+    pub name: &'static str,
+    pub label: String,
+    pub baseline: Option<&'static str>,
+    pub metrics: BTreeMap<&'static str, f64>,
+    /// The load generator's full reports.
+    pub raw: serde_json::Map<String, Value>,
+    /// Lines printed under the table (e.g. the tunnel check of the mTLS path).
+    pub notes: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl PathResult {
+    pub fn new(path: &PathSpec) -> Self {
+        PathResult {
+            name: path.name,
+            label: path.label.clone(),
+            baseline: path.baseline,
+            metrics: BTreeMap::new(),
+            raw: serde_json::Map::new(),
+            notes: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn set(&mut self, metric: &'static str, value: f64) {
+        if value.is_finite() {
+            self.metrics.insert(metric, value);
+        }
+    }
+
+    pub fn set_from(&mut self, metric: &'static str, value: &Value) {
+        if let Some(v) = value.as_f64() {
+            self.set(metric, v);
+        }
     }
 }

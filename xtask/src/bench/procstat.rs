@@ -37,9 +37,10 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf reads a constant of the running system.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 { hz as f64 } else { 100.0 }
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as f64,
+        _ => 100.0,
+    }
 }
 
 /// Sum over `pids` of [`rss_kib`]; pids that vanished count zero.

@@ -6,46 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::{Profile, paths::PathSpec};
-
-/// What one path measured.
-pub struct PathResult {
-    pub name: &'static str,
-    pub label: String,
-    pub baseline: Option<&'static str>,
-    pub metrics: BTreeMap<&'static str, f64>,
-    /// The load generator's full reports.
-    pub raw: serde_json::Map<String, Value>,
-    /// Lines printed under the table (e.g. the tunnel check of the mTLS path).
-    pub notes: Vec<String>,
-    pub errors: Vec<String>,
-}
-
-impl PathResult {
-    pub fn new(path: &PathSpec) -> Self {
-        PathResult {
-            name: path.name,
-            label: path.label.clone(),
-            baseline: path.baseline,
-            metrics: BTreeMap::new(),
-            raw: serde_json::Map::new(),
-            notes: Vec::new(),
-            errors: Vec::new(),
-        }
-    }
-
-    pub fn set(&mut self, metric: &'static str, value: f64) {
-        if value.is_finite() {
-            self.metrics.insert(metric, value);
-        }
-    }
-
-    pub fn set_from(&mut self, metric: &'static str, value: &Value) {
-        if let Some(v) = value.as_f64() {
-            self.set(metric, v);
-        }
-    }
-}
+use super::{mtls, paths::PathResult, settings::Profile};
 
 /// Rows of the table, in order: key, label, decimals.
 const METRICS: &[(&str, &str, usize)] = &[
@@ -185,7 +146,7 @@ fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
             let _ = writeln!(md, "\n{}: {note}", r.label);
         }
     }
-    md.push_str(&super::mtls::markdown(&meta["tls_micro"]));
+    md.push_str(&mtls::markdown(&meta["tls_micro"]));
     for r in results.iter().filter(|r| !r.errors.is_empty()) {
         let _ = writeln!(md, "\n**{}**: {}", r.label, r.errors.join("; "));
     }

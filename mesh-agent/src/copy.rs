@@ -1,7 +1,11 @@
-//! The copy loop between two TCP connections: both directions at once, each with one
-//! fixed buffer (memory per connection never grows with traffic), backpressure by awaiting
-//! each write before reading more, half-close passed on (EOF on one side shuts down the
-//! write side of the other), and an idle timeout covering both directions.
+//! The copy loop between the two sides of a proxied connection: both directions at once,
+//! each with one fixed buffer (memory per connection never grows with traffic), backpressure
+//! by awaiting each write before reading more, half-close passed on (EOF on one side shuts
+//! down the write side of the other), and an idle timeout covering both directions.
+//!
+//! It knows nothing of routing or policy: the connection pipeline (`crate::proxy`) and the
+//! tunnel share it, and stop it from outside by dropping the future (revocation). Bytes are
+//! counted in a [`Transferred`] the caller owns, so they are known however the copy ends.
 
 use std::{
     io,
@@ -9,64 +13,66 @@ use std::{
     time::Duration,
 };
 
-use super::registry::Tracked;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     time::{Instant, sleep_until},
 };
 
-/// Bytes moved each way.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Bytes moved each way so far; read them at any time, also after an error.
+#[derive(Debug, Default)]
 pub struct Transferred {
-    pub downstream_to_upstream: u64,
-    pub upstream_to_downstream: u64,
+    /// From the side that opened the connection (the client) to the other.
+    pub downstream_to_upstream: AtomicU64,
+    /// Back to the client.
+    pub upstream_to_downstream: AtomicU64,
+}
+
+impl Transferred {
+    /// `(downstream_to_upstream, upstream_to_downstream)`.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.downstream_to_upstream.load(Ordering::Relaxed),
+            self.upstream_to_downstream.load(Ordering::Relaxed),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error("idle for {0:?}")]
     Idle(Duration),
-    #[error("closed: no longer authorized")]
-    Revoked,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
 /// Copies between two TCP connections until both directions have reached EOF, an error,
 /// or the idle timeout.
-pub async fn bidirectional(
+pub async fn tcp(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
     buffer_bytes: usize,
     idle_timeout: Duration,
-    tracked: Option<&Tracked>,
-) -> Result<Transferred, CopyError> {
-    let (down_read, down_write) = downstream.split();
-    let (up_read, up_write) = upstream.split();
-    let copy = bidirectional_halves(
-        (down_read, down_write),
-        (up_read, up_write),
+    moved: &Transferred,
+) -> Result<(), CopyError> {
+    halves(
+        downstream.split(),
+        upstream.split(),
         buffer_bytes,
         idle_timeout,
-    );
-    match tracked {
-        None => copy.await,
-        // A revoked connection is dropped by the caller right after, closing both sides.
-        Some(tracked) => tokio::select! {
-            result = copy => result,
-            () = tracked.revoked() => Err(CopyError::Revoked),
-        },
-    }
+        moved,
+    )
+    .await
 }
 
 /// The same over any pair of already split streams (a tunnel stream, say).
-pub async fn bidirectional_halves<DR, DW, UR, UW>(
+pub async fn halves<DR, DW, UR, UW>(
     (mut down_read, mut down_write): (DR, DW),
     (mut up_read, mut up_write): (UR, UW),
     buffer_bytes: usize,
     idle_timeout: Duration,
-) -> Result<Transferred, CopyError>
+    moved: &Transferred,
+) -> Result<(), CopyError>
 where
     DR: AsyncRead + Unpin,
     DW: AsyncWrite + Unpin,
@@ -82,15 +88,15 @@ where
                 &mut down_read,
                 &mut up_write,
                 buffer_bytes,
-                start,
-                &last_activity
+                (start, &last_activity),
+                &moved.downstream_to_upstream,
             ),
             pipe(
                 &mut up_read,
                 &mut down_write,
                 buffer_bytes,
-                start,
-                &last_activity
+                (start, &last_activity),
+                &moved.upstream_to_downstream,
             ),
         )
     };
@@ -100,8 +106,8 @@ where
             start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle_timeout;
         tokio::select! {
             result = &mut copy => {
-                let (downstream_to_upstream, upstream_to_downstream) = result?;
-                return Ok(Transferred { downstream_to_upstream, upstream_to_downstream });
+                result?;
+                return Ok(());
             }
             _ = sleep_until(idle_until) => {
                 let last = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
@@ -117,24 +123,23 @@ async fn pipe<R, W>(
     reader: &mut R,
     writer: &mut W,
     buffer_bytes: usize,
-    start: Instant,
-    last_activity: &AtomicU64,
-) -> io::Result<u64>
+    (start, last_activity): (Instant, &AtomicU64),
+    total: &AtomicU64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buffer = vec![0u8; buffer_bytes];
-    let mut total = 0u64;
     loop {
         let read = reader.read(&mut buffer).await?;
         if read == 0 {
             // Half-close: the peer finished sending; tell the other side, keep reading it.
             writer.shutdown().await?;
-            return Ok(total);
+            return Ok(());
         }
         writer.write_all(&buffer[..read]).await?;
-        total += read as u64;
+        total.fetch_add(read as u64, Ordering::Relaxed);
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
@@ -148,7 +153,7 @@ mod tests {
         net::{TcpListener, TcpStream},
     };
 
-    use super::{CopyError, bidirectional};
+    use super::{CopyError, Transferred, tcp};
 
     /// A connected pair of loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -163,14 +168,16 @@ mod tests {
         let (mut app, mut proxy_down) = pair().await;
         let (mut proxy_up, mut server) = pair().await;
         let proxy = tokio::spawn(async move {
-            bidirectional(
+            let moved = Transferred::default();
+            let result = tcp(
                 &mut proxy_down,
                 &mut proxy_up,
                 1024,
                 Duration::from_secs(5),
-                None,
+                &moved,
             )
-            .await
+            .await;
+            result.map(|()| moved.get())
         });
         let request = vec![7u8; 100_000];
         app.write_all(&request).await.expect("write");
@@ -187,22 +194,28 @@ mod tests {
         app.read_to_end(&mut reply).await.expect("app reads reply");
         assert_eq!(reply, b"reply after EOF");
         let moved = proxy.await.expect("join").expect("copy");
-        assert_eq!(moved.downstream_to_upstream, 100_000);
-        assert_eq!(moved.upstream_to_downstream, 15);
+        assert_eq!(moved, (100_000, 15));
     }
 
     #[tokio::test]
-    async fn an_idle_connection_is_closed() {
-        let (_app, mut proxy_down) = pair().await;
-        let (mut proxy_up, _server) = pair().await;
-        let result = bidirectional(
+    async fn an_idle_connection_is_closed_and_its_bytes_are_still_counted() {
+        let (mut app, mut proxy_down) = pair().await;
+        let (mut proxy_up, mut server) = pair().await;
+        app.write_all(b"hello").await.expect("write");
+        let moved = Transferred::default();
+        let copy = tcp(
             &mut proxy_down,
             &mut proxy_up,
             1024,
             Duration::from_millis(200),
-            None,
-        )
-        .await;
+            &moved,
+        );
+        let (result, _) = tokio::join!(copy, async {
+            let mut hello = [0u8; 5];
+            server.read_exact(&mut hello).await.expect("read");
+            server.write_all(b"hi").await.expect("reply");
+        });
         assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
+        assert_eq!(moved.get(), (5, 2));
     }
 }

@@ -1,0 +1,295 @@
+//! Validates the `agent` block (listeners, marks, limits, exclusions, mTLS), defaults applied.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_saphyr::Location;
+
+use super::{Cx, Result, scalars};
+use crate::config::model::{AgentConfig, Cidr, LiveSettings, StartupSettings, defaults};
+use crate::config::raw::{RawAgent, S};
+use crate::names::Kind;
+
+impl Cx<'_> {
+    pub(super) fn agent(
+        &self,
+        a: &RawAgent,
+        default_node: impl FnOnce() -> String,
+    ) -> Result<AgentConfig> {
+        let node = match &a.node {
+            Some(n) => self.name(n, "agent.node", Kind::Node)?,
+            None => default_node(),
+        };
+        let cgroup = a
+            .cgroup
+            .as_ref()
+            .map(|c| self.abs_path(c, "agent.cgroup"))
+            .transpose()?;
+        let bpf_name = match &a.bpf_name {
+            Some(b) => self.pin_name(b, "agent.bpfName")?,
+            None => defaults::BPF_NAME.to_owned(),
+        };
+        let port_or = |field: &Option<S<u64>>, path: &str, default: u16| match field {
+            Some(p) => self.port(p, path),
+            None => Ok(default),
+        };
+        let outbound_port = port_or(
+            &a.outbound_port,
+            "agent.outboundPort",
+            defaults::OUTBOUND_PORT,
+        )?;
+        let inbound_port = port_or(&a.inbound_port, "agent.inboundPort", defaults::INBOUND_PORT)?;
+        let tunnel_port = port_or(&a.tunnel_port, "agent.tunnelPort", defaults::TUNNEL_PORT)?;
+        let admin_addr = match &a.admin_addr {
+            Some(s) => self.admin_addr(s)?,
+            None => defaults::ADMIN_ADDR,
+        };
+
+        // The listeners all live in the node netns: no two may share a port.
+        let listeners = [
+            (
+                "agent.outboundPort",
+                outbound_port,
+                a.outbound_port.as_ref().map(|s| s.referenced),
+            ),
+            (
+                "agent.inboundPort",
+                inbound_port,
+                a.inbound_port.as_ref().map(|s| s.referenced),
+            ),
+            (
+                "agent.tunnelPort",
+                tunnel_port,
+                a.tunnel_port.as_ref().map(|s| s.referenced),
+            ),
+            (
+                "agent.adminAddr",
+                admin_addr.port(),
+                a.admin_addr.as_ref().map(|s| s.referenced),
+            ),
+        ];
+        for (j, (path_j, port_j, at_j)) in listeners.iter().enumerate() {
+            for (path_i, port_i, at_i) in &listeners[..j] {
+                if port_i != port_j {
+                    continue;
+                }
+                // Point at whichever of the two was written in the file (defaults never
+                // collide with each other).
+                let (path, other, at) = match (at_j, at_i) {
+                    (Some(at), _) => (path_j, path_i, *at),
+                    (None, Some(at)) => (path_i, path_j, *at),
+                    (None, None) => (path_j, path_i, Location::UNKNOWN),
+                };
+                return Err(self.err(
+                    at,
+                    *path,
+                    format!("port {port_j} is already used by {other}"),
+                ));
+            }
+        }
+
+        let proxy_mark = match &a.proxy_mark {
+            Some(m) if m.value == 0 => {
+                return Err(self.err(m.referenced, "agent.proxyMark", "must be non-zero"));
+            }
+            Some(m) => u32::try_from(m.value).map_err(|_| {
+                self.err(
+                    m.referenced,
+                    "agent.proxyMark",
+                    format!("{:#x} does not fit in 32 bits", m.value),
+                )
+            })?,
+            None => defaults::PROXY_MARK,
+        };
+
+        let mut excluded_ports = Vec::new();
+        for (i, p) in a.excluded_ports.iter().flatten().enumerate() {
+            let path = format!("agent.excludedPorts[{i}]");
+            let port = self.port(p, &path)?;
+            if excluded_ports.contains(&port) {
+                return Err(self.err(p.referenced, path, format!("port {port} is listed twice")));
+            }
+            excluded_ports.push(port);
+        }
+        excluded_ports.sort_unstable();
+
+        let mut excluded_cidrs: Vec<Cidr> = Vec::new();
+        for (i, c) in a.excluded_cidrs.iter().flatten().enumerate() {
+            let path = format!("agent.excludedCidrs[{i}]");
+            let cidr = scalars::parse_cidr(&c.value)
+                .map_err(|reason| self.err(c.referenced, path.as_str(), reason))?;
+            if excluded_cidrs.contains(&cidr) {
+                return Err(self.err(c.referenced, path, format!("{cidr} is listed twice")));
+            }
+            excluded_cidrs.push(cidr);
+        }
+
+        let millis = |field: &Option<S<u64>>, path: &str, default: Duration| match field {
+            Some(ms) if ms.value == 0 => Err(self.err(ms.referenced, path, "must be at least 1")),
+            Some(ms) => Ok(Duration::from_millis(ms.value)),
+            None => Ok(default),
+        };
+        let connect_timeout = millis(
+            &a.connect_timeout_ms,
+            "agent.connectTimeoutMs",
+            defaults::CONNECT_TIMEOUT,
+        )?;
+        let idle_timeout = millis(
+            &a.idle_timeout_ms,
+            "agent.idleTimeoutMs",
+            defaults::IDLE_TIMEOUT,
+        )?;
+
+        let buffer_bytes = match &a.buffer_bytes {
+            Some(b) => usize::try_from(b.value)
+                .ok()
+                .filter(|n| (1..=defaults::MAX_BUFFER_BYTES).contains(n))
+                .ok_or_else(|| {
+                    self.err(
+                        b.referenced,
+                        "agent.bufferBytes",
+                        format!(
+                            "{} is out of range 1..={}",
+                            b.value,
+                            defaults::MAX_BUFFER_BYTES
+                        ),
+                    )
+                })?,
+            None => defaults::BUFFER_BYTES,
+        };
+        let max_connections = match &a.max_connections {
+            Some(n) => usize::try_from(n.value)
+                .ok()
+                .filter(|n| (1..=1 << 24).contains(n))
+                .ok_or_else(|| {
+                    self.err(
+                        n.referenced,
+                        "agent.maxConnections",
+                        format!("{} is out of range 1..={}", n.value, 1 << 24),
+                    )
+                })?,
+            None => defaults::MAX_CONNECTIONS,
+        };
+
+        let trust_domain = match &a.trust_domain {
+            Some(t) => self.name(t, "agent.trustDomain", Kind::TrustDomain)?,
+            None => defaults::TRUST_DOMAIN.to_owned(),
+        };
+        let ca_cert_file = a
+            .ca_cert_file
+            .as_ref()
+            .map(|c| self.abs_path(c, "agent.caCertFile"))
+            .transpose()?;
+        let ca_key_file = a
+            .ca_key_file
+            .as_ref()
+            .map(|k| self.abs_path(k, "agent.caKeyFile"))
+            .transpose()?;
+        match (&a.ca_cert_file, &a.ca_key_file) {
+            (Some(c), None) => {
+                return Err(self.err(
+                    c.referenced,
+                    "agent.caCertFile",
+                    "caKeyFile is required with caCertFile (omit both for a development CA)",
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(self.err(
+                    k.referenced,
+                    "agent.caKeyFile",
+                    "caCertFile is required with caKeyFile (omit both for a development CA)",
+                ));
+            }
+            _ => {}
+        }
+        let mut trust_root_files: Vec<PathBuf> = Vec::new();
+        for (i, f) in a.trust_root_files.iter().flatten().enumerate() {
+            let path = format!("agent.trustRootFiles[{i}]");
+            let file = self.abs_path(f, &path)?;
+            if trust_root_files.contains(&file) {
+                return Err(self.err(
+                    f.referenced,
+                    path,
+                    format!("{} is listed twice", file.display()),
+                ));
+            }
+            trust_root_files.push(file);
+        }
+        let cert_lifetime = match &a.cert_lifetime_minutes {
+            Some(m) if (1..=defaults::MAX_CERT_LIFETIME_MINUTES).contains(&m.value) => {
+                Duration::from_secs(m.value * 60)
+            }
+            Some(m) => {
+                return Err(self.err(
+                    m.referenced,
+                    "agent.certLifetimeMinutes",
+                    format!(
+                        "{} is out of range 1..={} (one year)",
+                        m.value,
+                        defaults::MAX_CERT_LIFETIME_MINUTES
+                    ),
+                ));
+            }
+            None => defaults::CERT_LIFETIME,
+        };
+        let tunnel_idle_timeout = millis(
+            &a.tunnel_idle_timeout_ms,
+            "agent.tunnelIdleTimeoutMs",
+            defaults::TUNNEL_IDLE_TIMEOUT,
+        )?;
+
+        Ok(AgentConfig {
+            startup: StartupSettings {
+                node,
+                cgroup,
+                bpf_name,
+                outbound_port,
+                inbound_port,
+                tunnel_port,
+                admin_addr,
+                proxy_mark,
+                max_connections,
+                trust_domain,
+                ca_cert_file,
+                ca_key_file,
+                trust_root_files,
+                cert_lifetime,
+                tunnel_idle_timeout,
+            },
+            live: LiveSettings {
+                excluded_ports,
+                excluded_cidrs,
+                connect_timeout,
+                idle_timeout,
+                buffer_bytes,
+            },
+        })
+    }
+
+    fn admin_addr(&self, s: &S<String>) -> Result<SocketAddr> {
+        let path = "agent.adminAddr";
+        let addr: SocketAddr = s.value.parse().map_err(|_| {
+            self.err(
+                s.referenced,
+                path,
+                format!("`{}` is not an IP:port address", s.value),
+            )
+        })?;
+        if !addr.ip().to_canonical().is_loopback() {
+            return Err(self.err(
+                s.referenced,
+                path,
+                format!(
+                    "{} is not a loopback address: the admin API must not be reachable from \
+                     the network",
+                    addr.ip()
+                ),
+            ));
+        }
+        if addr.port() == 0 {
+            return Err(self.err(s.referenced, path, "port must be in 1..=65535"));
+        }
+        Ok(addr)
+    }
+}

@@ -1,0 +1,95 @@
+//! `RawConfig` (as written, with positions) -> `Config` (plain, checked, resolved).
+//!
+//! Stops at the first error, which names the file, the line and column, and the field path.
+//! One file per part of the document; they share [`Cx`], which turns a position and a field
+//! path into a [`ConfigError`].
+
+mod agent;
+mod policies;
+mod scalars;
+mod services;
+mod workloads;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde_saphyr::Location;
+
+use super::error::ConfigError;
+use super::model::{Config, WorkloadId};
+use super::raw::RawConfig;
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+pub(super) fn validate(
+    raw: RawConfig,
+    file: &str,
+    default_node: impl FnOnce() -> String,
+) -> Result<Config> {
+    let cx = Cx { file };
+    let agent = cx.agent(&raw.agent.unwrap_or_default(), default_node)?;
+    let workloads = cx.workloads(raw.workloads.as_deref().unwrap_or_default(), &agent)?;
+    let by_ip: HashMap<IpAddr, WorkloadId> = workloads
+        .iter()
+        .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.id)))
+        .collect();
+    let local = workloads.iter().filter(|w| w.local).map(|w| w.id).collect();
+    let services = cx.services(
+        raw.services.as_deref().unwrap_or_default(),
+        &workloads,
+        &by_ip,
+    )?;
+    let mut by_vip = HashMap::new();
+    for (s, service) in services.iter().enumerate() {
+        for vip in &service.vips {
+            for (p, port) in service.ports.iter().enumerate() {
+                by_vip.insert(SocketAddr::new(*vip, port.port), (s, p));
+            }
+        }
+    }
+    let policies = cx.policies(&raw.policies.unwrap_or_default())?;
+    let authz_by_workload = workloads
+        .iter()
+        .map(|w| {
+            policies
+                .authorization
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.selects(w))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .collect();
+    Ok(Config {
+        agent,
+        workloads,
+        services,
+        policies,
+        by_vip,
+        by_ip,
+        local,
+        authz_by_workload,
+    })
+}
+
+/// The validation context: the file name the errors carry.
+struct Cx<'a> {
+    file: &'a str,
+}
+
+impl Cx<'_> {
+    fn err(
+        &self,
+        at: Location,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line: at.line(),
+            column: at.column(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}

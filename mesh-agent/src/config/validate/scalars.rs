@@ -1,0 +1,136 @@
+//! Validates the single values every block uses: ports, addresses, names, paths, networks.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use super::{Cx, Result};
+use crate::config::model::Cidr;
+use crate::config::raw::S;
+use crate::names::Kind;
+
+impl Cx<'_> {
+    pub(super) fn port(&self, p: &S<u64>, path: &str) -> Result<u16> {
+        u16::try_from(p.value)
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| {
+                self.err(
+                    p.referenced,
+                    path,
+                    format!("port {} is out of range 1..=65535", p.value),
+                )
+            })
+    }
+
+    /// A unicast address usable by a pod or as a VIP, IPv4-mapped IPv6 folded to IPv4.
+    pub(super) fn unicast_ip(&self, s: &S<String>, path: &str) -> Result<IpAddr> {
+        let ip: IpAddr = s.value.parse().map_err(|_| {
+            self.err(
+                s.referenced,
+                path,
+                format!("`{}` is not an IP address", s.value),
+            )
+        })?;
+        let ip = ip.to_canonical();
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || broadcast {
+            return Err(self.err(
+                s.referenced,
+                path,
+                format!("{ip} is not a unicast address usable by a workload or service"),
+            ));
+        }
+        Ok(ip)
+    }
+
+    /// A name of `kind`, by the one set of rules in [`crate::names`]: these end up in SPIFFE
+    /// IDs and map keys.
+    pub(super) fn name(&self, s: &S<String>, path: &str, kind: Kind) -> Result<String> {
+        match kind.check(&s.value) {
+            Ok(()) => Ok(s.value.clone()),
+            Err(_) => Err(self.err(
+                s.referenced,
+                path,
+                format!("`{}` is not a valid {kind}: {}", s.value, kind.rule_text()),
+            )),
+        }
+    }
+
+    /// `base.field`, a name of `kind` when written, else `default`.
+    pub(super) fn opt_name(
+        &self,
+        s: &Option<S<String>>,
+        base: &str,
+        field: &str,
+        kind: Kind,
+        default: &str,
+    ) -> Result<String> {
+        match s {
+            Some(s) => self.name(s, &format!("{base}.{field}"), kind),
+            None => Ok(default.to_owned()),
+        }
+    }
+
+    pub(super) fn abs_path(&self, s: &S<String>, path: &str) -> Result<PathBuf> {
+        let p = PathBuf::from(&s.value);
+        if p.is_absolute() {
+            Ok(p)
+        } else {
+            Err(self.err(
+                s.referenced,
+                path,
+                format!("`{}` is not an absolute path", s.value),
+            ))
+        }
+    }
+
+    /// One path component under /sys/fs/bpf.
+    pub(super) fn pin_name(&self, s: &S<String>, path: &str) -> Result<String> {
+        let v = &s.value;
+        let ok = (1..=64).contains(&v.len())
+            && v != "."
+            && v != ".."
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if ok {
+            Ok(v.clone())
+        } else {
+            Err(self.err(
+                s.referenced,
+                path,
+                format!(
+                    "`{v}` is not a valid pin directory name: use 1 to 64 letters, digits, '-', \
+                     '_' or '.'"
+                ),
+            ))
+        }
+    }
+}
+
+/// `address/prefix`; the host bits must be zero so the network is written as meant.
+pub(super) fn parse_cidr(text: &str) -> std::result::Result<Cidr, String> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= max)
+        .ok_or_else(|| format!("prefix {prefix:?} is not in 0..={max}"))?;
+    let bits = match addr {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    // The address sits in the top bits: shifting the prefix out leaves the host bits.
+    let host_bits = bits.checked_shl(u32::from(prefix)).unwrap_or(0);
+    if prefix < max && host_bits != 0 {
+        return Err(format!(
+            "{text} has host bits set (the network is not written as meant)"
+        ));
+    }
+    Ok(Cidr { addr, prefix })
+}

@@ -1,0 +1,303 @@
+//! Validates the `services` list: names, VIPs, ports, and the endpoints each one resolves to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use super::{Cx, Result};
+use crate::config::model::{
+    Endpoint, EndpointSelection, QualifiedName, Service, ServicePort, Workload, WorkloadId,
+    defaults,
+};
+use crate::config::raw::{RawEndpoints, RawService, S};
+use crate::names::Kind;
+
+impl Cx<'_> {
+    pub(super) fn services(
+        &self,
+        raw: &[S<RawService>],
+        workloads: &[Workload],
+        by_ip: &HashMap<IpAddr, WorkloadId>,
+    ) -> Result<Vec<Service>> {
+        let mut out: Vec<Service> = Vec::with_capacity(raw.len());
+        let mut names: HashMap<(String, String), u64> = HashMap::new();
+        let mut vip_owner: HashMap<IpAddr, String> = HashMap::new();
+        for (i, item) in raw.iter().enumerate() {
+            let s: &RawService = &item.value;
+            let base = format!("services[{i}]");
+            let name = self.name(&s.name, &format!("{base}.name"), Kind::Service)?;
+            let namespace = self.opt_name(
+                &s.namespace,
+                &base,
+                "namespace",
+                Kind::Namespace,
+                defaults::NAMESPACE,
+            )?;
+            let qualified = QualifiedName(&namespace, &name).to_string();
+            if let Some(line) = names.get(&(namespace.clone(), name.clone())) {
+                return Err(self.err(
+                    s.name.referenced,
+                    format!("{base}.name"),
+                    format!("service {qualified} is already defined at line {line}"),
+                ));
+            }
+            names.insert((namespace.clone(), name.clone()), s.name.referenced.line());
+
+            if s.vips.value.is_empty() {
+                return Err(self.err(
+                    s.vips.referenced,
+                    format!("{base}.vips"),
+                    "must list at least one VIP",
+                ));
+            }
+            let mut vips = Vec::with_capacity(s.vips.value.len());
+            for (j, raw_vip) in s.vips.value.iter().enumerate() {
+                let path = format!("{base}.vips[{j}]");
+                let vip = self.unicast_ip(raw_vip, &path)?;
+                if let Some(owner) = vip_owner.get(&vip) {
+                    return Err(self.err(
+                        raw_vip.referenced,
+                        path,
+                        format!("{vip} is already the VIP of service {owner}"),
+                    ));
+                }
+                if let Some(w) = by_ip.get(&vip).and_then(|id| workloads.get(id.0)) {
+                    return Err(self.err(
+                        raw_vip.referenced,
+                        path,
+                        format!(
+                            "{vip} is an IP of workload {}: it cannot be a VIP",
+                            w.qualified_name()
+                        ),
+                    ));
+                }
+                vip_owner.insert(vip, qualified.clone());
+                vips.push(vip);
+            }
+
+            if s.ports.value.is_empty() {
+                return Err(self.err(
+                    s.ports.referenced,
+                    format!("{base}.ports"),
+                    "must list at least one port",
+                ));
+            }
+            let mut ports: Vec<ServicePort> = Vec::with_capacity(s.ports.value.len());
+            let mut port_lines: HashMap<u16, u64> = HashMap::new();
+            let mut name_lines: HashMap<String, u64> = HashMap::new();
+            for (j, raw_port) in s.ports.value.iter().enumerate() {
+                let p = &raw_port.value;
+                let pbase = format!("{base}.ports[{j}]");
+                let port = self.port(&p.port, &format!("{pbase}.port"))?;
+                if let Some(line) = port_lines.get(&port) {
+                    return Err(self.err(
+                        p.port.referenced,
+                        format!("{pbase}.port"),
+                        format!(
+                            "port {port} is already defined for service {qualified} at line {line}"
+                        ),
+                    ));
+                }
+                port_lines.insert(port, p.port.referenced.line());
+                let target_port = match &p.target_port {
+                    Some(t) => self.port(t, &format!("{pbase}.targetPort"))?,
+                    None => port,
+                };
+                let port_name = match &p.name {
+                    Some(n) => {
+                        let path = format!("{pbase}.name");
+                        let n_value = self.name(n, &path, Kind::Port)?;
+                        if let Some(line) = name_lines.get(&n_value) {
+                            return Err(self.err(
+                                n.referenced,
+                                path,
+                                format!(
+                                    "port name {n_value} is already used in service {qualified} \
+                                     at line {line}"
+                                ),
+                            ));
+                        }
+                        name_lines.insert(n_value.clone(), n.referenced.line());
+                        Some(n_value)
+                    }
+                    None => None,
+                };
+                ports.push(ServicePort {
+                    port,
+                    target_port,
+                    name: port_name,
+                    endpoints: Vec::new(),
+                });
+            }
+
+            let (selection, targets) =
+                self.endpoints(&s.endpoints, &base, &namespace, workloads, by_ip)?;
+            for port in &mut ports {
+                port.endpoints = targets
+                    .iter()
+                    .map(|t| Endpoint {
+                        addr: SocketAddr::new(t.ip, port.target_port),
+                        workload: t.workload,
+                        node: t.node.clone(),
+                        local: t.local,
+                    })
+                    .collect();
+            }
+
+            out.push(Service {
+                name,
+                namespace,
+                vips,
+                ports,
+                selection,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The endpoint selection and the IPs it resolves to (port-independent).
+    fn endpoints(
+        &self,
+        e: &S<RawEndpoints>,
+        base: &str,
+        namespace: &str,
+        workloads: &[Workload],
+        by_ip: &HashMap<IpAddr, WorkloadId>,
+    ) -> Result<(EndpointSelection, Vec<Target>)> {
+        let base = format!("{base}.endpoints");
+        let RawEndpoints {
+            selector,
+            workloads: names,
+            addresses,
+        } = &e.value;
+        let set: Vec<&str> = [
+            selector.as_ref().map(|_| "selector"),
+            names.as_ref().map(|_| "workloads"),
+            addresses.as_ref().map(|_| "addresses"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if set.len() != 1 {
+            let found = if set.is_empty() {
+                "none".to_owned()
+            } else {
+                set.join(" and ")
+            };
+            return Err(self.err(
+                e.referenced,
+                base,
+                format!(
+                    "exactly one of selector, workloads, addresses is required (found {found})"
+                ),
+            ));
+        }
+
+        let of_workload = |w: &Workload| -> Vec<Target> {
+            w.ips
+                .iter()
+                .map(|ip| Target {
+                    ip: *ip,
+                    workload: Some(w.id),
+                    node: Some(w.node.clone()),
+                    local: w.local,
+                })
+                .collect()
+        };
+
+        if let Some(sel) = selector {
+            if sel.value.is_empty() {
+                return Err(self.err(
+                    sel.referenced,
+                    format!("{base}.selector"),
+                    "must not be empty (list workloads or addresses explicitly instead)",
+                ));
+            }
+            let targets = workloads
+                .iter()
+                .filter(|w| w.namespace == namespace && selects(&sel.value, &w.labels))
+                .flat_map(of_workload)
+                .collect();
+            return Ok((EndpointSelection::Selector(sel.value.clone()), targets));
+        }
+
+        if let Some(list) = names {
+            if list.value.is_empty() {
+                return Err(self.err(
+                    list.referenced,
+                    format!("{base}.workloads"),
+                    "must list at least one workload",
+                ));
+            }
+            let mut chosen: Vec<String> = Vec::with_capacity(list.value.len());
+            let mut targets = Vec::new();
+            for (k, n) in list.value.iter().enumerate() {
+                let path = format!("{base}.workloads[{k}]");
+                if chosen.contains(&n.value) {
+                    return Err(self.err(
+                        n.referenced,
+                        path,
+                        format!("workload {} is listed twice", n.value),
+                    ));
+                }
+                let Some(w) = workloads
+                    .iter()
+                    .find(|w| w.namespace == namespace && w.name == n.value)
+                else {
+                    return Err(self.err(
+                        n.referenced,
+                        path,
+                        format!(
+                            "no workload {} (endpoints are workloads of the service's namespace)",
+                            QualifiedName(namespace, &n.value)
+                        ),
+                    ));
+                };
+                chosen.push(n.value.clone());
+                targets.extend(of_workload(w));
+            }
+            return Ok((EndpointSelection::Workloads(chosen), targets));
+        }
+
+        let Some(list) = addresses else {
+            return Err(self.err(e.referenced, base, "no endpoints"));
+        };
+        if list.value.is_empty() {
+            return Err(self.err(
+                list.referenced,
+                format!("{base}.addresses"),
+                "must list at least one address",
+            ));
+        }
+        let mut ips: Vec<IpAddr> = Vec::with_capacity(list.value.len());
+        let mut targets = Vec::new();
+        for (k, a) in list.value.iter().enumerate() {
+            let path = format!("{base}.addresses[{k}]");
+            let ip = self.unicast_ip(a, &path)?;
+            if ips.contains(&ip) {
+                return Err(self.err(a.referenced, path, format!("{ip} is listed twice")));
+            }
+            ips.push(ip);
+            let owner = by_ip.get(&ip).and_then(|id| workloads.get(id.0));
+            targets.push(Target {
+                ip,
+                workload: owner.map(|w| w.id),
+                node: owner.map(|w| w.node.clone()),
+                local: owner.is_some_and(|w| w.local),
+            });
+        }
+        Ok((EndpointSelection::Addresses(ips), targets))
+    }
+}
+
+/// One resolved endpoint IP, before the target port is known.
+struct Target {
+    ip: IpAddr,
+    workload: Option<WorkloadId>,
+    node: Option<String>,
+    local: bool,
+}
+
+/// The labels include every pair of the selector.
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}

@@ -1,0 +1,124 @@
+//! Validates the `workloads` list: names, IPs, nodes, netns, and each workload's identity.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use super::{Cx, Result};
+use crate::config::model::{AgentConfig, QualifiedName, Workload, WorkloadId, defaults};
+use crate::config::raw::{RawWorkload, S};
+use crate::names::Kind;
+use crate::tls::SpiffeId;
+
+impl Cx<'_> {
+    pub(super) fn workloads(
+        &self,
+        raw: &[S<RawWorkload>],
+        agent: &AgentConfig,
+    ) -> Result<Vec<Workload>> {
+        let mut out: Vec<Workload> = Vec::with_capacity(raw.len());
+        let mut names: HashMap<(String, String), u64> = HashMap::new();
+        let mut ip_owner: HashMap<IpAddr, usize> = HashMap::new();
+        for (i, item) in raw.iter().enumerate() {
+            let w: &RawWorkload = &item.value;
+            let base = format!("workloads[{i}]");
+            let name = self.name(&w.name, &format!("{base}.name"), Kind::Workload)?;
+            let namespace = self.opt_name(
+                &w.namespace,
+                &base,
+                "namespace",
+                Kind::Namespace,
+                defaults::NAMESPACE,
+            )?;
+            let service_account = self.opt_name(
+                &w.service_account,
+                &base,
+                "serviceAccount",
+                Kind::ServiceAccount,
+                defaults::SERVICE_ACCOUNT,
+            )?;
+            // Its parts were just checked by the same rules, so this cannot fail; if it ever
+            // did, the service account is the part to look at.
+            let identity = SpiffeId::new(&agent.startup.trust_domain, &namespace, &service_account)
+                .map_err(|error| {
+                    let at = w
+                        .service_account
+                        .as_ref()
+                        .map_or(w.name.referenced, |sa| sa.referenced);
+                    self.err(at, format!("{base}.serviceAccount"), error.to_string())
+                })?;
+            if let Some(line) = names.get(&(namespace.clone(), name.clone())) {
+                return Err(self.err(
+                    w.name.referenced,
+                    format!("{base}.name"),
+                    format!(
+                        "workload {} is already defined at line {line}",
+                        QualifiedName(&namespace, &name)
+                    ),
+                ));
+            }
+            names.insert((namespace.clone(), name.clone()), w.name.referenced.line());
+
+            if w.ips.value.is_empty() {
+                return Err(self.err(
+                    w.ips.referenced,
+                    format!("{base}.ips"),
+                    "must list at least one IP",
+                ));
+            }
+            let mut ips = Vec::with_capacity(w.ips.value.len());
+            for (j, raw_ip) in w.ips.value.iter().enumerate() {
+                let path = format!("{base}.ips[{j}]");
+                let ip = self.unicast_ip(raw_ip, &path)?;
+                if let Some(owner) = ip_owner.get(&ip) {
+                    let owner_name = match out.get(*owner) {
+                        Some(o) => o.qualified_name().to_string(),
+                        None => QualifiedName(&namespace, &name).to_string(),
+                    };
+                    return Err(self.err(
+                        raw_ip.referenced,
+                        path,
+                        format!("{ip} is already an IP of workload {owner_name}"),
+                    ));
+                }
+                ip_owner.insert(ip, i);
+                ips.push(ip);
+            }
+
+            let node = match &w.node {
+                Some(n) => self.name(n, &format!("{base}.node"), Kind::Node)?,
+                None => agent.startup.node.clone(),
+            };
+            let local = node == agent.startup.node;
+            let netns = w
+                .netns
+                .as_ref()
+                .map(|n| self.abs_path(n, &format!("{base}.netns")))
+                .transpose()?;
+            if local && netns.is_none() {
+                return Err(self.err(
+                    item.referenced,
+                    base,
+                    format!(
+                        "netns is required for a workload on this agent's node ({})",
+                        agent.startup.node
+                    ),
+                ));
+            }
+            out.push(Workload {
+                id: WorkloadId(i),
+                name,
+                namespace,
+                service_account,
+                identity,
+                ips,
+                node,
+                netns,
+                labels: w.labels.clone().unwrap_or_default(),
+                fail_mode: w.fail_mode.unwrap_or_default(),
+                unknown_destination: w.unknown_destination.unwrap_or_default(),
+                local,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,184 @@
+//! What every connection handler shares, and the one admission step (register, then
+//! authorize against the snapshot in force) that every way in goes through.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+
+use super::{
+    SocketReserve,
+    registry::{Registry, Subject, Tracked},
+};
+use crate::{
+    authz::{self, Decision},
+    balance::Balancer,
+    config::Config,
+    ebpf::{Datapath, EbpfError, OrigDstTable},
+    metrics::Metrics,
+    sys::{NetnsError, NetnsThread},
+    tls::SpiffeId,
+    tunnel::{MeshTls, MeshTlsError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("opening listener {addr} in {netns}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Ebpf(#[from] Box<EbpfError>),
+    #[error(transparent)]
+    MeshTls(#[from] MeshTlsError),
+}
+
+pub struct ProxyContext {
+    /// The current config snapshot; swapped whole on reload.
+    pub config: Arc<ArcSwap<Config>>,
+    /// Enrollment's handle on the eBPF maps; never taken per connection.
+    pub datapath: Arc<Mutex<Datapath>>,
+    /// The hot path's own handle: original destinations of captured connects.
+    pub orig_dst: Arc<OrigDstTable>,
+    pub balancer: Arc<dyn Balancer>,
+    pub metrics: Arc<Metrics>,
+    /// Live connections with what they were authorized as, for revocation on reload.
+    pub connections: Arc<Registry>,
+    /// Certificates, tunnels to other nodes, tunnel server options.
+    pub mesh_tls: Arc<MeshTls>,
+    /// One permit per connection being proxied (`agent.maxConnections`).
+    pub connection_slots: Arc<Semaphore>,
+}
+
+/// Why [`ProxyContext::admit`] refused.
+#[derive(Debug)]
+pub enum Refused {
+    Denied(Decision),
+    /// The destination workload left the configuration.
+    Gone,
+}
+
+impl ProxyContext {
+    /// Registers `subject` for revocation first, then authorizes it against the snapshot in
+    /// force *now*: a reload that lands before the registration is seen by this check, one
+    /// that lands after it finds the registration and revokes it. No window lets a
+    /// connection the new policy denies through.
+    pub fn admit(&self, subject: Subject) -> Result<(Tracked, Decision), Refused> {
+        admit(&self.connections, &self.config, subject)
+    }
+
+    /// Closes the established connections `config` no longer authorizes; returns how many.
+    pub fn revoke_denied(&self, config: &Config) -> usize {
+        revoke_denied(&self.connections, config)
+    }
+}
+
+/// [`ProxyContext::admit`], on its two parts.
+fn admit(
+    registry: &Arc<Registry>,
+    config: &ArcSwap<Config>,
+    subject: Subject,
+) -> Result<(Tracked, Decision), Refused> {
+    let tracked = registry.track(subject.clone());
+    let config = config.load();
+    let Some(workload) = config.local_workload(&subject.destination) else {
+        return Err(Refused::Gone);
+    };
+    let decision = authz::authorize(&config, subject.source.as_ref(), workload, subject.port);
+    if decision.allowed {
+        Ok((tracked, decision))
+    } else {
+        Err(Refused::Denied(decision))
+    }
+}
+
+fn revoke_denied(registry: &Registry, config: &Config) -> usize {
+    registry.revoke(|subject| {
+        let Some(workload) = config.local_workload(&subject.destination) else {
+            // The workload left the config: not a policy decision; its pod goes away.
+            return true;
+        };
+        authz::authorize(config, subject.source.as_ref(), workload, subject.port).allowed
+    })
+}
+
+/// One enrolled pod as the proxy sees it.
+#[derive(Clone)]
+pub struct PodHandle {
+    /// `namespace/name`, the key of the workload in the config.
+    pub key: Arc<str>,
+    /// Its SPIFFE identity: what it presents to other nodes' pods.
+    pub identity: SpiffeId,
+    pub netns: NetnsThread,
+    /// Ready upstream sockets made in the pod's netns.
+    pub sockets: Arc<SocketReserve>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Pod `srv` on this node; with `deny`, a policy denying everything to it.
+    fn config(deny: bool) -> Arc<Config> {
+        let mut yaml = String::from(
+            "agent: {node: a}\n\
+             workloads:\n\
+             \x20 - {name: srv, namespace: demo, ips: [10.1.0.4], node: a, netns: /n/s}\n",
+        );
+        if deny {
+            yaml.push_str(
+                "policies:\n  authorization:\n    - {name: shut, namespace: demo, action: deny}\n",
+            );
+        }
+        Arc::new(Config::from_yaml_str(&yaml, "admit.yaml").unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn subject() -> Subject {
+        Subject {
+            source: Some(
+                "spiffe://cluster.local/ns/demo/sa/client"
+                    .parse()
+                    .expect("id"),
+            ),
+            destination: "demo/srv".into(),
+            port: 8080,
+        }
+    }
+
+    #[test]
+    fn a_reload_landing_between_routing_and_admission_is_honoured() {
+        let registry = Arc::new(Registry::default());
+        let snapshots = ArcSwap::new(config(false));
+        // Routed by the allowing snapshot, then the denying one is stored.
+        let routed_with = snapshots.load_full();
+        assert!(routed_with.local_workload("demo/srv").is_some());
+        snapshots.store(config(true));
+        let refused = admit(&registry, &snapshots, subject()).err();
+        assert!(matches!(refused, Some(Refused::Denied(d)) if !d.allowed));
+        assert!(
+            registry.is_empty(),
+            "a refused connection is not left registered"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_right_after_admission_revokes_the_connection() {
+        let registry = Arc::new(Registry::default());
+        let snapshots = ArcSwap::new(config(false));
+        let (tracked, decision) = admit(&registry, &snapshots, subject()).expect("allowed");
+        assert!(decision.allowed);
+        let denying = config(true);
+        snapshots.store(denying.clone());
+        assert_eq!(revoke_denied(&registry, &denying), 1);
+        tokio::time::timeout(Duration::from_secs(1), tracked.revoked())
+            .await
+            .expect("the admitted connection is told to close");
+    }
+}

@@ -1,0 +1,178 @@
+//! What happened to one connection: a [`ConnectionResult`] filled in by the pipeline as it
+//! goes, from which the access-log line and every per-connection metric are produced, once,
+//! when it drops. No other place in the proxy logs a connection or counts one, so the log
+//! and the metrics cannot drift apart.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::time::Instant;
+
+use super::route::RouteKind;
+use crate::{
+    copy::Transferred,
+    metrics::{ActiveGuard, Metrics},
+    tls::SpiffeId,
+};
+
+/// The way a connection came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local pod's app, captured by connect4/6.
+    Outbound,
+    /// To a local pod from outside the mesh, handed over by sk_lookup.
+    Inbound,
+    /// To a local pod through a tunnel from another node's pod.
+    Tunnel,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Tunnel => "tunnel",
+        }
+    }
+}
+
+/// How a connection ended; the `outcome` label and the log's `result`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still in the pipeline (only seen if a task is cancelled mid-way).
+    Aborted,
+    /// Proxied and closed by its ends.
+    Closed,
+    /// Authorization refused it.
+    Denied,
+    /// Not ours to serve: a proxy port, an address that is not the pod's, a destination the
+    /// source may not reach.
+    Forbidden,
+    /// No route: a service without endpoints, a pod that left the config.
+    NoRoute,
+    /// The connect program left no original destination (a direct connect to the listener).
+    NoOrigDst,
+    /// The node is at its connection limit.
+    Overloaded,
+    ConnectFailed,
+    /// Copying stopped on an I/O error or reset.
+    Reset,
+    IdleTimeout,
+    /// A policy change revoked it while open.
+    Revoked,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Aborted => "aborted",
+            Outcome::Closed => "closed",
+            Outcome::Denied => "denied",
+            Outcome::Forbidden => "forbidden",
+            Outcome::NoRoute => "no_route",
+            Outcome::NoOrigDst => "no_orig_dst",
+            Outcome::Overloaded => "overloaded",
+            Outcome::ConnectFailed => "connect_failed",
+            Outcome::Reset => "reset",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::Revoked => "revoked",
+        }
+    }
+}
+
+/// One connection's record. Dropping it logs the access line and updates the metrics.
+pub struct ConnectionResult {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    pub direction: Direction,
+    /// `namespace/name` of the local pod whose listener took the connection.
+    pub pod: Arc<str>,
+    pub client: SocketAddr,
+    /// The client's verified identity: the pod's own (outbound), the tunnel peer's
+    /// (tunnel), none for a plaintext client (inbound).
+    pub client_identity: Option<SpiffeId>,
+    /// Where the client meant to go (original destination, CONNECT authority).
+    pub destination: Option<SocketAddr>,
+    pub route: RouteKind,
+    pub service: Option<String>,
+    /// Where the proxy connected.
+    pub upstream: Option<SocketAddr>,
+    /// The identity of the tunnel's server, when the upstream is a tunnel stream.
+    pub tunnel_to: Option<SpiffeId>,
+    /// The policy that decided, when one did.
+    pub policy: Option<String>,
+    pub outcome: Outcome,
+    /// Details for the log (an error, a refusal's reason).
+    pub reason: Option<String>,
+    pub moved: Transferred,
+    active: Option<ActiveGuard>,
+}
+
+impl ConnectionResult {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        direction: Direction,
+        pod: Arc<str>,
+        client: SocketAddr,
+        client_identity: Option<SpiffeId>,
+        destination: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            metrics,
+            started: Instant::now(),
+            direction,
+            pod,
+            client,
+            client_identity,
+            destination,
+            route: RouteKind::None,
+            service: None,
+            upstream: None,
+            tunnel_to: None,
+            policy: None,
+            outcome: Outcome::Aborted,
+            reason: None,
+            moved: Transferred::default(),
+            active: None,
+        }
+    }
+
+    /// The connection is established both ways: count it as active until it ends.
+    pub fn established(&mut self) {
+        self.active = Some(self.metrics.active(self.direction.as_str()));
+    }
+
+    /// Ends it with `outcome` and a reason for the log.
+    pub fn fail(&mut self, outcome: Outcome, reason: impl Into<String>) {
+        self.outcome = outcome;
+        self.reason = Some(reason.into());
+    }
+}
+
+impl Drop for ConnectionResult {
+    fn drop(&mut self) {
+        let direction = self.direction.as_str();
+        let (from_client, to_client) = self.moved.get();
+        self.metrics
+            .connection(direction, self.route.as_str(), self.outcome.as_str());
+        self.metrics.bytes(direction, from_client, to_client);
+        self.active = None;
+        tracing::info!(
+            target: "access",
+            direction,
+            pod = %self.pod,
+            client = %self.client,
+            client_identity = self.client_identity.as_ref().map(tracing::field::display),
+            dst = self.destination.map(tracing::field::display),
+            route = self.route.as_str(),
+            service = self.service.as_deref(),
+            upstream = self.upstream.map(tracing::field::display),
+            tunnel_to = self.tunnel_to.as_ref().map(tracing::field::display),
+            policy = self.policy.as_deref(),
+            from_client,
+            to_client,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            result = self.outcome.as_str(),
+            reason = self.reason.as_deref(),
+        );
+    }
+}
