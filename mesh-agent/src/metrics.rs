@@ -51,9 +51,9 @@ impl Metrics {
             Opts::new(
                 "connections_total",
                 "Connections handled, counted when they end, by direction (outbound, inbound, \
-                 tunnel), route and outcome",
+                 tunnel), route, security (mutual_tls across nodes, else plaintext) and outcome",
             ),
-            &["direction", "route", "outcome"],
+            &["direction", "route", "security", "outcome"],
         )
         .expect("static metric definition");
         let active_connections = IntGaugeVec::new(
@@ -95,9 +95,9 @@ impl Metrics {
     }
 
     /// A connection ended with `outcome` (see `proxy::Outcome`).
-    pub fn connection(&self, direction: &str, route: &str, outcome: &str) {
+    pub fn connection(&self, direction: &str, route: &str, security: &str, outcome: &str) {
         self.connections
-            .with_label_values(&[direction, route, outcome])
+            .with_label_values(&[direction, route, security, outcome])
             .inc();
     }
 

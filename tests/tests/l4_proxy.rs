@@ -606,7 +606,12 @@ fn byte_and_connection_counters_follow_each_direction() {
     wait_for_metric(
         &agent,
         "mesh_connections_total",
-        &[outbound[0], ("route", "pod"), ("outcome", "closed")],
+        &[
+            outbound[0],
+            ("route", "pod"),
+            ("security", "plaintext"),
+            ("outcome", "closed"),
+        ],
         1.0,
     );
     // Inbound: d (not enrolled) sends 30,000 bytes to b, whose inbound listener takes it;
@@ -623,6 +628,7 @@ fn byte_and_connection_counters_follow_each_direction() {
         &[
             ("direction", "inbound"),
             ("route", "plaintext"),
+            ("security", "plaintext"),
             ("outcome", "closed"),
         ],
         1.0,

@@ -181,6 +181,7 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
                 &[
                     ("direction", direction),
                     ("route", route),
+                    ("security", "mutual_tls"),
                     ("outcome", "closed"),
                 ],
             )

@@ -79,6 +79,14 @@ impl Outcome {
     }
 }
 
+/// Whether the connection crossed a network with mutual TLS, for the `security` label.
+pub fn security(direction: Direction, tunnel_to: Option<&SpiffeId>) -> &'static str {
+    match (direction, tunnel_to) {
+        (Direction::Tunnel, _) | (Direction::Outbound, Some(_)) => "mutual_tls",
+        (Direction::Outbound, None) | (Direction::Inbound, _) => "plaintext",
+    }
+}
+
 /// One connection's record. Dropping it logs the access line and updates the metrics.
 pub struct ConnectionResult {
     metrics: Arc<Metrics>,
@@ -152,8 +160,13 @@ impl Drop for ConnectionResult {
     fn drop(&mut self) {
         let direction = self.direction.as_str();
         let (from_client, to_client) = self.moved.get();
-        self.metrics
-            .connection(direction, self.route.as_str(), self.outcome.as_str());
+        let security = security(self.direction, self.tunnel_to.as_ref());
+        self.metrics.connection(
+            direction,
+            self.route.as_str(),
+            security,
+            self.outcome.as_str(),
+        );
         self.metrics.bytes(direction, from_client, to_client);
         self.active = None;
         tracing::info!(
@@ -167,6 +180,7 @@ impl Drop for ConnectionResult {
             service = self.service.as_deref(),
             upstream = self.upstream.map(tracing::field::display),
             tunnel_to = self.tunnel_to.as_ref().map(tracing::field::display),
+            security,
             policy = self.policy.as_deref(),
             from_client,
             to_client,

@@ -97,10 +97,19 @@ pub fn config_yaml(
     out
 }
 
-/// The `mesh_connections_total{direction, outcome}` counters of one `/metrics` scrape.
+/// The `mesh_connections_total{direction, security, outcome}` counters of one `/metrics`
+/// scrape.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
-    connections: Vec<(String, String, f64)>,
+    connections: Vec<(Series, f64)>,
+}
+
+/// The labels of one `mesh_connections_total` series the bench looks at.
+#[derive(Clone, Debug, Default)]
+struct Series {
+    direction: String,
+    security: String,
+    outcome: String,
 }
 
 impl Metrics {
@@ -124,17 +133,30 @@ impl Metrics {
                     .map(|(_, v)| v.trim().trim_matches('"').to_owned())
                     .unwrap_or_default()
             };
-            connections.push((label("direction"), label("outcome"), value));
+            let series = Series {
+                direction: label("direction"),
+                security: label("security"),
+                outcome: label("outcome"),
+            };
+            connections.push((series, value));
         }
         Metrics { connections }
     }
 
-    /// `mesh_connections_total` for `direction` and `outcome` (`None`: every outcome).
-    pub fn connections(&self, direction: &str, outcome: Option<&str>) -> f64 {
+    /// `mesh_connections_total` for `direction` whose `security` and `outcome` pass the
+    /// filters.
+    pub fn connections(
+        &self,
+        direction: &str,
+        security: impl Fn(&str) -> bool,
+        outcome: impl Fn(&str) -> bool,
+    ) -> f64 {
         self.connections
             .iter()
-            .filter(|(d, o, _)| d == direction && outcome.is_none_or(|want| o == want))
-            .map(|(_, _, v)| v)
+            .filter(|(s, _)| {
+                s.direction == direction && security(&s.security) && outcome(&s.outcome)
+            })
+            .map(|(_, v)| v)
             .sum()
     }
 }

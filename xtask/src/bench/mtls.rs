@@ -86,15 +86,32 @@ fn check_inner(
     let [node1, node2] = agents else {
         bail!("expected two agents");
     };
-    let delta = |a: &Metrics, b: &Metrics, direction: &str, outcome: Option<&str>| {
-        (b.connections(direction, outcome) - a.connections(direction, outcome)).max(0.0) as u64
+    let delta = |a: &Metrics,
+                 b: &Metrics,
+                 direction: &str,
+                 security: &dyn Fn(&str) -> bool,
+                 outcome: &dyn Fn(&str) -> bool| {
+        (b.connections(direction, security, outcome) - a.connections(direction, security, outcome))
+            .max(0.0) as u64
     };
-    let out_tunnel = delta(&before.node1, &after.node1, "outbound", Some("tunnel"));
-    let out_all = delta(&before.node1, &after.node1, "outbound", None);
+    let any = |_: &str| true;
+    let mtls = |s: &str| s == "mutual_tls";
+    // Refused or failed before any byte moved; a reset at the end of a run is not a failure.
+    let refused = |o: &str| {
+        matches!(
+            o,
+            "denied" | "forbidden" | "no_route" | "overloaded" | "connect_failed"
+        )
+    };
+    let (node1_before, node1_after) = (&before.node1, &after.node1);
+    let (node2_before, node2_after) = (&before.node2, &after.node2);
+    let out_tunnel = delta(node1_before, node1_after, "outbound", &mtls, &any);
+    let out_all = delta(node1_before, node1_after, "outbound", &any, &any);
     let out_plain = out_all.saturating_sub(out_tunnel);
-    let accepted2 = delta(&before.node2, &after.node2, "tunnel", Some("accepted"));
-    let tunnel2_other = delta(&before.node2, &after.node2, "tunnel", None) - accepted2;
-    let inbound2 = delta(&before.node2, &after.node2, "inbound", None);
+    let tunnel2_other = delta(node2_before, node2_after, "tunnel", &any, &refused);
+    let accepted2 =
+        delta(node2_before, node2_after, "tunnel", &any, &any).saturating_sub(tunnel2_other);
+    let inbound2 = delta(node2_before, node2_after, "inbound", &any, &any);
     let status1 = node1.status()?;
     let captured1 = captured(&status1).saturating_sub(before.captured1);
     let node2_health = node2.check_healthy();
@@ -138,8 +155,8 @@ fn check_inner(
                 && other > 0
             {
                 errors.push(format!(
-                    "node1's access log shows {other} connections to {remote_ip} with a route \
-                     other than \"tunnel\" ({tunnel} tunnelled)"
+                    "node1's access log shows {other} connections to {remote_ip} without \
+                     security=\"mutual_tls\" ({tunnel} tunnelled)"
                 ));
             }
         }
@@ -161,14 +178,14 @@ fn check_inner(
     }
     let log_note = match log {
         Some((tunnel, other)) => format!(
-            "node1 access log: {tunnel} lines to {remote_ip} with route=\"tunnel\", {other} other"
+            "node1 access log: {tunnel} lines to {remote_ip} with security=\"mutual_tls\", {other} other"
         ),
         None => "access log off (MESH_BENCH_AGENT_LOG=info,access=info enables it)".into(),
     };
     result.notes.push(format!(
         "tunnel check ({mode:?}): node1 captured {captured1} connects, sent {out_tunnel} through \
          the tunnel and {out_plain} plaintext; node2 \
-         mesh_connections_total{{direction=\"tunnel\",outcome=\"accepted\"}} +{accepted2}, \
+         mesh_connections_total{{direction=\"tunnel\"}} +{accepted2} (not refused), \
          inbound plaintext +{inbound2}, status {}; {log_note}",
         if node2_health.is_ok() {
             "healthy"
@@ -198,18 +215,18 @@ fn check_inner(
     Ok(())
 }
 
-/// Outbound access-log lines of node1 to `remote_ip`: (route="tunnel", any other route), or
+/// Outbound access-log lines of node1 to `remote_ip`: (security="mutual_tls", any other), or
 /// `None` when the log holds no access lines at all (the bench runs the agents at `warn`).
 fn access_log_routes(log: &Path, remote_ip: &str) -> Option<(u64, u64)> {
     let text = fs::read_to_string(log).ok()?;
     let upstream = format!("upstream={remote_ip}:");
     let (mut tunnel, mut other, mut any) = (0, 0, false);
-    for line in text.lines().filter(|l| l.contains("route=")) {
+    for line in text.lines().filter(|l| l.contains("security=")) {
         any = true;
         if !line.contains(&upstream) {
             continue;
         }
-        if line.contains("route=\"tunnel\"") || line.contains("route=tunnel") {
+        if line.contains("security=\"mutual_tls\"") || line.contains("security=mutual_tls") {
             tunnel += 1;
         } else {
             other += 1;
