@@ -1,24 +1,28 @@
 //! Micro-benchmarks of the agent's per-connection hot pieces: `cargo bench -p mesh-agent`.
 //!
-//! - balancer pick (round robin over a service port's endpoints);
+//! - balancer pick, per algorithm, at 10 and 1,000 endpoints (half of them on this node), and
+//!   a reload that rebuilds a Maglev table of 1,000 endpoints;
 //! - the outbound route decision (VIP lookup + pick) on a realistic config snapshot;
 //! - the original-destination flow key encoding and its decoding;
-//! - the copy loop between two loopback TCP connections (throughput).
+//! - the copy loop between two loopback TCP connections (throughput);
+//! - one connection-limit check (`Limits::admit`) with 100,000 source buckets present.
 //!
 //! Each is kept short (small sample sizes, short measurement times).
 
 use std::{
+    collections::BTreeMap,
     hint::black_box,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mesh_agent::{
-    balance::{Balancer, RoundRobin},
-    config::{Config, Endpoint},
+    balance::{Balancers, Caller},
+    config::{Config, HashOn, LoadBalancer, OnLimit, PerSource, Rate, RateLimitPolicy},
     copy::{Transferred, tcp as copy_tcp},
     ebpf::{decode_addr, flow_key},
+    limit::{Limits, SourceKey},
     proxy::route,
 };
 use tokio::{
@@ -50,19 +54,98 @@ fn config(pods: usize, extra: usize) -> Config {
     Config::from_yaml_str(&yaml, "bench.yaml").expect("the bench config is valid")
 }
 
+/// A client on node-a and `pods` endpoints of service `demo/echo`, every other one on node-a.
+fn balance_config(pods: usize, algorithm: LoadBalancer) -> Config {
+    let mut yaml = String::from(
+        "agent: {node: node-a}\nworkloads:\n  - {name: client, namespace: demo, ips: [10.0.0.2], node: node-a, netns: /n/client, labels: {app: client}}\n",
+    );
+    for i in 0..pods {
+        yaml.push_str(&format!(
+            "  - {{name: server-{i}, namespace: demo, ips: [10.1.{}.{}], node: node-{}, netns: /n/s{i}, labels: {{app: echo}}}}\n",
+            i / 250,
+            i % 250 + 1,
+            if i % 2 == 0 { "a" } else { "b" },
+        ));
+    }
+    yaml.push_str("services:\n  - {name: echo, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], endpoints: {selector: {app: echo}}}\n");
+    let mut config = Config::from_yaml_str(&yaml, "bench.yaml").expect("the bench config is valid");
+    config.services[0].traffic.load_balancer = algorithm;
+    config
+}
+
 fn balancer(c: &mut Criterion) {
-    let endpoints: Vec<Endpoint> = (1..=8)
-        .map(|i| Endpoint {
-            addr: format!("10.1.1.{i}:8080").parse().expect("valid"),
-            workload: None,
-            node: None,
-            local: true,
+    let algorithms = [
+        ("round_robin", LoadBalancer::RoundRobin),
+        ("random", LoadBalancer::Random),
+        ("weighted", LoadBalancer::Weighted),
+        ("least_connections", LoadBalancer::LeastConnections),
+        ("peak_ewma", LoadBalancer::PeakEwma),
+        (
+            "maglev",
+            LoadBalancer::Maglev {
+                hash_on: HashOn::SourceIp,
+            },
+        ),
+    ];
+    let mut group = c.benchmark_group("balance/pick");
+    for pods in [10, 1000] {
+        for (name, algorithm) in algorithms {
+            let config = balance_config(pods, algorithm);
+            let client = &config.workloads()[0];
+            let balancers = Balancers::new();
+            balancers.sync(&config);
+            let balancer = balancers.get("demo/echo", 80).expect("balancer");
+            let caller = Caller {
+                ip: client.ips[0],
+                identity: Some(&client.identity),
+                labels: &client.labels,
+                ipv4: true,
+            };
+            // A pick and its drop (the connect resolved, pending released).
+            group.bench_function(format!("{name}/{pods}"), |b| {
+                b.iter(|| {
+                    balancer
+                        .pick(black_box(&caller), &[])
+                        .map(|p| p.endpoint().addr)
+                })
+            });
+        }
+    }
+    // One endpoint marked down: every pick scans the port's endpoints for availability.
+    let config = balance_config(1000, LoadBalancer::PeakEwma);
+    let client = &config.workloads()[0];
+    let balancers = Balancers::new();
+    balancers.sync(&config);
+    let balancer = balancers.get("demo/echo", 80).expect("balancer");
+    balancer.set_health(config.services[0].ports[0].endpoints[0].addr, false);
+    let caller = Caller {
+        ip: client.ips[0],
+        identity: Some(&client.identity),
+        labels: &client.labels,
+        ipv4: true,
+    };
+    group.bench_function("peak_ewma/1000_one_unhealthy", |b| {
+        b.iter(|| {
+            balancer
+                .pick(black_box(&caller), &[])
+                .map(|p| p.endpoint().addr)
         })
-        .collect();
-    let candidates: Vec<&Endpoint> = endpoints.iter().collect();
-    let rr = RoundRobin::default();
-    c.bench_function("balance/round_robin_pick_8", |b| {
-        b.iter(|| rr.pick(black_box("demo/echo:80"), black_box(&candidates)))
+    });
+    group.finish();
+    // A reload that changes the endpoint set: the picker and its Maglev table are rebuilt.
+    let maglev = LoadBalancer::Maglev {
+        hash_on: HashOn::SourceIp,
+    };
+    let full = balance_config(1000, maglev);
+    let mut fewer = full.clone();
+    fewer.services[0].ports[0].endpoints.pop();
+    let balancers = Balancers::new();
+    let mut flip = false;
+    c.bench_function("balance/sync_maglev_1000", |b| {
+        b.iter(|| {
+            flip = !flip;
+            balancers.sync(if flip { &full } else { &fewer });
+        })
     });
 }
 
@@ -73,19 +156,20 @@ fn route_decision(c: &mut Criterion) {
         .iter()
         .find(|w| w.name == "client")
         .expect("client workload");
-    let rr = RoundRobin::default();
+    let balancers = Balancers::new();
+    balancers.sync(&config);
     let vip: SocketAddr = "10.96.0.10:80".parse().expect("valid");
     let pod: SocketAddr = "10.1.1.3:8080".parse().expect("valid");
     let outside: SocketAddr = "192.0.2.1:443".parse().expect("valid");
     let mut group = c.benchmark_group("route/outbound");
     group.bench_function("service_vip", |b| {
-        b.iter(|| route::outbound(&config, source, black_box(vip), &rr))
+        b.iter(|| route::outbound(&config, source, black_box(vip), &balancers))
     });
     group.bench_function("pod_ip", |b| {
-        b.iter(|| route::outbound(&config, source, black_box(pod), &rr))
+        b.iter(|| route::outbound(&config, source, black_box(pod), &balancers))
     });
     group.bench_function("passthrough", |b| {
-        b.iter(|| route::outbound(&config, source, black_box(outside), &rr))
+        b.iter(|| route::outbound(&config, source, black_box(outside), &balancers))
     });
     group.finish();
 }
@@ -130,6 +214,7 @@ async fn copy_once(bytes: usize, buffer: usize) -> Duration {
             buffer,
             Duration::from_secs(30),
             &Transferred::default(),
+            (&(), &()),
         )
         .await
     });
@@ -192,6 +277,72 @@ fn copy_loop(c: &mut Criterion) {
     group.finish();
 }
 
+/// `Limits::admit` for a workload under a total and a per-source connection rate (both far
+/// above what the bench reaches, so every check admits), with 100,000 sources' buckets in
+/// the map; and for a workload no policy selects.
+fn limit_check(c: &mut Criterion) {
+    const SOURCES: u32 = 100_000;
+    let mut config = config(2, 0);
+    config.policies.rate_limits = vec![RateLimitPolicy {
+        name: "bench".to_owned(),
+        namespace: "demo".to_owned(),
+        selector: Some(BTreeMap::from([("app".to_owned(), "echo".to_owned())])),
+        connections: Some(Rate {
+            per_second: u32::MAX,
+            burst: u32::MAX,
+        }),
+        bandwidth: None,
+        per_source: Some(PerSource {
+            connections: Some(Rate {
+                per_second: 1_000_000,
+                burst: 1_000_000,
+            }),
+            bandwidth: None,
+            overrides: Vec::new(),
+        }),
+        on_limit: OnLimit::Reject,
+    }];
+    let limits = Limits::new();
+    limits.sync(&config);
+    let sources: Vec<SourceKey> = (0..SOURCES)
+        .map(|i| SourceKey::ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for source in &sources {
+            limits
+                .admit("demo/server-0", source)
+                .await
+                .expect("admitted");
+        }
+    });
+    let mut group = c.benchmark_group("limit/admit");
+    // Cycling through all the sources (each check a cache miss in the map) or through 100.
+    for (name, destination, cycle) in [
+        ("per_source_100k_keys", "demo/server-0", SOURCES),
+        ("per_source_100k_keys_100_active", "demo/server-0", 100),
+        ("no_policy", "demo/client", SOURCES),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        let source = &sources[(i % u64::from(cycle)) as usize];
+                        let admitted = limits.admit(black_box(destination), source).await;
+                        black_box(admitted.is_ok());
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn short() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -202,6 +353,6 @@ fn short() -> Criterion {
 criterion_group! {
     name = hot;
     config = short();
-    targets = balancer, route_decision, flow_keys, copy_loop
+    targets = balancer, route_decision, flow_keys, copy_loop, limit_check
 }
 criterion_main!(hot);

@@ -17,12 +17,13 @@ use crate::{
         self, AdminState, StatusReport,
         status::{CertificateStatus, ConfigStatus, ConnectionStatus, ProgramStatus},
     },
-    balance::RoundRobin,
+    balance::Balancers,
     config::{AgentConfig, Config, watch},
     ebpf::{self, Datapath, EbpfError},
+    limit::Limits,
     metrics::Metrics,
     pods::Pods,
-    proxy::ProxyContext,
+    proxy::{self, ProxyContext},
     sys,
     tunnel::MeshTls,
 };
@@ -59,11 +60,17 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
 
     let mesh_tls = Arc::new(MeshTls::start(&agent.startup).context("setting up mTLS")?);
     let metrics = Arc::new(Metrics::new());
+    let balancers = Arc::new(Balancers::new());
+    balancers.sync(&config);
+    let limits = Arc::new(Limits::new());
+    limits.sync(&config);
     let proxy = Arc::new(ProxyContext {
         config: Arc::new(ArcSwap::new(config.clone())),
         orig_dst: datapath.orig_dst(),
         datapath: Arc::new(Mutex::new(datapath)),
-        balancer: Arc::new(RoundRobin::default()),
+        balancers: balancers.clone(),
+        limits: limits.clone(),
+        pods: Default::default(),
         metrics: metrics.clone(),
         connections: Arc::default(),
         mesh_tls: mesh_tls.clone(),
@@ -72,6 +79,17 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
     sync_exclusions(&proxy, &agent)?;
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
     apply(&pods, &config, &metrics);
+    let _health = proxy::health::spawn(proxy.clone());
+    let _eviction = {
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIMIT_EVICTION);
+            loop {
+                tick.tick().await;
+                limits.evict_idle();
+            }
+        })
+    };
 
     let watcher = watch::spawn(config_path, config.clone());
     // Valid files the agent did not apply (they changed a start-up-only setting).
@@ -113,6 +131,8 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                         port: s.port,
                     })
                     .collect(),
+                services: proxy.balancers.status(),
+                limits: proxy.limits.status(),
             }
         })
     };
@@ -150,7 +170,10 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     continue;
                 }
                 refused.lock().reason = None;
-                // New connections route by the new snapshot; established ones keep flowing.
+                // Balancers and limits first, so a connection routed by the new snapshot
+                // finds them; new connections route by it, established ones keep flowing.
+                balancers.sync(&snapshot);
+                limits.sync(&snapshot);
                 proxy.config.store(snapshot.clone());
                 if let Err(error) = sync_exclusions(&proxy, snapshot.agent()) {
                     tracing::error!(%error, "updating the excluded ports and networks");
@@ -169,6 +192,9 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
     tracing::info!("stopping; eBPF programs stay pinned");
     Ok(())
 }
+
+/// How often rate-limit buckets of idle sources are dropped.
+const LIMIT_EVICTION: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
     let mut pods = pods.lock();

@@ -69,9 +69,9 @@ pub enum ConfigCommand {
     /// Validate a configuration file exactly as `run` loads it, without running anything: no
     /// root needed, no eBPF, namespace or network is touched (like `nginx -t`).
     ///
-    /// Valid: prints `FILE: ok (N workloads, N services, N authorization policies)` and exits
-    /// 0. Invalid or unreadable: prints `FILE:LINE:COLUMN: field.path: message` on stderr and
-    /// exits 1.
+    /// Valid: prints `FILE: ok (N workloads, N services, N authorization policies, N rate
+    /// limits, N egress limits)` and exits 0. Invalid or unreadable: prints
+    /// `FILE:LINE:COLUMN: field.path: message` on stderr and exits 1.
     Check {
         /// The YAML configuration to check.
         #[arg(value_name = "FILE")]

@@ -6,8 +6,13 @@
 //! It knows nothing of routing or policy: the connection pipeline (`crate::proxy`) and the
 //! tunnel share it, and stop it from outside by dropping the future (revocation). Bytes are
 //! counted in a [`Transferred`] the caller owns, so they are known however the copy ends.
+//!
+//! Shaping plugs in through [`Pace`], one pacer per direction, awaited before each write:
+//! a rate limit pauses reading (the loop does not read again until the write is through),
+//! never drops. `()` is the pacer that never waits, for unshaped connections.
 
 use std::{
+    future::Future,
     io,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -38,6 +43,20 @@ impl Transferred {
     }
 }
 
+/// Holds a direction of a copy to a rate: `pace(n)` completes when `n` more bytes may be
+/// written. Called by one copy direction at a time, with at most one buffer's worth; a pacer
+/// whose burst is smaller than that waits for it in pieces.
+pub trait Pace: Sync {
+    fn pace(&self, bytes: usize) -> impl Future<Output = ()> + Send;
+}
+
+/// No shaping: ready at once.
+impl Pace for () {
+    fn pace(&self, _bytes: usize) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error("idle for {0:?}")]
@@ -47,13 +66,14 @@ pub enum CopyError {
 }
 
 /// Copies between two TCP connections until both directions have reached EOF, an error,
-/// or the idle timeout.
+/// or the idle timeout. `pace`: (downstream -> upstream, upstream -> downstream).
 pub async fn tcp(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
     buffer_bytes: usize,
     idle_timeout: Duration,
     moved: &Transferred,
+    pace: (&impl Pace, &impl Pace),
 ) -> Result<(), CopyError> {
     halves(
         downstream.split(),
@@ -61,6 +81,7 @@ pub async fn tcp(
         buffer_bytes,
         idle_timeout,
         moved,
+        pace,
     )
     .await
 }
@@ -72,6 +93,7 @@ pub async fn halves<DR, DW, UR, UW>(
     buffer_bytes: usize,
     idle_timeout: Duration,
     moved: &Transferred,
+    (to_upstream, to_downstream): (&impl Pace, &impl Pace),
 ) -> Result<(), CopyError>
 where
     DR: AsyncRead + Unpin,
@@ -90,6 +112,7 @@ where
                 buffer_bytes,
                 (start, &last_activity),
                 &moved.downstream_to_upstream,
+                to_upstream,
             ),
             pipe(
                 &mut up_read,
@@ -97,6 +120,7 @@ where
                 buffer_bytes,
                 (start, &last_activity),
                 &moved.upstream_to_downstream,
+                to_downstream,
             ),
         )
     };
@@ -125,6 +149,7 @@ async fn pipe<R, W>(
     buffer_bytes: usize,
     (start, last_activity): (Instant, &AtomicU64),
     total: &AtomicU64,
+    pace: &impl Pace,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -138,6 +163,7 @@ where
             writer.shutdown().await?;
             return Ok(());
         }
+        pace.pace(read).await;
         writer.write_all(&buffer[..read]).await?;
         total.fetch_add(read as u64, Ordering::Relaxed);
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -146,14 +172,17 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{
+        sync::atomic::{AtomicU64, AtomicUsize, Ordering},
+        time::Duration,
+    };
 
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::{TcpListener, TcpStream},
     };
 
-    use super::{CopyError, Transferred, tcp};
+    use super::{CopyError, Pace, Transferred, tcp};
 
     /// A connected pair of loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -175,6 +204,7 @@ mod tests {
                 1024,
                 Duration::from_secs(5),
                 &moved,
+                (&(), &()),
             )
             .await;
             result.map(|()| moved.get())
@@ -209,6 +239,7 @@ mod tests {
             1024,
             Duration::from_millis(200),
             &moved,
+            (&(), &()),
         );
         let (result, _) = tokio::join!(copy, async {
             let mut hello = [0u8; 5];
@@ -217,5 +248,52 @@ mod tests {
         });
         assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
         assert_eq!(moved.get(), (5, 2));
+    }
+
+    /// Counts what it is asked for, and the largest single request.
+    #[derive(Default)]
+    struct Counting {
+        bytes: AtomicU64,
+        largest: AtomicUsize,
+    }
+
+    impl Pace for Counting {
+        async fn pace(&self, bytes: usize) {
+            self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            self.largest.fetch_max(bytes, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn each_direction_is_paced_for_every_byte_it_writes() {
+        let (mut app, mut proxy_down) = pair().await;
+        let (mut proxy_up, mut server) = pair().await;
+        let (to_server, to_client) = (Counting::default(), Counting::default());
+        let moved = Transferred::default();
+        let copy = tcp(
+            &mut proxy_down,
+            &mut proxy_up,
+            4096,
+            Duration::from_secs(5),
+            &moved,
+            (&to_server, &to_client),
+        );
+        let peers = async {
+            app.write_all(&[1u8; 50_000]).await.expect("write");
+            app.shutdown().await.expect("half-close");
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.expect("read");
+            server.write_all(&[2u8; 300]).await.expect("reply");
+            server.shutdown().await.expect("server half-close");
+            let mut reply = Vec::new();
+            app.read_to_end(&mut reply).await.expect("read reply");
+            (received.len(), reply.len())
+        };
+        let (result, received) = tokio::join!(copy, peers);
+        result.expect("copy");
+        assert_eq!(received, (50_000, 300));
+        assert_eq!(to_server.bytes.load(Ordering::Relaxed), 50_000);
+        assert_eq!(to_client.bytes.load(Ordering::Relaxed), 300);
+        assert!(to_server.largest.load(Ordering::Relaxed) <= 4096);
     }
 }

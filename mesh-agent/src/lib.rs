@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod copy;
 pub mod ebpf;
+pub mod limit;
 pub mod metrics;
 pub mod names;
 pub mod pods;

@@ -1,5 +1,8 @@
-//! Prometheus metrics: one registry, served at /metrics by the admin API.
-//! Later issues add their families here (balancing, limits, tunnels).
+//! Prometheus metrics: one registry, served at /metrics by the admin API. Per-connection
+//! counters are fed by `proxy::ConnectionResult` when a connection ends; traffic-policy
+//! decisions (retries, ejections, circuit refusals, rate limits, health checks) by the
+//! pipeline and the health checker. Labels are bounded by workloads, services and policies,
+//! never by ports or addresses.
 
 use prometheus::{
     IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, core::Collector,
@@ -13,6 +16,12 @@ pub struct Metrics {
     connections: IntCounterVec,
     active_connections: IntGaugeVec,
     bytes: IntCounterVec,
+    shaped_bytes: IntCounterVec,
+    retries: IntCounterVec,
+    ejections: IntCounterVec,
+    circuit_open: IntCounterVec,
+    rate_limited: IntCounterVec,
+    health_checks: IntCounterVec,
 }
 
 /// Counts a connection as active until dropped.
@@ -30,67 +39,96 @@ impl Default for Metrics {
     }
 }
 
+/// Creates and registers one family; the definitions are static, so failing is a bug.
+fn family<T: Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
+    registry
+        .register(Box::new(collector.clone()))
+        .expect("metric names are unique");
+    collector
+}
+
+fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    family(registry, vec)
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry =
             Registry::new_custom(Some("mesh".into()), None).expect("static prefix is valid");
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
-                "config_reloads_total",
-                "Configuration reloads by result (applied, rejected)",
-            ),
-            &["result"],
-        )
-        .expect("static metric definition");
+        let r = &registry;
         let enrolled_pods = IntGauge::new("enrolled_pods", "Pods whose traffic the agent steers")
             .expect("static metric definition");
         let enroll_failures =
             IntCounter::new("enroll_failures_total", "Pods that could not be enrolled")
                 .expect("static metric definition");
-        let connections = IntCounterVec::new(
-            Opts::new(
-                "connections_total",
-                "Connections handled, counted when they end, by direction (outbound, inbound, \
-                 tunnel), route, security (mutual_tls across nodes, else plaintext) and outcome",
-            ),
-            &["direction", "route", "security", "outcome"],
-        )
-        .expect("static metric definition");
         let active_connections = IntGaugeVec::new(
             Opts::new("active_connections", "Connections being copied now"),
             &["direction"],
         )
         .expect("static metric definition");
-        let bytes = IntCounterVec::new(
-            Opts::new(
+        Self {
+            config_reloads: counters(
+                r,
+                "config_reloads_total",
+                "Configuration reloads by result (applied, rejected)",
+                &["result"],
+            ),
+            enrolled_pods: family(r, enrolled_pods),
+            enroll_failures: family(r, enroll_failures),
+            connections: counters(
+                r,
+                "connections_total",
+                "Connections handled, counted when they end, by direction (outbound, inbound, \
+                 tunnel), route, security (mutual_tls across nodes, else plaintext) and outcome",
+                &["direction", "route", "security", "outcome"],
+            ),
+            active_connections: family(r, active_connections),
+            bytes: counters(
+                r,
                 "bytes_total",
                 "Bytes copied, by direction and way (from_client: from the side that opened the \
                  connection; to_client: back to it)",
+                &["direction", "way"],
             ),
-            &["direction", "way"],
-        )
-        .expect("static metric definition");
-        let collectors: [Box<dyn Collector>; 6] = [
-            Box::new(config_reloads.clone()),
-            Box::new(enrolled_pods.clone()),
-            Box::new(enroll_failures.clone()),
-            Box::new(connections.clone()),
-            Box::new(active_connections.clone()),
-            Box::new(bytes.clone()),
-        ];
-        for collector in collectors {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
-        }
-        Self {
+            shaped_bytes: counters(
+                r,
+                "shaped_bytes_total",
+                "Bytes that waited for a bandwidth limit, by direction",
+                &["direction"],
+            ),
+            retries: counters(
+                r,
+                "retries_total",
+                "Failed connects to a service endpoint by what followed: retried on another \
+                 endpoint, budget_exhausted, attempts_exhausted",
+                &["service", "result"],
+            ),
+            ejections: counters(
+                r,
+                "endpoint_ejections_total",
+                "Endpoints ejected by outlier detection, by service",
+                &["service"],
+            ),
+            circuit_open: counters(
+                r,
+                "circuit_open_total",
+                "Connections refused by a service's circuit breaker",
+                &["service"],
+            ),
+            rate_limited: counters(
+                r,
+                "rate_limited_total",
+                "Connections refused by a rate limit, by policy and kind (ingress, egress)",
+                &["policy", "kind"],
+            ),
+            health_checks: counters(
+                r,
+                "health_checks_total",
+                "Active health checks by service and result (ok, failed)",
+                &["service", "result"],
+            ),
             registry,
-            config_reloads,
-            enrolled_pods,
-            enroll_failures,
-            connections,
-            active_connections,
-            bytes,
         }
     }
 
@@ -114,6 +152,37 @@ impl Metrics {
         self.bytes
             .with_label_values(&[direction, "to_client"])
             .inc_by(to_client);
+    }
+
+    pub fn shaped_bytes(&self, direction: &str, bytes: u64) {
+        if bytes > 0 {
+            self.shaped_bytes
+                .with_label_values(&[direction])
+                .inc_by(bytes);
+        }
+    }
+
+    pub fn retry(&self, service: &str, result: &str) {
+        self.retries.with_label_values(&[service, result]).inc();
+    }
+
+    pub fn ejection(&self, service: &str) {
+        self.ejections.with_label_values(&[service]).inc();
+    }
+
+    pub fn circuit_open(&self, service: &str) {
+        self.circuit_open.with_label_values(&[service]).inc();
+    }
+
+    pub fn rate_limited(&self, policy: &str, kind: &str) {
+        self.rate_limited.with_label_values(&[policy, kind]).inc();
+    }
+
+    pub fn health_check(&self, service: &str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.health_checks
+            .with_label_values(&[service, result])
+            .inc();
     }
 
     /// Brings the reload counters up to the watcher's totals.

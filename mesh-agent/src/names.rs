@@ -5,6 +5,7 @@
 //! and SPIFFE's for the trust domain:
 //! - a namespace is an RFC 1123 DNS *label*: 1 to 63 lower-case letters, digits or '-',
 //!   starting and ending with a letter or digit, no '.' (it is one segment of an identity);
+//!   so is a subset of a service's endpoints (Istio's rule for `DestinationRule` subsets);
 //! - service accounts, workloads, nodes, services, policies and port names are RFC 1123 DNS
 //!   *subdomains*: at most 253 bytes, dot-separated labels as above (Kubernetes does not cap
 //!   each label of a subdomain at 63, so neither does the mesh);
@@ -24,6 +25,8 @@ pub enum Kind {
     Service,
     Policy,
     Port,
+    /// A subset of a service's endpoints (`trafficPolicy.subsets[].name`).
+    Subset,
     TrustDomain,
 }
 
@@ -63,7 +66,7 @@ enum Rule {
 impl Kind {
     fn rule(self) -> Rule {
         match self {
-            Kind::Namespace => Rule::DnsLabel,
+            Kind::Namespace | Kind::Subset => Rule::DnsLabel,
             Kind::ServiceAccount
             | Kind::Workload
             | Kind::Node
@@ -109,6 +112,7 @@ impl fmt::Display for Kind {
             Kind::Service => "service name",
             Kind::Policy => "policy name",
             Kind::Port => "port name",
+            Kind::Subset => "subset name",
             Kind::TrustDomain => "trust domain",
         })
     }
@@ -242,6 +246,8 @@ mod tests {
     #[test]
     fn kinds_follow_kubernetes() {
         assert!(Kind::Namespace.check("team.a").is_err());
+        assert!(Kind::Subset.check("v1.2").is_err());
+        assert_eq!(Kind::Subset.check("canary-2"), Ok(()));
         for kind in [
             Kind::ServiceAccount,
             Kind::Workload,

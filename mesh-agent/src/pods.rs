@@ -108,6 +108,7 @@ impl Pods {
         let mut errors = Vec::new();
         for key in stale {
             if let Some(pod) = self.enrolled.remove(&key) {
+                self.proxy.pods.write().remove(key.as_str());
                 if let Err(source) = self.unenroll(&pod) {
                     errors.push(EnrollError::Map {
                         workload: key.clone(),
@@ -124,6 +125,10 @@ impl Pods {
             match self.enroll(config, &key, workload) {
                 Ok(pod) => {
                     tracing::info!(pod = %key, netns_cookie = pod.handle.netns.cookie(), "pod enrolled");
+                    self.proxy
+                        .pods
+                        .write()
+                        .insert(pod.handle.key.clone(), pod.handle.clone());
                     self.enrolled.insert(key, pod);
                 }
                 Err(error) => errors.push(error),

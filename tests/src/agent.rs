@@ -103,6 +103,25 @@ impl ConfigBuilder {
         self
     }
 
+    /// As [`service`](Self::service), with more YAML for the service entry (e.g. a
+    /// `trafficPolicy:` block), indented by the builder by four spaces.
+    pub fn service_with(
+        mut self,
+        name: &str,
+        vips: &[&str],
+        (port, target_port): (u16, u16),
+        selector: &[(&str, &str)],
+        extra: &str,
+    ) -> Self {
+        self = self.service(name, vips, port, target_port, selector);
+        if let Some(entry) = self.services.last_mut() {
+            for line in extra.lines() {
+                entry.push_str(&format!("    {line}\n"));
+            }
+        }
+        self
+    }
+
     /// One more line of the `agent` block, e.g. `caCertFile: /path`.
     pub fn agent_line(mut self, line: &str) -> Self {
         self.agent_extra.push(format!("  {line}\n"));
@@ -314,6 +333,27 @@ impl Agent {
         fs::write(&temp, config)?;
         fs::rename(&temp, &self.config_path)?;
         Ok(())
+    }
+
+    /// Replaces the config file and waits until the agent has applied it.
+    pub fn reload(&self, config: &str) -> Result<()> {
+        let applied = |status: &serde_json::Value| status["config"]["applied"].as_u64();
+        let before = applied(&self.status()?).context("no config.applied in the status")?;
+        self.write_config(config)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status()?;
+            if applied(&status).is_some_and(|now| now > before) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not apply the new config within 10 s: {}",
+                    status["config"]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn config_path(&self) -> &Path {

@@ -85,6 +85,27 @@ pub fn parse_id_reply(line: &str) -> Result<(String, SocketAddr)> {
     Ok((name.to_owned(), peer))
 }
 
+/// Parses the output of `mesh-testtool ids`: connections per server name, and failures.
+pub fn parse_ids(output: &str) -> Result<(std::collections::BTreeMap<String, usize>, usize)> {
+    let mut counts = std::collections::BTreeMap::new();
+    let mut failed = None;
+    for line in output.lines() {
+        let (name, n) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("malformed ids line {line:?}"))?;
+        let n: usize = n
+            .parse()
+            .with_context(|| format!("malformed count in {line:?}"))?;
+        if name == "failed" {
+            failed = Some(n);
+        } else {
+            counts.insert(name.to_owned(), n);
+        }
+    }
+    let failed = failed.context("no `failed` line in the ids output")?;
+    Ok((counts, failed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +118,12 @@ mod tests {
         let (_, a) = parse_id_reply("srv [fd00:1::2]:80").expect("v6");
         assert_eq!(a, "[fd00:1::2]:80".parse().expect("addr"));
         assert!(parse_id_reply("nospace").is_err());
+    }
+
+    #[test]
+    fn parses_ids_output() {
+        let (counts, failed) = parse_ids("b 3\nc 5\nfailed 1\n").expect("ids");
+        assert_eq!((counts["b"], counts["c"], failed), (3, 5, 1));
+        assert!(parse_ids("b 3\n").is_err());
     }
 }

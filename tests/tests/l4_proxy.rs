@@ -51,7 +51,15 @@ impl Mesh {
             .workload(&self.a, &[("app", "client")], &[])
             .workload(&self.b, &[("app", "echo"), ("version", "b")], &[])
             .workload(&self.c, &[("app", "echo"), ("version", "c")], &[])
-            .service("echo", &[VIP, VIP6], 80, 8080, selector)
+            // Round robin: these tests check that both endpoints serve with a few
+            // connections; balancing itself is tested in traffic.rs.
+            .service_with(
+                "echo",
+                &[VIP, VIP6],
+                (80, 8080),
+                selector,
+                "trafficPolicy: {loadBalancer: {algorithm: roundRobin}}",
+            )
             .build()
     }
 

@@ -9,7 +9,11 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
-use crate::pods::PodStatus;
+use crate::{
+    balance::{EndpointState, ServiceStatus},
+    limit::{LimitKind, LimitStatus},
+    pods::PodStatus,
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -23,6 +27,12 @@ pub struct StatusReport {
     pub certificates: Vec<CertificateStatus>,
     /// Connections into this node's pods, with the identity they were authorized as.
     pub connections: Vec<ConnectionStatus>,
+    /// Each service port this node's pods call: its endpoints and their state.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+    /// Each rate limit and its current use.
+    #[serde(default)]
+    pub limits: Vec<LimitStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -138,10 +148,89 @@ fn render(report: &StatusReport) -> String {
             left % 60
         );
     }
+    render_services(&mut out, &report.services, now);
+    render_limits(&mut out, &report.limits);
     let _ = writeln!(
         out,
         "\nconnections into local pods: {}",
         report.connections.len()
     );
     out
+}
+
+/// Each service port, then its endpoints: state, load, weight, latency estimate.
+fn render_services(out: &mut String, services: &[ServiceStatus], now: u64) {
+    use std::fmt::Write;
+    for service in services {
+        let circuit = &service.circuit;
+        let limit = |n: Option<u32>| n.map_or("-".to_owned(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "\nservice {}:{}  {}  active {}/{}  connecting {}/{}  retries {}/{}",
+            service.service,
+            service.port,
+            service.algorithm,
+            circuit.active,
+            limit(circuit.max_connections),
+            circuit.pending,
+            limit(circuit.max_pending),
+            service.retry_budget.retries,
+            service.retry_budget.allowed,
+        );
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<18} {:>6} {:>4} {:>7} {:>9}",
+            "ENDPOINT", "STATE", "ACTIVE", "WGT", "RTT ms", "SUBSETS"
+        );
+        for endpoint in &service.endpoints {
+            let state = match endpoint.state {
+                EndpointState::Healthy => "healthy".to_owned(),
+                EndpointState::Unhealthy => "unhealthy".to_owned(),
+                EndpointState::Ejected { until } => {
+                    format!("ejected {}s", until.saturating_sub(now))
+                }
+            };
+            let rtt = endpoint
+                .latency_ms
+                .map_or("-".to_owned(), |ms| format!("{ms:.2}"));
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<18} {:>6} {:>4} {:>7} {:>9}",
+                endpoint.address,
+                state,
+                endpoint.active,
+                endpoint.weight,
+                rtt,
+                endpoint.subsets.join(","),
+            );
+        }
+    }
+}
+
+/// Each rate limit and its use.
+fn render_limits(out: &mut String, limits: &[LimitStatus]) {
+    use std::fmt::Write;
+    if limits.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<32} {:<7} {:>12} {:>7} {:>9} {:>8}",
+        "RATE LIMIT", "KIND", "CONN/S", "KEYS", "ADMITTED", "LIMITED"
+    );
+    for limit in limits {
+        let kind = match limit.kind {
+            LimitKind::RateLimit => "ingress",
+            LimitKind::EgressLimit => "egress",
+        };
+        let rate = limit
+            .connections
+            .or(limit.per_source_connections)
+            .map_or("-".to_owned(), |r| format!("{}/{}", r.per_second, r.burst));
+        let _ = writeln!(
+            out,
+            "{:<32} {:<7} {:>12} {:>7} {:>9} {:>8}",
+            limit.policy, kind, rate, limit.keys, limit.admitted, limit.limited
+        );
+    }
 }

@@ -1,65 +1,181 @@
-//! Endpoint selection. Stage one ships round robin; the balancing issue adds P2C peak-EWMA,
-//! least connections, Maglev and outlier ejection behind the same trait.
+//! Endpoint picking with live state: which endpoint of a service port takes a new
+//! connection, decided from the service's `TrafficPolicy` and what the agent has seen of each
+//! endpoint (load, connect latency, failures, health).
+//!
+//! # Shape
+//!
+//! [`Balancers`] holds one [`ServiceBalancer`] per (service, service port) in an immutable
+//! map behind an `ArcSwap`: the connection path reads it without a lock, and
+//! [`Balancers::sync`] swaps in a new map on each config snapshot. A service port whose
+//! inputs (endpoints, policy, subset membership, this node's zone) are unchanged keeps its
+//! balancer; a changed one gets a new picker (subsets, locality tiers, Maglev tables are
+//! precomputed, so a pick does no allocation in the common case) that takes over the live
+//! state: the port's counters and retry budget, and each endpoint's stats by address.
+//!
+//! A pick goes: circuit limits of the service (refuse at once, never queue) -> subset (a
+//! caller route fixes it, else weighted among subsets with an available endpoint) ->
+//! locality tier (this node, then this node's zone, then all: the narrowest with at least
+//! `min_healthy_percent` available) -> the algorithm within the tier. *Available* means not
+//! ejected, not marked unhealthy, not already tried by this connection, and under the
+//! per-endpoint circuit limits. When nothing is ejected, unhealthy or tried and no
+//! per-endpoint limit is set (the common case), every endpoint is available without looking;
+//! otherwise the pick scans the port's endpoints once.
+//!
+//! The returned [`Pick`] counts a connect in flight until it reports [`Pick::connected`] (then
+//! an [`ActiveGuard`] counts the connection until dropped) or [`Pick::failed`]; those outcomes
+//! feed the latency estimate and outlier ejection.
+//!
+//! # Algorithms
+//!
+//! - round robin, random, weighted (by `Endpoint::weight`);
+//! - least connections: power of two choices on active + pending connections;
+//! - peak-EWMA, the default: power of two choices on `latency estimate x (active + pending +
+//!   1)`. It needs no tuning and steers away from endpoints that are slow *or* busy: a slow
+//!   endpoint's connections stay pending longer, and its estimate jumps to any higher
+//!   latency at once (peak) and comes down only gradually. The estimate decays with
+//!   τ = 10 s (an observation Δt old weighs `e^(-Δt/τ)`); an estimate not refreshed decays
+//!   toward zero, so an endpoint once slow is tried again after a while. An endpoint never
+//!   measured starts at 5 ms (`endpoint::INITIAL_ESTIMATE`), a little worse than a connect in
+//!   a cluster, so a new endpoint ramps up instead of being flooded before it is measured;
+//! - Maglev: consistent hashing on the caller's IP or identity (module `maglev`); a source keeps
+//!   its endpoint while that one is available, and an unavailable one spills its sources
+//!   onward in the table. Maglev **ignores locality**: stickiness is the point of choosing
+//!   it, and tiers that widen and narrow with health would move sources around. Endpoint
+//!   weights do not apply to it; among subsets, a source's subset is chosen by its hash too.
+//!
+//! # Outlier ejection, circuit limits, retry budget
+//!
+//! `consecutive_failures` connect failures (or resets before any reply) in a row eject an
+//! endpoint for `base_ejection x 2^(ejections so far)`, at most `max_ejection`, unless more
+//! than `max_ejected_percent` of the port's endpoints would be ejected at once (then it stays
+//! in; its streak keeps counting). An ejection ends by itself: picks compare the deadline to
+//! the clock. A success clears the streak. The retry budget is described in module `budget`.
 
-use std::collections::HashMap;
+mod budget;
+mod clock;
+mod endpoint;
+mod maglev;
+mod select;
+mod service;
+mod status;
+#[cfg(test)]
+mod tests;
 
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use crate::config::Endpoint;
+pub use budget::RetryBudgetStatus;
+pub use service::{ActiveGuard, Pick, ServiceBalancer};
+pub use status::{CircuitStatus, EndpointState, EndpointStatus, ServiceStatus};
 
-/// Picks one endpoint of a service port for a new connection.
-pub trait Balancer: Send + Sync {
-    /// `key` names the service port (its state survives config snapshots); `candidates` are
-    /// its usable endpoints. `None` only when there are none.
-    fn pick<'a>(&self, key: &str, candidates: &[&'a Endpoint]) -> Option<&'a Endpoint>;
+use crate::{config::Config, tls::SpiffeId};
+
+/// Who is calling (for Maglev, caller routes, and the address family).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    pub ip: IpAddr,
+    pub identity: Option<&'a SpiffeId>,
+    pub labels: &'a BTreeMap<String, String>,
+    /// The original destination was IPv4: prefer IPv4 endpoints (the other family serves
+    /// only when the service port has no endpoint of this one).
+    pub ipv4: bool,
 }
 
-/// Each service port cycles through its endpoints in order.
+/// Why [`ServiceBalancer::pick`] found no endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    #[error("the service port has no endpoints")]
+    NoEndpoints,
+    #[error("no endpoint is available (ejected, unhealthy, at its limits or already tried)")]
+    NoneAvailable,
+    /// A service-wide circuit limit (`max_connections` or `max_pending`) is reached.
+    #[error("circuit open: {0} reached")]
+    CircuitOpen(&'static str),
+}
+
+/// Service name (`namespace/name`) -> its ports' balancers, in file order.
+type Map = HashMap<String, Vec<Arc<ServiceBalancer>>>;
+
+/// Node-wide balancing state: one [`ServiceBalancer`] per (service, service port), kept
+/// across config snapshots. Reads are lock-free (an `ArcSwap` of an immutable map).
 #[derive(Default)]
-pub struct RoundRobin {
-    next: Mutex<HashMap<String, usize>>,
+pub struct Balancers {
+    map: ArcSwap<Map>,
+    /// Serializes [`Balancers::sync`] (each builds on the map the previous one stored).
+    syncing: Mutex<()>,
 }
 
-impl Balancer for RoundRobin {
-    fn pick<'a>(&self, key: &str, candidates: &[&'a Endpoint]) -> Option<&'a Endpoint> {
-        if candidates.is_empty() {
-            return None;
-        }
-        let mut next = self.next.lock();
-        let turn = match next.get_mut(key) {
-            Some(turn) => turn,
-            None => next.entry(key.to_owned()).or_default(),
-        };
-        let chosen = candidates.get(*turn % candidates.len()).copied();
-        *turn = turn.wrapping_add(1);
-        chosen
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Balancer, RoundRobin};
-    use crate::config::Endpoint;
-
-    fn endpoint(last: u8) -> Endpoint {
-        Endpoint {
-            addr: format!("10.0.0.{last}:80").parse().expect("valid"),
-            workload: None,
-            node: None,
-            local: true,
-        }
+impl Balancers {
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    #[test]
-    fn round_robin_visits_every_endpoint_in_turn_per_service_port() {
-        let (a, b, c) = (endpoint(1), endpoint(2), endpoint(3));
-        let rr = RoundRobin::default();
-        let picks: Vec<_> = (0..6)
-            .map(|_| rr.pick("web:80", &[&a, &b, &c]).expect("some").addr)
-            .collect();
-        assert_eq!(picks, [a.addr, b.addr, c.addr, a.addr, b.addr, c.addr]);
-        // Another service port has its own turn.
-        assert_eq!(rr.pick("db:5432", &[&a, &b]).expect("some").addr, a.addr);
-        assert!(rr.pick("empty:1", &[]).is_none());
+    /// Brings the state in line with `config`: a new service port gets fresh state; a
+    /// changed endpoint set or policy rebuilds its picker while each endpoint's live stats
+    /// carry over by address; gone ones are dropped.
+    pub fn sync(&self, config: &Config) {
+        let _syncing = self.syncing.lock();
+        let current = self.map.load_full();
+        let mut next = Map::with_capacity(config.services().len());
+        for service in config.services() {
+            let name = service.qualified_name().to_string();
+            let previous_ports = current.get(&name).map(Vec::as_slice).unwrap_or_default();
+            let ports = service
+                .ports
+                .iter()
+                .map(|port| {
+                    let spec = select::Spec::new(config, service, port);
+                    let previous = previous_ports.iter().find(|b| b.port() == port.port);
+                    match previous {
+                        Some(previous) if previous.spec == spec => previous.clone(),
+                        _ => Arc::new(ServiceBalancer::build(spec, previous.map(Arc::as_ref))),
+                    }
+                })
+                .collect();
+            next.insert(name, ports);
+        }
+        // Service ports that are gone: their endpoints' late outcomes change nothing.
+        for (name, ports) in current.iter() {
+            for balancer in ports {
+                let kept = next
+                    .get(name)
+                    .is_some_and(|ports| ports.iter().any(|b| b.port() == balancer.port()));
+                if !kept {
+                    balancer.retire_missing(&HashMap::new());
+                }
+            }
+        }
+        self.map.store(Arc::new(next));
+    }
+
+    /// The balancer of `service` (`namespace/name`) port `port` (the service port, not the
+    /// target port).
+    pub fn get(&self, service: &str, port: u16) -> Option<Arc<ServiceBalancer>> {
+        self.map
+            .load()
+            .get(service)?
+            .iter()
+            .find(|b| b.port() == port)
+            .cloned()
+    }
+
+    /// Every service port's balancer (for the active health checker, which walks them each
+    /// round so it sees what a reload added).
+    pub fn all(&self) -> Vec<Arc<ServiceBalancer>> {
+        self.map.load().values().flatten().cloned().collect()
+    }
+
+    /// Every service port, by service name then port.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        let map = self.map.load();
+        let mut all: Vec<ServiceStatus> = map.values().flatten().map(|b| b.status()).collect();
+        all.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
+        all
     }
 }

@@ -42,14 +42,14 @@ impl Config {
 
 /// `mesh-agent config check`: reads and validates the file at `path` as the agent would at
 /// start, touching nothing else, and returns the one-line summary
-/// `FILE: ok (3 workloads, 1 service, 2 authorization policies)`.
+/// `FILE: ok (3 workloads, 1 service, 2 authorization policies, 1 rate limit, 0 egress limits)`.
 pub fn check(path: impl AsRef<Path>) -> Result<String, ConfigError> {
     let path = path.as_ref();
     let config = Config::load(path)?;
     let count =
         |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     Ok(format!(
-        "{}: ok ({}, {}, {})",
+        "{}: ok ({}, {}, {}, {}, {})",
         path.display(),
         count(config.workloads.len(), "workload", "workloads"),
         count(config.services.len(), "service", "services"),
@@ -57,6 +57,16 @@ pub fn check(path: impl AsRef<Path>) -> Result<String, ConfigError> {
             config.policies.authorization.len(),
             "authorization policy",
             "authorization policies"
+        ),
+        count(
+            config.policies.rate_limits.len(),
+            "rate limit",
+            "rate limits"
+        ),
+        count(
+            config.policies.egress_limits.len(),
+            "egress limit",
+            "egress limits"
         ),
     ))
 }
@@ -110,9 +120,10 @@ pub(super) fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
 /// `services[0].vips[1]` from the tracked path, without the `value` level that `Spanned`
 /// inserts.
 fn render_path(path: &serde_path_to_error::Path) -> String {
+    let segments: Vec<&Segment> = path.iter().collect();
     let mut out = String::new();
     let mut previous: Option<&str> = None;
-    for segment in path.iter() {
+    for (i, segment) in segments.iter().enumerate() {
         match segment {
             Segment::Seq { index } => {
                 out.push_str(&format!("[{index}]"));
@@ -120,10 +131,15 @@ fn render_path(path: &serde_path_to_error::Path) -> String {
             }
             Segment::Map { key } => {
                 // `Spanned<T>` deserializes as a map whose `value` holds T. A real key named
-                // `value` can only appear in the free-form maps (`labels`, `selector`).
-                let free_form = matches!(previous, Some("labels" | "selector"));
-                if key == "value" && !free_form {
-                    continue;
+                // `value` can only appear in the free-form maps (`labels`, `selector`,
+                // `weights`); right after one, a `value` followed by a key is the wrapper of a
+                // spanned map, and the real key comes next.
+                if key == "value" {
+                    let free_form = matches!(previous, Some("labels" | "selector" | "weights"));
+                    let key_follows = matches!(segments.get(i + 1), Some(Segment::Map { .. }));
+                    if !free_form || key_follows {
+                        continue;
+                    }
                 }
                 if !out.is_empty() {
                     out.push('.');

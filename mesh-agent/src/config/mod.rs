@@ -1,7 +1,8 @@
 //! Configuration: one model, several sources (today the local YAML file), all producing the same
 //! immutable snapshot, shared as `Arc<Config>`.
 //!
-//! - [`model`]: the resolved snapshot [`Config`] and its parts.
+//! - [`model`]: the resolved snapshot [`Config`] and its parts; [`traffic`] (a service's
+//!   traffic policy) and [`limits`] (rate limits) are parts of it.
 //! - the file source: [`Config::from_yaml_str`], [`Config::load`] (strict parsing with
 //!   positions, then validation that resolves endpoints and builds the lookups), and
 //!   [`check`] for `mesh-agent config check`.
@@ -12,17 +13,26 @@
 
 mod error;
 mod file;
+pub mod limits;
 pub mod model;
 mod raw;
+pub mod traffic;
 mod validate;
 pub mod watch;
 
 pub use error::ConfigError;
 pub use file::{check, system_node_name};
+pub use limits::{
+    Bandwidth, EgressLimitPolicy, OnLimit, PerSource, Rate, RateLimitPolicy, SourceOverride,
+};
 pub use model::{
     AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Cidr, Config,
-    Endpoint, EndpointSelection, FailMode, LiveSettings, Policies, QualifiedName, RuleSource,
+    Endpoint, EndpointSelection, FailMode, LiveSettings, Node, Policies, QualifiedName, RuleSource,
     Service, ServicePort, StartupSettings, UnknownDestination, Workload, WorkloadId,
+};
+pub use traffic::{
+    CallerMatch, CallerRoute, CircuitBreaker, HashOn, HealthCheck, LoadBalancer, Locality,
+    OutlierDetection, Retries, Subset, TrafficPolicy,
 };
 pub use watch::{ConfigWatch, ReloadStats, ReloadStatus};
 

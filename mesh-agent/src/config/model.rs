@@ -49,6 +49,8 @@ pub struct Config {
     /// In file order.
     pub services: Vec<Service>,
     pub policies: Policies,
+    /// Nodes with labels (the zone, for locality); in file order. Optional.
+    pub nodes: Vec<Node>,
     /// (canonical VIP, service port) -> (service index, port index)
     pub(super) by_vip: HashMap<SocketAddr, (usize, usize)>,
     /// canonical workload IP -> workload
@@ -76,6 +78,15 @@ impl Config {
 
     pub fn policies(&self) -> &Policies {
         &self.policies
+    }
+
+    /// The zone of this agent's node (`agent.node`'s zone label in `nodes`), if known: the
+    /// middle tier of locality.
+    pub fn local_zone(&self) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == self.agent.startup.node)
+            .and_then(Node::zone)
     }
 
     pub fn workload(&self, id: WorkloadId) -> Option<&Workload> {
@@ -336,6 +347,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// How the endpoints were selected (kept for display and for later sources).
     pub selection: EndpointSelection,
+    /// What callers do: balancing, health, retries, limits, split.
+    pub traffic: super::traffic::TrafficPolicy,
 }
 
 impl Service {
@@ -367,6 +380,10 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// The workload is on this agent's node (connect directly from its netns).
     pub local: bool,
+    /// Relative weight for the `weighted` balancer (`endpoints.weights`); default 1.
+    pub weight: u32,
+    /// The zone of its node (the node's `topology.kubernetes.io/zone` label), if known.
+    pub zone: Option<String>,
 }
 
 /// The `endpoints` block of a service: exactly one way of choosing them.
@@ -387,6 +404,26 @@ pub struct Policies {
     /// L4 authorization policies, in file order; `(namespace, name)` is unique. Evaluated by
     /// `crate::authz::authorize`.
     pub authorization: Vec<AuthorizationPolicy>,
+    /// Limits on what reaches workloads, in file order; `(namespace, name)` is unique.
+    pub rate_limits: Vec<super::limits::RateLimitPolicy>,
+    /// Limits on what workloads send, in file order; `(namespace, name)` is unique.
+    pub egress_limits: Vec<super::limits::EgressLimitPolicy>,
+}
+
+/// A node of the cluster, as far as the mesh cares: its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Node {
+    /// Its zone: the label [`ZONE_LABEL`](super::traffic::defaults::ZONE_LABEL).
+    pub fn zone(&self) -> Option<&str> {
+        self.labels
+            .get(super::traffic::defaults::ZONE_LABEL)
+            .map(String::as_str)
+    }
 }
 
 /// An L4 authorization policy, modelled on Istio's `AuthorizationPolicy`.

@@ -18,9 +18,17 @@ pub(super) type S<T> = Spanned<T>;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub agent: Option<RawAgent>,
+    pub nodes: Option<Vec<S<RawNode>>>,
     pub workloads: Option<Vec<S<RawWorkload>>>,
     pub services: Option<Vec<S<RawService>>>,
     pub policies: Option<RawPolicies>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawNode {
+    pub name: S<String>,
+    pub labels: Option<BTreeMap<String, S<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +78,8 @@ pub(super) struct RawService {
     pub vips: S<Vec<S<String>>>,
     pub ports: S<Vec<S<RawPort>>>,
     pub endpoints: S<RawEndpoints>,
+    /// With no value: the defaults, as when absent.
+    pub traffic_policy: Option<RawTrafficPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,17 +96,24 @@ pub(super) struct RawEndpoints {
     pub selector: Option<S<BTreeMap<String, String>>>,
     pub workloads: Option<S<Vec<S<String>>>>,
     pub addresses: Option<S<Vec<S<String>>>>,
+    /// Workload name (or address, in `addresses` mode) -> weight.
+    #[serde(default, deserialize_with = "present")]
+    pub weights: Present<BTreeMap<String, S<u64>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawPolicies {
     pub authorization: Option<Vec<S<RawAuthorizationPolicy>>>,
+    pub rate_limits: Option<Vec<S<RawRateLimit>>>,
+    pub egress_limits: Option<Vec<S<RawEgressLimit>>>,
 }
 
 /// In the policy blocks a key written with no value (`from:`, `ports:`) must not silently mean
 /// "no condition": those fields are read with [`present`], so that `Some(value: None)` is an
-/// explicit null, refused by validation, and `None` an absent key.
+/// explicit null, refused by validation, and `None` an absent key. The blocks of a traffic
+/// policy and of the rate limits are read the same way: `outlierDetection:` with no value
+/// could mean "off" as well as "the defaults", so neither is guessed.
 pub(super) type Present<T> = Option<S<Option<T>>>;
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +147,210 @@ pub(super) struct RawFrom {
     pub identity_prefixes: Present<Vec<S<String>>>,
     #[serde(default, deserialize_with = "present")]
     pub namespaces: Present<Vec<S<String>>>,
+}
+
+// ---- trafficPolicy --------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawTrafficPolicy {
+    #[serde(default, deserialize_with = "present")]
+    pub load_balancer: Present<RawLoadBalancer>,
+    #[serde(default, deserialize_with = "present")]
+    pub locality: Present<RawLocality>,
+    #[serde(default, deserialize_with = "present")]
+    pub outlier_detection: Present<RawOutlierDetection>,
+    #[serde(default, deserialize_with = "present")]
+    pub health_check: Present<RawHealthCheck>,
+    #[serde(default, deserialize_with = "present")]
+    pub retries: Present<RawRetries>,
+    pub connect_timeout_ms: Option<S<u64>>,
+    pub idle_timeout_ms: Option<S<u64>>,
+    pub max_connection_lifetime_ms: Option<S<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    pub circuit_breaker: Present<RawCircuitBreaker>,
+    #[serde(default, deserialize_with = "present")]
+    pub subsets: Present<Vec<S<RawSubset>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub caller_routes: Present<Vec<S<RawCallerRoute>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawLoadBalancer {
+    pub algorithm: Option<S<RawAlgorithm>>,
+    pub hash_on: Option<S<RawHashOn>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) enum RawAlgorithm {
+    RoundRobin,
+    Random,
+    Weighted,
+    LeastConnections,
+    PeakEwma,
+    Maglev,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) enum RawHashOn {
+    SourceIp,
+    SourceIdentity,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawLocality {
+    pub enabled: Option<bool>,
+    pub min_healthy_percent: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawOutlierDetection {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<S<u64>>,
+    pub base_ejection_ms: Option<S<u64>>,
+    pub max_ejection_ms: Option<S<u64>>,
+    pub max_ejected_percent: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    pub enabled: Option<bool>,
+    pub interval_ms: Option<S<u64>>,
+    pub timeout_ms: Option<S<u64>>,
+    pub unhealthy_threshold: Option<S<u64>>,
+    pub healthy_threshold: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawRetries {
+    pub attempts: Option<S<u64>>,
+    pub budget_percent: Option<S<u64>>,
+    pub min_retries_per_second: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawCircuitBreaker {
+    pub max_connections: Option<S<u64>>,
+    pub max_pending_connects: Option<S<u64>>,
+    pub max_connections_per_endpoint: Option<S<u64>>,
+    pub max_pending_connects_per_endpoint: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawSubset {
+    pub name: S<String>,
+    pub labels: S<BTreeMap<String, String>>,
+    pub weight: S<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawCallerRoute {
+    #[serde(default, deserialize_with = "present")]
+    pub from: Present<RawCallerFrom>,
+    pub subset: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawCallerFrom {
+    #[serde(default, deserialize_with = "present")]
+    pub labels: Present<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub identities: Present<Vec<S<String>>>,
+}
+
+// ---- rateLimits, egressLimits ---------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    pub name: S<String>,
+    pub namespace: Option<S<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub selector: Present<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub connections: Present<RawRate>,
+    #[serde(default, deserialize_with = "present")]
+    pub bandwidth: Present<RawBandwidth>,
+    #[serde(default, deserialize_with = "present")]
+    pub per_source: Present<RawPerSource>,
+    #[serde(default, deserialize_with = "present")]
+    pub on_limit: Present<RawOnLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawEgressLimit {
+    pub name: S<String>,
+    pub namespace: Option<S<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub selector: Present<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub connections: Present<RawRate>,
+    #[serde(default, deserialize_with = "present")]
+    pub bandwidth: Present<RawBandwidth>,
+    #[serde(default, deserialize_with = "present")]
+    pub on_limit: Present<RawOnLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawRate {
+    pub per_second: S<u64>,
+    pub burst: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawBandwidth {
+    pub bytes_per_second: S<u64>,
+    pub burst_bytes: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawPerSource {
+    #[serde(default, deserialize_with = "present")]
+    pub connections: Present<RawRate>,
+    #[serde(default, deserialize_with = "present")]
+    pub bandwidth: Present<RawBandwidth>,
+    #[serde(default, deserialize_with = "present")]
+    pub overrides: Present<Vec<S<RawOverride>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawOverride {
+    #[serde(default, deserialize_with = "present")]
+    pub identities: Present<Vec<S<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub connections: Present<RawRate>,
+    #[serde(default, deserialize_with = "present")]
+    pub bandwidth: Present<RawBandwidth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawOnLimit {
+    pub action: S<RawLimitAction>,
+    pub max_wait_ms: Option<S<u64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) enum RawLimitAction {
+    Reject,
+    Wait,
 }
 
 /// Called only when the key is present: wraps the (possibly null) value in `Some`.

@@ -293,18 +293,24 @@ fn full_document() {
                 workload: Some(WorkloadId(0)),
                 node: Some("node-a".into()),
                 local: true,
+                weight: 1,
+                zone: None,
             },
             Endpoint {
                 addr: sock("[fd00:1::2]:8080"),
                 workload: Some(WorkloadId(0)),
                 node: Some("node-a".into()),
                 local: true,
+                weight: 1,
+                zone: None,
             },
             Endpoint {
                 addr: sock("10.2.0.2:8080"),
                 workload: Some(WorkloadId(1)),
                 node: Some("node-b".into()),
                 local: false,
+                weight: 1,
+                zone: None,
             },
         ]
     );
@@ -320,7 +326,9 @@ fn full_document() {
             addr: sock("192.168.7.9:5432"),
             workload: None,
             node: None,
-            local: false
+            local: false,
+            weight: 1,
+            zone: None,
         }]
     );
     assert_eq!(config.policies, Policies::default());
@@ -525,12 +533,16 @@ fn explicit_workloads_and_addresses() {
                 workload: Some(WorkloadId(1)),
                 node: Some("node-b".into()),
                 local: false,
+                weight: 1,
+                zone: None,
             },
             Endpoint {
                 addr: sock("172.16.0.1:80"),
                 workload: None,
                 node: None,
                 local: false,
+                weight: 1,
+                zone: None,
             },
         ]
     );
@@ -544,7 +556,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
     assert_eq!(
         error(&base_with(&[], &["    lb: roundRobin"])),
         "mesh.yaml:19:5: services[0].lb: unknown field `lb`, expected one of name, namespace, \
-         vips, ports, endpoints"
+         vips, ports, endpoints, trafficPolicy"
     );
     assert_eq!(
         error(&base_with(&[(2, "  nodeName: node-a")], &[])),
@@ -561,12 +573,13 @@ fn unknown_fields_are_refused_with_position_and_path() {
     );
     assert_eq!(
         error(&base_with(&[], &["polices: {}"])),
-        "mesh.yaml:19:1: polices: unknown field `polices`, expected one of agent, workloads, \
-         services, policies"
+        "mesh.yaml:19:1: polices: unknown field `polices`, expected one of agent, nodes, \
+         workloads, services, policies"
     );
     assert_eq!(
         error(&base_with(&[], &["policies: {allow: []}"])),
-        "mesh.yaml:19:12: policies.allow: unknown field `allow`, expected one of authorization"
+        "mesh.yaml:19:12: policies.allow: unknown field `allow`, expected one of authorization, \
+         rateLimits, egressLimits"
     );
 }
 
@@ -579,7 +592,7 @@ fn type_and_syntax_errors_are_refused_with_position_and_path() {
     assert_eq!(
         error(&base_with(&[], &["    failMode: half"])),
         "mesh.yaml:19:5: services[0].failMode: unknown field `failMode`, expected one of name, \
-         namespace, vips, ports, endpoints"
+         namespace, vips, ports, endpoints, trafficPolicy"
     );
     assert_eq!(
         error(&base_with(&[(7, "    failMode: half")], &[])),
@@ -593,7 +606,7 @@ fn type_and_syntax_errors_are_refused_with_position_and_path() {
     assert_eq!(
         error(&base_with(&[(14, "    vip: [10.96.0.10]")], &[])),
         "mesh.yaml:14:5: services[0].vip: unknown field `vip`, expected one of name, namespace, \
-         vips, ports, endpoints"
+         vips, ports, endpoints, trafficPolicy"
     );
     assert_eq!(
         error(&base_with(&[(5, "    # no ips")], &[])),
@@ -1576,3 +1589,6 @@ fn authorization_empty_from_and_lists() {
         "mesh.yaml:22:12: policies.authorization[0].rules: must be a list of rules"
     );
 }
+
+mod rate_limits;
+mod traffic_policy;

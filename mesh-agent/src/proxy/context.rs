@@ -1,10 +1,10 @@
 //! What every connection handler shares, and the one admission step (register, then
 //! authorize against the snapshot in force) that every way in goes through.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::Semaphore;
 
 use super::{
@@ -13,9 +13,10 @@ use super::{
 };
 use crate::{
     authz::{self, Decision},
-    balance::Balancer,
+    balance::Balancers,
     config::Config,
     ebpf::{Datapath, EbpfError, OrigDstTable},
+    limit::Limits,
     metrics::Metrics,
     sys::{NetnsError, NetnsThread},
     tls::SpiffeId,
@@ -45,7 +46,12 @@ pub struct ProxyContext {
     pub datapath: Arc<Mutex<Datapath>>,
     /// The hot path's own handle: original destinations of captured connects.
     pub orig_dst: Arc<OrigDstTable>,
-    pub balancer: Arc<dyn Balancer>,
+    /// Per service port: endpoint state, picking, retry budgets, circuit limits.
+    pub balancers: Arc<Balancers>,
+    /// Node-wide rate limits.
+    pub limits: Arc<Limits>,
+    /// The enrolled pods by `namespace/name` (the health checker connects from them).
+    pub pods: RwLock<HashMap<Arc<str>, PodHandle>>,
     pub metrics: Arc<Metrics>,
     /// Live connections with what they were authorized as, for revocation on reload.
     pub connections: Arc<Registry>,

@@ -3,11 +3,14 @@
 //! connect, copy, report.
 //!
 //! Rooms: `context` (what handlers share, admission), `route` (pure decisions), `pipeline`
-//! (the steps), `upstream` (connecting), `outcome` (the result value: access log and
-//! metrics), `registry` (live connections for revocation), `reserve` and `socket` (sockets
-//! made in a pod's netns). Only `listeners` spawns tasks.
+//! (the steps), `connect` (admission, limits, attempts and retries), `upstream`
+//! (connecting), `outcome` (the result value: access log and metrics), `registry` (live
+//! connections for revocation), `reserve` and `socket` (sockets made in a pod's netns),
+//! `health` (active checks). Only `listeners` and `health` spawn tasks.
 
+mod connect;
 mod context;
+pub mod health;
 mod listeners;
 mod outcome;
 mod pipeline;

@@ -53,6 +53,14 @@ pub enum Outcome {
     NoOrigDst,
     /// The node is at its connection limit.
     Overloaded,
+    /// The service's circuit breaker refused it (too many connections or connects).
+    CircuitOpen,
+    /// Every endpoint of the service is ejected, unhealthy or at its limit.
+    NoHealthyEndpoint,
+    /// Over a rate limit (the destination's or the source's egress).
+    RateLimited,
+    /// Closed at the service's maximum connection lifetime.
+    MaxLifetime,
     ConnectFailed,
     /// Copying stopped on an I/O error or reset.
     Reset,
@@ -71,6 +79,10 @@ impl Outcome {
             Outcome::NoRoute => "no_route",
             Outcome::NoOrigDst => "no_orig_dst",
             Outcome::Overloaded => "overloaded",
+            Outcome::CircuitOpen => "circuit_open",
+            Outcome::NoHealthyEndpoint => "no_healthy_endpoint",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::MaxLifetime => "max_lifetime",
             Outcome::ConnectFailed => "connect_failed",
             Outcome::Reset => "reset",
             Outcome::IdleTimeout => "idle_timeout",
@@ -112,6 +124,10 @@ pub struct ConnectionResult {
     /// Details for the log (an error, a refusal's reason).
     pub reason: Option<String>,
     pub moved: Transferred,
+    /// Connects retried on another endpoint.
+    pub retries: u32,
+    /// Bytes that waited for a bandwidth limit.
+    pub shaped_bytes: u64,
     active: Option<ActiveGuard>,
 }
 
@@ -140,6 +156,8 @@ impl ConnectionResult {
             outcome: Outcome::Aborted,
             reason: None,
             moved: Transferred::default(),
+            retries: 0,
+            shaped_bytes: 0,
             active: None,
         }
     }
@@ -168,6 +186,7 @@ impl Drop for ConnectionResult {
             self.outcome.as_str(),
         );
         self.metrics.bytes(direction, from_client, to_client);
+        self.metrics.shaped_bytes(direction, self.shaped_bytes);
         self.active = None;
         tracing::info!(
             target: "access",
@@ -184,6 +203,8 @@ impl Drop for ConnectionResult {
             policy = self.policy.as_deref(),
             from_client,
             to_client,
+            retries = self.retries,
+            shaped_bytes = self.shaped_bytes,
             duration_ms = self.started.elapsed().as_millis() as u64,
             result = self.outcome.as_str(),
             reason = self.reason.as_deref(),

@@ -1,34 +1,37 @@
 //! The one path every proxied connection takes, whatever way it came in (outbound capture,
 //! plaintext inbound, tunnel stream):
 //!
-//! 1. **route**: [`route`] turns the destination and the snapshot into a [`Plan`] (local
-//!    endpoint, tunnel to an identity, direct, or refused with the reason);
-//! 2. **admit**: a destination served here is registered for revocation, then authorized
-//!    ([`ProxyContext::admit`]);
-//! 3. **connect**: from the pod's network namespace, or through the tunnel pool;
-//! 4. **answer** the downstream (a tunnel stream gets its `200` only now) and **copy**, until
-//!    both ends close, the idle timeout, or a policy change revokes it;
+//! 1. **route**: [`route`] turns the destination and the snapshot into a plan (a fixed hop,
+//!    or a service's balancer; or refused with the reason), and the source's egress limit
+//!    is taken;
+//! 2. **admit**, per attempt: a destination served here is registered for revocation, then
+//!    authorized ([`ProxyContext::admit`]), then its rate limits are taken;
+//! 3. **connect**: from the pod's network namespace, or through the tunnel pool; a failed
+//!    connect to a service endpoint is retried on another within the retry budget
+//!    ([`connect`]);
+//! 4. **answer** the downstream (a tunnel stream gets its `200` only now) and **copy**, paced
+//!    by the bandwidth limits, until both ends close, the idle timeout, the maximum lifetime,
+//!    or a policy change revokes it;
 //! 5. **report**: the [`ConnectionResult`] filled in on the way logs and counts it when it
 //!    drops.
 //!
-//! A new step (a balancer's feedback, a rate limit, a retry) goes here once, for all three
-//! ways in.
+//! A new step goes here once, for all three ways in.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
+use tokio::net::TcpStream;
 
 use super::{
-    context::{PodHandle, ProxyContext, Refused},
+    connect::{self, CopySettings, Established, Stream},
+    context::{PodHandle, ProxyContext},
     outcome::{ConnectionResult, Direction, Outcome},
-    registry::Tracked,
-    route::{self, NoRoute, Plan, Via},
-    upstream::{self, TunnelFailure},
+    upstream,
 };
 use crate::{
     copy::{self, CopyError, Transferred},
+    limit::Shaper,
     tls::SpiffeId,
-    tunnel::{PendingStream, Refusal, TunnelStream},
+    tunnel::{PendingStream, Refusal},
 };
 
 /// The downstream side as it was accepted.
@@ -70,7 +73,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         client_identity,
         destination,
     );
-    let Some(established) = establish(&ctx, &pod, &mut result).await else {
+    let Some(established) = connect::establish(&ctx, &pod, &mut result).await else {
         refuse(downstream, &result);
         return;
     };
@@ -88,163 +91,58 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
     let Established {
         upstream,
         tracked,
-        copy: (buffer_bytes, idle_timeout),
+        shaper,
+        copy,
+        active,
         _slot,
     } = established;
-    let copied = pump(
-        downstream,
-        upstream,
-        buffer_bytes,
-        idle_timeout,
-        &result.moved,
-    );
-    // `None`: revoked by a policy change while open.
-    let ended = match &tracked {
-        None => Some(copied.await),
-        Some(tracked) => tokio::select! {
-            ended = copied => Some(ended),
-            () = tracked.revoked() => None,
-        },
+    let copied = pump(downstream, upstream, copy, &shaper, &result.moved);
+    let lifetime = async {
+        match copy.max_lifetime {
+            Some(lifetime) => tokio::time::sleep(lifetime).await,
+            None => std::future::pending().await,
+        }
+    };
+    let revoked = async {
+        match &tracked {
+            Some(tracked) => tracked.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        ended = copied => Ended::Copy(ended),
+        () = revoked => Ended::Revoked,
+        () = lifetime => Ended::Lifetime,
     };
     match ended {
-        Some(Ok(())) => result.outcome = Outcome::Closed,
-        Some(Err(CopyError::Idle(after))) => {
+        Ended::Copy(Ok(())) => result.outcome = Outcome::Closed,
+        Ended::Copy(Err(CopyError::Idle(after))) => {
             result.fail(Outcome::IdleTimeout, format!("idle for {after:?}"));
         }
-        Some(Err(CopyError::Io(error))) => result.fail(Outcome::Reset, error.to_string()),
-        None => result.fail(Outcome::Revoked, "no longer authorized"),
-    }
-}
-
-/// What [`establish`] hands the copy.
-struct Established {
-    upstream: Stream,
-    /// Registered for revocation when a policy admitted it here.
-    tracked: Option<Tracked>,
-    /// Buffer bytes and idle timeout, from the snapshot it was routed by.
-    copy: (usize, Duration),
-    /// The connection-limit slot of a tunnel stream (TCP ones hold theirs in the accept loop).
-    _slot: Option<OwnedSemaphorePermit>,
-}
-
-/// Route, admit, connect. `None`: refused, with the reason in `result`.
-async fn establish(
-    ctx: &ProxyContext,
-    pod: &PodHandle,
-    result: &mut ConnectionResult,
-) -> Option<Established> {
-    let Some(dst) = result.destination else {
-        result.fail(
-            Outcome::NoOrigDst,
-            "no original destination (a direct connect to the listener, or an evicted flow)",
-        );
-        return None;
-    };
-    let config = ctx.config.load_full();
-    let routed = match (result.direction, &result.client_identity) {
-        (Direction::Outbound, _) => match config.local_workload(&pod.key) {
-            Some(source) => route::outbound(&config, source, dst, ctx.balancer.as_ref()),
-            None => Err(NoRoute {
-                kind: route::RouteKind::None,
-                service: None,
-                forbidden: false,
-                reason: "the pod is no longer configured".into(),
-            }),
-        },
-        (Direction::Inbound, _) => route::inbound(&config, &pod.key, dst),
-        (Direction::Tunnel, Some(client)) => route::tunnel(&config, &pod.key, client, dst),
-        (Direction::Tunnel, None) => Err(NoRoute {
-            kind: route::RouteKind::Tunnel,
-            service: None,
-            forbidden: true,
-            reason: "a tunnel stream without a client identity".into(),
-        }),
-    };
-    let plan: Plan = match routed {
-        Ok(plan) => plan,
-        Err(no_route) => {
-            result.route = no_route.kind;
-            result.service = no_route.service;
-            let outcome = if no_route.forbidden {
-                Outcome::Forbidden
-            } else {
-                Outcome::NoRoute
-            };
-            result.fail(outcome, no_route.reason);
-            return None;
-        }
-    };
-    result.route = plan.kind;
-    result.service = plan.service;
-    result.upstream = Some(plan.target);
-    // Only what the rest needs is kept of the snapshot.
-    let (live, tunnel_port) = (&config.agent().live, config.agent().startup.tunnel_port);
-    let connect_timeout = live.connect_timeout;
-    let copy = (live.buffer_bytes, live.idle_timeout);
-    drop(config);
-
-    // Tunnel streams count against the same node-wide limit as TCP connections, which take
-    // their slot before accepting.
-    let slot = match result.direction {
-        Direction::Tunnel => match ctx.connection_slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) => {
-                result.fail(Outcome::Overloaded, "the node is at its connection limit");
-                return None;
+        Ended::Copy(Err(CopyError::Io(error))) => {
+            // A reset before any byte came back counts against the endpoint.
+            if result.moved.get().1 == 0
+                && let Some(active) = &active
+                && active.reset_before_reply()
+            {
+                ctx.metrics
+                    .ejection(result.service.as_deref().unwrap_or_default());
             }
-        },
-        Direction::Outbound | Direction::Inbound => None,
-    };
-    let tracked = match plan.admit.map(|subject| ctx.admit(subject)) {
-        None => None,
-        Some(Ok((tracked, decision))) => {
-            result.policy = decision.policy;
-            Some(tracked)
+            result.fail(Outcome::Reset, error.to_string());
         }
-        Some(Err(Refused::Denied(decision))) => {
-            result.policy = decision.policy;
-            result.fail(Outcome::Denied, decision.reason);
-            return None;
-        }
-        Some(Err(Refused::Gone)) => {
-            result.fail(Outcome::NoRoute, "the destination left the configuration");
-            return None;
-        }
-    };
-    let upstream = match plan.via {
-        Via::Direct => upstream::connect(pod, plan.target, connect_timeout)
-            .await
-            .map(Stream::Tcp)
-            .map_err(|error| (Outcome::ConnectFailed, error.to_string())),
-        Via::Tunnel { expected } => {
-            let stream = upstream::tunnel(
-                &ctx.mesh_tls,
-                pod,
-                &expected,
-                plan.target,
-                tunnel_port,
-                connect_timeout,
-            )
-            .await;
-            result.tunnel_to = Some(expected);
-            stream.map(Stream::Tunnel).map_err(|failure| match failure {
-                TunnelFailure::Denied(reason) => (Outcome::Denied, reason),
-                TunnelFailure::Failed(reason) => (Outcome::ConnectFailed, reason),
-            })
-        }
-    };
-    match upstream {
-        Ok(upstream) => Some(Established {
-            upstream,
-            tracked,
-            copy,
-            _slot: slot,
-        }),
-        Err((outcome, reason)) => {
-            result.fail(outcome, reason);
-            None
-        }
+        Ended::Revoked => result.fail(Outcome::Revoked, "no longer authorized"),
+        Ended::Lifetime => result.fail(Outcome::MaxLifetime, "maximum connection lifetime"),
     }
+    result.shaped_bytes = shaper.shaped_bytes();
+}
+
+/// How the copy ended.
+enum Ended {
+    Copy(Result<(), CopyError>),
+    /// A policy change revoked it while open.
+    Revoked,
+    /// The service's maximum connection lifetime.
+    Lifetime,
 }
 
 /// Refuses the downstream the way its kind understands: a TCP reset, or a tunnel response
@@ -264,35 +162,35 @@ fn refuse(downstream: Downstream, result: &ConnectionResult) {
     }
 }
 
-/// Either side of a connection.
-enum Stream {
-    Tcp(TcpStream),
-    Tunnel(TunnelStream),
-}
-
 async fn pump(
     downstream: Stream,
     upstream: Stream,
-    buffer_bytes: usize,
-    idle_timeout: Duration,
+    settings: CopySettings,
+    shaper: &Shaper,
     moved: &Transferred,
 ) -> Result<(), CopyError> {
     use Stream::{Tcp, Tunnel};
+    let CopySettings {
+        buffer_bytes,
+        idle_timeout,
+        ..
+    } = settings;
+    let pace = (shaper.to_server(), shaper.to_client());
     match (downstream, upstream) {
         (Tcp(mut down), Tcp(mut up)) => {
-            copy::tcp(&mut down, &mut up, buffer_bytes, idle_timeout, moved).await
+            copy::tcp(&mut down, &mut up, buffer_bytes, idle_timeout, moved, pace).await
         }
         (Tcp(mut down), Tunnel(up)) => {
             let up = up.into_split();
-            copy::halves(down.split(), up, buffer_bytes, idle_timeout, moved).await
+            copy::halves(down.split(), up, buffer_bytes, idle_timeout, moved, pace).await
         }
         (Tunnel(down), Tcp(mut up)) => {
             let down = down.into_split();
-            copy::halves(down, up.split(), buffer_bytes, idle_timeout, moved).await
+            copy::halves(down, up.split(), buffer_bytes, idle_timeout, moved, pace).await
         }
         (Tunnel(down), Tunnel(up)) => {
             let (down, up) = (down.into_split(), up.into_split());
-            copy::halves(down, up, buffer_bytes, idle_timeout, moved).await
+            copy::halves(down, up, buffer_bytes, idle_timeout, moved, pace).await
         }
     }
 }

@@ -1,13 +1,15 @@
 //! The route decision: where a connection goes and what must be checked before it does,
-//! decided from the config snapshot alone (no I/O; unit-tested below, benchmarked in
-//! `benches/hot_paths.rs`). One function per way in, one [`Plan`] out.
+//! decided from the config snapshot and the service's balancer (no I/O; unit-tested below,
+//! benchmarked in `benches/hot_paths.rs`). One function per way in, one [`Plan`] out; a
+//! service's endpoints are picked per attempt by the pipeline, and [`hop`] says how to reach
+//! each.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use super::registry::Subject;
 use crate::{
-    balance::Balancer,
-    config::{Config, Endpoint, UnknownDestination, Workload},
+    balance::{Balancers, ServiceBalancer},
+    config::{Config, UnknownDestination, Workload},
     tls::SpiffeId,
 };
 
@@ -52,17 +54,33 @@ pub enum Via {
     Tunnel { expected: SpiffeId },
 }
 
-/// The whole decision for one connection.
+/// One address to connect to, and what must be checked first.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub addr: SocketAddr,
+    pub via: Via,
+    /// A workload of this node is the destination: its inbound policy (authorization and
+    /// rate limits) is enforced here, on this subject (registered first, for revocation).
+    pub admit: Option<Subject>,
+}
+
+/// Where the connection goes.
+#[derive(Clone)]
+pub enum Target {
+    /// One address (a pod, a passthrough destination, the local app).
+    Fixed(Hop),
+    /// A service port: each attempt asks its balancer for an endpoint, then [`hop`] says how
+    /// to reach it.
+    Balanced(Arc<ServiceBalancer>),
+}
+
+/// The whole decision for one connection.
+#[derive(Clone)]
 pub struct Plan {
     pub kind: RouteKind,
     /// The service whose VIP was dialled, `namespace/name`.
     pub service: Option<String>,
-    pub target: SocketAddr,
-    pub via: Via,
-    /// A workload of this node is the destination: its inbound policy is enforced here, on
-    /// this subject (registered first, for revocation).
-    pub admit: Option<Subject>,
+    pub target: Target,
 }
 
 /// Why there is no route.
@@ -81,47 +99,41 @@ pub fn outbound(
     config: &Config,
     source: &Workload,
     dst: SocketAddr,
-    balancer: &dyn Balancer,
+    balancers: &Balancers,
 ) -> Result<Plan, NoRoute> {
     if let Some((service, port)) = config.service_by_vip(dst) {
         let name = service.qualified_name().to_string();
-        // Prefer endpoints of the destination's address family (an IPv4 VIP is reached over
-        // IPv4); a single-stack endpoint of the other family still serves.
-        let same_family: Vec<&Endpoint> = port
-            .endpoints
-            .iter()
-            .filter(|e| e.addr.is_ipv4() == dst.is_ipv4())
-            .collect();
-        let candidates: Vec<&Endpoint> = if same_family.is_empty() {
-            port.endpoints.iter().collect()
-        } else {
-            same_family
-        };
-        let key = format!("{name}:{}", port.port);
-        let Some(endpoint) = balancer.pick(&key, &candidates) else {
-            return Err(NoRoute {
+        return match balancers.get(&name, port.port) {
+            Some(balancer) => Ok(Plan {
                 kind: RouteKind::Service,
-                reason: format!("service {name} port {} has no endpoints", port.port),
+                service: Some(name),
+                target: Target::Balanced(balancer),
+            }),
+            // The snapshot changed between the lookup and the balancers' sync.
+            None => Err(NoRoute {
+                kind: RouteKind::Service,
+                reason: format!("service {name} port {} is being reconfigured", port.port),
                 service: Some(name),
                 forbidden: false,
-            });
+            }),
         };
-        let destination = endpoint.workload.and_then(|id| config.workload(id));
-        let mut plan = to_workload(source, destination, endpoint.addr);
-        plan.kind = RouteKind::Service;
-        plan.service = Some(name);
-        return Ok(plan);
     }
     if let Some(workload) = config.workload_by_ip(dst.ip()) {
-        return Ok(to_workload(source, Some(workload), dst));
+        return Ok(Plan {
+            kind: RouteKind::Pod,
+            service: None,
+            target: Target::Fixed(hop(source, Some(workload), dst)),
+        });
     }
     match source.unknown_destination {
         UnknownDestination::Passthrough => Ok(Plan {
             kind: RouteKind::Passthrough,
             service: None,
-            target: dst,
-            via: Via::Direct,
-            admit: None,
+            target: Target::Fixed(Hop {
+                addr: dst,
+                via: Via::Direct,
+                admit: None,
+            }),
         }),
         UnknownDestination::Deny => Err(NoRoute {
             kind: RouteKind::Passthrough,
@@ -138,7 +150,7 @@ pub fn outbound(
 /// `target` owned by `destination` (if a workload of the mesh): a pod of this node is reached
 /// directly and its inbound policy checked here, with the source's identity this agent knows;
 /// a pod of another node through a tunnel to its node's agent, which checks the policy.
-fn to_workload(source: &Workload, destination: Option<&Workload>, target: SocketAddr) -> Plan {
+pub fn hop(source: &Workload, destination: Option<&Workload>, target: SocketAddr) -> Hop {
     let (via, admit) = match destination {
         Some(workload) if workload.local => (
             Via::Direct,
@@ -152,10 +164,8 @@ fn to_workload(source: &Workload, destination: Option<&Workload>, target: Socket
         ),
         None => (Via::Direct, None),
     };
-    Plan {
-        kind: RouteKind::Pod,
-        service: None,
-        target,
+    Hop {
+        addr: target,
         via,
         admit,
     }
@@ -170,9 +180,11 @@ pub fn inbound(config: &Config, pod_key: &str, dst: SocketAddr) -> Result<Plan, 
     Ok(Plan {
         kind: RouteKind::Plaintext,
         service: None,
-        target: dst,
-        via: Via::Direct,
-        admit: Some(subject(None, workload, dst)),
+        target: Target::Fixed(Hop {
+            addr: dst,
+            via: Via::Direct,
+            admit: Some(subject(None, workload, dst)),
+        }),
     })
 }
 
@@ -198,9 +210,11 @@ pub fn tunnel(
     Ok(Plan {
         kind: RouteKind::Tunnel,
         service: None,
-        target,
-        via: Via::Direct,
-        admit: Some(subject(Some(client.clone()), workload, target)),
+        target: Target::Fixed(Hop {
+            addr: target,
+            via: Via::Direct,
+            admit: Some(subject(Some(client.clone()), workload, target)),
+        }),
     })
 }
 
@@ -247,7 +261,6 @@ fn subject(source: Option<SpiffeId>, destination: &Workload, target: SocketAddr)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::RoundRobin;
 
     /// Node `a` with pods `client` and `local-srv`; node `b` with `remote-srv`; service `echo`
     /// selecting both servers; `closed` denies unknown destinations.
@@ -279,50 +292,68 @@ mod tests {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
     }
 
+    fn fixed(plan: Plan) -> Hop {
+        match plan.target {
+            Target::Fixed(hop) => hop,
+            Target::Balanced(_) => panic!("expected a fixed target"),
+        }
+    }
+
     #[test]
-    fn a_vip_balances_to_a_local_endpoint_with_admission_then_a_remote_one_through_a_tunnel() {
+    fn a_vip_goes_to_its_service_balancer_and_a_hop_says_how_to_reach_each_endpoint() {
         let config = config();
         let client = workload(&config, "client");
-        let rr = RoundRobin::default();
-        let first = outbound(&config, client, addr("10.96.0.10:80"), &rr).expect("route");
-        assert_eq!(first.kind, RouteKind::Service);
-        assert_eq!(first.service.as_deref(), Some("demo/echo"));
-        assert_eq!(first.target, addr("10.1.0.4:8080"));
-        assert_eq!(first.via, Via::Direct);
-        let subject = first.admit.expect("a local destination is admitted here");
+        let balancers = Balancers::new();
+        balancers.sync(&config);
+        let plan = outbound(&config, client, addr("10.96.0.10:80"), &balancers).expect("route");
+        assert_eq!(plan.kind, RouteKind::Service);
+        assert_eq!(plan.service.as_deref(), Some("demo/echo"));
+        assert!(matches!(plan.target, Target::Balanced(_)));
+
+        let local = hop(
+            client,
+            Some(workload(&config, "local-srv")),
+            addr("10.1.0.4:8080"),
+        );
+        assert_eq!(local.via, Via::Direct);
+        let subject = local.admit.expect("a local destination is admitted here");
         assert_eq!(subject.destination, "demo/local-srv");
         assert_eq!(subject.source.as_ref(), Some(&client.identity));
         assert_eq!(subject.port, 8080);
 
-        let second = outbound(&config, client, addr("10.96.0.10:80"), &rr).expect("route");
-        assert_eq!(second.target, addr("10.2.0.4:8080"));
+        let remote = hop(
+            client,
+            Some(workload(&config, "remote-srv")),
+            addr("10.2.0.4:8080"),
+        );
         assert_eq!(
-            second.via,
+            remote.via,
             Via::Tunnel {
                 expected: workload(&config, "remote-srv").identity.clone()
             }
         );
-        assert_eq!(second.admit, None, "the remote node's agent admits it");
+        assert_eq!(remote.admit, None, "the remote node's agent admits it");
     }
 
     #[test]
-    fn pods_unknown_destinations_and_empty_services() {
+    fn pods_unknown_destinations_and_unsynced_services() {
         let config = config();
         let (client, closed) = (workload(&config, "client"), workload(&config, "closed"));
-        let rr = RoundRobin::default();
-        let pod = outbound(&config, client, addr("10.2.0.4:9000"), &rr).expect("route");
-        assert_eq!(
-            (pod.kind, pod.target),
-            (RouteKind::Pod, addr("10.2.0.4:9000"))
-        );
-        let outside = outbound(&config, client, addr("192.0.2.1:443"), &rr).expect("route");
+        let balancers = Balancers::new();
+        let pod = outbound(&config, client, addr("10.2.0.4:9000"), &balancers).expect("route");
+        assert_eq!(pod.kind, RouteKind::Pod);
+        assert_eq!(fixed(pod).addr, addr("10.2.0.4:9000"));
+        let outside = outbound(&config, client, addr("192.0.2.1:443"), &balancers);
+        let outside = outside.expect("route");
         assert_eq!(outside.kind, RouteKind::Passthrough);
+        let outside = fixed(outside);
         assert_eq!((outside.via, outside.admit), (Via::Direct, None));
-        let denied = outbound(&config, closed, addr("192.0.2.1:443"), &rr).expect_err("denied");
+        let denied = outbound(&config, closed, addr("192.0.2.1:443"), &balancers);
+        let denied = denied.err().expect("denied");
         assert!(denied.forbidden && denied.reason.contains("denies unknown"));
-        let empty = outbound(&config, client, addr("10.96.0.11:80"), &rr).expect_err("empty");
-        assert!(!empty.forbidden && empty.reason.contains("no endpoints"));
-        assert_eq!(empty.service.as_deref(), Some("demo/empty"));
+        // Balancers not synced with this snapshot yet: no route, not a crash.
+        let unsynced = outbound(&config, client, addr("10.96.0.10:80"), &balancers);
+        assert!(!unsynced.err().expect("no balancer").forbidden);
     }
 
     #[test]
@@ -330,18 +361,18 @@ mod tests {
         let config = config();
         let client = workload(&config, "client").identity.clone();
         let plain = inbound(&config, "demo/local-srv", addr("10.1.0.4:8080")).expect("route");
-        assert_eq!(plain.admit.expect("admitted").source, None);
+        assert_eq!(fixed(plain).admit.expect("admitted").source, None);
         let proxy_port = inbound(&config, "demo/local-srv", addr("10.1.0.4:15006"));
-        assert!(proxy_port.expect_err("loop").forbidden);
-        let tunneled =
-            tunnel(&config, "demo/local-srv", &client, addr("10.1.0.4:8080")).expect("route");
+        assert!(proxy_port.err().expect("loop").forbidden);
+        let tunneled = tunnel(&config, "demo/local-srv", &client, addr("10.1.0.4:8080"));
+        let tunneled = fixed(tunneled.expect("route"));
         assert_eq!(
             tunneled.admit.expect("admitted").source,
             Some(client.clone())
         );
         let elsewhere = tunnel(&config, "demo/local-srv", &client, addr("10.1.0.2:8080"));
-        assert!(elsewhere.expect_err("not its address").forbidden);
+        assert!(elsewhere.err().expect("not its address").forbidden);
         let gone = tunnel(&config, "demo/nobody", &client, addr("10.1.0.4:8080"));
-        assert!(!gone.expect_err("gone").forbidden);
+        assert!(!gone.err().expect("gone").forbidden);
     }
 }

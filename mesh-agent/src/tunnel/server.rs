@@ -180,6 +180,7 @@ where
             options.buffer_bytes,
             options.idle_timeout,
             &moved,
+            (&(), &()),
         )
         .await;
     }

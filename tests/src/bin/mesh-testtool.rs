@@ -38,6 +38,16 @@ enum Cmd {
         #[arg(long, default_value = "server")]
         name: String,
     },
+    /// COUNT sequential connections to a `serve` (at RATE per second when given), each
+    /// asking `ID`; prints `NAME N` per server that answered and `failed N`.
+    Ids {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        rate: Option<f64>,
+    },
     /// TCP server: reads to EOF, replies `SHA256HEX BYTES\n`.
     Sink {
         #[arg(long)]
@@ -118,6 +128,11 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Serve { listen, name } => serve(&listen, &name),
+        Cmd::Ids {
+            connect,
+            count,
+            rate,
+        } => ids(&connect, count, rate),
         Cmd::Sink { listen } => sink(&listen),
         Cmd::Send { connect, bytes } => send(&connect, bytes),
         Cmd::Id {
@@ -214,6 +229,41 @@ fn serve(listen: &str, name: &str) -> Result<()> {
     let l = listen_tcp(listen)?;
     let name = name.to_owned();
     accept_loop(l, move |s| serve_conn(s, &name))
+}
+
+fn ids(addr: &str, count: usize, rate: Option<f64>) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut failed = 0usize;
+    for i in 0..count {
+        if let Some(rate) = rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
+        let answer = connect_tcp(addr).and_then(|mut s| {
+            s.write_all(b"ID\n").context("sending ID")?;
+            read_line(&s)
+        });
+        match answer {
+            Ok(line) => {
+                let name = line.split(' ').next().unwrap_or_default().to_owned();
+                *counts.entry(name).or_default() += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                if failed <= 3 {
+                    eprintln!("connection {i}: {e:#}");
+                }
+            }
+        }
+    }
+    for (name, n) in counts {
+        println!("{name} {n}");
+    }
+    println!("failed {failed}");
+    Ok(())
 }
 
 fn serve_conn(mut s: TcpStream, name: &str) -> Result<()> {

@@ -1,7 +1,9 @@
 //! One `mesh-agent` per bench node: its YAML config, start in the node's network namespace
-//! (never in a pod cgroup), readiness, status, and SIGTERM + `mesh-agent uninstall` on drop.
+//! (never in a pod cgroup), readiness, status, and SIGTERM + `mesh-agent uninstall` on drop;
+//! [`SwitchedAgent`] restarts one with another config between paths.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
@@ -31,6 +33,8 @@ pub struct ServiceSpec<'a> {
     pub port: u16,
     pub target_port: u16,
     pub app: &'a str,
+    /// Its `trafficPolicy`, as a YAML flow mapping; `None`: the defaults.
+    pub traffic_policy: Option<&'a str>,
 }
 
 /// The agent config for `node`; `extra_agent` is more YAML for the `agent` block (indented
@@ -93,15 +97,19 @@ pub fn config_yaml(
                 .collect();
             let _ = writeln!(out, "      addresses: [{}]", addresses.join(", "));
         }
+        if let Some(policy) = s.traffic_policy {
+            let _ = writeln!(out, "    trafficPolicy: {policy}");
+        }
     }
     out
 }
 
 /// The `mesh_connections_total{direction, security, outcome}` counters of one `/metrics`
-/// scrape.
+/// scrape, and each metric's sum over its series.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     connections: Vec<(Series, f64)>,
+    totals: BTreeMap<String, f64>,
 }
 
 /// The labels of one `mesh_connections_total` series the bench looks at.
@@ -115,7 +123,12 @@ struct Series {
 impl Metrics {
     pub fn parse(text: &str) -> Self {
         let mut connections = Vec::new();
-        for line in text.lines() {
+        let mut totals = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            if let Some(Ok(value)) = line.rsplit(' ').next().map(str::parse::<f64>) {
+                *totals.entry(line[..name_end].to_owned()).or_insert(0.0) += value;
+            }
             let Some(rest) = line.strip_prefix("mesh_connections_total{") else {
                 continue;
             };
@@ -140,7 +153,15 @@ impl Metrics {
             };
             connections.push((series, value));
         }
-        Metrics { connections }
+        Metrics {
+            connections,
+            totals,
+        }
+    }
+
+    /// The sum of every series of metric `name` (0 when absent).
+    pub fn total(&self, name: &str) -> f64 {
+        self.totals.get(name).copied().unwrap_or(0.0)
     }
 
     /// `mesh_connections_total` for `direction` whose `security` and `outcome` pass the
@@ -343,5 +364,82 @@ impl Drop for RunningAgent {
         if !uninstall.is_ok_and(|s| s.success()) {
             eprintln!("mesh-agent uninstall --name {} failed", self.bpf_name);
         }
+    }
+}
+
+/// One node's agent, running one of two configs, plain or with the traffic policy, as the
+/// path being measured needs. Switching stops and uninstalls the running agent before the
+/// next one starts: two agents must never hold the same pods, and no agent runs besides
+/// the node's one.
+pub struct SwitchedAgent {
+    bin: PathBuf,
+    node: Node,
+    bpf_name: String,
+    cgroup: PathBuf,
+    out: PathBuf,
+    plain: String,
+    policy: String,
+    /// The agent running now and whether it runs the policy config.
+    running: Option<(bool, RunningAgent)>,
+    /// Every start so far: its config (`plain` or `policy`) and log.
+    pub starts: Vec<(&'static str, PathBuf)>,
+}
+
+impl SwitchedAgent {
+    /// Starts `node`'s agent with the `plain` config (logs and configs go to `out`).
+    pub fn start(
+        bin: &Path,
+        node: &Node,
+        bpf_name: &str,
+        cgroup: &Path,
+        out: &Path,
+        [plain, policy]: [String; 2],
+    ) -> Result<Self> {
+        let mut agent = SwitchedAgent {
+            bin: bin.to_owned(),
+            node: node.clone(),
+            bpf_name: bpf_name.to_owned(),
+            cgroup: cgroup.to_owned(),
+            out: out.to_owned(),
+            plain,
+            policy,
+            running: None,
+            starts: Vec::new(),
+        };
+        agent.ensure(false)?;
+        Ok(agent)
+    }
+
+    /// The agent running now, if any (none when the last start failed).
+    pub fn running(&self) -> Option<&RunningAgent> {
+        self.running.as_ref().map(|(_, agent)| agent)
+    }
+
+    /// Makes the agent run the policy config (`policy`) or the plain one, restarting it when
+    /// it runs the other.
+    pub fn ensure(&mut self, policy: bool) -> Result<()> {
+        if self.running.as_ref().is_some_and(|(p, _)| *p == policy) {
+            return Ok(());
+        }
+        // Stopped and uninstalled before the next starts.
+        self.running = None;
+        let kind = if policy { "policy" } else { "plain" };
+        let name = match self.starts.len() {
+            0 => format!("agent-{}.log", self.node.name()),
+            n => format!("agent-{}-{}-{kind}.log", self.node.name(), n + 1),
+        };
+        let log = self.out.join(name);
+        self.starts.push((kind, log.clone()));
+        let config = if policy { &self.policy } else { &self.plain };
+        let agent = RunningAgent::start(
+            &self.bin,
+            &self.node,
+            &self.bpf_name,
+            &self.cgroup,
+            config,
+            log,
+        )?;
+        self.running = Some((policy, agent));
+        Ok(())
     }
 }

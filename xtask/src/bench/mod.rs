@@ -9,33 +9,37 @@
 //! - new connections per second with a 1 KiB exchange each;
 //! - the path's proxies: RSS idle and under load, CPU seconds per GB of bulk.
 //!
+//! The agent same-node path runs twice, without and with the traffic policy ([`policy`]):
+//! node1's agent restarts with the other config in between, never running next to another.
+//!
 //! Results go to `<out>/results.json`, `results.md` (printed at the end) and `latency.svg`.
 
 mod agent;
 mod haproxy;
+mod measure;
 mod mtls;
 mod paths;
+mod policy;
 mod procstat;
 mod report;
 mod settings;
 
 use std::{
-    io::Read as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{Background, Pod, Topology};
+use mesh_tests::{Background, Node, Pod, Topology};
 use serde_json::{Value, json};
 
 use crate::{
     command::{cargo, run, workspace_root},
     ebpf, setup,
 };
-use agent::{RunningAgent, ServiceSpec, WorkloadSpec};
+use agent::{RunningAgent, ServiceSpec, SwitchedAgent, WorkloadSpec};
+use measure::measure;
 pub use paths::CrossNodeMode;
 use paths::{PathResult, PathSpec, Proxy};
 use settings::{Bins, Profile};
@@ -69,8 +73,10 @@ pub struct Args {
     /// Leave out the HAProxy path.
     #[arg(long)]
     no_haproxy: bool,
-    /// Measure only these paths (comma-separated keys, e.g. agent-same-node); ratios need
-    /// their direct path in the list too.
+    /// Measure only these paths (comma-separated keys: direct-same-node, direct-cross-node,
+    /// agent-same-node, agent-same-node-policy, agent-cross-node, haproxy-tls-cross-node);
+    /// ratios need their direct path in the list too, policy on / off both agent same-node
+    /// paths.
     #[arg(long, value_delimiter = ',', value_name = "PATHS")]
     only: Vec<String>,
 }
@@ -79,7 +85,10 @@ pub fn run_bench(args: &Args) -> Result<()> {
     let started = Instant::now();
     setup::require_root("the bench loads eBPF programs and creates network namespaces")?;
     setup::machine()?;
-    ebpf::build()?;
+    // The agent embeds MESH_EBPF_OBJECT when it is set (mesh-agent/build.rs): nothing to build.
+    if std::env::var_os("MESH_EBPF_OBJECT").is_none() {
+        ebpf::build()?;
+    }
     run(
         cargo().args([
             "build",
@@ -139,10 +148,26 @@ pub fn run_bench(args: &Args) -> Result<()> {
                 continue;
             }
             eprintln!("bench: measuring {} ...", path.label);
+            let path = match world.prepare(&path) {
+                Ok(path) => path,
+                Err(e) => {
+                    let mut result = PathResult::new(&path);
+                    result.errors.push(format!("agent: {e:#}"));
+                    eprintln!("bench: {}: agent: {e:#}", path.name);
+                    results.push(result);
+                    continue;
+                }
+            };
             let check = (path.name == paths::AGENT_CROSS).then(|| world.tunnel_before(&bins));
             let mut result = measure(&bins, &profile, &path);
             if let Some(before) = check {
                 world.tunnel_after(&bins, args.cross_node, before, &mut result);
+            }
+            if path.policy {
+                policy::check(world.node1.running(), &bins, &mut result);
+                for note in &result.notes {
+                    eprintln!("bench: {note}");
+                }
             }
             for error in &result.errors {
                 eprintln!("bench: {}: {error}", path.name);
@@ -210,7 +235,9 @@ struct World {
     remote_ip: String,
     paths: Vec<PathSpec>,
     _servers: Vec<Background>,
-    agents: Vec<RunningAgent>,
+    /// node1's agent: plain, or with the traffic policy for the policy path.
+    node1: SwitchedAgent,
+    node2: RunningAgent,
     haproxy: Option<haproxy::HaproxyPair>,
     _topology: Topology,
 }
@@ -263,52 +290,63 @@ impl World {
                 app: "server-remote",
             },
         ];
-        let services = [
-            ServiceSpec {
-                name: "echo-local",
-                vip: VIP_LOCAL,
-                port: SERVICE_PORT,
-                target_port: SERVER_PORT,
-                app: "server-local",
-            },
-            ServiceSpec {
-                name: "echo-remote",
-                vip: VIP_REMOTE,
-                port: SERVICE_PORT,
-                target_port: SERVER_PORT,
-                app: "server-remote",
-            },
-        ];
-        // Two agents as on two hosts, each with its own config and pins; each node netns
-        // has its own loopback, so both serve admin on 127.0.0.1:15000.
-        let mut agents = Vec::new();
-        for (node, bpf_name) in [
-            (&n1, topo.bpf_pin_name()),
-            (&n2, format!("{}-{}", topo.bpf_pin_name(), n2.name())),
-        ] {
-            let config = agent::config_yaml(
+        // The same-node service, without or with the traffic policy (see `policy`); the
+        // cross-node one keeps the defaults.
+        let services = |traffic_policy: &'static str| {
+            [
+                ServiceSpec {
+                    name: "echo-local",
+                    vip: VIP_LOCAL,
+                    port: SERVICE_PORT,
+                    target_port: SERVER_PORT,
+                    app: "server-local",
+                    traffic_policy: Some(traffic_policy),
+                },
+                ServiceSpec {
+                    name: "echo-remote",
+                    vip: VIP_REMOTE,
+                    port: SERVICE_PORT,
+                    target_port: SERVER_PORT,
+                    app: "server-remote",
+                    traffic_policy: None,
+                },
+            ]
+        };
+        let config = |node: &Node, bpf_name: &str, traffic_policy: &'static str| {
+            agent::config_yaml(
                 node,
-                &bpf_name,
+                bpf_name,
                 topo.cgroup_root(),
                 cross_config,
                 cross_mode.lists_remote_workloads(),
                 &workloads,
-                &services,
-            );
-            let log = out.join(format!("agent-{}.log", node.name()));
-            agents.push(RunningAgent::start(
-                &bins.agent,
-                node,
-                &bpf_name,
-                topo.cgroup_root(),
-                &config,
-                log,
-            )?);
-        }
-        let agent_proxy = |i: usize| Proxy {
-            label: agents[i].label.clone(),
-            pid: agents[i].pid(),
+                &services(traffic_policy),
+            )
         };
+        // Two agents as on two hosts, each with its own config and pins; each node netns
+        // has its own loopback, so both serve admin on 127.0.0.1:15000.
+        let bpf_name1 = topo.bpf_pin_name();
+        let node1 = SwitchedAgent::start(
+            &bins.agent,
+            &n1,
+            &bpf_name1,
+            topo.cgroup_root(),
+            out,
+            [
+                config(&n1, &bpf_name1, policy::PLAIN_TRAFFIC),
+                config(&n1, &bpf_name1, policy::POLICY_TRAFFIC)
+                    + &policy::rate_limit_yaml("server-local"),
+            ],
+        )?;
+        let bpf_name2 = format!("{}-{}", topo.bpf_pin_name(), n2.name());
+        let node2 = RunningAgent::start(
+            &bins.agent,
+            &n2,
+            &bpf_name2,
+            topo.cgroup_root(),
+            &config(&n2, &bpf_name2, policy::PLAIN_TRAFFIC),
+            out.join(format!("agent-{}.log", n2.name())),
+        )?;
 
         let haproxy = match haproxy_bin {
             Some(bin) => Some(haproxy::HaproxyPair::start(
@@ -332,6 +370,8 @@ impl World {
                 baseline: None,
                 client: client_direct.clone(),
                 target: to(&server_direct_1),
+                agents: Vec::new(),
+                policy: false,
                 proxies: Vec::new(),
             },
             PathSpec {
@@ -340,6 +380,8 @@ impl World {
                 baseline: None,
                 client: client_direct.clone(),
                 target: to(&server_direct_2),
+                agents: Vec::new(),
+                policy: false,
                 proxies: Vec::new(),
             },
             PathSpec {
@@ -348,7 +390,19 @@ impl World {
                 baseline: Some(paths::DIRECT_SAME),
                 client: client_mesh.clone(),
                 target: vip(VIP_LOCAL)?,
-                proxies: vec![agent_proxy(0)],
+                agents: vec![0],
+                policy: false,
+                proxies: Vec::new(),
+            },
+            PathSpec {
+                name: paths::AGENT_SAME_POLICY,
+                label: "agent same-node + policy".into(),
+                baseline: Some(paths::DIRECT_SAME),
+                client: client_mesh.clone(),
+                target: vip(VIP_LOCAL)?,
+                agents: vec![0],
+                policy: true,
+                proxies: Vec::new(),
             },
             PathSpec {
                 name: paths::AGENT_CROSS,
@@ -356,7 +410,9 @@ impl World {
                 baseline: Some(paths::DIRECT_CROSS),
                 client: client_mesh.clone(),
                 target: vip(VIP_REMOTE)?,
-                proxies: vec![agent_proxy(0), agent_proxy(1)],
+                agents: vec![0, 1],
+                policy: false,
+                proxies: Vec::new(),
             },
         ];
         if let Some(pair) = &haproxy {
@@ -367,6 +423,8 @@ impl World {
                 baseline: Some(paths::DIRECT_CROSS),
                 client: client_direct.clone(),
                 target: pair.front,
+                agents: Vec::new(),
+                policy: false,
                 proxies: vec![
                     Proxy {
                         label: "haproxy@node2".into(),
@@ -383,15 +441,45 @@ impl World {
             remote_ip: server_mesh_2.ipv4().to_string(),
             paths,
             _servers: servers,
-            agents,
+            node1,
+            node2,
             haproxy,
             _topology: topo,
         })
     }
 
+    /// Both agents, node1's first; an error while node1's is not running (its last start
+    /// failed).
+    fn agents(&self) -> Result<[&RunningAgent; 2]> {
+        let node1 = self
+            .node1
+            .running()
+            .context("node1's agent is not running (its last start failed)")?;
+        Ok([node1, &self.node2])
+    }
+
+    /// Readies the agents for `path` (node1's runs the config the path needs) and returns the
+    /// path with its agents among its proxies.
+    fn prepare(&mut self, path: &PathSpec) -> Result<PathSpec> {
+        self.node1.ensure(path.policy)?;
+        let agents = self.agents()?;
+        let mut ready = path.clone();
+        ready.proxies = path
+            .agents
+            .iter()
+            .filter_map(|i| agents.get(*i))
+            .map(|a| Proxy {
+                label: a.label.clone(),
+                pid: a.pid(),
+            })
+            .chain(path.proxies.iter().cloned())
+            .collect();
+        Ok(ready)
+    }
+
     /// Both agents' counters before the agent cross-node path.
     fn tunnel_before(&self, bins: &Bins) -> Result<mtls::Snapshot> {
-        mtls::snapshot(&self.agents, bins)
+        mtls::snapshot(self.agents()?, bins)
     }
 
     /// Checks (after the agent cross-node path) that its connections rode the tunnel.
@@ -402,17 +490,22 @@ impl World {
         before: Result<mtls::Snapshot>,
         result: &mut PathResult,
     ) {
-        mtls::check(mode, &self.agents, bins, before, &self.remote_ip, result);
+        match self.agents() {
+            Ok(agents) => mtls::check(mode, agents, bins, before, &self.remote_ip, result),
+            Err(e) => result.errors.push(format!("tunnel check: {e:#}")),
+        }
         for note in &result.notes {
             eprintln!("bench: {note}");
         }
     }
 
-    /// The agents' status (capture counters) for the record.
+    /// The agents' status (capture counters) for the record, and node1's agent's starts.
     fn notes(&self) -> Value {
         let agents: Vec<Value> = self
-            .agents
-            .iter()
+            .node1
+            .running()
+            .into_iter()
+            .chain([&self.node2])
             .map(|a| {
                 json!({
                     "agent": a.label,
@@ -421,7 +514,13 @@ impl World {
                 })
             })
             .collect();
-        json!({ "agents": agents })
+        let starts: Vec<Value> = self
+            .node1
+            .starts
+            .iter()
+            .map(|(config, log)| json!({"config": config, "log": log.display().to_string()}))
+            .collect();
+        json!({ "agents": agents, "node1_starts": starts })
     }
 
     fn check_alive(&mut self) {
@@ -447,222 +546,4 @@ fn widen_ports(pod: &Pod) -> Result<()> {
     )
     .with_context(|| format!("setting port sysctls in {}", pod.name()))?;
     Ok(())
-}
-
-/// Runs `mesh-loadgen ARGS` in `pod`, sampling the proxies' RSS meanwhile; returns its JSON
-/// report and the highest total RSS seen (KiB).
-fn loadgen(
-    bins: &Bins,
-    pod: &Pod,
-    args: &[String],
-    proxies: &[u32],
-    timeout: Duration,
-) -> Result<(Value, u64)> {
-    let mut command = pod.try_command(&bins.loadgen)?;
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().context("starting mesh-loadgen")?;
-    let deadline = Instant::now() + timeout;
-    let mut max_rss = procstat::total_rss_kib(proxies);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "mesh-loadgen {} timed out after {timeout:?}",
-                args.join(" ")
-            );
-        }
-        max_rss = max_rss.max(procstat::total_rss_kib(proxies));
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        s.read_to_string(&mut stdout)?;
-    }
-    if let Some(mut s) = child.stderr.take() {
-        s.read_to_string(&mut stderr)?;
-    }
-    if !status.success() {
-        bail!(
-            "mesh-loadgen {} failed ({status}): {}",
-            args.join(" "),
-            stderr.trim()
-        );
-    }
-    let line = stdout.lines().last().unwrap_or_default();
-    let value = serde_json::from_str(line)
-        .with_context(|| format!("parsing mesh-loadgen output {line:?}"))?;
-    Ok((value, max_rss))
-}
-
-/// All workloads on one path. A failed workload is noted and the others still run.
-fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
-    let mut result = PathResult::new(path);
-    let pids = path.proxy_pids();
-    let target = path.target.to_string();
-    let lg = |args: Vec<String>, secs: f64| {
-        loadgen(
-            bins,
-            &path.client,
-            &args,
-            &pids,
-            Duration::from_secs_f64(secs + 30.0),
-        )
-    };
-    let s = |v: &[&str]| -> Vec<String> { v.iter().map(|a| a.to_string()).collect() };
-
-    if let Err(e) = lg(s(&["probe", "--connect", &target, "--timeout", "10"]), 10.0) {
-        result.errors.push(format!("probe: {e:#}"));
-        return result;
-    }
-    if !pids.is_empty() {
-        result.set(
-            "proxy_rss_idle_mib",
-            procstat::total_rss_kib(&pids) as f64 / 1024.0,
-        );
-    }
-    let mut max_rss = 0u64;
-
-    let rr = lg(
-        s(&[
-            "rr",
-            "--connect",
-            &target,
-            "--rate",
-            &p.rr_rate.to_string(),
-            "--conns",
-            &p.rr_conns.to_string(),
-            "--size",
-            "1024",
-            "--duration",
-            &p.rr_s.to_string(),
-            "--warmup",
-            &p.warmup_s.to_string(),
-        ]),
-        p.rr_s + p.warmup_s,
-    );
-    match rr {
-        Ok((v, rss)) => {
-            max_rss = max_rss.max(rss);
-            for (metric, field) in [
-                ("rr_p50_us", "p50_us"),
-                ("rr_p90_us", "p90_us"),
-                ("rr_p99_us", "p99_us"),
-                ("rr_p999_us", "p999_us"),
-            ] {
-                result.set_from(metric, &v["latency"][field]);
-            }
-            result.set_from("rr_achieved_rps", &v["achieved_rps"]);
-            result.raw.insert("rr".into(), v);
-        }
-        Err(e) => result.errors.push(format!("rr: {e:#}")),
-    }
-
-    match lg(
-        s(&[
-            "pingpong",
-            "--connect",
-            &target,
-            "--duration",
-            &p.pingpong_s.to_string(),
-            "--warmup",
-            &p.warmup_s.to_string(),
-        ]),
-        p.pingpong_s + p.warmup_s,
-    ) {
-        Ok((v, rss)) => {
-            max_rss = max_rss.max(rss);
-            result.set_from("pp_p50_us", &v["latency"]["p50_us"]);
-            result.set_from("pp_p99_us", &v["latency"]["p99_us"]);
-            result.raw.insert("pingpong".into(), v);
-        }
-        Err(e) => result.errors.push(format!("pingpong: {e:#}")),
-    }
-
-    let cpu_before = procstat::total_cpu_seconds(&pids);
-    let mut bulk_bytes = 0.0;
-    let mut bulk_ok = true;
-    for (streams, metric) in [(1usize, "bulk1_gbps"), (8, "bulk8_gbps")] {
-        match lg(
-            s(&[
-                "bulk",
-                "--connect",
-                &target,
-                "--streams",
-                &streams.to_string(),
-                "--duration",
-                &p.bulk_s.to_string(),
-            ]),
-            p.bulk_s,
-        ) {
-            Ok((v, rss)) => {
-                max_rss = max_rss.max(rss);
-                bulk_bytes += v["bytes"].as_f64().unwrap_or(0.0);
-                result.set_from(metric, &v["gbit_per_s"]);
-                result.raw.insert(format!("bulk{streams}"), v);
-            }
-            Err(e) => {
-                bulk_ok = false;
-                result.errors.push(format!("bulk {streams}: {e:#}"));
-            }
-        }
-    }
-    let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
-    if !pids.is_empty() && bulk_ok && bulk_bytes > 0.0 {
-        result.set("proxy_cpu_s_per_gb", cpu / (bulk_bytes / 1e9));
-        result.raw.insert(
-            "bulk_cpu".into(),
-            json!({"proxy_cpu_s": cpu, "bytes": bulk_bytes}),
-        );
-    }
-
-    match lg(
-        s(&[
-            "cps",
-            "--connect",
-            &target,
-            "--threads",
-            &p.cps_threads.to_string(),
-            "--duration",
-            &p.cps_s.to_string(),
-            "--max-conns",
-            &p.cps_max.to_string(),
-        ]),
-        p.cps_s,
-    ) {
-        Ok((v, rss)) => {
-            max_rss = max_rss.max(rss);
-            result.set_from("cps", &v["conns_per_s"]);
-            result.set_from("cps_p99_us", &v["latency"]["p99_us"]);
-            if v["errors"].as_u64().unwrap_or(0) > 0 {
-                result.errors.push(format!(
-                    "cps: {} failed connections (first: {})",
-                    v["errors"], v["first_error"]
-                ));
-            }
-            result.raw.insert("cps".into(), v);
-        }
-        Err(e) => result.errors.push(format!("cps: {e:#}")),
-    }
-    if !pids.is_empty() {
-        result.set("proxy_rss_load_mib", max_rss as f64 / 1024.0);
-        result.raw.insert(
-            "proxies".into(),
-            json!(
-                path.proxies
-                    .iter()
-                    .map(|p| json!({"label": p.label, "pid": p.pid}))
-                    .collect::<Vec<_>>()
-            ),
-        );
-    }
-    result
 }

@@ -46,10 +46,8 @@ fn captured(status: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn snapshot(agents: &[RunningAgent], bins: &Bins) -> Result<Snapshot> {
-    let [node1, node2] = agents else {
-        bail!("expected two agents, found {}", agents.len());
-    };
+/// `agents`: node1's, node2's.
+pub fn snapshot([node1, node2]: [&RunningAgent; 2], bins: &Bins) -> Result<Snapshot> {
     Ok(Snapshot {
         node1: node1.metrics(&bins.loadgen)?,
         node2: node2.metrics(&bins.loadgen)?,
@@ -62,7 +60,7 @@ pub fn snapshot(agents: &[RunningAgent], bins: &Bins) -> Result<Snapshot> {
 /// plaintext) or too few tunnel streams is an error of the path, so the bench fails.
 pub fn check(
     mode: CrossNodeMode,
-    agents: &[RunningAgent],
+    agents: [&RunningAgent; 2],
     bins: &Bins,
     before: Result<Snapshot>,
     remote_ip: &str,
@@ -75,7 +73,7 @@ pub fn check(
 
 fn check_inner(
     mode: CrossNodeMode,
-    agents: &[RunningAgent],
+    agents: [&RunningAgent; 2],
     bins: &Bins,
     before: Result<Snapshot>,
     remote_ip: &str,
@@ -83,9 +81,7 @@ fn check_inner(
 ) -> Result<()> {
     let before = before.context("counters before the run")?;
     let after = snapshot(agents, bins).context("counters after the run")?;
-    let [node1, node2] = agents else {
-        bail!("expected two agents");
-    };
+    let [node1, node2] = agents;
     let delta = |a: &Metrics,
                  b: &Metrics,
                  direction: &str,

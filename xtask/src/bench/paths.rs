@@ -12,6 +12,8 @@ pub const DIRECT_SAME: &str = "direct-same-node";
 /// Key of the direct cross-node path, the baseline of cross-node paths.
 pub const DIRECT_CROSS: &str = "direct-cross-node";
 pub const AGENT_SAME: &str = "agent-same-node";
+/// `agent-same-node` with the traffic policy on (see [`super::policy`]).
+pub const AGENT_SAME_POLICY: &str = "agent-same-node-policy";
 pub const AGENT_CROSS: &str = "agent-cross-node";
 pub const HAPROXY_CROSS: &str = "haproxy-tls-cross-node";
 
@@ -76,6 +78,13 @@ pub struct PathSpec {
     pub baseline: Option<&'static str>,
     pub client: Pod,
     pub target: SocketAddr,
+    /// The agents on the path (0: node1's, 1: node2's), charged like proxies; their pids
+    /// are looked up when the path runs, as node1's agent restarts to change config.
+    pub agents: Vec<usize>,
+    /// Whether node1's agent runs the traffic-policy config for this path (else the plain
+    /// one).
+    pub policy: bool,
+    /// Processes on the path besides the agents (the path's proxies once it runs).
     pub proxies: Vec<Proxy>,
 }
 

@@ -1,12 +1,17 @@
 //! The bench's outputs: results.json, results.md (metrics x paths, with ratios to the
-//! matching direct path) and latency.svg (request/response percentiles per path).
+//! matching direct path, and the traffic policy on / off) and latency.svg (request/response
+//! percentiles per path).
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::{mtls, paths::PathResult, settings::Profile};
+use super::{
+    mtls,
+    paths::{self, PathResult},
+    settings::Profile,
+};
 
 /// Rows of the table, in order: key, label, decimals.
 const METRICS: &[(&str, &str, usize)] = &[
@@ -52,7 +57,7 @@ pub fn write(
             })
         })
         .collect();
-    let doc = json!({ "meta": meta, "paths": paths });
+    let doc = json!({ "meta": meta, "paths": paths, "policy_on_off": policy_on_off(results) });
     let json_path = out.join("results.json");
     fs::write(&json_path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
@@ -68,9 +73,11 @@ fn baseline_of<'a>(r: &PathResult, results: &'a [PathResult]) -> Option<&'a Path
 }
 
 fn ratios(r: &PathResult, results: &[PathResult]) -> BTreeMap<&'static str, f64> {
-    let Some(base) = baseline_of(r, results) else {
-        return BTreeMap::new();
-    };
+    baseline_of(r, results).map_or_else(BTreeMap::new, |base| ratios_to(r, base))
+}
+
+/// Each metric of `r` over the same metric of `base`.
+fn ratios_to(r: &PathResult, base: &PathResult) -> BTreeMap<&'static str, f64> {
     r.metrics
         .iter()
         .filter_map(|(k, v)| {
@@ -78,6 +85,37 @@ fn ratios(r: &PathResult, results: &[PathResult]) -> BTreeMap<&'static str, f64>
             (*b > 0.0).then_some((*k, v / b))
         })
         .collect()
+}
+
+/// The agent same-node path with the traffic policy over the same path without: every
+/// metric's ratio; null unless both paths ran.
+fn policy_on_off(results: &[PathResult]) -> Value {
+    let find = |name: &str| results.iter().find(|r| r.name == name);
+    let (Some(on), Some(off)) = (find(paths::AGENT_SAME_POLICY), find(paths::AGENT_SAME)) else {
+        return Value::Null;
+    };
+    json!({ "on": on.name, "off": off.name, "ratios": ratios_to(on, off) })
+}
+
+/// The line of results.md stating [`policy_on_off`]; empty when it is null.
+fn policy_line(on_off: &Value) -> String {
+    if on_off.is_null() {
+        return String::new();
+    }
+    let ratio = |metric: &str| {
+        on_off["ratios"][metric]
+            .as_f64()
+            .map_or("–".into(), |v| format!("{v:.2}×"))
+    };
+    format!(
+        "\n**policy on / off** (agent same-node + policy over agent same-node; policy: \
+         outlier detection on, and a rate limit on connections, per source and bandwidth far \
+         above the load; aim: new connections/s ≥ 0.95×): new connections/s {}, bulk {} \
+         (1 stream), {} (8 streams)\n",
+        ratio("cps"),
+        ratio("bulk1_gbps"),
+        ratio("bulk8_gbps"),
+    )
 }
 
 fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
@@ -141,6 +179,7 @@ fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
         p.cps_s,
         p.cps_max
     );
+    md.push_str(&policy_line(&policy_on_off(results)));
     for r in results {
         for note in &r.notes {
             let _ = writeln!(md, "\n{}: {note}", r.label);

@@ -5,9 +5,11 @@
 //! path into a [`ConfigError`].
 
 mod agent;
+mod limits;
 mod policies;
 mod scalars;
 mod services;
+mod traffic;
 mod workloads;
 
 use std::collections::HashMap;
@@ -17,7 +19,7 @@ use serde_saphyr::Location;
 
 use super::error::ConfigError;
 use super::model::{Config, WorkloadId};
-use super::raw::RawConfig;
+use super::raw::{Present, RawConfig, S};
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
@@ -28,6 +30,7 @@ pub(super) fn validate(
 ) -> Result<Config> {
     let cx = Cx { file };
     let agent = cx.agent(&raw.agent.unwrap_or_default(), default_node)?;
+    let nodes = cx.nodes(raw.nodes.as_deref().unwrap_or_default())?;
     let workloads = cx.workloads(raw.workloads.as_deref().unwrap_or_default(), &agent)?;
     let by_ip: HashMap<IpAddr, WorkloadId> = workloads
         .iter()
@@ -38,6 +41,7 @@ pub(super) fn validate(
         raw.services.as_deref().unwrap_or_default(),
         &workloads,
         &by_ip,
+        &nodes,
     )?;
     let mut by_vip = HashMap::new();
     for (s, service) in services.iter().enumerate() {
@@ -65,6 +69,7 @@ pub(super) fn validate(
         workloads,
         services,
         policies,
+        nodes,
         by_vip,
         by_ip,
         local,
@@ -90,6 +95,72 @@ impl Cx<'_> {
             column: at.column(),
             path: path.into(),
             message: message.into(),
+        }
+    }
+
+    /// The value of a key that was written (`Some`), refusing an explicit null.
+    fn present<'r, T>(
+        &self,
+        field: &'r Present<T>,
+        base: &str,
+        name: &str,
+        message: &str,
+    ) -> Result<Option<&'r T>> {
+        Ok(self.block(field, base, name, message)?.map(|(v, _)| v))
+    }
+
+    /// As [`Cx::present`], with the position of the value (for the checks that concern the
+    /// block as a whole).
+    fn block<'r, T>(
+        &self,
+        field: &'r Present<T>,
+        base: &str,
+        name: &str,
+        message: &str,
+    ) -> Result<Option<(&'r T, Location)>> {
+        match field {
+            None => Ok(None),
+            Some(S {
+                value: Some(v),
+                referenced,
+                ..
+            }) => Ok(Some((v, *referenced))),
+            Some(s) => Err(self.err(s.referenced, format!("{base}.{name}"), message)),
+        }
+    }
+
+    /// An optional list key: when written, it must list something (an empty list would read
+    /// as "no condition" and widen the rule).
+    fn non_empty_list<'r, T>(
+        &self,
+        field: &'r Present<Vec<T>>,
+        base: &str,
+        name: &str,
+        what: &str,
+    ) -> Result<Option<&'r [T]>> {
+        self.listed(field, base, name, what, "for any")
+    }
+
+    /// An optional list key that must list something when written; the refusal says what
+    /// omitting it means (`omitted`: "for any", "for none").
+    fn listed<'r, T>(
+        &self,
+        field: &'r Present<Vec<T>>,
+        base: &str,
+        name: &str,
+        what: &str,
+        omitted: &str,
+    ) -> Result<Option<&'r [T]>> {
+        match field {
+            None => Ok(None),
+            Some(S {
+                value: Some(list), ..
+            }) if !list.is_empty() => Ok(Some(list)),
+            Some(s) => Err(self.err(
+                s.referenced,
+                format!("{base}.{name}"),
+                format!("must list at least one {what} (omit `{name}` {omitted})"),
+            )),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Validates the `policies` block: authorization policies, their rules and source conditions.
+//! Validates the `policies` block: authorization policies, their rules and source conditions;
+//! the rate limits are in [`super::limits`].
 
 use std::collections::HashMap;
 
@@ -9,9 +10,8 @@ use crate::config::error::ConfigError;
 use crate::config::model::{
     AuthorizationPolicy, AuthorizationRule, Policies, RuleSource, defaults,
 };
-use crate::config::raw::{Present, RawAuthorizationPolicy, RawFrom, RawPolicies, RawRule, S};
+use crate::config::raw::{RawAuthorizationPolicy, RawFrom, RawPolicies, RawRule, S};
 use crate::names::Kind;
-use crate::tls::{IdentityError, SpiffeId};
 
 impl Cx<'_> {
     pub(super) fn policies(&self, raw: &RawPolicies) -> Result<Policies> {
@@ -34,7 +34,11 @@ impl Cx<'_> {
             names.insert(key, item.value.name.referenced.line());
             authorization.push(policy);
         }
-        Ok(Policies { authorization })
+        Ok(Policies {
+            authorization,
+            rate_limits: self.rate_limits(raw.rate_limits.as_deref().unwrap_or_default())?,
+            egress_limits: self.egress_limits(raw.egress_limits.as_deref().unwrap_or_default())?,
+        })
     }
 
     fn authorization_policy(
@@ -126,7 +130,11 @@ impl Cx<'_> {
         if let Some(list) = self.non_empty_list(&f.identities, &base, "identities", "identity")? {
             for (k, id) in list.iter().enumerate() {
                 let path = format!("{base}.identities[{k}]");
-                source.identities.push(self.identity(id, &path)?);
+                source.identities.push(self.identity(
+                    id,
+                    &path,
+                    " (use identityPrefixes for a prefix)",
+                )?);
             }
         }
         if let Some(list) = self.non_empty_list(
@@ -160,56 +168,6 @@ impl Cx<'_> {
             "must set at least one of identities, identityPrefixes, namespaces (omit `from` to \
              match any source)",
         )
-    }
-
-    /// The value of a key that was written (`Some`), refusing an explicit null.
-    fn present<'r, T>(
-        &self,
-        field: &'r Present<T>,
-        base: &str,
-        name: &str,
-        message: &str,
-    ) -> Result<Option<&'r T>> {
-        match field {
-            None => Ok(None),
-            Some(S { value: Some(v), .. }) => Ok(Some(v)),
-            Some(s) => Err(self.err(s.referenced, format!("{base}.{name}"), message)),
-        }
-    }
-
-    /// An optional list key: when written, it must list something (an empty list would read
-    /// as "no condition" and widen the rule).
-    fn non_empty_list<'r, T>(
-        &self,
-        field: &'r Present<Vec<T>>,
-        base: &str,
-        name: &str,
-        what: &str,
-    ) -> Result<Option<&'r [T]>> {
-        match field {
-            None => Ok(None),
-            Some(S {
-                value: Some(list), ..
-            }) if !list.is_empty() => Ok(Some(list)),
-            Some(s) => Err(self.err(
-                s.referenced,
-                format!("{base}.{name}"),
-                format!("must list at least one {what} (omit `{name}` for any)"),
-            )),
-        }
-    }
-
-    /// A workload identity, `spiffe://<trust domain>/ns/<namespace>/sa/<serviceAccount>`,
-    /// parsed as the peer certificates' identities are, so it can compare equal to one.
-    fn identity(&self, s: &S<String>, path: &str) -> Result<SpiffeId> {
-        SpiffeId::parse(&s.value).map_err(|error| {
-            let hint = if matches!(error, IdentityError::Path(_)) {
-                " (use identityPrefixes for a prefix)"
-            } else {
-                ""
-            };
-            self.err(s.referenced, path, format!("{error}{hint}"))
-        })
     }
 
     /// A prefix of SPIFFE IDs: `spiffe://`, then anything but a blank or control character.

@@ -1,12 +1,23 @@
 //! Validates the single values every block uses: ports, addresses, names, paths, networks.
 
+use std::fmt::Display;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::{Cx, Result};
 use crate::config::model::Cidr;
 use crate::config::raw::S;
 use crate::names::Kind;
+use crate::tls::{IdentityError, SpiffeId};
+
+/// A range of milliseconds, with its maximum in words for the refusal.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Millis {
+    pub min: u64,
+    pub max: u64,
+    pub max_text: &'static str,
+}
 
 impl Cx<'_> {
     pub(super) fn port(&self, p: &S<u64>, path: &str) -> Result<u16> {
@@ -69,6 +80,94 @@ impl Cx<'_> {
             Some(s) => self.name(s, &format!("{base}.{field}"), kind),
             None => Ok(default.to_owned()),
         }
+    }
+
+    /// `s` as a `T` within `min..=max`; `note` (e.g. " (one year)") ends the refusal.
+    pub(super) fn ranged<T>(&self, s: &S<u64>, path: &str, min: T, max: T, note: &str) -> Result<T>
+    where
+        T: TryFrom<u64> + PartialOrd + Display + Copy,
+    {
+        T::try_from(s.value)
+            .ok()
+            .filter(|v| *v >= min && *v <= max)
+            .ok_or_else(|| {
+                self.err(
+                    s.referenced,
+                    path,
+                    format!("{} is out of range {min}..={max}{note}", s.value),
+                )
+            })
+    }
+
+    /// `base.field` by [`Cx::ranged`] when written, else `default`.
+    pub(super) fn opt_ranged<T>(
+        &self,
+        s: &Option<S<u64>>,
+        base: &str,
+        field: &str,
+        (min, max): (T, T),
+        default: T,
+    ) -> Result<T>
+    where
+        T: TryFrom<u64> + PartialOrd + Display + Copy,
+    {
+        match s {
+            Some(s) => self.ranged(s, &format!("{base}.{field}"), min, max, ""),
+            None => Ok(default),
+        }
+    }
+
+    /// `base.field`, milliseconds within `range`, when written.
+    pub(super) fn millis(
+        &self,
+        s: &Option<S<u64>>,
+        base: &str,
+        field: &str,
+        range: Millis,
+    ) -> Result<Option<Duration>> {
+        s.as_ref()
+            .map(|s| self.duration(s, &format!("{base}.{field}"), range))
+            .transpose()
+    }
+
+    /// Milliseconds within `range`.
+    pub(super) fn duration(&self, s: &S<u64>, path: &str, range: Millis) -> Result<Duration> {
+        let note = format!(" (milliseconds, at most {})", range.max_text);
+        let ms = self.ranged(s, path, range.min, range.max, &note)?;
+        Ok(Duration::from_millis(ms))
+    }
+
+    /// A workload identity, `spiffe://<trust domain>/ns/<namespace>/sa/<serviceAccount>`,
+    /// parsed as the peer certificates' identities are, so it can compare equal to one;
+    /// `path_hint` ends the refusal of a path that is not `/ns/../sa/..`.
+    pub(super) fn identity(&self, s: &S<String>, path: &str, path_hint: &str) -> Result<SpiffeId> {
+        SpiffeId::parse(&s.value).map_err(|error| {
+            let hint = if matches!(error, IdentityError::Path(_)) {
+                path_hint
+            } else {
+                ""
+            };
+            self.err(s.referenced, path, format!("{error}{hint}"))
+        })
+    }
+
+    /// A non-empty list of distinct identities (`base.field[i]`).
+    pub(super) fn identities(
+        &self,
+        list: &[S<String>],
+        base: &str,
+        field: &str,
+    ) -> Result<Vec<SpiffeId>> {
+        let mut out: Vec<SpiffeId> = Vec::with_capacity(list.len());
+        for (k, id) in list.iter().enumerate() {
+            let path = format!("{base}.{field}[{k}]");
+            let parsed = self.identity(id, &path, "")?;
+            if out.contains(&parsed) {
+                return Err(self.err(id.referenced, path, format!("{parsed} is listed twice")));
+            }
+            out.push(parsed);
+        }
+        Ok(out)
     }
 
     pub(super) fn abs_path(&self, s: &S<String>, path: &str) -> Result<PathBuf> {

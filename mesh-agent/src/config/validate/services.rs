@@ -1,11 +1,12 @@
-//! Validates the `services` list: names, VIPs, ports, and the endpoints each one resolves to.
+//! Validates the `services` list: names, VIPs, ports, the endpoints each one resolves to
+//! (with their weights and zones), and the traffic policy (in [`super::traffic`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use super::{Cx, Result};
 use crate::config::model::{
-    Endpoint, EndpointSelection, QualifiedName, Service, ServicePort, Workload, WorkloadId,
+    Endpoint, EndpointSelection, Node, QualifiedName, Service, ServicePort, Workload, WorkloadId,
     defaults,
 };
 use crate::config::raw::{RawEndpoints, RawService, S};
@@ -17,7 +18,12 @@ impl Cx<'_> {
         raw: &[S<RawService>],
         workloads: &[Workload],
         by_ip: &HashMap<IpAddr, WorkloadId>,
+        nodes: &[Node],
     ) -> Result<Vec<Service>> {
+        let zones: HashMap<&str, &str> = nodes
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), n.zone()?)))
+            .collect();
         let mut out: Vec<Service> = Vec::with_capacity(raw.len());
         let mut names: HashMap<(String, String), u64> = HashMap::new();
         let mut vip_owner: HashMap<IpAddr, String> = HashMap::new();
@@ -129,8 +135,9 @@ impl Cx<'_> {
                 });
             }
 
-            let (selection, targets) =
+            let (selection, mut targets) =
                 self.endpoints(&s.endpoints, &base, &namespace, workloads, by_ip)?;
+            self.weights(&s.endpoints.value, &base, &mut targets, workloads)?;
             for port in &mut ports {
                 port.endpoints = targets
                     .iter()
@@ -139,9 +146,16 @@ impl Cx<'_> {
                         workload: t.workload,
                         node: t.node.clone(),
                         local: t.local,
+                        weight: t.weight,
+                        zone: t
+                            .node
+                            .as_deref()
+                            .and_then(|n| zones.get(n))
+                            .map(|z| (*z).to_owned()),
                     })
                     .collect();
             }
+            let traffic = self.traffic_policy(&s.traffic_policy, &base)?;
 
             out.push(Service {
                 name,
@@ -149,6 +163,7 @@ impl Cx<'_> {
                 vips,
                 ports,
                 selection,
+                traffic,
             });
         }
         Ok(out)
@@ -168,6 +183,7 @@ impl Cx<'_> {
             selector,
             workloads: names,
             addresses,
+            weights: _,
         } = &e.value;
         let set: Vec<&str> = [
             selector.as_ref().map(|_| "selector"),
@@ -200,6 +216,7 @@ impl Cx<'_> {
                     workload: Some(w.id),
                     node: Some(w.node.clone()),
                     local: w.local,
+                    weight: DEFAULT_WEIGHT,
                 })
                 .collect()
         };
@@ -283,11 +300,69 @@ impl Cx<'_> {
                 workload: owner.map(|w| w.id),
                 node: owner.map(|w| w.node.clone()),
                 local: owner.is_some_and(|w| w.local),
+                weight: DEFAULT_WEIGHT,
             });
         }
         Ok((EndpointSelection::Addresses(ips), targets))
     }
+
+    /// `endpoints.weights`: each key names an endpoint of the service (a workload it selects,
+    /// or one of its `addresses`), whose every IP gets the weight.
+    fn weights(
+        &self,
+        e: &RawEndpoints,
+        base: &str,
+        targets: &mut [Target],
+        workloads: &[Workload],
+    ) -> Result<()> {
+        let base = format!("{base}.endpoints");
+        let message = "must not be empty (omit it: every endpoint then weighs 1)";
+        let Some((weights, at)) = self.block(&e.weights, &base, "weights", message)? else {
+            return Ok(());
+        };
+        if weights.is_empty() {
+            return Err(self.err(at, format!("{base}.weights"), message));
+        }
+        let by_address = e.addresses.is_some();
+        for (key, raw) in weights {
+            let path = format!("{base}.weights.{key}");
+            let weight = self.ranged(raw, &path, 1, MAX_ENDPOINT_WEIGHT, "")?;
+            let mut matched = false;
+            for t in targets.iter_mut() {
+                let hit = if by_address {
+                    key.parse::<IpAddr>()
+                        .is_ok_and(|ip| ip.to_canonical() == t.ip)
+                } else {
+                    t.workload
+                        .and_then(|id| workloads.get(id.0))
+                        .is_some_and(|w| w.name == *key)
+                };
+                if hit {
+                    t.weight = weight;
+                    matched = true;
+                }
+            }
+            if !matched {
+                let what = if by_address {
+                    "one of its addresses"
+                } else {
+                    "a workload its endpoints select"
+                };
+                return Err(self.err(
+                    raw.referenced,
+                    path,
+                    format!("`{key}` is not an endpoint of this service ({what})"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The weight of an endpoint `weights` does not name.
+const DEFAULT_WEIGHT: u32 = 1;
+/// Upper bound of an endpoint's weight (as of a subset's).
+const MAX_ENDPOINT_WEIGHT: u32 = 10_000;
 
 /// One resolved endpoint IP, before the target port is known.
 struct Target {
@@ -295,6 +370,7 @@ struct Target {
     workload: Option<WorkloadId>,
     node: Option<String>,
     local: bool,
+    weight: u32,
 }
 
 /// The labels include every pair of the selector.

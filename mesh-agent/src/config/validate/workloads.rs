@@ -1,11 +1,13 @@
-//! Validates the `workloads` list: names, IPs, nodes, netns, and each workload's identity.
+//! Validates the `workloads` list (names, IPs, nodes, netns, and each workload's identity)
+//! and the `nodes` list (names and labels: a node's zone is what locality compares).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::{Cx, Result};
-use crate::config::model::{AgentConfig, QualifiedName, Workload, WorkloadId, defaults};
-use crate::config::raw::{RawWorkload, S};
+use crate::config::model::{AgentConfig, Node, QualifiedName, Workload, WorkloadId, defaults};
+use crate::config::raw::{RawNode, RawWorkload, S};
+use crate::config::traffic::defaults::ZONE_LABEL;
 use crate::names::Kind;
 use crate::tls::SpiffeId;
 
@@ -118,6 +120,39 @@ impl Cx<'_> {
                 unknown_destination: w.unknown_destination.unwrap_or_default(),
                 local,
             });
+        }
+        Ok(out)
+    }
+
+    /// `nodes`: distinct names; the zone label, when set, is not empty (an empty zone would
+    /// put every node without one in the same zone).
+    pub(super) fn nodes(&self, raw: &[S<RawNode>]) -> Result<Vec<Node>> {
+        let mut out: Vec<Node> = Vec::with_capacity(raw.len());
+        let mut lines: HashMap<String, u64> = HashMap::new();
+        for (i, item) in raw.iter().enumerate() {
+            let n = &item.value;
+            let base = format!("nodes[{i}]");
+            let name = self.name(&n.name, &format!("{base}.name"), Kind::Node)?;
+            if let Some(line) = lines.get(&name) {
+                return Err(self.err(
+                    n.name.referenced,
+                    format!("{base}.name"),
+                    format!("node {name} is already defined at line {line}"),
+                ));
+            }
+            lines.insert(name.clone(), n.name.referenced.line());
+            let mut labels = BTreeMap::new();
+            for (key, value) in n.labels.iter().flatten() {
+                if key == ZONE_LABEL && value.value.is_empty() {
+                    return Err(self.err(
+                        value.referenced,
+                        format!("{base}.labels.{key}"),
+                        "the zone must not be empty (omit the label when the zone is unknown)",
+                    ));
+                }
+                labels.insert(key.clone(), value.value.clone());
+            }
+            out.push(Node { name, labels });
         }
         Ok(out)
     }

@@ -1,0 +1,384 @@
+//! Steps 1-3 of the pipeline for one connection: route, then per attempt admission
+//! (authorization and rate limits where the destination is served here) and the connect. A
+//! service's endpoint is picked per attempt; a failed connect (no byte sent yet, so always
+//! safe) is retried on another endpoint while the service's retry budget allows, and feeds
+//! the balancer (latency, failure streaks, ejection).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
+
+use super::{
+    context::{PodHandle, ProxyContext, Refused},
+    outcome::{ConnectionResult, Direction, Outcome},
+    registry::Tracked,
+    route::{self, Hop, NoRoute, Plan, RouteKind, Target, Via},
+    upstream::{self, TunnelFailure},
+};
+use crate::{
+    balance::{ActiveGuard, Caller, PickError, ServiceBalancer},
+    config::{Config, Workload},
+    limit::{Shaper, SourceKey},
+    tls::SpiffeId,
+    tunnel::TunnelStream,
+};
+
+/// Either side of a connection.
+pub(super) enum Stream {
+    Tcp(TcpStream),
+    Tunnel(TunnelStream),
+}
+
+/// How the copy runs, from the agent's live settings and the service's traffic policy.
+#[derive(Clone, Copy)]
+pub(super) struct CopySettings {
+    pub buffer_bytes: usize,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Option<Duration>,
+}
+
+/// What [`establish`] hands the copy.
+pub(super) struct Established {
+    pub upstream: Stream,
+    /// Registered for revocation when a policy admitted it here.
+    pub tracked: Option<Tracked>,
+    /// The bandwidth limits that apply (egress of the source, ingress of the destination).
+    pub shaper: Shaper,
+    pub copy: CopySettings,
+    /// The balanced endpoint's count of active connections, while this one lives.
+    pub active: Option<ActiveGuard>,
+    /// The connection-limit slot of a tunnel stream (TCP ones hold theirs in the accept loop).
+    pub _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// What the attempts share.
+struct Attempts<'a> {
+    ctx: &'a ProxyContext,
+    pod: &'a PodHandle,
+    connect_timeout: Duration,
+    tunnel_port: u16,
+}
+
+/// Why one attempt failed.
+enum Failed {
+    /// The connect failed: another endpoint may do.
+    Retryable,
+    /// Refused by policy or limits: no retry.
+    Final,
+}
+
+/// Route, admit, connect. `None`: refused, with the reason in `result`.
+pub(super) async fn establish(
+    ctx: &ProxyContext,
+    pod: &PodHandle,
+    result: &mut ConnectionResult,
+) -> Option<Established> {
+    let Some(dst) = result.destination else {
+        result.fail(
+            Outcome::NoOrigDst,
+            "no original destination (a direct connect to the listener, or an evicted flow)",
+        );
+        return None;
+    };
+    let config = ctx.config.load_full();
+    let source = match result.direction {
+        Direction::Outbound => config.local_workload(&pod.key),
+        Direction::Inbound | Direction::Tunnel => None,
+    };
+    let plan = match route_connection(ctx, &config, &pod.key, source, dst, result) {
+        Ok(plan) => plan,
+        Err(no_route) => {
+            result.route = no_route.kind;
+            result.service = no_route.service;
+            let outcome = if no_route.forbidden {
+                Outcome::Forbidden
+            } else {
+                Outcome::NoRoute
+            };
+            result.fail(outcome, no_route.reason);
+            return None;
+        }
+    };
+    result.route = plan.kind;
+    result.service = plan.service;
+    let (live, startup) = (&config.agent().live, &config.agent().startup);
+    let traffic = match &plan.target {
+        Target::Balanced(balancer) => Some(balancer.policy()),
+        Target::Fixed(_) => None,
+    };
+    let copy = CopySettings {
+        buffer_bytes: live.buffer_bytes,
+        idle_timeout: traffic
+            .and_then(|t| t.idle_timeout)
+            .unwrap_or(live.idle_timeout),
+        max_lifetime: traffic.and_then(|t| t.max_connection_lifetime),
+    };
+    let attempts = Attempts {
+        ctx,
+        pod,
+        connect_timeout: traffic
+            .and_then(|t| t.connect_timeout)
+            .unwrap_or(live.connect_timeout),
+        tunnel_port: startup.tunnel_port,
+    };
+
+    // Tunnel streams count against the same node-wide limit as TCP connections, which take
+    // their slot before accepting.
+    let slot = match result.direction {
+        Direction::Tunnel => match ctx.connection_slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                result.fail(Outcome::Overloaded, "the node is at its connection limit");
+                return None;
+            }
+        },
+        Direction::Outbound | Direction::Inbound => None,
+    };
+    // What the source may send, enforced by the source's own agent.
+    let egress = match result.direction {
+        Direction::Outbound => match ctx.limits.admit_egress(&pod.key).await {
+            Ok(shaper) => shaper,
+            Err(limited) => {
+                ctx.metrics.rate_limited(&limited.policy, "egress");
+                result.fail(Outcome::RateLimited, limited.to_string());
+                result.policy = Some(limited.policy);
+                return None;
+            }
+        },
+        Direction::Inbound | Direction::Tunnel => Shaper::default(),
+    };
+
+    let (upstream, tracked, shaper, active) = match plan.target {
+        Target::Fixed(hop) => {
+            let (upstream, tracked, shaper) = attempts.one(&hop, result).await.ok()?;
+            (upstream, tracked, shaper, None)
+        }
+        Target::Balanced(balancer) => {
+            let identity = result.client_identity.clone();
+            let caller = caller(source, identity.as_ref(), result.client, dst);
+            attempts
+                .balanced(&config, source, &balancer, &caller, result)
+                .await?
+        }
+    };
+    Some(Established {
+        upstream,
+        tracked,
+        shaper: egress.and(shaper),
+        copy,
+        active,
+        _slot: slot,
+    })
+}
+
+fn route_connection(
+    ctx: &ProxyContext,
+    config: &Config,
+    pod_key: &str,
+    source: Option<&Workload>,
+    dst: SocketAddr,
+    result: &ConnectionResult,
+) -> Result<Plan, NoRoute> {
+    match (result.direction, source, &result.client_identity) {
+        (Direction::Outbound, Some(source), _) => {
+            route::outbound(config, source, dst, &ctx.balancers)
+        }
+        (Direction::Outbound, None, _) => Err(NoRoute {
+            kind: RouteKind::None,
+            service: None,
+            forbidden: false,
+            reason: "the pod is no longer configured".into(),
+        }),
+        (Direction::Inbound, ..) => route::inbound(config, pod_key, dst),
+        (Direction::Tunnel, _, Some(client)) => route::tunnel(config, pod_key, client, dst),
+        (Direction::Tunnel, _, None) => Err(NoRoute {
+            kind: RouteKind::Tunnel,
+            service: None,
+            forbidden: true,
+            reason: "a tunnel stream without a client identity".into(),
+        }),
+    }
+}
+
+/// The caller as the balancer sees it: the pod's own address (the accepted socket's peer is
+/// the loopback address connect4 rewrote to), identity and labels.
+fn caller<'a>(
+    source: Option<&'a Workload>,
+    identity: Option<&'a SpiffeId>,
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> Caller<'a> {
+    static NO_LABELS: std::sync::LazyLock<std::collections::BTreeMap<String, String>> =
+        std::sync::LazyLock::new(Default::default);
+    let ip = source
+        .and_then(|w| w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()))
+        .copied()
+        .unwrap_or(client.ip());
+    Caller {
+        ip,
+        identity,
+        labels: source.map_or(&NO_LABELS, |w| &w.labels),
+        ipv4: dst.is_ipv4(),
+    }
+}
+
+type Connected = (Stream, Option<Tracked>, Shaper, Option<ActiveGuard>);
+
+impl Attempts<'_> {
+    /// Picks endpoints of `balancer` until one connects, retrying failed connects within the
+    /// budget.
+    async fn balanced(
+        &self,
+        config: &Config,
+        source: Option<&Workload>,
+        balancer: &Arc<ServiceBalancer>,
+        caller: &Caller<'_>,
+        result: &mut ConnectionResult,
+    ) -> Option<Connected> {
+        let metrics = &self.ctx.metrics;
+        let service = result.service.clone().unwrap_or_default();
+        let max_attempts = balancer.policy().retries.attempts as usize + 1;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        loop {
+            let pick = match balancer.pick(caller, &tried) {
+                Ok(pick) => pick,
+                Err(PickError::CircuitOpen(limit)) => {
+                    metrics.circuit_open(&service);
+                    result.fail(Outcome::CircuitOpen, format!("circuit breaker: {limit}"));
+                    return None;
+                }
+                Err(PickError::NoEndpoints) => {
+                    result.fail(
+                        Outcome::NoRoute,
+                        format!("service {service} has no endpoints"),
+                    );
+                    return None;
+                }
+                Err(PickError::NoneAvailable) => {
+                    // After failed attempts the last connect error says more.
+                    if tried.is_empty() {
+                        result.fail(
+                            Outcome::NoHealthyEndpoint,
+                            format!("no endpoint of {service} is available"),
+                        );
+                    }
+                    return None;
+                }
+            };
+            let addr = pick.endpoint().addr;
+            // Endpoint ids belong to the balancer's snapshot: find the workload by address.
+            let destination = config.workload_by_ip(addr.ip());
+            let hop = match source {
+                Some(source) => route::hop(source, destination, addr),
+                None => Hop {
+                    addr,
+                    via: Via::Direct,
+                    admit: None,
+                },
+            };
+            let started = Instant::now();
+            match self.one(&hop, result).await {
+                Ok((upstream, tracked, shaper)) => {
+                    let active = pick.connected(started.elapsed());
+                    return Some((upstream, tracked, shaper, Some(active)));
+                }
+                Err(Failed::Final) => return None,
+                Err(Failed::Retryable) => {
+                    if pick.failed() {
+                        metrics.ejection(&service);
+                        tracing::info!(service, endpoint = %addr, "endpoint ejected after consecutive failures");
+                    }
+                    tried.push(addr);
+                    if tried.len() >= max_attempts {
+                        metrics.retry(&service, "attempts_exhausted");
+                        return None;
+                    }
+                    if !balancer.try_retry() {
+                        metrics.retry(&service, "budget_exhausted");
+                        return None;
+                    }
+                    metrics.retry(&service, "retried");
+                    result.retries += 1;
+                }
+            }
+        }
+    }
+
+    /// Admits (when the destination is served here) and connects to one hop.
+    async fn one(
+        &self,
+        hop: &Hop,
+        result: &mut ConnectionResult,
+    ) -> Result<(Stream, Option<Tracked>, Shaper), Failed> {
+        let ctx = self.ctx;
+        result.upstream = Some(hop.addr);
+        result.tunnel_to = None;
+        let (tracked, shaper) = match &hop.admit {
+            None => (None, Shaper::default()),
+            Some(subject) => {
+                let tracked = match ctx.admit(subject.clone()) {
+                    Ok((tracked, decision)) => {
+                        result.policy = decision.policy;
+                        tracked
+                    }
+                    Err(Refused::Denied(decision)) => {
+                        result.policy = decision.policy;
+                        result.fail(Outcome::Denied, decision.reason);
+                        return Err(Failed::Final);
+                    }
+                    Err(Refused::Gone) => {
+                        result.fail(Outcome::NoRoute, "the destination left the configuration");
+                        return Err(Failed::Final);
+                    }
+                };
+                let source = match &subject.source {
+                    Some(identity) => SourceKey::Identity(identity.clone()),
+                    None => SourceKey::ip(result.client.ip()),
+                };
+                match ctx.limits.admit(&subject.destination, &source).await {
+                    Ok(shaper) => (Some(tracked), shaper),
+                    Err(limited) => {
+                        ctx.metrics.rate_limited(&limited.policy, "ingress");
+                        result.fail(Outcome::RateLimited, limited.to_string());
+                        result.policy = Some(limited.policy);
+                        return Err(Failed::Final);
+                    }
+                }
+            }
+        };
+        let connected = match &hop.via {
+            Via::Direct => upstream::connect(self.pod, hop.addr, self.connect_timeout)
+                .await
+                .map(Stream::Tcp)
+                .map_err(|error| (Outcome::ConnectFailed, error.to_string(), true)),
+            Via::Tunnel { expected } => {
+                result.tunnel_to = Some(expected.clone());
+                upstream::tunnel(
+                    &ctx.mesh_tls,
+                    self.pod,
+                    expected,
+                    hop.addr,
+                    self.tunnel_port,
+                    self.connect_timeout,
+                )
+                .await
+                .map(Stream::Tunnel)
+                .map_err(|failure| match failure {
+                    TunnelFailure::Denied(reason) => (Outcome::Denied, reason, false),
+                    TunnelFailure::Failed(reason) => (Outcome::ConnectFailed, reason, true),
+                })
+            }
+        };
+        match connected {
+            Ok(stream) => Ok((stream, tracked, shaper)),
+            Err((outcome, reason, retryable)) => {
+                result.fail(outcome, reason);
+                Err(if retryable {
+                    Failed::Retryable
+                } else {
+                    Failed::Final
+                })
+            }
+        }
+    }
+}
