@@ -10,6 +10,16 @@ use std::{
 use mesh_tests::{Agent, Background, ConfigBuilder, Node, Pod, Topology, assert_root, parse_ids};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_mesh-testtool");
+
+/// The tests that measure rates, shares or latencies take this, so they do not run at the
+/// same time as each other on a 2-core machine (the others run in parallel as usual).
+static TIMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn timing() -> std::sync::MutexGuard<'static, ()> {
+    TIMING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 const VIP: &str = "10.96.0.10";
 
 /// Client pods `a` (app=client) and `q` (app=quiet), echo servers `b` (version v1) and `c`
@@ -118,6 +128,7 @@ fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[test]
 fn each_algorithm_spreads_2000_connections_as_it_should() {
+    let _serial = timing();
     let mesh = Mesh::new("lb_spread");
     let agent = mesh.agent("trafficPolicy: {loadBalancer: {algorithm: roundRobin}}");
     let all = [("app", "echo")];
@@ -205,6 +216,7 @@ fn least_connections_steers_away_from_an_endpoint_holding_long_connections() {
 
 #[test]
 fn peak_ewma_steers_away_from_a_slow_endpoint() {
+    let _serial = timing();
     // No netem on this kernel: c is made slow with a token-bucket qdisc on its interface at a
     // rate far below what the test sends, so its packets (the SYN-ACK first) wait in the
     // queue for up to 300 ms. Round robin measures both endpoints first (the balancer's
@@ -315,6 +327,7 @@ fn maglev_keeps_each_source_on_its_endpoint_and_removal_moves_only_its_sources()
 #[test]
 fn a_killed_endpoint_is_retried_around_and_ejected_then_used_again_and_all_down_is_refused_promptly()
  {
+    let _serial = timing();
     let mut mesh = Mesh::new("lb_eject");
     let agent = mesh.agent(
         "trafficPolicy:\n  loadBalancer: {algorithm: roundRobin}\n  outlierDetection: {consecutiveFailures: 2, baseEjectionMs: 2000, maxEjectedPercent: 50}\n",
@@ -468,6 +481,7 @@ fn a_live_split_change_moves_new_connections_and_keeps_an_open_one() {
 
 #[test]
 fn a_connection_rate_limit_of_50_per_second_holds_within_10_percent() {
+    let _serial = timing();
     let mesh = Mesh::new("rl_rate");
     let policies = "  rateLimits:\n    - name: echo-rate\n      namespace: test\n      selector: {app: echo}\n      connections: {perSecond: 50, burst: 5}\n";
     let agent = Agent::start(
@@ -497,6 +511,7 @@ fn a_connection_rate_limit_of_50_per_second_holds_within_10_percent() {
 
 #[test]
 fn a_bandwidth_limit_of_100_mbit_holds_within_10_percent() {
+    let _serial = timing();
     let mesh = Mesh::new("rl_bandwidth");
     let _sink = mesh
         .b
@@ -533,6 +548,7 @@ fn a_bandwidth_limit_of_100_mbit_holds_within_10_percent() {
 
 #[test]
 fn a_noisy_pod_does_not_starve_a_quiet_neighbour() {
+    let _serial = timing();
     let mesh = Mesh::new("rl_noisy");
     // Per source 20/s on the destination, and an egress limit of 20/s on the noisy pod.
     let policies = "  rateLimits:\n    - name: echo-per-source\n      namespace: test\n      selector: {app: echo}\n      perSource:\n        connections: {perSecond: 20, burst: 2}\n  egressLimits:\n    - name: client-egress\n      namespace: test\n      selector: {app: client}\n      connections: {perSecond: 20, burst: 2}\n";
