@@ -105,16 +105,52 @@ impl Mesh {
 
     /// `count` connections from `pod` to the VIP, at `rate` per second if given.
     fn ids(pod: &Pod, count: usize, rate: Option<f64>) -> (BTreeMap<String, usize>, usize) {
-        let count = count.to_string();
-        let target = format!("{VIP}:80");
-        let mut args = vec!["ids", "--connect", &target, "--count", &count];
-        let rate = rate.map(|r| r.to_string());
-        if let Some(rate) = &rate {
-            args.extend(["--rate", rate]);
-        }
-        let out = pod.run(TOOL, args).expect("ids");
+        let out = pod.run(TOOL, ids_args(count, rate)).expect("ids");
         parse_ids(&String::from_utf8_lossy(&out.stdout)).expect("ids output")
     }
+}
+
+/// `mesh-testtool ids` running in the background.
+struct Ids(std::process::Child);
+
+impl Ids {
+    fn start(pod: &Pod, count: usize, rate: Option<f64>) -> Ids {
+        let child = pod
+            .command(TOOL)
+            .args(ids_args(count, rate))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ids");
+        Ids(child)
+    }
+
+    /// Connections per server, and failures (within a minute).
+    fn finish(mut self) -> (BTreeMap<String, usize>, usize) {
+        let status = mesh_tests::wait_timeout(&mut self.0, Duration::from_secs(60)).expect("wait");
+        if status.is_none() {
+            let _ = self.0.kill();
+        }
+        assert!(status.is_some_and(|s| s.success()), "ids: {status:?}");
+        let mut out = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut out).expect("ids output");
+        }
+        parse_ids(&out).expect("ids output")
+    }
+}
+
+fn ids_args(count: usize, rate: Option<f64>) -> Vec<String> {
+    let mut args = vec![
+        "ids".to_owned(),
+        "--connect".to_owned(),
+        format!("{VIP}:80"),
+        "--count".to_owned(),
+        count.to_string(),
+    ];
+    if let Some(rate) = rate {
+        args.extend(["--rate".to_owned(), rate.to_string()]);
+    }
+    args
 }
 
 fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
@@ -333,27 +369,10 @@ fn a_killed_endpoint_is_retried_around_and_ejected_then_used_again_and_all_down_
         "trafficPolicy:\n  loadBalancer: {algorithm: roundRobin}\n  outlierDetection: {consecutiveFailures: 2, baseEjectionMs: 2000, maxEjectedPercent: 50}\n",
     );
     // A steady stream of new connections while c's server goes away.
-    let target = format!("{VIP}:80");
-    let stream = {
-        let mut command = mesh.a.command(TOOL);
-        command.args([
-            "ids",
-            "--connect",
-            &target,
-            "--count",
-            "600",
-            "--rate",
-            "100",
-        ]);
-        command
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("stream")
-    };
+    let stream = Ids::start(&mesh.a, 600, Some(100.0));
     std::thread::sleep(Duration::from_secs(1));
     mesh.stop_server("c");
-    let out = stream.wait_with_output().expect("stream ends");
-    let (counts, failed) = parse_ids(&String::from_utf8_lossy(&out.stdout)).expect("ids");
+    let (counts, failed) = stream.finish();
     assert_eq!(
         failed, 0,
         "retries and ejection hide the dead endpoint: {counts:?}"
@@ -558,29 +577,11 @@ fn a_noisy_pod_does_not_starve_a_quiet_neighbour() {
         &mesh.config(&[("app", "echo")], "", Some(policies)),
     )
     .expect("agent");
-    let target = format!("{VIP}:80");
     // a at 10x its limit for 5 s ...
-    let noisy = {
-        let mut command = mesh.a.command(TOOL);
-        command.args([
-            "ids",
-            "--connect",
-            &target,
-            "--count",
-            "1000",
-            "--rate",
-            "200",
-        ]);
-        command
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("noisy")
-    };
+    let noisy = Ids::start(&mesh.a, 1000, Some(200.0));
     // ... while q stays under its own: none of q's connections is refused.
     let (quiet, quiet_failed) = Mesh::ids(&mesh.q, 85, Some(17.0));
-    let out = noisy.wait_with_output().expect("noisy ends");
-    let (noisy_counts, noisy_failed) =
-        parse_ids(&String::from_utf8_lossy(&out.stdout)).expect("ids");
+    let (noisy_counts, noisy_failed) = noisy.finish();
     let noisy_admitted: usize = noisy_counts.values().sum();
     assert_eq!(quiet_failed, 0, "the quiet pod keeps its rate: {quiet:?}");
     assert!(
