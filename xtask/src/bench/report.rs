@@ -33,6 +33,11 @@ const METRICS: &[(&str, &str, usize)] = &[
     ("proxy_rss_idle_mib", "proxy RSS idle (MiB)", 1),
     ("proxy_rss_load_mib", "proxy RSS under load, max (MiB)", 1),
     ("proxy_cpu_s_per_gb", "proxy CPU s per GB (bulk)", 2),
+    (
+        "proxy_cpu_us_per_conn",
+        "proxy CPU µs per new connection (cps run)",
+        1,
+    ),
 ];
 
 /// Writes the three files; returns the Markdown.
@@ -111,10 +116,12 @@ fn policy_line(on_off: &Value) -> String {
         "\n**policy on / off** (agent same-node + policy over agent same-node; policy: \
          outlier detection on, and a rate limit on connections, per source and bandwidth far \
          above the load; aim: new connections/s ≥ 0.95×): new connections/s {}, bulk {} \
-         (1 stream), {} (8 streams)\n",
+         (1 stream), {} (8 streams); proxy CPU per new connection {}, per GB {}\n",
         ratio("cps"),
         ratio("bulk1_gbps"),
         ratio("bulk8_gbps"),
+        ratio("proxy_cpu_us_per_conn"),
+        ratio("proxy_cpu_s_per_gb"),
     )
 }
 
