@@ -22,6 +22,10 @@ pub struct Metrics {
     circuit_open: IntCounterVec,
     rate_limited: IntCounterVec,
     health_checks: IntCounterVec,
+    istio_opened: IntCounterVec,
+    istio_closed: IntCounterVec,
+    istio_sent: IntCounterVec,
+    istio_received: IntCounterVec,
 }
 
 /// Counts a connection as active until dropped.
@@ -47,23 +51,54 @@ fn family<T: Collector + Clone + 'static>(registry: &Registry, collector: T) -> 
     collector
 }
 
+/// The agent's own families are named `mesh_*`; Istio's keep Istio's names.
 fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    let opts = Opts::new(format!("mesh_{name}"), help);
+    let vec = IntCounterVec::new(opts, labels).expect("static metric definition");
     family(registry, vec)
 }
 
+fn istio(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let vec =
+        IntCounterVec::new(Opts::new(name, help), &ISTIO_LABELS).expect("static metric definition");
+    family(registry, vec)
+}
+
+/// Istio's standard labels of its TCP metrics, in this order.
+pub const ISTIO_LABELS: [&str; 17] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry =
-            Registry::new_custom(Some("mesh".into()), None).expect("static prefix is valid");
+        let registry = Registry::new();
         let r = &registry;
-        let enrolled_pods = IntGauge::new("enrolled_pods", "Pods whose traffic the agent steers")
-            .expect("static metric definition");
-        let enroll_failures =
-            IntCounter::new("enroll_failures_total", "Pods that could not be enrolled")
+        let enrolled_pods =
+            IntGauge::new("mesh_enrolled_pods", "Pods whose traffic the agent steers")
                 .expect("static metric definition");
+        let enroll_failures = IntCounter::new(
+            "mesh_enroll_failures_total",
+            "Pods that could not be enrolled",
+        )
+        .expect("static metric definition");
         let active_connections = IntGaugeVec::new(
-            Opts::new("active_connections", "Connections being copied now"),
+            Opts::new("mesh_active_connections", "Connections being copied now"),
             &["direction"],
         )
         .expect("static metric definition");
@@ -128,8 +163,38 @@ impl Metrics {
                 "Active health checks by service and result (ok, failed)",
                 &["service", "result"],
             ),
+            istio_opened: istio(
+                r,
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened (Istio's metric and labels)",
+            ),
+            istio_closed: istio(
+                r,
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed (Istio's metric and labels)",
+            ),
+            istio_sent: istio(
+                r,
+                "istio_tcp_sent_bytes_total",
+                "Bytes the server sent (the response), counted while the connection is open",
+            ),
+            istio_received: istio(
+                r,
+                "istio_tcp_received_bytes_total",
+                "Bytes the server received (the request), counted while the connection is open",
+            ),
             registry,
         }
+    }
+
+    /// The Istio series of one label set: opened, closed, sent and received.
+    pub fn istio_tcp(&self, values: &[&str; 17]) -> [IntCounter; 4] {
+        [
+            self.istio_opened.with_label_values(values),
+            self.istio_closed.with_label_values(values),
+            self.istio_sent.with_label_values(values),
+            self.istio_received.with_label_values(values),
+        ]
     }
 
     /// A connection ended with `outcome` (see `proxy::Outcome`).

@@ -316,6 +316,11 @@ impl Agent {
         Ok(metric_value(&self.metrics()?, name, labels))
     }
 
+    /// The sum of `name` over the series whose labels include all of `labels`.
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(metric_sum(&self.metrics()?, name, labels))
+    }
+
     /// The counters of one workload (`test/<pod>`) from the status report.
     pub fn workload_counters(&self, pod: &Pod) -> Result<serde_json::Value> {
         let status = self.status()?;
@@ -437,6 +442,24 @@ pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f6
             (have == wanted).then(|| value.parse().ok()).flatten()
         })
         .unwrap_or(0.0)
+}
+
+/// The sum of `name` over the series of a Prometheus text exposition whose labels include
+/// every pair of `labels`.
+pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let have: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+            (series_name == name && wanted.iter().all(|w| have.contains(&w.as_str())))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// Writes `n` in decimal into `buf` without allocating (safe between fork and exec).

@@ -641,6 +641,39 @@ fn byte_and_connection_counters_follow_each_direction() {
         ],
         1.0,
     );
+    // The same as Istio's TCP metrics, with Istio's labels: the client side reports
+    // outbound (reporter=source), the pod's side inbound (reporter=destination); "received"
+    // is what the server received.
+    let istio =
+        |name: &str, labels: &[(&str, &str)]| agent.metric_sum(name, labels).expect("metrics");
+    let a_to_b = [
+        ("reporter", "source"),
+        ("source_workload", "a"),
+        ("source_workload_namespace", "test"),
+        ("source_principal", "spiffe://cluster.local/ns/test/sa/a"),
+        ("source_app", "client"),
+        ("destination_workload", "b"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/test/sa/b",
+        ),
+        ("destination_app", "echo"),
+        ("destination_version", "b"),
+        ("request_protocol", "tcp"),
+        ("response_flags", "-"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(istio("istio_tcp_received_bytes_total", &a_to_b), 100_000.0);
+    assert_eq!(istio("istio_tcp_sent_bytes_total", &a_to_b), 72.0);
+    assert_eq!(istio("istio_tcp_connections_opened_total", &a_to_b), 1.0);
+    assert_eq!(istio("istio_tcp_connections_closed_total", &a_to_b), 1.0);
+    let to_b = [
+        ("reporter", "destination"),
+        ("source_workload", "unknown"),
+        ("destination_workload", "b"),
+    ];
+    assert_eq!(istio("istio_tcp_received_bytes_total", &to_b), 30_000.0);
+    assert_eq!(istio("istio_tcp_sent_bytes_total", &to_b), 71.0);
     // Nothing was counted twice or the wrong way round.
     let outbound_from = agent
         .metric(
@@ -649,4 +682,35 @@ fn byte_and_connection_counters_follow_each_direction() {
         )
         .expect("metrics");
     assert_eq!(outbound_from, 100_000.0);
+    // A long connection's bytes are counted while it is open.
+    let mut held = mesh
+        .a
+        .spawn_ready(
+            TOOL,
+            ["hold", "--connect", &format!("{VIP}:80"), "--seconds", "8"],
+        )
+        .expect("hold");
+    let to_service = [
+        ("reporter", "source"),
+        ("destination_service", "echo.test.svc.cluster.local"),
+        ("destination_service_name", "echo"),
+        ("destination_service_namespace", "test"),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(7);
+    while istio("istio_tcp_received_bytes_total", &to_service) == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bytes of the open connection counted within the flush interval"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        istio("istio_tcp_connections_closed_total", &to_service),
+        0.0
+    );
+    assert!(
+        mesh_tests::wait_timeout(held.child_mut(), Duration::from_secs(10))
+            .expect("wait")
+            .is_some_and(|s| s.success())
+    );
 }

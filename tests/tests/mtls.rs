@@ -189,6 +189,17 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
     };
     assert_eq!(closed(&one, "outbound", "service"), 2.0);
     assert_eq!(closed(&two, "tunnel", "tunnel"), 2.0);
+    // Istio's metric on the server side: a's identity, mutual TLS, the echo's bytes.
+    let mtls_from_a = [
+        ("reporter", "destination"),
+        ("source_workload", "a"),
+        ("source_principal", ID_A),
+        ("destination_workload", "b"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let istio = |name: &str| two.metric_sum(name, &mtls_from_a).expect("metrics");
+    assert_eq!(istio("istio_tcp_connections_closed_total"), 2.0);
+    assert_eq!(istio("istio_tcp_received_bytes_total"), from_client);
 
     // While a connection is open, node 2's agent shows it with a's identity.
     let mut held = mesh

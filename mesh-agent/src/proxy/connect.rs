@@ -81,6 +81,7 @@ pub(super) async fn establish(
         return None;
     };
     let config = ctx.config.load_full();
+    result.snapshot = Some(config.clone());
     let source = match result.direction {
         Direction::Outbound => config.local_workload(&pod.key),
         Direction::Inbound | Direction::Tunnel => None,

@@ -18,6 +18,7 @@ pub mod registry;
 mod reserve;
 pub mod route;
 mod socket;
+mod telemetry;
 mod upstream;
 
 pub use context::{PodHandle, ProxyContext, ProxyError, Refused};

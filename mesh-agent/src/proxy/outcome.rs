@@ -7,8 +7,12 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::time::Instant;
 
-use super::route::RouteKind;
+use super::{
+    route::RouteKind,
+    telemetry::{Endpoints, IstioSeries},
+};
 use crate::{
+    config::Config,
     copy::Transferred,
     metrics::{ActiveGuard, Metrics},
     tls::SpiffeId,
@@ -128,6 +132,9 @@ pub struct ConnectionResult {
     pub retries: u32,
     /// Bytes that waited for a bandwidth limit.
     pub shaped_bytes: u64,
+    /// The snapshot it was routed by, until the Istio labels are resolved from it.
+    pub snapshot: Option<Arc<Config>>,
+    istio: Option<IstioSeries>,
     active: Option<ActiveGuard>,
 }
 
@@ -158,6 +165,8 @@ impl ConnectionResult {
             moved: Transferred::default(),
             retries: 0,
             shaped_bytes: 0,
+            snapshot: None,
+            istio: None,
             active: None,
         }
     }
@@ -165,6 +174,36 @@ impl ConnectionResult {
     /// The connection is established both ways: count it as active until it ends.
     pub fn established(&mut self) {
         self.active = Some(self.metrics.active(self.direction.as_str()));
+        self.open_istio();
+    }
+
+    /// The Istio series, for the copy to add bytes to while the connection is open (the
+    /// copy borrows `moved`, so the series goes out and comes back).
+    pub fn take_istio(&mut self) -> Option<IstioSeries> {
+        self.istio.take()
+    }
+
+    pub fn restore_istio(&mut self, istio: Option<IstioSeries>) {
+        self.istio = istio;
+    }
+
+    /// Resolves the Istio series from the routing snapshot (then let go of) and counts the
+    /// connection as opened.
+    fn open_istio(&mut self) {
+        let Some(config) = self.snapshot.take() else {
+            return;
+        };
+        let endpoints = Endpoints {
+            direction: self.direction,
+            pod: &self.pod,
+            client: self.client,
+            client_identity: self.client_identity.as_ref(),
+            upstream: self.upstream,
+            service: self.service.as_deref(),
+            outcome: self.outcome,
+            mutual_tls: security(self.direction, self.tunnel_to.as_ref()) == "mutual_tls",
+        };
+        self.istio = Some(IstioSeries::open(&self.metrics, &config, &endpoints));
     }
 
     /// Ends it with `outcome` and a reason for the log.
@@ -187,6 +226,13 @@ impl Drop for ConnectionResult {
         );
         self.metrics.bytes(direction, from_client, to_client);
         self.metrics.shaped_bytes(direction, self.shaped_bytes);
+        if self.istio.is_none() && self.active.is_none() {
+            // Refused before it was established: opened and closed, with its flags.
+            self.open_istio();
+        }
+        if let Some(istio) = self.istio.take() {
+            istio.close((from_client, to_client));
+        }
         self.active = None;
         tracing::info!(
             target: "access",

@@ -96,7 +96,6 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         active,
         _slot,
     } = established;
-    let copied = pump(downstream, upstream, copy, &shaper, &result.moved);
     let lifetime = async {
         match copy.max_lifetime {
             Some(lifetime) => tokio::time::sleep(lifetime).await,
@@ -109,11 +108,26 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
             None => std::future::pending().await,
         }
     };
-    let ended = tokio::select! {
-        ended = copied => Ended::Copy(ended),
-        () = revoked => Ended::Revoked,
-        () = lifetime => Ended::Lifetime,
+    let mut istio = result.take_istio();
+    let ended = {
+        let copied = pump(downstream, upstream, copy, &shaper, &result.moved);
+        tokio::pin!(copied, revoked, lifetime);
+        let mut flush =
+            tokio::time::interval_at(tokio::time::Instant::now() + BYTES_FLUSH, BYTES_FLUSH);
+        loop {
+            tokio::select! {
+                ended = &mut copied => break Ended::Copy(ended),
+                () = &mut revoked => break Ended::Revoked,
+                () = &mut lifetime => break Ended::Lifetime,
+                _ = flush.tick() => {
+                    if let Some(istio) = &mut istio {
+                        istio.flush(result.moved.get());
+                    }
+                }
+            }
+        }
     };
+    result.restore_istio(istio);
     match ended {
         Ended::Copy(Ok(())) => result.outcome = Outcome::Closed,
         Ended::Copy(Err(CopyError::Idle(after))) => {
@@ -135,6 +149,9 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
     }
     result.shaped_bytes = shaper.shaped_bytes();
 }
+
+/// How often a long connection's bytes are added to the Istio byte counters.
+const BYTES_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How the copy ended.
 enum Ended {
