@@ -714,3 +714,34 @@ fn byte_and_connection_counters_follow_each_direction() {
             .is_some_and(|s| s.success())
     );
 }
+
+#[test]
+fn the_metrics_pass_promtool_check() {
+    let mesh = Mesh::new("promtool");
+    let agent = mesh.agent();
+    // Traffic first, so every family has series.
+    let _ = mesh.id(&format!("{VIP}:80"));
+    let exposition = agent.metrics().expect("metrics");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by cargo xtask test)");
+    std::io::Write::write_all(
+        &mut promtool.stdin.take().expect("stdin"),
+        exposition.as_bytes(),
+    )
+    .expect("write");
+    let out = promtool.wait_with_output().expect("promtool");
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool check metrics: {complaints}\n{exposition}"
+    );
+}

@@ -17,6 +17,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("bpftool", "bpftool"),
     ("tcpdump", "tcpdump"),
+    // `promtool check metrics` validates the agent's exposition in the tests.
+    ("promtool", "prometheus"),
 ];
 
 /// bpf-linker version known to work with the nightly's LLVM (see shared/TOOLCHAIN.md).
