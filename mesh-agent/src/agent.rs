@@ -106,8 +106,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         Box::new(move || {
             let reloads = reloads.snapshot();
             let refusals = refused.lock().clone();
-            let applied = reloads.applied.saturating_sub(refusals.count);
-            let rejected = reloads.rejected + refusals.count;
+            let (applied, rejected) = reload_counts(&reloads, &refusals);
             metrics.observe_reloads(applied, rejected);
             StatusReport {
                 node: node.clone(),
@@ -141,6 +140,22 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         Arc::new(AdminState {
             metrics: metrics.clone(),
             report,
+            before_metrics: {
+                let (proxy, refused, reloads) = (proxy.clone(), refused.clone(), watcher.stats());
+                Box::new(move || {
+                    let refusals = refused.lock().clone();
+                    let (applied, rejected) = reload_counts(&reloads.snapshot(), &refusals);
+                    proxy.metrics.observe_reloads(applied, rejected);
+                    proxy.metrics.observe_certificates(
+                        proxy
+                            .mesh_tls
+                            .store
+                            .list()
+                            .iter()
+                            .map(|c| (c.identity.to_string(), unix_seconds(c.not_after))),
+                    );
+                })
+            },
         }),
     )
     .await?;
@@ -205,11 +220,22 @@ fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
     metrics.enrolled_pods.set(pods.enrolled_count() as i64);
 }
 
+/// Reloads applied and refused: the watcher's, less the valid files the agent refused
+/// (start-up settings changed), which count as refused.
+fn reload_counts(reloads: &watch::ReloadStats, refusals: &Refused) -> (u64, u64) {
+    (
+        reloads.applied.saturating_sub(refusals.count),
+        reloads.rejected + refusals.count,
+    )
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn certificates(proxy: &ProxyContext) -> Vec<CertificateStatus> {
-    let seconds = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    };
+    let seconds = unix_seconds;
     proxy
         .mesh_tls
         .store

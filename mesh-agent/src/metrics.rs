@@ -4,8 +4,11 @@
 //! pipeline and the health checker. Labels are bounded by workloads, services and policies,
 //! never by ports or addresses.
 
+use std::time::Duration;
+
 use prometheus::{
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, core::Collector,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::Collector,
 };
 
 pub struct Metrics {
@@ -22,6 +25,8 @@ pub struct Metrics {
     circuit_open: IntCounterVec,
     rate_limited: IntCounterVec,
     health_checks: IntCounterVec,
+    connect_latency: HistogramVec,
+    certificate_expiry: IntGaugeVec,
     istio_opened: IntCounterVec,
     istio_closed: IntCounterVec,
     istio_sent: IntCounterVec,
@@ -102,6 +107,27 @@ impl Metrics {
             &["direction"],
         )
         .expect("static metric definition");
+        let connect_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "mesh_connect_duration_seconds",
+                "Time to connect to a service endpoint (TCP from the pod, or a tunnel stream), \
+                 by destination service",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ]),
+            &["service"],
+        )
+        .expect("static metric definition");
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "mesh_certificate_expiry_timestamp_seconds",
+                "When the certificate held for each local identity expires (Unix time)",
+            ),
+            &["identity"],
+        )
+        .expect("static metric definition");
         Self {
             config_reloads: counters(
                 r,
@@ -163,6 +189,8 @@ impl Metrics {
                 "Active health checks by service and result (ok, failed)",
                 &["service", "result"],
             ),
+            connect_latency: family(r, connect_latency),
+            certificate_expiry: family(r, certificate_expiry),
             istio_opened: istio(
                 r,
                 "istio_tcp_connections_opened_total",
@@ -248,6 +276,23 @@ impl Metrics {
         self.health_checks
             .with_label_values(&[service, result])
             .inc();
+    }
+
+    /// A connect to an endpoint of `service` took `latency`.
+    pub fn connect_latency(&self, service: &str, latency: Duration) {
+        self.connect_latency
+            .with_label_values(&[service])
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Sets the expiry gauges to exactly these `(identity, not_after)`.
+    pub fn observe_certificates(&self, certificates: impl Iterator<Item = (String, u64)>) {
+        self.certificate_expiry.reset();
+        for (identity, not_after) in certificates {
+            self.certificate_expiry
+                .with_label_values(&[&identity])
+                .set(not_after as i64);
+        }
     }
 
     /// Brings the reload counters up to the watcher's totals.

@@ -722,6 +722,28 @@ fn the_metrics_pass_promtool_check() {
     // Traffic first, so every family has series.
     let _ = mesh.id(&format!("{VIP}:80"));
     let exposition = agent.metrics().expect("metrics");
+    // The connect latency of the service, and each local identity's certificate expiry.
+    assert_eq!(
+        mesh_tests::agent::metric_value(
+            &exposition,
+            "mesh_connect_duration_seconds_count",
+            &[("service", "test/echo")]
+        ),
+        1.0,
+        "{exposition}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as f64;
+    let expiry = mesh_tests::agent::metric_value(
+        &exposition,
+        "mesh_certificate_expiry_timestamp_seconds",
+        &[("identity", "spiffe://cluster.local/ns/test/sa/a")],
+    );
+    assert!(
+        expiry > now + 3600.0,
+        "a's certificate expires in the future: {expiry}"
+    );
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -29,6 +29,9 @@ pub enum AdminError {
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub report: Box<dyn Fn() -> StatusReport + Send + Sync>,
+    /// Brings the gauges and totals kept elsewhere (reloads, certificate expiry) up to date
+    /// before a scrape.
+    pub before_metrics: Box<dyn Fn() + Send + Sync>,
 }
 
 /// Binds the admin API; serving runs on the returned task until the runtime stops.
@@ -69,11 +72,14 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes
     }
     match request.uri().path() {
         "/healthz" | "/ready" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.metrics.render(),
-        ),
+        "/metrics" => {
+            (state.before_metrics)();
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(),
+            )
+        }
         "/status" => match serde_json::to_string_pretty(&(state.report)()) {
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(error) => reply(

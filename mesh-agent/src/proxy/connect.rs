@@ -280,7 +280,9 @@ impl Attempts<'_> {
             let started = Instant::now();
             match self.one(&hop, result).await {
                 Ok((upstream, tracked, shaper)) => {
-                    let active = pick.connected(started.elapsed());
+                    let latency = started.elapsed();
+                    metrics.connect_latency(&service, latency);
+                    let active = pick.connected(latency);
                     return Some((upstream, tracked, shaper, Some(active)));
                 }
                 Err(Failed::Final) => return None,
