@@ -104,30 +104,39 @@ fn record(streak: &mut Streak, ok: bool, check: &HealthCheck) -> Option<bool> {
     None
 }
 
+/// Where a probe goes: from inside a local pod, or from the node.
+enum Probe {
+    FromPod(Option<super::context::PodHandle>),
+    FromNode { addr: SocketAddr, mark: u32 },
+}
+
 async fn probe(ctx: Arc<ProxyContext>, addr: SocketAddr, check: HealthCheck) -> bool {
-    let config = ctx.config.load();
-    let Some(workload) = config.workload_by_ip(addr.ip()) else {
-        // Outside the mesh: straight from the node.
-        return node_connect(addr, &ctx, check.timeout).await;
+    // Decided from one look at the snapshot, let go of before any await.
+    let route = {
+        let config = ctx.config.load();
+        let mark = config.agent().startup.proxy_mark;
+        match config.workload_by_ip(addr.ip()) {
+            // Outside the mesh: straight from the node.
+            None => Probe::FromNode { addr, mark },
+            Some(workload) if workload.local => {
+                let key = workload.qualified_name().to_string();
+                Probe::FromPod(ctx.pods.read().get(key.as_str()).cloned())
+            }
+            Some(_) => Probe::FromNode {
+                addr: SocketAddr::new(addr.ip(), config.agent().startup.tunnel_port),
+                mark,
+            },
+        }
     };
-    if workload.local {
-        let pod = ctx
-            .pods
-            .read()
-            .get(workload.qualified_name().to_string().as_str())
-            .cloned();
-        return match pod {
-            Some(pod) => upstream::connect(&pod, addr, check.timeout).await.is_ok(),
-            None => false,
-        };
+    match route {
+        Probe::FromPod(Some(pod)) => upstream::connect(&pod, addr, check.timeout).await.is_ok(),
+        Probe::FromPod(None) => false,
+        Probe::FromNode { addr, mark } => node_connect(addr, mark, check.timeout).await,
     }
-    let tunnel = SocketAddr::new(addr.ip(), config.agent().startup.tunnel_port);
-    node_connect(tunnel, &ctx, check.timeout).await
 }
 
 /// A connect from the agent's own network namespace, with the proxy mark.
-async fn node_connect(addr: SocketAddr, ctx: &ProxyContext, timeout: Duration) -> bool {
-    let mark = ctx.config.load().agent().startup.proxy_mark;
+async fn node_connect(addr: SocketAddr, mark: u32, timeout: Duration) -> bool {
     let Ok(socket) = socket::upstream(addr, mark) else {
         return false;
     };
