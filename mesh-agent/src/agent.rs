@@ -4,6 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
+    time::Instant,
 };
 
 use anyhow::Context;
@@ -29,6 +30,7 @@ use crate::{
 };
 
 pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow::Result<()> {
+    let building = Instant::now();
     let config = Arc::new(Config::load(config_path)?);
     sys::ensure_bpffs()?;
     let cgroup = match cgroup_override.or_else(|| config.agent().startup.cgroup.clone()) {
@@ -58,8 +60,8 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         "eBPF programs attached"
     );
 
-    let mesh_tls = Arc::new(MeshTls::start(&agent.startup).context("setting up mTLS")?);
     let metrics = Arc::new(Metrics::new());
+    let mesh_tls = Arc::new(MeshTls::start(&agent.startup, &metrics).context("setting up mTLS")?);
     let balancers = Arc::new(Balancers::new());
     balancers.sync(&config);
     let limits = Arc::new(Limits::new());
@@ -79,6 +81,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
     sync_exclusions(&proxy, &agent)?;
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
     apply(&pods, &config, &metrics);
+    metrics.config_built(building.elapsed());
     let _health = proxy::health::spawn(proxy.clone());
     let _eviction = {
         let limits = limits.clone();
@@ -142,7 +145,14 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
             report,
             before_metrics: {
                 let (proxy, refused, reloads) = (proxy.clone(), refused.clone(), watcher.stats());
+                let pods = pods.clone();
                 Box::new(move || {
+                    let enrolled = pods.lock().status();
+                    proxy.metrics.observe_capture(
+                        enrolled.into_iter().map(|pod| {
+                            (pod.workload, [pod.captured, pod.skipped, pod.no_listener])
+                        }),
+                    );
                     let refusals = refused.lock().clone();
                     let (applied, rejected) = reload_counts(&reloads.snapshot(), &refusals);
                     proxy.metrics.observe_reloads(applied, rejected);
@@ -185,6 +195,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     continue;
                 }
                 refused.lock().reason = None;
+                let applying = Instant::now();
                 // Balancers and limits first, so a connection routed by the new snapshot
                 // finds them; new connections route by it, established ones keep flowing.
                 balancers.sync(&snapshot);
@@ -194,6 +205,8 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     tracing::error!(%error, "updating the excluded ports and networks");
                 }
                 apply(&pods, &snapshot, &metrics);
+                let built = watcher.stats().snapshot().last_build.unwrap_or_default();
+                metrics.config_built(built + applying.elapsed());
                 let revoked = proxy.revoke_denied(&snapshot);
                 if revoked > 0 {
                     tracing::info!(connections = revoked, "closed connections the new policy denies");

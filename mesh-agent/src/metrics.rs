@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    core::Collector,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, core::Collector,
 };
 
 pub struct Metrics {
@@ -27,10 +27,86 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     connect_latency: HistogramVec,
     certificate_expiry: IntGaugeVec,
+    handshakes: IntCounterVec,
+    tunnels: IntGaugeVec,
+    tunnel_streams: IntGaugeVec,
+    captured: IntCounterVec,
+    config_build: Histogram,
     istio_opened: IntCounterVec,
     istio_closed: IntCounterVec,
     istio_sent: IntCounterVec,
     istio_received: IntCounterVec,
+}
+
+/// One side's tunnel figures (`client`: the pool of tunnels to other nodes; `server`: the
+/// pods' tunnel servers), handed to the tunnel code so it counts as it goes.
+#[derive(Clone, Debug)]
+pub struct TunnelMetrics {
+    pub handshakes_ok: IntCounter,
+    pub handshakes_failed: IntCounter,
+    /// Tunnel connections open now.
+    pub connections: IntGauge,
+    /// Streams (proxied connections) open now on those tunnels.
+    pub streams: IntGauge,
+}
+
+impl TunnelMetrics {
+    /// Counters registered nowhere: for tunnels made outside an agent (unit tests).
+    pub fn unregistered() -> Self {
+        let counter = || IntCounter::new("unregistered", "-").expect("static metric definition");
+        let gauge = || IntGauge::new("unregistered", "-").expect("static metric definition");
+        Self {
+            handshakes_ok: counter(),
+            handshakes_failed: counter(),
+            connections: gauge(),
+            streams: gauge(),
+        }
+    }
+
+    /// A handshake begins: it counts as failed unless [`Handshake::succeeded`] is called
+    /// (an error, a timeout or a cancelled task all count as failures).
+    pub fn handshake(&self) -> Handshake {
+        Handshake {
+            ok: self.handshakes_ok.clone(),
+            failed: Some(self.handshakes_failed.clone()),
+        }
+    }
+
+    /// Counts `gauge` up until the returned guard drops.
+    pub fn hold(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+/// One handshake under way; see [`TunnelMetrics::handshake`].
+pub struct Handshake {
+    ok: IntCounter,
+    failed: Option<IntCounter>,
+}
+
+impl Handshake {
+    pub fn succeeded(mut self) {
+        self.failed = None;
+        self.ok.inc();
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        if let Some(failed) = self.failed.take() {
+            failed.inc();
+        }
+    }
+}
+
+/// Counts one up on a gauge while it lives.
+pub struct GaugeGuard(IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Counts a connection as active until dropped.
@@ -128,7 +204,50 @@ impl Metrics {
             &["identity"],
         )
         .expect("static metric definition");
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntGaugeVec::new(Opts::new(format!("mesh_{name}"), help), labels)
+                .expect("static metric definition");
+            family(r, vec)
+        };
+        let config_build = Histogram::with_opts(
+            HistogramOpts::new(
+                "mesh_config_build_duration_seconds",
+                "Time to build a configuration snapshot and apply it (parse, validate, sync \
+                 balancers, limits and enrollment), at start and at each applied reload",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("static metric definition");
         Self {
+            handshakes: counters(
+                r,
+                "tls_handshakes_total",
+                "mTLS handshakes of tunnel connections (TLS and HTTP/2), by role (client: to \
+                 another node's pod; server: a pod's tunnel server) and result (ok, failed)",
+                &["role", "result"],
+            ),
+            tunnels: gauges(
+                "tunnel_connections",
+                "mTLS tunnel connections open now, by role (client, server)",
+                &["role"],
+            ),
+            tunnel_streams: gauges(
+                "tunnel_streams",
+                "Streams (proxied connections) open now on the tunnel connections, by role; \
+                 divided by mesh_tunnel_connections: streams per tunnel",
+                &["role"],
+            ),
+            captured: counters(
+                r,
+                "captured_connections_total",
+                "Connects seen by the eBPF connect programs in each enrolled pod, by workload \
+                 and result (captured: sent to the proxy; skipped: loopback or excluded; \
+                 no_listener: no proxy listener was there)",
+                &["workload", "result"],
+            ),
+            config_build: family(r, config_build),
             config_reloads: counters(
                 r,
                 "config_reloads_total",
@@ -292,6 +411,56 @@ impl Metrics {
             self.certificate_expiry
                 .with_label_values(&[&identity])
                 .set(not_after as i64);
+        }
+    }
+
+    /// The tunnel figures of one role, `client` or `server`.
+    pub fn tunnel(&self, role: &str) -> TunnelMetrics {
+        TunnelMetrics {
+            handshakes_ok: self.handshakes.with_label_values(&[role, "ok"]),
+            handshakes_failed: self.handshakes.with_label_values(&[role, "failed"]),
+            connections: self.tunnels.with_label_values(&[role]),
+            streams: self.tunnel_streams.with_label_values(&[role]),
+        }
+    }
+
+    /// A snapshot was built and applied in `took`.
+    pub fn config_built(&self, took: Duration) {
+        self.config_build.observe(took.as_secs_f64());
+    }
+
+    /// Brings the capture counters up to the eBPF totals of the enrolled pods: `(workload,
+    /// captured, skipped, no_listener)`. A pod that left loses its series; a pod enrolled
+    /// anew (its counters restart at zero) starts its series again, which Prometheus reads as
+    /// a counter reset.
+    pub fn observe_capture(&self, pods: impl Iterator<Item = (String, [u64; 3])>) {
+        let mut seen = std::collections::HashSet::new();
+        for (workload, totals) in pods {
+            for (result, total) in ["captured", "skipped", "no_listener"].iter().zip(totals) {
+                let counter = self
+                    .captured
+                    .with_label_values(&[workload.as_str(), result]);
+                if total < counter.get() {
+                    counter.reset();
+                }
+                counter.inc_by(total - counter.get());
+            }
+            seen.insert(workload);
+        }
+        // Series of pods no longer enrolled.
+        for family in self.captured.collect() {
+            for metric in family.get_metric() {
+                let workload = metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "workload")
+                    .map(|l| l.value().to_owned());
+                if let Some(workload) = workload.filter(|w| !seen.contains(w)) {
+                    for result in ["captured", "skipped", "no_listener"] {
+                        let _ = self.captured.remove_label_values(&[&workload, result]);
+                    }
+                }
+            }
         }
     }
 

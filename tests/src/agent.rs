@@ -4,8 +4,10 @@
 
 use std::{
     fs,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -170,12 +172,24 @@ pub struct Agent {
     node: Node,
     bpf_name: String,
     config_path: PathBuf,
+    /// `--log-format json` instead of text.
+    json_logs: bool,
+    /// Everything the agent wrote to stderr (also passed on to the test's stderr).
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Agent {
     /// Writes `config` to a file and starts the agent on `node`, waiting until it serves.
     pub fn start(topology: &Topology, node: &Node, config: &str) -> Result<Agent> {
         Self::start_with(topology, node, config, None)
+    }
+
+    /// As [`start`](Self::start), logging JSON lines (`--log-format json`).
+    pub fn start_json_logs(topology: &Topology, node: &Node, config: &str) -> Result<Agent> {
+        let mut agent = Self::prepare(topology, node, config)?;
+        agent.json_logs = true;
+        agent.spawn(None)?;
+        Ok(agent)
     }
 
     /// As [`start`](Self::start), with the agent process placed in `cgroup` first (to put
@@ -186,6 +200,13 @@ impl Agent {
         config: &str,
         cgroup: Option<&Path>,
     ) -> Result<Agent> {
+        let mut agent = Self::prepare(topology, node, config)?;
+        agent.spawn(cgroup)?;
+        Ok(agent)
+    }
+
+    /// Writes the config; not started yet.
+    fn prepare(topology: &Topology, node: &Node, config: &str) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!("mesh-test-{}", topology.id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config_path = dir.join(format!("{}.yaml", node.name()));
@@ -196,14 +217,14 @@ impl Agent {
             .lines()
             .find_map(|line| line.trim().strip_prefix("bpfName:"))
             .map_or_else(|| topology.bpf_pin_name(), |name| name.trim().to_owned());
-        let mut agent = Agent {
+        Ok(Agent {
             child: None,
             node: node.clone(),
             bpf_name,
             config_path,
-        };
-        agent.spawn(cgroup)?;
-        Ok(agent)
+            json_logs: false,
+            log: Arc::default(),
+        })
     }
 
     // Unsafe: `CommandExt::pre_exec`, to join the cgroup between fork and exec.
@@ -229,15 +250,19 @@ impl Agent {
                     Ok(())
                 });
             }
-            self.child = Some(Self::launch(&mut command, &self.config_path)?);
+            self.child = Some(self.launch(&mut command)?);
             drop(file);
         } else {
-            self.child = Some(Self::launch(&mut command, &self.config_path)?);
+            self.child = Some(self.launch(&mut command)?);
         }
         self.wait_ready()
     }
 
-    fn launch(command: &mut Command, config: &Path) -> Result<Child> {
+    fn launch(&self, command: &mut Command) -> Result<Child> {
+        if self.json_logs {
+            command.args(["--log-format", "json"]);
+        }
+        let config = &self.config_path;
         command
             .arg("run")
             .arg("--config")
@@ -246,8 +271,34 @@ impl Agent {
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
-        command.spawn().context("starting mesh-agent")
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().context("starting mesh-agent")?;
+        if let Some(stderr) = child.stderr.take() {
+            let log = self.log.clone();
+            // Ends at EOF, when the agent exits.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    if let Ok(mut log) = log.lock() {
+                        log.push(line);
+                    }
+                }
+            });
+        }
+        Ok(child)
+    }
+
+    /// The lines the agent has logged so far (since it was first started).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|log| log.clone()).unwrap_or_default()
+    }
+
+    /// Its access-log lines so far (target `access`), text or JSON as it logs.
+    pub fn access_log(&self) -> Vec<String> {
+        self.log_lines()
+            .into_iter()
+            .filter(|line| line.contains(" access: ") || line.contains(r#""target":"access""#))
+            .collect()
     }
 
     fn wait_ready(&mut self) -> Result<()> {

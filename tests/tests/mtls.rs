@@ -318,7 +318,7 @@ fn cross_node_authorization_allows_and_denies_by_identity_and_revokes_on_change(
 fn garbage_and_plaintext_on_the_tunnel_port_are_refused_and_the_tunnel_keeps_serving() {
     let mut mesh = TwoNodes::new("mtls_garbage");
     let outsider = mesh.topo.add_pod(&mesh.n1, "e").expect("pod e");
-    let (_one, two) = mesh.agents(&[], None);
+    let (one, two) = mesh.agents(&[], None);
     let tunnel = format!("{}:15008", mesh.b.ipv4());
     // A raw byte stream (not TLS) and an HTTP/1 request: both get no reply.
     let garbage = outsider.run(TOOL, ["send", "--connect", &tunnel, "--bytes", "100000"]);
@@ -336,6 +336,80 @@ fn garbage_and_plaintext_on_the_tunnel_port_are_refused_and_the_tunnel_keeps_ser
         .run(TOOL, ["id", "--connect", VIP])
         .expect("the tunnel still serves");
     two.status().expect("agent 2 is alive");
+    // Both refusals count as failed handshakes on the server side, the good tunnel as one
+    // successful handshake on each side.
+    let handshakes = |agent: &Agent, role: &str, result: &str| {
+        agent
+            .metric(
+                "mesh_tls_handshakes_total",
+                &[("role", role), ("result", result)],
+            )
+            .expect("metrics")
+    };
+    assert_eq!(handshakes(&two, "server", "failed"), 2.0);
+    assert_eq!(handshakes(&two, "server", "ok"), 1.0);
+    assert_eq!(handshakes(&one, "client", "ok"), 1.0);
+    assert_eq!(handshakes(&one, "client", "failed"), 0.0);
+}
+
+#[test]
+fn tunnel_capture_and_config_build_metrics_follow_what_happens() {
+    let mesh = TwoNodes::new("mtls_metrics");
+    let (one, two) = mesh.agents(&[], None);
+    let gauge = |agent: &Agent, name: &str, role: &str| {
+        agent.metric(name, &[("role", role)]).expect("metrics")
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // A held connection: one tunnel with one stream, seen from both ends.
+    let mut held = mesh
+        .a
+        .spawn_ready(TOOL, ["hold", "--connect", VIP, "--seconds", "2"])
+        .expect("hold");
+    wait("one stream on each side", &|| {
+        gauge(&one, "mesh_tunnel_streams", "client") == 1.0
+            && gauge(&two, "mesh_tunnel_streams", "server") == 1.0
+    });
+    assert_eq!(gauge(&one, "mesh_tunnel_connections", "client"), 1.0);
+    assert_eq!(gauge(&two, "mesh_tunnel_connections", "server"), 1.0);
+    assert!(
+        wait_timeout(held.child_mut(), Duration::from_secs(10))
+            .expect("wait")
+            .is_some_and(|s| s.success())
+    );
+    // The stream ends; the tunnel stays pooled for the next one.
+    wait("the stream ended on both sides", &|| {
+        gauge(&one, "mesh_tunnel_streams", "client") == 0.0
+            && gauge(&two, "mesh_tunnel_streams", "server") == 0.0
+    });
+    assert_eq!(gauge(&one, "mesh_tunnel_connections", "client"), 1.0);
+
+    // The capture counters of a, per workload, are the eBPF program's.
+    let captured = one
+        .metric(
+            "mesh_captured_connections_total",
+            &[("workload", "test/a"), ("result", "captured")],
+        )
+        .expect("metrics");
+    let counted = one.workload_counters(&mesh.a).expect("status")["captured"].as_u64();
+    assert!(captured >= 1.0, "a's connect was captured: {captured}");
+    assert_eq!(Some(captured as u64), counted);
+
+    // One snapshot built at start, one more per applied reload.
+    let builds = || {
+        one.metric("mesh_config_build_duration_seconds_count", &[])
+            .expect("metrics")
+    };
+    assert_eq!(builds(), 1.0);
+    one.reload(&mesh.config(&mesh.n1, &["idleTimeoutMs: 120000"], None))
+        .expect("reload");
+    wait("a second build after the reload", &|| builds() == 2.0);
 }
 
 #[test]

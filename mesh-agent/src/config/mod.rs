@@ -26,9 +26,9 @@ pub use limits::{
     Bandwidth, EgressLimitPolicy, OnLimit, PerSource, Rate, RateLimitPolicy, SourceOverride,
 };
 pub use model::{
-    AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Cidr, Config,
-    Endpoint, EndpointSelection, FailMode, LiveSettings, Node, Policies, QualifiedName, RuleSource,
-    Service, ServicePort, StartupSettings, UnknownDestination, Workload, WorkloadId,
+    AccessLog, AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Cidr,
+    Config, Endpoint, EndpointSelection, FailMode, LiveSettings, Node, Policies, QualifiedName,
+    RuleSource, Service, ServicePort, StartupSettings, UnknownDestination, Workload, WorkloadId,
 };
 pub use traffic::{
     CallerMatch, CallerRoute, CircuitBreaker, HashOn, HealthCheck, LoadBalancer, Locality,

@@ -216,6 +216,28 @@ pub struct LiveSettings {
     pub idle_timeout: Duration,
     /// Copy buffer per direction per connection.
     pub buffer_bytes: usize,
+    /// The access log of pods that do not set their own.
+    pub access_log: AccessLog,
+    /// Istio's per-connection TCP metrics (`istio_tcp_*`); off leaves the agent's own.
+    pub istio_metrics: bool,
+}
+
+/// Which connections get an access-log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// Percent of the connections that end normally to log; refusals and failures are
+    /// always logged while the log is enabled.
+    pub sample_percent: u8,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sample_percent: 100,
+        }
+    }
 }
 
 impl StartupSettings {
@@ -294,6 +316,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     pub fail_mode: FailMode,
     pub unknown_destination: UnknownDestination,
+    /// Its own, merged over the agent's.
+    pub access_log: AccessLog,
     /// `node == agent.node`
     pub local: bool,
 }

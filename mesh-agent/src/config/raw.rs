@@ -54,6 +54,17 @@ pub(super) struct RawAgent {
     pub trust_root_files: Option<Vec<S<String>>>,
     pub cert_lifetime_minutes: Option<S<u64>>,
     pub tunnel_idle_timeout_ms: Option<S<u64>>,
+    pub access_log: Option<RawAccessLog>,
+    pub istio_metrics: Option<bool>,
+}
+
+/// The access log, for all pods (`agent.accessLog`) or one workload (`workloads[].accessLog`,
+/// where an absent field keeps the agent's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawAccessLog {
+    pub enabled: Option<bool>,
+    pub sample_percent: Option<S<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +79,7 @@ pub(super) struct RawWorkload {
     pub labels: Option<BTreeMap<String, String>>,
     pub fail_mode: Option<FailMode>,
     pub unknown_destination: Option<UnknownDestination>,
+    pub access_log: Option<RawAccessLog>,
 }
 
 #[derive(Debug, Deserialize)]

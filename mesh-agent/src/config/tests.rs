@@ -151,6 +151,8 @@ fn full_document() {
         "  trustRootFiles: [/etc/mesh/old-root.pem, /etc/mesh/new-root.pem]",
         "  certLifetimeMinutes: 90",
         "  tunnelIdleTimeoutMs: 2500",
+        "  accessLog: {samplePercent: 25}",
+        "  istioMetrics: false",
         "workloads:",
         "  - name: web-1",
         "    namespace: shop",
@@ -161,6 +163,7 @@ fn full_document() {
         "    labels: {app: web, tier: front}",
         "    failMode: closed",
         "    unknownDestination: deny",
+        "    accessLog: {enabled: false}",
         "  - name: web-2",
         "    namespace: shop",
         "    ips: [10.2.0.2]",
@@ -224,6 +227,11 @@ fn full_document() {
                 connect_timeout: Duration::from_millis(250),
                 idle_timeout: Duration::from_secs(60),
                 buffer_bytes: 16384,
+                access_log: AccessLog {
+                    enabled: true,
+                    sample_percent: 25,
+                },
+                istio_metrics: false,
             },
         }
     );
@@ -244,11 +252,23 @@ fn full_document() {
             labels: labels(&[("app", "web"), ("tier", "front")]),
             fail_mode: FailMode::Closed,
             unknown_destination: UnknownDestination::Deny,
+            // Its own `enabled`, the agent's sampling.
+            access_log: AccessLog {
+                enabled: false,
+                sample_percent: 25,
+            },
             local: true,
         }
     );
     let web2 = &config.workloads[1];
     assert!(!web2.local);
+    assert_eq!(
+        web2.access_log,
+        AccessLog {
+            enabled: true,
+            sample_percent: 25
+        }
+    );
     assert_eq!(web2.netns, None);
     assert_eq!(web2.service_account, "default");
 
@@ -374,6 +394,8 @@ fn defaults() {
                 connect_timeout: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(3600),
                 buffer_bytes: 65536,
+                access_log: AccessLog::default(),
+                istio_metrics: true,
             },
         }
     );
@@ -564,7 +586,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
          bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, excludedPorts, \
          excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
-         trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs"
+         trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, accessLog, istioMetrics"
     );
     assert_eq!(
         error(&base_with(&[], &["        tagetPort: 8080"])),

@@ -95,6 +95,8 @@ pub struct ReloadStats {
     pub last_error: Option<String>,
     /// When the last snapshot was published.
     pub last_applied_at: Option<SystemTime>,
+    /// How long reading, parsing and validating the last published snapshot took.
+    pub last_build: Option<Duration>,
 }
 
 impl ReloadStatus {
@@ -102,9 +104,10 @@ impl ReloadStatus {
         self.inner.lock().clone()
     }
 
-    fn applied(&self) {
+    fn applied(&self, built: Duration) {
         let mut s = self.inner.lock();
         s.applied += 1;
+        s.last_build = Some(built);
         s.last_error = None;
         s.last_applied_at = Some(SystemTime::now());
     }
@@ -209,6 +212,7 @@ async fn run(
         }
         state.pending = None;
 
+        let building = std::time::Instant::now();
         let text = match tokio::fs::read_to_string(&path).await {
             Ok(text) => text,
             Err(source) => {
@@ -231,8 +235,9 @@ async fn run(
                     status.valid_unchanged();
                     continue;
                 }
+                let built = building.elapsed();
                 tx.send_replace(Arc::new(config));
-                status.applied();
+                status.applied(built);
                 tracing::info!(file = %file, "configuration reloaded");
             }
             Err(err) => {

@@ -316,6 +316,7 @@ impl Attempts<'_> {
         let ctx = self.ctx;
         result.upstream = Some(hop.addr);
         result.tunnel_to = None;
+        result.tunnel_addr = None;
         let (tracked, shaper) = match &hop.admit {
             None => (None, Shaper::default()),
             Some(subject) => {
@@ -356,6 +357,7 @@ impl Attempts<'_> {
                 .map_err(|error| (Outcome::ConnectFailed, error.to_string(), true)),
             Via::Tunnel { expected } => {
                 result.tunnel_to = Some(expected.clone());
+                result.tunnel_addr = Some(SocketAddr::new(hop.addr.ip(), self.tunnel_port));
                 upstream::tunnel(
                     &ctx.mesh_tls,
                     self.pod,

@@ -3,16 +3,17 @@
 //! when it drops. No other place in the proxy logs a connection or counts one, so the log
 //! and the metrics cannot drift apart.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
 use super::{
     route::RouteKind,
-    telemetry::{Endpoints, IstioSeries},
+    telemetry::{self, Endpoints, IstioSeries, Peers},
 };
 use crate::{
-    config::Config,
+    config::{AccessLog, Config},
     copy::Transferred,
     metrics::{ActiveGuard, Metrics},
     tls::SpiffeId,
@@ -107,6 +108,7 @@ pub fn security(direction: Direction, tunnel_to: Option<&SpiffeId>) -> &'static 
 pub struct ConnectionResult {
     metrics: Arc<Metrics>,
     started: Instant,
+    started_at: SystemTime,
     pub direction: Direction,
     /// `namespace/name` of the local pod whose listener took the connection.
     pub pod: Arc<str>,
@@ -122,6 +124,8 @@ pub struct ConnectionResult {
     pub upstream: Option<SocketAddr>,
     /// The identity of the tunnel's server, when the upstream is a tunnel stream.
     pub tunnel_to: Option<SpiffeId>,
+    /// The address of that tunnel's server.
+    pub tunnel_addr: Option<SocketAddr>,
     /// The policy that decided, when one did.
     pub policy: Option<String>,
     pub outcome: Outcome,
@@ -132,9 +136,12 @@ pub struct ConnectionResult {
     pub retries: u32,
     /// Bytes that waited for a bandwidth limit.
     pub shaped_bytes: u64,
-    /// The snapshot it was routed by, until the Istio labels are resolved from it.
+    /// The snapshot it was routed by, until its telemetry is resolved from it.
     pub snapshot: Option<Arc<Config>>,
     istio: Option<IstioSeries>,
+    /// Its pod's access log; logged in full until a snapshot says otherwise.
+    log: AccessLog,
+    peers: Option<Peers>,
     active: Option<ActiveGuard>,
 }
 
@@ -150,6 +157,7 @@ impl ConnectionResult {
         Self {
             metrics,
             started: Instant::now(),
+            started_at: SystemTime::now(),
             direction,
             pod,
             client,
@@ -159,6 +167,7 @@ impl ConnectionResult {
             service: None,
             upstream: None,
             tunnel_to: None,
+            tunnel_addr: None,
             policy: None,
             outcome: Outcome::Aborted,
             reason: None,
@@ -167,6 +176,8 @@ impl ConnectionResult {
             shaped_bytes: 0,
             snapshot: None,
             istio: None,
+            log: AccessLog::default(),
+            peers: None,
             active: None,
         }
     }
@@ -174,7 +185,7 @@ impl ConnectionResult {
     /// The connection is established both ways: count it as active until it ends.
     pub fn established(&mut self) {
         self.active = Some(self.metrics.active(self.direction.as_str()));
-        self.open_istio();
+        self.resolve();
     }
 
     /// The Istio series, for the copy to add bytes to while the connection is open (the
@@ -187,9 +198,9 @@ impl ConnectionResult {
         self.istio = istio;
     }
 
-    /// Resolves the Istio series from the routing snapshot (then let go of) and counts the
+    /// Resolves its telemetry from the routing snapshot (then let go of) and counts the
     /// connection as opened.
-    fn open_istio(&mut self) {
+    fn resolve(&mut self) {
         let Some(config) = self.snapshot.take() else {
             return;
         };
@@ -203,7 +214,60 @@ impl ConnectionResult {
             outcome: self.outcome,
             mutual_tls: security(self.direction, self.tunnel_to.as_ref()) == "mutual_tls",
         };
-        self.istio = Some(IstioSeries::open(&self.metrics, &config, &endpoints));
+        let resolved = telemetry::resolve(&self.metrics, &config, &endpoints);
+        self.istio = resolved.istio;
+        self.log = resolved.log;
+        self.peers = resolved.peers;
+    }
+
+    /// Whether this connection gets its access-log line: none when the log is off (in the
+    /// config, or by the log filter: `RUST_LOG=access=off`), every refusal and failure, and
+    /// the sampled share of those that ended normally.
+    fn logged(&self) -> bool {
+        self.log.enabled
+            && tracing::enabled!(target: "access", tracing::Level::INFO)
+            && (self.outcome != Outcome::Closed
+                || self.log.sample_percent >= 100
+                || fastrand::u8(0..100) < self.log.sample_percent)
+    }
+
+    /// The access-log line.
+    fn log_line(&self, security: &str, (from_client, to_client): (u64, u64)) {
+        let peers = self.peers.as_ref();
+        // The server's identity: the verified tunnel peer's, else the workload's.
+        let destination_identity = self
+            .tunnel_to
+            .as_ref()
+            .or_else(|| peers.and_then(|p| p.destination_identity.as_ref()));
+        let start = OffsetDateTime::from(self.started_at)
+            .format(&Rfc3339)
+            .unwrap_or_default();
+        tracing::info!(
+            target: "access",
+            start,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            direction = self.direction.as_str(),
+            pod = %self.pod,
+            src_workload = peers.and_then(|p| p.source.as_deref()),
+            src_identity = self.client_identity.as_ref().map(tracing::field::display),
+            dst_workload = peers.and_then(|p| p.destination.as_deref()),
+            dst_identity = destination_identity.map(tracing::field::display),
+            client = %self.client,
+            dst = self.destination.map(tracing::field::display),
+            route = self.route.as_str(),
+            service = self.service.as_deref(),
+            endpoint = self.upstream.map(tracing::field::display),
+            tunnel = self.tunnel_addr.map(tracing::field::display),
+            security,
+            policy = self.policy.as_deref(),
+            from_client,
+            to_client,
+            retries = self.retries,
+            shaped_bytes = self.shaped_bytes,
+            response_flags = telemetry::response_flags(self.outcome),
+            result = self.outcome.as_str(),
+            reason = self.reason.as_deref(),
+        );
     }
 
     /// Ends it with `outcome` and a reason for the log.
@@ -226,34 +290,16 @@ impl Drop for ConnectionResult {
         );
         self.metrics.bytes(direction, from_client, to_client);
         self.metrics.shaped_bytes(direction, self.shaped_bytes);
-        if self.istio.is_none() && self.active.is_none() {
+        if self.active.is_none() {
             // Refused before it was established: opened and closed, with its flags.
-            self.open_istio();
+            self.resolve();
         }
         if let Some(istio) = self.istio.take() {
             istio.close((from_client, to_client));
         }
         self.active = None;
-        tracing::info!(
-            target: "access",
-            direction,
-            pod = %self.pod,
-            client = %self.client,
-            client_identity = self.client_identity.as_ref().map(tracing::field::display),
-            dst = self.destination.map(tracing::field::display),
-            route = self.route.as_str(),
-            service = self.service.as_deref(),
-            upstream = self.upstream.map(tracing::field::display),
-            tunnel_to = self.tunnel_to.as_ref().map(tracing::field::display),
-            security,
-            policy = self.policy.as_deref(),
-            from_client,
-            to_client,
-            retries = self.retries,
-            shaped_bytes = self.shaped_bytes,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            result = self.outcome.as_str(),
-            reason = self.reason.as_deref(),
-        );
+        if self.logged() {
+            self.log_line(security, (from_client, to_client));
+        }
     }
 }

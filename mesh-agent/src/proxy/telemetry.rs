@@ -10,7 +10,7 @@ use prometheus::IntCounter;
 
 use super::outcome::{Direction, Outcome};
 use crate::{
-    config::{Config, Workload},
+    config::{AccessLog, Config, Workload},
     metrics::{ISTIO_LABELS, Metrics},
     tls::SpiffeId,
 };
@@ -51,20 +51,64 @@ pub struct Endpoints<'a> {
     pub mutual_tls: bool,
 }
 
+/// Both ends as the snapshot names them, for the access log.
+pub struct Peers {
+    /// `namespace/name` of the source workload, when the snapshot knows it.
+    pub source: Option<String>,
+    pub destination: Option<String>,
+    /// The destination workload's identity (what a tunnel to it verifies).
+    pub destination_identity: Option<SpiffeId>,
+}
+
+/// What the snapshot decides for one connection's telemetry, resolved once.
+pub struct Resolved {
+    /// `None` when Istio's metrics are off.
+    pub istio: Option<IstioSeries>,
+    /// The access log of the pod that took it.
+    pub log: AccessLog,
+    /// `None` when its access log is off.
+    pub peers: Option<Peers>,
+}
+
+/// Resolves the connection's telemetry from `config` and counts it as opened.
+pub fn resolve(metrics: &Metrics, config: &Config, e: &Endpoints<'_>) -> Resolved {
+    let (source, destination) = match e.direction {
+        Direction::Outbound => (
+            config.local_workload(e.pod),
+            e.upstream.and_then(|u| config.workload_by_ip(u.ip())),
+        ),
+        // A tunnel's TCP connection leaves from the source pod, so its address names it.
+        Direction::Inbound | Direction::Tunnel => (
+            config.workload_by_ip(e.client.ip()),
+            config.local_workload(e.pod),
+        ),
+    };
+    let live = &config.agent().live;
+    let log = config
+        .local_workload(e.pod)
+        .map_or(live.access_log, |w| w.access_log);
+    let qualified = |w: &Workload| w.qualified_name().to_string();
+    Resolved {
+        istio: live
+            .istio_metrics
+            .then(|| IstioSeries::open(metrics, source, destination, e)),
+        log,
+        peers: log.enabled.then(|| Peers {
+            source: source.map(qualified),
+            destination: destination.map(qualified),
+            destination_identity: destination.map(|w| w.identity.clone()),
+        }),
+    }
+}
+
 impl IstioSeries {
     /// Resolves the labels and counts the connection as opened.
-    pub fn open(metrics: &Metrics, config: &Config, e: &Endpoints<'_>) -> Self {
-        let (source, destination) = match e.direction {
-            Direction::Outbound => (
-                config.local_workload(e.pod),
-                e.upstream.and_then(|u| config.workload_by_ip(u.ip())),
-            ),
-            // A tunnel's TCP connection leaves from the source pod, so its address names it.
-            Direction::Inbound | Direction::Tunnel => (
-                config.workload_by_ip(e.client.ip()),
-                config.local_workload(e.pod),
-            ),
-        };
+    fn open(
+        metrics: &Metrics,
+        source: Option<&Workload>,
+        destination: Option<&Workload>,
+        e: &Endpoints<'_>,
+    ) -> Self {
         let source_principal = e
             .client_identity
             .map(ToString::to_string)

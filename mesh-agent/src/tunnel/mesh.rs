@@ -13,6 +13,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use super::{Pool, PoolOptions, Server, ServerError, ServerOptions, StreamHandler};
 use crate::{
     config::StartupSettings,
+    metrics::Metrics,
     tls::{self, CertStore, LocalCa, SpiffeId, StoreOptions, TrustBundle},
 };
 
@@ -64,7 +65,7 @@ impl MeshTls {
     /// configured), the trust bundle (the CA plus `trustRootFiles`), and starts rotation.
     /// Connect timeouts are the caller's (they apply live); the pool's own bound its
     /// handshakes.
-    pub fn start(agent: &StartupSettings) -> Result<Self, MeshTlsError> {
+    pub fn start(agent: &StartupSettings, metrics: &Metrics) -> Result<Self, MeshTlsError> {
         let (ca_cert, ca_key) = match (&agent.ca_cert_file, &agent.ca_key_file) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
             _ => {
@@ -90,13 +91,17 @@ impl MeshTls {
             store.clone(),
             PoolOptions {
                 idle_timeout: agent.tunnel_idle_timeout,
+                metrics: metrics.tunnel("client"),
                 ..PoolOptions::default()
             },
         );
         Ok(Self {
             store,
             pool,
-            server_options: ServerOptions::default(),
+            server_options: ServerOptions {
+                metrics: metrics.tunnel("server"),
+                ..ServerOptions::default()
+            },
             _rotation: rotation,
         })
     }

@@ -29,7 +29,10 @@ use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
 
 use super::{connect::connect_request, stream::TunnelStream};
-use crate::tls::{CertStore, ConfigError, SpiffeId, client_config};
+use crate::{
+    metrics::{GaugeGuard, TunnelMetrics},
+    tls::{CertStore, ConfigError, SpiffeId, client_config},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -74,6 +77,8 @@ pub struct PoolOptions {
     /// The most queued for sending per stream, and the largest single write.
     pub buffer_bytes: usize,
     pub max_header_list_size: u32,
+    /// Handshakes, open tunnels and streams, counted as they happen.
+    pub metrics: TunnelMetrics,
 }
 
 impl Default for PoolOptions {
@@ -89,6 +94,7 @@ impl Default for PoolOptions {
             connection_window: 4 * 1024 * 1024,
             buffer_bytes: 64 * 1024,
             max_header_list_size: 8 * 1024,
+            metrics: TunnelMetrics::unregistered(),
         }
     }
 }
@@ -123,13 +129,17 @@ impl ConnState {
     }
 }
 
-/// Held by both halves of a stream: counts it as active on its connection.
-struct StreamGuard(Arc<ConnState>);
+/// Held by both halves of a stream: counts it as active on its connection (and in the
+/// streams gauge).
+struct StreamGuard {
+    state: Arc<ConnState>,
+    _counted: GaugeGuard,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.state.touch();
+        self.state.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -229,7 +239,10 @@ impl Pool {
                 conn.state.active.fetch_add(1, Ordering::AcqRel);
                 (conn, fresh)
             };
-            let guard = StreamGuard(conn.state.clone());
+            let guard = StreamGuard {
+                state: conn.state.clone(),
+                _counted: TunnelMetrics::hold(&self.inner.options.metrics.streams),
+            };
             match self.open_stream(&conn, tunnel_addr, authority, guard).await {
                 Ok(stream) => return Ok(stream),
                 Err(OpenError::Connection(error)) if !fresh && socket.is_some() => {
@@ -281,6 +294,7 @@ impl Pool {
             .await
             .map_err(|source| PoolError::Socket { addr, source })?;
         let _ = tcp.set_nodelay(true);
+        let handshake = options.metrics.handshake();
         // The name is not checked (the verifier checks the SPIFFE identity) and, being an IP,
         // is not sent as SNI.
         let tls = TlsConnector::from(config)
@@ -302,6 +316,8 @@ impl Pool {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
+        handshake.succeeded();
+        let open = TunnelMetrics::hold(&options.metrics.connections);
         let state = Arc::new(ConnState {
             active: AtomicUsize::new(0),
             last_used_ms: AtomicU64::new(0),
@@ -319,6 +335,7 @@ impl Pool {
             id,
             state.clone(),
             connection,
+            open,
         ));
         Ok(Conn { id, send, state })
     }
@@ -385,6 +402,7 @@ async fn drive<T>(
     id: u64,
     state: Arc<ConnState>,
     connection: h2::client::Connection<T, Bytes>,
+    _open: GaugeGuard,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -30,7 +30,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use super::{connect::parse_connect, stream::TunnelStream};
-use crate::tls::{ALPN_H2, CertStore, ConfigError, SpiffeId, peer_identity, server_config};
+use crate::{
+    metrics::TunnelMetrics,
+    tls::{ALPN_H2, CertStore, ConfigError, SpiffeId, peer_identity, server_config},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -260,6 +263,8 @@ pub struct ServerOptions {
     pub connection_window: u32,
     /// The most queued for sending per stream, and the largest single write.
     pub buffer_bytes: usize,
+    /// Handshakes, open tunnels and streams, counted as they happen.
+    pub metrics: TunnelMetrics,
 }
 
 impl Default for ServerOptions {
@@ -276,6 +281,7 @@ impl Default for ServerOptions {
             stream_window: 1024 * 1024,
             connection_window: 4 * 1024 * 1024,
             buffer_bytes: 64 * 1024,
+            metrics: TunnelMetrics::unregistered(),
         }
     }
 }
@@ -366,6 +372,7 @@ async fn connection<H: StreamHandler>(
 ) {
     let identity = &shared.identity;
     let _ = tcp.set_nodelay(true);
+    let counted = shared.options.metrics.handshake();
     let deadline = Instant::now() + shared.options.handshake_timeout;
     let tls = match timeout_at(deadline, shared.acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -410,6 +417,8 @@ async fn connection<H: StreamHandler>(
         }
     };
     drop(handshake);
+    counted.succeeded();
+    let _open = TunnelMetrics::hold(&options.metrics.connections);
     tracing::debug!(%peer, %identity, client = %client_identity, "tunnel connection established");
     // Accepting also drives the connection; stream tasks run beside it.
     while let Some(accepted) = h2.accept().await {
@@ -460,6 +469,8 @@ async fn stream<H: StreamHandler>(
         body,
         buffer_bytes: shared.options.buffer_bytes,
     };
+    // The handler runs the stream to its end.
+    let _open = TunnelMetrics::hold(&shared.options.metrics.streams);
     shared.handler.handle(request, pending).await;
 }
 

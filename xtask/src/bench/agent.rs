@@ -18,6 +18,8 @@ use nix::{
     unistd::Pid,
 };
 
+use super::paths::Variant;
+
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A workload entry: the pod and the `app` label services select on.
@@ -214,11 +216,11 @@ impl RunningAgent {
             .arg(&config_path)
             .arg("--cgroup")
             .arg(cgroup)
-            // One access-log line per connection at info: keep the bench on warnings, the
-            // log file still shows why something failed.
+            // As users run it: info, with one access-log line per connection (to the log
+            // file); the no-telemetry path turns the access log off in its config.
             .env(
                 "RUST_LOG",
-                std::env::var("MESH_BENCH_AGENT_LOG").unwrap_or("warn".into()),
+                std::env::var("MESH_BENCH_AGENT_LOG").unwrap_or("info".into()),
             )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -377,23 +379,24 @@ pub struct SwitchedAgent {
     bpf_name: String,
     cgroup: PathBuf,
     out: PathBuf,
-    plain: String,
-    policy: String,
-    /// The agent running now and whether it runs the policy config.
-    running: Option<(bool, RunningAgent)>,
-    /// Every start so far: its config (`plain` or `policy`) and log.
+    /// The config of each [`Variant`], in [`Variant::ALL`] order.
+    configs: [String; 3],
+    /// The agent running now and the variant it runs.
+    running: Option<(Variant, RunningAgent)>,
+    /// Every start so far: its variant and log.
     pub starts: Vec<(&'static str, PathBuf)>,
 }
 
 impl SwitchedAgent {
-    /// Starts `node`'s agent with the `plain` config (logs and configs go to `out`).
+    /// Starts `node`'s agent with the plain config (logs and configs go to `out`); `configs`
+    /// are the configs of [`Variant::ALL`].
     pub fn start(
         bin: &Path,
         node: &Node,
         bpf_name: &str,
         cgroup: &Path,
         out: &Path,
-        [plain, policy]: [String; 2],
+        configs: [String; 3],
     ) -> Result<Self> {
         let mut agent = SwitchedAgent {
             bin: bin.to_owned(),
@@ -401,12 +404,11 @@ impl SwitchedAgent {
             bpf_name: bpf_name.to_owned(),
             cgroup: cgroup.to_owned(),
             out: out.to_owned(),
-            plain,
-            policy,
+            configs,
             running: None,
             starts: Vec::new(),
         };
-        agent.ensure(false)?;
+        agent.ensure(Variant::Plain)?;
         Ok(agent)
     }
 
@@ -415,31 +417,33 @@ impl SwitchedAgent {
         self.running.as_ref().map(|(_, agent)| agent)
     }
 
-    /// Makes the agent run the policy config (`policy`) or the plain one, restarting it when
-    /// it runs the other.
-    pub fn ensure(&mut self, policy: bool) -> Result<()> {
-        if self.running.as_ref().is_some_and(|(p, _)| *p == policy) {
+    /// Makes the agent run the config of `variant`, restarting it when it runs another.
+    pub fn ensure(&mut self, variant: Variant) -> Result<()> {
+        if self.running.as_ref().is_some_and(|(v, _)| *v == variant) {
             return Ok(());
         }
         // Stopped and uninstalled before the next starts.
         self.running = None;
-        let kind = if policy { "policy" } else { "plain" };
+        let kind = variant.as_str();
         let name = match self.starts.len() {
             0 => format!("agent-{}.log", self.node.name()),
             n => format!("agent-{}-{}-{kind}.log", self.node.name(), n + 1),
         };
         let log = self.out.join(name);
         self.starts.push((kind, log.clone()));
-        let config = if policy { &self.policy } else { &self.plain };
+        let index = Variant::ALL
+            .iter()
+            .position(|v| *v == variant)
+            .unwrap_or_default();
         let agent = RunningAgent::start(
             &self.bin,
             &self.node,
             &self.bpf_name,
             &self.cgroup,
-            config,
+            &self.configs[index],
             log,
         )?;
-        self.running = Some((policy, agent));
+        self.running = Some((variant, agent));
         Ok(())
     }
 }

@@ -9,8 +9,10 @@
 //! - new connections per second with a 1 KiB exchange each;
 //! - the path's proxies: RSS idle and under load, CPU seconds per GB of bulk.
 //!
-//! The agent same-node path runs twice, without and with the traffic policy ([`policy`]):
-//! node1's agent restarts with the other config in between, never running next to another.
+//! The agent same-node path runs three times: as deployed (access log and all metrics on),
+//! with the traffic policy ([`policy`]), and with per-connection telemetry off (no access
+//! log, no Istio metrics): node1's agent restarts with the other config in between, never
+//! running next to another.
 //!
 //! Results go to `<out>/results.json`, `results.md` (printed at the end) and `latency.svg`.
 
@@ -41,7 +43,7 @@ use crate::{
 use agent::{RunningAgent, ServiceSpec, SwitchedAgent, WorkloadSpec};
 use measure::measure;
 pub use paths::CrossNodeMode;
-use paths::{PathResult, PathSpec, Proxy};
+use paths::{PathResult, PathSpec, Proxy, Variant};
 use settings::{Bins, Profile};
 
 /// Port of the bench servers in every server pod.
@@ -74,9 +76,9 @@ pub struct Args {
     #[arg(long)]
     no_haproxy: bool,
     /// Measure only these paths (comma-separated keys: direct-same-node, direct-cross-node,
-    /// agent-same-node, agent-same-node-policy, agent-cross-node, haproxy-tls-cross-node);
-    /// ratios need their direct path in the list too, policy on / off both agent same-node
-    /// paths.
+    /// agent-same-node, agent-same-node-policy, agent-same-node-no-telemetry,
+    /// agent-cross-node, haproxy-tls-cross-node); ratios need their direct path in the list
+    /// too, policy and telemetry on / off their agent same-node paths.
     #[arg(long, value_delimiter = ',', value_name = "PATHS")]
     only: Vec<String>,
 }
@@ -163,7 +165,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
             if let Some(before) = check {
                 world.tunnel_after(&bins, args.cross_node, before, &mut result);
             }
-            if path.policy {
+            if path.variant == Variant::Policy {
                 policy::check(world.node1.running(), &bins, &mut result);
                 for note in &result.notes {
                     eprintln!("bench: {note}");
@@ -235,7 +237,7 @@ struct World {
     remote_ip: String,
     paths: Vec<PathSpec>,
     _servers: Vec<Background>,
-    /// node1's agent: plain, or with the traffic policy for the policy path.
+    /// node1's agent: plain, or the config of the path's variant.
     node1: SwitchedAgent,
     node2: RunningAgent,
     haproxy: Option<haproxy::HaproxyPair>,
@@ -336,6 +338,11 @@ impl World {
                 config(&n1, &bpf_name1, policy::PLAIN_TRAFFIC),
                 config(&n1, &bpf_name1, policy::POLICY_TRAFFIC)
                     + &policy::rate_limit_yaml("server-local"),
+                config(&n1, &bpf_name1, policy::PLAIN_TRAFFIC).replacen(
+                    "agent:\n",
+                    "agent:\n  accessLog: {enabled: false}\n  istioMetrics: false\n",
+                    1,
+                ),
             ],
         )?;
         let bpf_name2 = format!("{}-{}", topo.bpf_pin_name(), n2.name());
@@ -371,7 +378,7 @@ impl World {
                 client: client_direct.clone(),
                 target: to(&server_direct_1),
                 agents: Vec::new(),
-                policy: false,
+                variant: Variant::Plain,
                 proxies: Vec::new(),
             },
             PathSpec {
@@ -381,7 +388,7 @@ impl World {
                 client: client_direct.clone(),
                 target: to(&server_direct_2),
                 agents: Vec::new(),
-                policy: false,
+                variant: Variant::Plain,
                 proxies: Vec::new(),
             },
             PathSpec {
@@ -391,7 +398,7 @@ impl World {
                 client: client_mesh.clone(),
                 target: vip(VIP_LOCAL)?,
                 agents: vec![0],
-                policy: false,
+                variant: Variant::Plain,
                 proxies: Vec::new(),
             },
             PathSpec {
@@ -401,7 +408,17 @@ impl World {
                 client: client_mesh.clone(),
                 target: vip(VIP_LOCAL)?,
                 agents: vec![0],
-                policy: true,
+                variant: Variant::Policy,
+                proxies: Vec::new(),
+            },
+            PathSpec {
+                name: paths::AGENT_SAME_QUIET,
+                label: "agent same-node, no telemetry".into(),
+                baseline: Some(paths::DIRECT_SAME),
+                client: client_mesh.clone(),
+                target: vip(VIP_LOCAL)?,
+                agents: vec![0],
+                variant: Variant::Quiet,
                 proxies: Vec::new(),
             },
             PathSpec {
@@ -411,7 +428,7 @@ impl World {
                 client: client_mesh.clone(),
                 target: vip(VIP_REMOTE)?,
                 agents: vec![0, 1],
-                policy: false,
+                variant: Variant::Plain,
                 proxies: Vec::new(),
             },
         ];
@@ -424,7 +441,7 @@ impl World {
                 client: client_direct.clone(),
                 target: pair.front,
                 agents: Vec::new(),
-                policy: false,
+                variant: Variant::Plain,
                 proxies: vec![
                     Proxy {
                         label: "haproxy@node2".into(),
@@ -461,7 +478,7 @@ impl World {
     /// Readies the agents for `path` (node1's runs the config the path needs) and returns the
     /// path with its agents among its proxies.
     fn prepare(&mut self, path: &PathSpec) -> Result<PathSpec> {
-        self.node1.ensure(path.policy)?;
+        self.node1.ensure(path.variant)?;
         let agents = self.agents()?;
         let mut ready = path.clone();
         ready.proxies = path

@@ -14,6 +14,8 @@ pub const DIRECT_CROSS: &str = "direct-cross-node";
 pub const AGENT_SAME: &str = "agent-same-node";
 /// `agent-same-node` with the traffic policy on (see [`super::policy`]).
 pub const AGENT_SAME_POLICY: &str = "agent-same-node-policy";
+/// `agent-same-node` with the access log and Istio's per-connection metrics off.
+pub const AGENT_SAME_QUIET: &str = "agent-same-node-no-telemetry";
 pub const AGENT_CROSS: &str = "agent-cross-node";
 pub const HAPROXY_CROSS: &str = "haproxy-tls-cross-node";
 
@@ -60,6 +62,27 @@ impl CrossNodeMode {
     }
 }
 
+/// node1's agent's config for a path: plain (the access log and every metric on, the
+/// defaults), with the traffic policy, or with per-connection telemetry off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Plain,
+    Policy,
+    Quiet,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 3] = [Variant::Plain, Variant::Policy, Variant::Quiet];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Policy => "policy",
+            Variant::Quiet => "no-telemetry",
+        }
+    }
+}
+
 /// A process whose memory and CPU the path is charged with (the agents, haproxy).
 #[derive(Clone, Debug)]
 pub struct Proxy {
@@ -81,9 +104,8 @@ pub struct PathSpec {
     /// The agents on the path (0: node1's, 1: node2's), charged like proxies; their pids
     /// are looked up when the path runs, as node1's agent restarts to change config.
     pub agents: Vec<usize>,
-    /// Whether node1's agent runs the traffic-policy config for this path (else the plain
-    /// one).
-    pub policy: bool,
+    /// The config node1's agent runs for this path.
+    pub variant: Variant,
     /// Processes on the path besides the agents (the path's proxies once it runs).
     pub proxies: Vec<Proxy>,
 }

@@ -62,7 +62,12 @@ pub fn write(
             })
         })
         .collect();
-    let doc = json!({ "meta": meta, "paths": paths, "policy_on_off": policy_on_off(results) });
+    let doc = json!({
+        "meta": meta,
+        "paths": paths,
+        "policy_on_off": on_off(results, paths::AGENT_SAME_POLICY, paths::AGENT_SAME),
+        "telemetry_on_off": on_off(results, paths::AGENT_SAME, paths::AGENT_SAME_QUIET),
+    });
     let json_path = out.join("results.json");
     fs::write(&json_path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
@@ -92,18 +97,18 @@ fn ratios_to(r: &PathResult, base: &PathResult) -> BTreeMap<&'static str, f64> {
         .collect()
 }
 
-/// The agent same-node path with the traffic policy over the same path without: every
+/// A feature's cost: the path with it (`on`) over the same path without (`off`), every
 /// metric's ratio; null unless both paths ran.
-fn policy_on_off(results: &[PathResult]) -> Value {
+fn on_off(results: &[PathResult], on: &str, off: &str) -> Value {
     let find = |name: &str| results.iter().find(|r| r.name == name);
-    let (Some(on), Some(off)) = (find(paths::AGENT_SAME_POLICY), find(paths::AGENT_SAME)) else {
+    let (Some(on), Some(off)) = (find(on), find(off)) else {
         return Value::Null;
     };
     json!({ "on": on.name, "off": off.name, "ratios": ratios_to(on, off) })
 }
 
-/// The line of results.md stating [`policy_on_off`]; empty when it is null.
-fn policy_line(on_off: &Value) -> String {
+/// The line of results.md stating an [`on_off`] comparison; empty when it is null.
+fn on_off_line(on_off: &Value, title: &str, what: &str) -> String {
     if on_off.is_null() {
         return String::new();
     }
@@ -113,10 +118,8 @@ fn policy_line(on_off: &Value) -> String {
             .map_or("–".into(), |v| format!("{v:.2}×"))
     };
     format!(
-        "\n**policy on / off** (agent same-node + policy over agent same-node; policy: \
-         outlier detection on, and a rate limit on connections, per source and bandwidth far \
-         above the load; aim: new connections/s ≥ 0.95×): new connections/s {}, bulk {} \
-         (1 stream), {} (8 streams); proxy CPU per new connection {}, per GB {}\n",
+        "\n**{title}** ({what}; aim: ≥ 0.95×): new connections/s {}, bulk {} (1 stream), {} (8 streams); \
+         proxy CPU per new connection {}, per GB {}\n",
         ratio("cps"),
         ratio("bulk1_gbps"),
         ratio("bulk8_gbps"),
@@ -186,7 +189,19 @@ fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
         p.cps_s,
         p.cps_max
     );
-    md.push_str(&policy_line(&policy_on_off(results)));
+    md.push_str(&on_off_line(
+        &on_off(results, paths::AGENT_SAME_POLICY, paths::AGENT_SAME),
+        "policy on / off",
+        "agent same-node + policy over agent same-node; policy: outlier \
+         detection on, and a rate limit on connections, per source and bandwidth far above the \
+         load",
+    ));
+    md.push_str(&on_off_line(
+        &on_off(results, paths::AGENT_SAME, paths::AGENT_SAME_QUIET),
+        "telemetry on / off",
+        "agent same-node over agent same-node without the access log \
+         and Istio's metrics",
+    ));
     for r in results {
         for note in &r.notes {
             let _ = writeln!(md, "\n{}: {note}", r.label);

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_saphyr::Location;
 
 use super::{Cx, Result, scalars};
-use crate::config::model::{AgentConfig, Cidr, LiveSettings, StartupSettings, defaults};
-use crate::config::raw::{RawAgent, S};
+use crate::config::model::{AccessLog, AgentConfig, Cidr, LiveSettings, StartupSettings, defaults};
+use crate::config::raw::{RawAccessLog, RawAgent, S};
 use crate::names::Kind;
 
 impl Cx<'_> {
@@ -239,6 +239,12 @@ impl Cx<'_> {
             defaults::TUNNEL_IDLE_TIMEOUT,
         )?;
 
+        let access_log = self.access_log(
+            a.access_log.as_ref(),
+            "agent.accessLog",
+            AccessLog::default(),
+        )?;
+
         Ok(AgentConfig {
             startup: StartupSettings {
                 node,
@@ -263,7 +269,31 @@ impl Cx<'_> {
                 connect_timeout,
                 idle_timeout,
                 buffer_bytes,
+                access_log,
+                istio_metrics: a.istio_metrics.unwrap_or(true),
             },
+        })
+    }
+
+    /// An access-log block at `base`, its absent fields taken from `inherited`.
+    pub(super) fn access_log(
+        &self,
+        raw: Option<&RawAccessLog>,
+        base: &str,
+        inherited: AccessLog,
+    ) -> Result<AccessLog> {
+        let Some(raw) = raw else {
+            return Ok(inherited);
+        };
+        Ok(AccessLog {
+            enabled: raw.enabled.unwrap_or(inherited.enabled),
+            sample_percent: self.opt_ranged(
+                &raw.sample_percent,
+                base,
+                "samplePercent",
+                (0, 100),
+                inherited.sample_percent,
+            )?,
         })
     }
 

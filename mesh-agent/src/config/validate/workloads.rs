@@ -118,6 +118,11 @@ impl Cx<'_> {
                 labels: w.labels.clone().unwrap_or_default(),
                 fail_mode: w.fail_mode.unwrap_or_default(),
                 unknown_destination: w.unknown_destination.unwrap_or_default(),
+                access_log: self.access_log(
+                    w.access_log.as_ref(),
+                    &format!("{base}.accessLog"),
+                    agent.live.access_log,
+                )?,
                 local,
             });
         }
