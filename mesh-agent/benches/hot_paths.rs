@@ -5,7 +5,10 @@
 //! - the outbound route decision (VIP lookup + pick) on a realistic config snapshot;
 //! - the original-destination flow key encoding and its decoding;
 //! - the copy loop between two loopback TCP connections (throughput);
-//! - one connection-limit check (`Limits::admit`) with 100,000 source buckets present.
+//! - one connection-limit check (`Limits::admit`) with 100,000 source buckets present;
+//! - building a whole snapshot from YAML (parse and validate) at 1,000 workloads / 10,000
+//!   services and 3,000 / 30,000: the ratio of the two shows how the build scales (about 3x
+//!   the work should take about 3x the time).
 //!
 //! Each is kept short (small sample sizes, short measurement times).
 
@@ -350,9 +353,49 @@ fn short() -> Criterion {
         .sample_size(30)
 }
 
+/// A cluster-sized config: `workloads` pods (one in ten on this node), `services` services
+/// each selecting the pods of one `app` label (two pods per app).
+fn cluster_yaml(workloads: usize, services: usize) -> String {
+    let mut yaml = String::from("agent: {node: node-a}\nworkloads:\n");
+    for i in 0..workloads {
+        yaml.push_str(&format!(
+            "  - {{name: w{i}, namespace: ns{}, ips: [10.{}.{}.{}], node: node-{}, netns: /n/w{i}, labels: {{app: app{}}}}}\n",
+            i % 50,
+            1 + i / 62_500,
+            (i / 250) % 250,
+            i % 250 + 1,
+            if i % 10 == 0 { "a" } else { "b" },
+            i % (workloads / 2),
+        ));
+    }
+    yaml.push_str("services:\n");
+    for j in 0..services {
+        yaml.push_str(&format!(
+            "  - {{name: s{j}, namespace: ns{}, vips: [10.96.{}.{}], ports: [{{port: 80, targetPort: 8080}}], endpoints: {{selector: {{app: app{}}}}}}}\n",
+            j % 50,
+            j / 250,
+            j % 250 + 1,
+            j % (workloads / 2),
+        ));
+    }
+    yaml
+}
+
+fn config_build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("config_build");
+    group.sample_size(10);
+    for (workloads, services) in [(1_000, 10_000), (3_000, 30_000)] {
+        let yaml = cluster_yaml(workloads, services);
+        group.bench_function(format!("{workloads}_workloads_{services}_services"), |b| {
+            b.iter(|| Config::from_yaml_str(black_box(&yaml), "cluster.yaml").expect("valid"));
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = hot;
     config = short();
-    targets = balancer, route_decision, flow_keys, copy_loop, limit_check
+    targets = balancer, route_decision, flow_keys, copy_loop, limit_check, config_build
 }
 criterion_main!(hot);

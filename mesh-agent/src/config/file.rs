@@ -81,9 +81,15 @@ pub fn system_node_name() -> String {
 }
 
 pub(super) fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
+    // The parser's default budget (250,000 nodes) refuses a cluster's worth of config (30,000
+    // services are about 400,000 nodes); the other guards (depth, aliases, 256 MiB) stay.
     let options = serde_saphyr::options! {
         with_snippet: false,
         strict_booleans: true,
+        budget: serde_saphyr::budget! {
+            max_nodes: 20_000_000,
+            max_events: 40_000_000,
+        },
     };
     let mut path = String::new();
     let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
