@@ -297,6 +297,105 @@ fn prometheus_scrapes_the_agent_and_every_dashboard_query_returns_data() {
     }
 }
 
+#[test]
+fn each_node_prometheus_sees_a_cross_node_connection_as_mutual_tls_with_its_bytes() {
+    assert_root();
+    let mut topo = Topology::new("prometheus_mtls").expect("topology");
+    let n1 = topo.add_node("node1").expect("node1");
+    let n2 = topo.add_node("node2").expect("node2");
+    topo.connect_nodes(&n1, &n2).expect("underlay");
+    let a = topo.add_pod(&n1, "a").expect("pod a");
+    let b = topo.add_pod(&n2, "b").expect("pod b");
+    let _server = b
+        .spawn_ready(TOOL, ["serve", "--listen", "[::]:8080", "--name", "b"])
+        .expect("server");
+    // Both agents trust one CA.
+    let ca = std::env::temp_dir().join(topo.bpf_pin_name()).join("ca");
+    let out = std::process::Command::new(mesh_tests::agent::agent_path().expect("agent"))
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .expect("mesh-agent ca init");
+    assert!(
+        out.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = |node: &Node| {
+        ConfigBuilder::new(&topo, node)
+            .agent_line(&format!("caCertFile: {}", ca.join("ca.crt").display()))
+            .agent_line(&format!("caKeyFile: {}", ca.join("ca.key").display()))
+            .workload(&a, &[("app", "client")], &[])
+            .workload(&b, &[("app", "echo")], &[])
+            .service("echo", &["10.96.0.10"], 80, 8080, &[("app", "echo")])
+            .build()
+    };
+    let pin = topo.bpf_pin_name();
+    let _one = Agent::start(&topo, &n1, &config(&n1)).expect("agent 1");
+    let _two = Agent::start(
+        &topo,
+        &n2,
+        &config(&n2).replace(
+            &format!("bpfName: {pin}\n"),
+            &format!("bpfName: {pin}-n2\n"),
+        ),
+    )
+    .expect("agent 2");
+    let prometheus: Vec<Prometheus> = [&n1, &n2]
+        .into_iter()
+        .map(|node| {
+            let prometheus = Prometheus::start(&topo, node, ADMIN_ADDRESS).expect("prometheus");
+            prometheus
+                .wait_for_target(SCRAPES)
+                .unwrap_or_else(|e| panic!("{e:#}\n{}", prometheus.log()));
+            prometheus
+        })
+        .collect();
+
+    // One connection echoing 1 MiB from a on node 1 to b on node 2, through the tunnel.
+    let bytes = 1u64 << 20;
+    a.run(
+        TOOL,
+        ["echo", "--connect", ECHO, "--bytes", &bytes.to_string()],
+    )
+    .expect("echo across nodes");
+    // Node 1 reports it as the source, node 2 as the destination: both as mutual TLS, with
+    // the client's identity, and the same bytes each way. (Only the source knows the
+    // service: the tunnel carries the endpoint's address.)
+    let service = [r#",destination_service_name="echo""#, ""];
+    for ((prometheus, reporter), service) in prometheus
+        .iter()
+        .zip(["source", "destination"])
+        .zip(service)
+    {
+        let series = format!(
+            r#"reporter="{reporter}",source_workload="a",source_principal="spiffe://cluster.local/ns/test/sa/a",destination_workload="b",destination_principal="spiffe://cluster.local/ns/test/sa/b",response_flags="-",connection_security_policy="mutual_tls"{service}"#
+        );
+        for (metric, want) in [
+            ("istio_tcp_connections_opened_total", 1.0),
+            ("istio_tcp_connections_closed_total", 1.0),
+            ("istio_tcp_received_bytes_total", bytes as f64),
+            ("istio_tcp_sent_bytes_total", bytes as f64),
+        ] {
+            expect_value(prometheus, &format!("sum({metric}{{{series}}})"), want);
+        }
+    }
+    for (prometheus, direction) in prometheus.iter().zip(["outbound", "tunnel"]) {
+        expect_value(
+            prometheus,
+            &format!(
+                r#"sum(mesh_connections_total{{direction="{direction}",security="mutual_tls",outcome="closed"}})"#
+            ),
+            1.0,
+        );
+        expect_value(
+            prometheus,
+            &format!(r#"sum(mesh_bytes_total{{direction="{direction}",way="from_client"}})"#),
+            bytes as f64,
+        );
+    }
+}
+
 /// What a stock Grafana needs to import the dashboard, checked without a Grafana.
 #[test]
 fn the_dashboard_is_importable_and_every_panel_queries_the_datasource_variable() {
