@@ -21,6 +21,10 @@ use crate::{Node, Pod, Topology, exec::output_timeout};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Where the agent serves its admin API (`/metrics` among others): loopback inside its
+/// node's netns, the default `agent.adminAddr`.
+pub const ADMIN_ADDRESS: &str = "127.0.0.1:15000";
+
 /// The agent binary: `MESH_AGENT_BIN`, else next to the running test (target/<profile>/).
 /// `cargo xtask test` builds it before the tests run.
 pub fn agent_path() -> Result<PathBuf> {
@@ -346,19 +350,7 @@ impl Agent {
 
     /// The agent's `/metrics` (Prometheus text), read from inside its node.
     pub fn metrics(&self) -> Result<String> {
-        let mut command = self.node.try_command(crate::testtool_path()?)?;
-        command.args([
-            "http-get",
-            "--connect",
-            "127.0.0.1:15000",
-            "--path",
-            "/metrics",
-        ]);
-        let output = output_timeout(&mut command, Duration::from_secs(5))?;
-        if !output.status.success() {
-            bail!("GET /metrics: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        self.node.http_get(ADMIN_ADDRESS, "/metrics")
     }
 
     /// The value of the sample `name{labels}` in `/metrics` (labels in any order, all of

@@ -22,9 +22,11 @@
 pub mod agent;
 mod cgroup;
 pub mod exec;
+pub mod grafana;
 pub mod kernel;
 pub mod naming;
 pub mod payload;
+pub mod prometheus;
 mod sweep;
 mod sys;
 mod topology;
@@ -36,6 +38,7 @@ use anyhow::{Context as _, Result, bail};
 
 pub use agent::{Agent, ConfigBuilder};
 pub use exec::{Background, output_timeout, spawn_ready, wait_timeout};
+pub use prometheus::Prometheus;
 pub use sweep::{SweepReport, sweep};
 pub use sys::{cgroup2_mount, is_root};
 pub use topology::{BRIDGE, Node, Pod, Topology};

@@ -115,6 +115,22 @@ impl Node {
     {
         self.target().run(program, args)
     }
+
+    /// `GET path` (HTTP/1.0) from `address` inside the node's netns, where the agent's admin
+    /// API and a test's Prometheus listen on loopback: the body of a 200 response, else an
+    /// error with the status line and the body.
+    pub fn http_get(&self, address: &str, path: &str) -> Result<String> {
+        let mut command = self.try_command(crate::testtool_path()?)?;
+        command.args(["http-get", "--connect", address, "--path", path]);
+        let output = exec::output_timeout(&mut command, Duration::from_secs(15))?;
+        ensure!(
+            output.status.success(),
+            "GET http://{address}{path} in node {}: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
 }
 
 /// A pod: a network namespace behind a node bridge, plus its own cgroup.

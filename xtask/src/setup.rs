@@ -17,8 +17,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("bpftool", "bpftool"),
     ("tcpdump", "tcpdump"),
-    // `promtool check metrics` validates the agent's exposition in the tests.
+    // `promtool check metrics` validates the agent's exposition in the tests, and a real
+    // Prometheus scrapes the agent (the tests start their own, on a port of their own: a
+    // system one the package may start on :9090 is left alone).
     ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
 ];
 
 /// bpf-linker version known to work with the nightly's LLVM (see shared/TOOLCHAIN.md).

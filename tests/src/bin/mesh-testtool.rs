@@ -355,8 +355,9 @@ fn http_get(addr: &str, path: &str) -> Result<()> {
         .context("no end of headers in the response")?;
     ensure!(
         head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "GET {path}: {}",
-        head.lines().next().unwrap_or_default()
+        "GET {path}: {} {}",
+        head.lines().next().unwrap_or_default(),
+        body.trim()
     );
     print!("{body}");
     Ok(())
