@@ -366,9 +366,9 @@ fn each_node_prometheus_sees_a_cross_node_connection_as_mutual_tls_with_its_byte
     )
     .expect("echo across nodes");
     // Node 1 reports it as the source, node 2 as the destination: both as mutual TLS, with
-    // the client's identity, and the same bytes each way. (Only the source knows the
-    // service: the tunnel carries the endpoint's address.)
-    let service = [r#",destination_service_name="echo""#, ""];
+    // the client's identity, the service (node 2 finds it from the endpoint the tunnel
+    // stream came to) and the same bytes each way.
+    let service = [r#",destination_service_name="echo""#; 2];
     for ((prometheus, reporter), service) in prometheus
         .iter()
         .zip(["source", "destination"])

@@ -55,6 +55,9 @@ pub struct Config {
     pub(super) by_vip: HashMap<SocketAddr, (usize, usize)>,
     /// canonical workload IP -> workload
     pub(super) by_ip: HashMap<IpAddr, WorkloadId>,
+    /// A workload endpoint (pod IP, target port) -> the index of the first service, in file
+    /// order, that has it: what the server side of a connection names as its service.
+    pub(super) by_endpoint: HashMap<SocketAddr, usize>,
     pub(super) local: Vec<WorkloadId>,
     /// `WorkloadId(i)` -> indices into `policies.authorization` of the policies selecting
     /// workload `i`, in file order.
@@ -91,6 +94,15 @@ impl Config {
 
     pub fn workload(&self, id: WorkloadId) -> Option<&Workload> {
         self.workloads.get(id.0)
+    }
+
+    /// The first service (in file order) with the workload endpoint `addr`: on the server
+    /// side, which knows only the pod address a connection came to, the service it was for.
+    pub fn service_by_endpoint(&self, addr: SocketAddr) -> Option<&Service> {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        self.by_endpoint
+            .get(&addr)
+            .and_then(|s| self.services.get(*s))
     }
 
     /// The workload owning `ip` (IPv4-mapped IPv6 addresses are matched as IPv4).

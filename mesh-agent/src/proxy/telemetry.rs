@@ -10,7 +10,7 @@ use prometheus::IntCounter;
 
 use super::outcome::{Direction, Outcome};
 use crate::{
-    config::{AccessLog, Config, Workload},
+    config::{AccessLog, Config, Service, Workload},
     metrics::{ISTIO_LABELS, Metrics},
     tls::SpiffeId,
 };
@@ -89,9 +89,16 @@ pub fn resolve(metrics: &Metrics, config: &Config, e: &Endpoints<'_>) -> Resolve
         .map_or(live.access_log, |w| w.access_log);
     let qualified = |w: &Workload| w.qualified_name().to_string();
     Resolved {
-        istio: live
-            .istio_metrics
-            .then(|| IstioSeries::open(metrics, source, destination, e)),
+        istio: live.istio_metrics.then(|| {
+            // The server side knows the pod address the connection came to, not the VIP.
+            let served = match (e.service, e.direction) {
+                (None, Direction::Inbound | Direction::Tunnel) => {
+                    e.upstream.and_then(|u| config.service_by_endpoint(u))
+                }
+                _ => None,
+            };
+            IstioSeries::open(metrics, source, destination, served, e)
+        }),
         log,
         peers: log.enabled.then(|| Peers {
             source: source.map(qualified),
@@ -107,6 +114,7 @@ impl IstioSeries {
         metrics: &Metrics,
         source: Option<&Workload>,
         destination: Option<&Workload>,
+        served: Option<&Service>,
         e: &Endpoints<'_>,
     ) -> Self {
         let source_principal = e
@@ -130,7 +138,14 @@ impl IstioSeries {
                     UNKNOWN.to_owned(),
                 ),
             },
-            None => (UNKNOWN.to_owned(), UNKNOWN.to_owned(), UNKNOWN.to_owned()),
+            None => match served {
+                Some(service) => (
+                    format!("{}.{}.svc.cluster.local", service.name, service.namespace),
+                    service.name.clone(),
+                    service.namespace.clone(),
+                ),
+                None => (UNKNOWN.to_owned(), UNKNOWN.to_owned(), UNKNOWN.to_owned()),
+            },
         };
         let reporter = match e.direction {
             Direction::Outbound => "source",

@@ -51,6 +51,17 @@ pub(super) fn validate(
             }
         }
     }
+    let mut by_endpoint = HashMap::new();
+    for (s, service) in services.iter().enumerate() {
+        let workload_endpoints = service
+            .ports
+            .iter()
+            .flat_map(|port| &port.endpoints)
+            .filter(|e| e.workload.is_some());
+        for endpoint in workload_endpoints {
+            by_endpoint.entry(endpoint.addr).or_insert(s);
+        }
+    }
     let policies = cx.policies(&raw.policies.unwrap_or_default())?;
     let authz_by_workload = workloads
         .iter()
@@ -72,6 +83,7 @@ pub(super) fn validate(
         nodes,
         by_vip,
         by_ip,
+        by_endpoint,
         local,
         authz_by_workload,
     })
