@@ -190,6 +190,21 @@ fn spawn_reader<R: io::Read + Send + 'static>(r: Option<R>) -> thread::JoinHandl
     })
 }
 
+/// Polls `done` every 50 ms until it holds or `timeout` passes; whether it held. For the
+/// results an agent records a moment after the client is done (metrics, log lines).
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits for `child` up to `timeout`; on timeout kills and reaps it and
 /// returns None.
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {

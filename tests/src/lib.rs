@@ -37,7 +37,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result, bail};
 
 pub use agent::{Agent, ConfigBuilder};
-pub use exec::{Background, output_timeout, spawn_ready, wait_timeout};
+pub use exec::{Background, output_timeout, spawn_ready, wait_timeout, wait_until};
 pub use prometheus::Prometheus;
 pub use sweep::{SweepReport, sweep};
 pub use sys::{cgroup2_mount, is_root};

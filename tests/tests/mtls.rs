@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Agent, ConfigBuilder, Node, Pod, Topology, assert_root, payload, wait_timeout};
+use mesh_tests::{
+    Agent, ConfigBuilder, Node, Pod, Topology, assert_root, payload, wait_timeout, wait_until,
+};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_mesh-testtool");
 const VIP: &str = "10.96.0.10:80";
@@ -360,11 +362,7 @@ fn tunnel_capture_and_config_build_metrics_follow_what_happens() {
         agent.metric(name, &[("role", role)]).expect("metrics")
     };
     let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(wait_until(Duration::from_secs(5), done), "{what}");
     };
 
     // A held connection: one tunnel with one stream, seen from both ends.

@@ -1,15 +1,17 @@
 //! The access log and the switchable per-connection metrics, end to end: real pods, the real
 //! agent, its real log output (JSON and text), and live reloads that change what is logged.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mesh_tests::{Agent, ConfigBuilder, Node, Pod, Topology, assert_root};
+use mesh_tests::{Agent, ConfigBuilder, Node, Pod, Topology, assert_root, wait_until};
 use serde_json::Value;
 
 const TOOL: &str = env!("CARGO_BIN_EXE_mesh-testtool");
 const VIP: &str = "10.96.0.10:80";
 /// A service whose endpoint listens on nothing: every connect fails.
 const DEAD_VIP: &str = "10.96.0.11:80";
+/// How long an agent may take to record what a finished client did.
+const WAIT: Duration = Duration::from_secs(5);
 
 /// One node: clients `a` and `c`, echo server `b` behind `echo` (and `dead`, a port of b
 /// where nothing listens).
@@ -93,19 +95,14 @@ fn lines_of(agent: &Agent, pod: &str) -> Vec<Value> {
 /// Waits until `pod` has `count` lines (a line is written when its connection ends, a
 /// moment after the client is done).
 fn wait_lines(agent: &Agent, pod: &str, count: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let lines = lines_of(agent, pod);
-        if lines.len() >= count {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pod}: {} access-log lines, expected {count}: {lines:#?}",
-            lines.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(WAIT, || lines_of(agent, pod).len() >= count);
+    let lines = lines_of(agent, pod);
+    assert!(
+        lines.len() >= count,
+        "{pod}: {} access-log lines, expected {count}: {lines:#?}",
+        lines.len()
+    );
+    lines
 }
 
 #[test]
@@ -198,11 +195,11 @@ fn access_log_lines_name_both_ends_and_follow_the_config_live() {
             )
             .unwrap_or(0.0)
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while closed() < 204.0 {
-        assert!(Instant::now() < deadline, "closed: {}", closed());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(WAIT, || closed() >= 204.0),
+        "closed: {}",
+        closed()
+    );
     let sampled = lines_of(&agent, "test/a").len() - 3;
     assert!(
         (50..=150).contains(&sampled),
@@ -228,11 +225,10 @@ fn istio_metrics_switch_live_and_text_logs_carry_the_same_fields() {
             )
             .unwrap_or(0.0)
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while connections() < 1.0 {
-        assert!(Instant::now() < deadline, "the connection is counted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(WAIT, || connections() >= 1.0),
+        "the connection is counted"
+    );
     let exposition = agent.metrics().expect("metrics");
     assert!(
         !exposition.contains("istio_tcp_connections_opened_total{"),
@@ -267,14 +263,10 @@ fn istio_metrics_switch_live_and_text_logs_carry_the_same_fields() {
             )
             .unwrap_or(0.0)
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while opened() < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "Istio's metrics are back on:\n{}",
-            agent.metrics().unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_until(WAIT, || opened() >= 1.0),
+        "Istio's metrics are back on:\n{}",
+        agent.metrics().unwrap_or_default()
+    );
     assert_eq!(opened(), 1.0, "only the connection made while on");
 }
