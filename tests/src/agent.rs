@@ -45,6 +45,19 @@ pub fn agent_path() -> Result<PathBuf> {
     )
 }
 
+/// `mesh-agent ca init --dir DIR`: a CA for agents of several test nodes to share.
+pub fn init_ca(dir: &Path) -> Result<()> {
+    let out = Command::new(agent_path()?)
+        .args(["ca", "init", "--dir"])
+        .arg(dir)
+        .output()
+        .context("running mesh-agent ca init")?;
+    if !out.status.success() {
+        bail!("ca init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// Builds an agent configuration for one node of a topology.
 pub struct ConfigBuilder {
     node: String,

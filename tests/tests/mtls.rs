@@ -1,11 +1,7 @@
 //! Node-to-node mTLS end to end: two nodes, one agent each, pods' connections to endpoints
 //! on the other node go through HTTP/2 CONNECT tunnels over mutual TLS.
 
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use mesh_tests::{
     Agent, ConfigBuilder, Node, Pod, Topology, assert_root, payload, wait_timeout, wait_until,
@@ -44,16 +40,7 @@ impl TwoNodes {
         let ca_dir = std::env::temp_dir()
             .join(format!("mesh-test-{}", topo.id()))
             .join("ca");
-        let out = Command::new(mesh_tests::agent::agent_path().expect("agent binary"))
-            .args(["ca", "init", "--dir"])
-            .arg(&ca_dir)
-            .output()
-            .expect("mesh-agent ca init");
-        assert!(
-            out.status.success(),
-            "ca init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        mesh_tests::agent::init_ca(&ca_dir).expect("mesh-agent ca init");
         TwoNodes {
             topo,
             n1,

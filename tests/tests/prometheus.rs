@@ -317,16 +317,7 @@ fn each_node_prometheus_sees_a_cross_node_connection_as_mutual_tls_with_its_byte
         .expect("server");
     // Both agents trust one CA.
     let ca = std::env::temp_dir().join(topo.bpf_pin_name()).join("ca");
-    let out = std::process::Command::new(mesh_tests::agent::agent_path().expect("agent"))
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .output()
-        .expect("mesh-agent ca init");
-    assert!(
-        out.status.success(),
-        "ca init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mesh_tests::agent::init_ca(&ca).expect("mesh-agent ca init");
     let config = |node: &Node| {
         ConfigBuilder::new(&topo, node)
             .agent_line(&format!("caCertFile: {}", ca.join("ca.crt").display()))
