@@ -25,6 +25,7 @@ use crate::{
     metrics::Metrics,
     pods::Pods,
     proxy::{self, ProxyContext},
+    shutdown::Handover,
     sys,
     tunnel::MeshTls,
 };
@@ -138,7 +139,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
             }
         })
     };
-    admin::serve(
+    let admin = admin::serve(
         agent.startup.admin_addr,
         Arc::new(AdminState {
             metrics: metrics.clone(),
@@ -173,13 +174,13 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    loop {
+    let mut again = loop {
         tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break terminate,
+            _ = interrupt.recv() => break interrupt,
             changed = updates.changed() => {
                 if changed.is_err() {
-                    break;
+                    break terminate;
                 }
                 let snapshot = updates.borrow_and_update().clone();
                 let restart_only = agent.startup.changes(&snapshot.agent().startup);
@@ -214,10 +215,20 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                 tracing::info!("configuration reloaded");
             }
         }
-    }
+    };
     watcher.stop();
     // Steering stays pinned for the next agent; `mesh-agent uninstall` removes it.
     tracing::info!("stopping; eBPF programs stay pinned");
+    Handover {
+        admin,
+        admin_addr: agent.startup.admin_addr,
+        pods: &pods,
+        proxy: &proxy,
+        max_connections: agent.startup.max_connections,
+        drain_timeout: agent.startup.drain_timeout,
+    }
+    .run(&mut again)
+    .await;
     Ok(())
 }
 

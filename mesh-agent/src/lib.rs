@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod names;
 pub mod pods;
 pub mod proxy;
+pub mod shutdown;
 pub mod sys;
 pub mod tls;
 pub mod tunnel;

@@ -56,7 +56,7 @@ struct PodEntry {
     enrollment: Enrollment,
     handle: PodHandle,
     /// Closed when the pod is taken out.
-    _listeners: PodListeners,
+    listeners: PodListeners,
 }
 
 /// One enrolled pod, as `/status` shows it.
@@ -210,7 +210,7 @@ impl Pods {
         Ok(PodEntry {
             enrollment,
             handle,
-            _listeners: listeners,
+            listeners,
         })
     }
 
@@ -228,6 +228,14 @@ impl Pods {
         let result = datapath.unenroll(pod.handle.netns.cookie());
         datapath.release_inbound(&pod.enrollment.ips);
         result
+    }
+
+    /// Stops accepting on every pod's listeners, keeping the pods enrolled (steering and
+    /// pinned maps stay for a successor): the start of a handover.
+    pub fn close_listeners(&mut self) {
+        for pod in self.enrolled.values_mut() {
+            pod.listeners.close();
+        }
     }
 
     pub fn enrolled_count(&self) -> usize {

@@ -193,6 +193,8 @@ pub struct Agent {
     json_logs: bool,
     /// Everything the agent wrote to stderr (also passed on to the test's stderr).
     log: Arc<Mutex<Vec<String>>>,
+    /// Leave the pins and the config on drop: a successor on the node uses them.
+    keep_pins: bool,
 }
 
 impl Agent {
@@ -241,6 +243,7 @@ impl Agent {
             config_path,
             json_logs: false,
             log: Arc::default(),
+            keep_pins: false,
         })
     }
 
@@ -318,7 +321,16 @@ impl Agent {
             .collect()
     }
 
+    /// Waits for this process's "agent ready" line (not the admin API: another agent of
+    /// the node may answer there during a handover).
     fn wait_ready(&mut self) -> Result<()> {
+        let log = self.log.clone();
+        let ready_lines = move || {
+            log.lock()
+                .map(|lines| lines.iter().filter(|l| l.contains("agent ready")).count())
+                .unwrap_or(0)
+        };
+        let before = ready_lines();
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
@@ -327,11 +339,11 @@ impl Agent {
                 self.child = None;
                 bail!("mesh-agent exited during start-up ({status}); its log is above");
             }
-            if self.status().is_ok() {
+            if ready_lines() > before {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("mesh-agent did not serve its admin API within {READY_TIMEOUT:?}");
+                bail!("mesh-agent was not ready within {READY_TIMEOUT:?}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -442,6 +454,36 @@ impl Agent {
         }
     }
 
+    /// Sends SIGTERM and returns at once: the agent hands over and drains (see
+    /// [`wait_exit`](Self::wait_exit)). Its pins and config stay when it is dropped, for the
+    /// successor that shares them.
+    pub fn terminate(&mut self) -> Result<()> {
+        let Some(child) = self.child.as_ref() else {
+            bail!("the agent is not running")
+        };
+        self.keep_pins = true;
+        // Our own, not yet reaped, child: the pid cannot have been reused.
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the agent to exit; its exit status and how long it took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, Duration)> {
+        let Some(mut child) = self.child.take() else {
+            bail!("the agent is not running")
+        };
+        let started = Instant::now();
+        let status = crate::wait_timeout(&mut child, timeout)?;
+        match status {
+            Some(status) => Ok((status, started.elapsed())),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("mesh-agent did not exit within {timeout:?}")
+            }
+        }
+    }
+
     /// Starts the agent again with the same config (after [`stop`](Self::stop)).
     pub fn restart(&mut self) -> Result<()> {
         if self.child.is_some() {
@@ -469,6 +511,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some() {
             let _ = self.stop();
+        }
+        if self.keep_pins {
+            return;
         }
         let _ = self.uninstall();
         let _ = fs::remove_file(&self.config_path);

@@ -9,7 +9,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinHandle,
+};
 
 use crate::metrics::Metrics;
 pub use status::StatusReport;
@@ -34,15 +37,36 @@ pub struct AdminState {
     pub before_metrics: Box<dyn Fn() + Send + Sync>,
 }
 
-/// Binds the admin API; serving runs on the returned task until the runtime stops.
-pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> Result<(), AdminError> {
+/// The admin API being served; see [`AdminServer::close`].
+pub struct AdminServer(JoinHandle<()>);
+
+impl AdminServer {
+    /// Stops listening (requests being answered finish), so that from now on only a
+    /// successor agent answers on the address.
+    pub async fn close(self) {
+        self.0.abort();
+        let _ = self.0.await;
+    }
+}
+
+/// Binds the admin API and serves it on a task. `SO_REUSEPORT`, so a successor agent can
+/// bind the same address while this one hands over.
+pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServer, AdminError> {
     if !addr.ip().is_loopback() {
         return Err(AdminError::NotLoopback(addr));
     }
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind { addr, source })?;
-    tokio::spawn(async move {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(128)
+    };
+    let listener = bind().map_err(|source| AdminError::Bind { addr, source })?;
+    Ok(AdminServer(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -58,8 +82,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> Result<(), Admin
                     .await;
             });
         }
-    });
-    Ok(())
+    })))
 }
 
 fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {

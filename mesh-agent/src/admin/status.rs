@@ -85,7 +85,9 @@ pub async fn print(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+/// GETs `path` from the admin API at `admin`: the body, or an error when the request fails
+/// or the answer is not a success.
+pub async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     let stream = tokio::net::TcpStream::connect(admin).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -37,6 +37,9 @@ pub mod defaults {
     /// Upper bound of `certLifetimeMinutes`: certificates are meant to be short-lived.
     pub const MAX_CERT_LIFETIME_MINUTES: u64 = 365 * 24 * 60;
     pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Under Kubernetes' default termination grace period (30 s).
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+    pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
 }
 
 /// One immutable configuration snapshot. The data fields are public for reading; a `Config`
@@ -214,6 +217,10 @@ pub struct StartupSettings {
     /// An HBONE tunnel (node-to-node connection) with no stream is closed after this long.
     #[serde(rename = "tunnelIdleTimeoutMs")]
     pub tunnel_idle_timeout: Duration,
+    /// On SIGTERM, how long established connections may go on after the listeners close
+    /// (keep it under the pod's termination grace period); zero closes them at once.
+    #[serde(rename = "drainTimeoutMs")]
+    pub drain_timeout: Duration,
 }
 
 /// The settings a reload applies to new connections (and, for the exclusions, to the eBPF

@@ -151,6 +151,7 @@ fn full_document() {
         "  trustRootFiles: [/etc/mesh/old-root.pem, /etc/mesh/new-root.pem]",
         "  certLifetimeMinutes: 90",
         "  tunnelIdleTimeoutMs: 2500",
+        "  drainTimeoutMs: 0",
         "  accessLog: {samplePercent: 25}",
         "  istioMetrics: false",
         "workloads:",
@@ -211,6 +212,7 @@ fn full_document() {
                 ],
                 cert_lifetime: Duration::from_secs(90 * 60),
                 tunnel_idle_timeout: Duration::from_millis(2500),
+                drain_timeout: Duration::ZERO,
             },
             live: LiveSettings {
                 excluded_ports: vec![22, 443],
@@ -387,6 +389,7 @@ fn defaults() {
                 trust_root_files: vec![],
                 cert_lifetime: Duration::from_secs(24 * 3600),
                 tunnel_idle_timeout: Duration::from_secs(60),
+                drain_timeout: Duration::from_secs(25),
             },
             live: LiveSettings {
                 excluded_ports: vec![],
@@ -586,7 +589,8 @@ fn unknown_fields_are_refused_with_position_and_path() {
          bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, excludedPorts, \
          excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
-         trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, accessLog, istioMetrics"
+         trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, drainTimeoutMs, accessLog, \
+         istioMetrics"
     );
     assert_eq!(
         error(&base_with(&[], &["        tagetPort: 8080"])),
@@ -1227,7 +1231,7 @@ fn startup_setting_names_are_agent_keys() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys.len(), 15, "{keys:?}");
+    assert_eq!(keys.len(), 16, "{keys:?}");
     for key in &keys {
         // Written without a value, a known key is just absent; an unknown one is refused.
         if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {

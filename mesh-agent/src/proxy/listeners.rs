@@ -32,9 +32,7 @@ pub struct PodListeners {
 
 impl Drop for PodListeners {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.close();
     }
 }
 
@@ -49,6 +47,16 @@ impl PodListeners {
         let agent = ctx.config.load().agent().startup.clone();
         // Built up as we go, so an error half way closes what was opened.
         let mut started = Self { tasks: Vec::new() };
+        match pod
+            .netns
+            .run_blocking(socket::migrate_pending_connections)?
+        {
+            Ok(()) => {}
+            // An older kernel: a handover then resets what waits in the accept queues.
+            Err(error) => {
+                tracing::warn!(pod = %pod.key, %error, "net.ipv4.tcp_migrate_req not set")
+            }
+        }
         // The pod's certificate, then its tunnel server for other nodes' pods. Issuing is
         // quick local signing; enrollment runs outside the proxy's hot path.
         let mesh = ctx.mesh_tls.clone();
@@ -113,6 +121,13 @@ impl PodListeners {
             )));
         }
         Ok(started)
+    }
+
+    /// Stops accepting: the listening sockets close, connections being served go on.
+    pub fn close(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
     }
 }
 

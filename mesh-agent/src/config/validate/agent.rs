@@ -239,6 +239,17 @@ impl Cx<'_> {
             defaults::TUNNEL_IDLE_TIMEOUT,
         )?;
 
+        let drain_timeout = match &a.drain_timeout_ms {
+            Some(ms) => Duration::from_millis(self.ranged(
+                ms,
+                "agent.drainTimeoutMs",
+                0,
+                defaults::MAX_DRAIN_TIMEOUT_MS,
+                " (milliseconds, at most one hour)",
+            )?),
+            None => defaults::DRAIN_TIMEOUT,
+        };
+
         let access_log = self.access_log(
             a.access_log.as_ref(),
             "agent.accessLog",
@@ -262,6 +273,7 @@ impl Cx<'_> {
                 trust_root_files,
                 cert_lifetime,
                 tunnel_idle_timeout,
+                drain_timeout,
             },
             live: LiveSettings {
                 excluded_ports,
