@@ -1,5 +1,7 @@
 //! The copy loop between the two sides of a proxied connection: both directions at once,
-//! each with one fixed buffer (memory per connection never grows with traffic), backpressure
+//! each with one buffer sized by use (2 KiB while a connection is idle or trades small
+//! messages, doubled by reads that fill it up to the configured `bufferBytes`, shrunk back
+//! after a run of small reads; never more than `bufferBytes` per direction), backpressure
 //! by awaiting each write before reading more, half-close passed on (EOF on one side shuts
 //! down the write side of the other), and an idle timeout covering both directions.
 //!
@@ -143,6 +145,13 @@ where
     }
 }
 
+/// The first read buffer of each direction: what an idle or request/response connection
+/// holds. A read that fills the buffer doubles it (up to the configured size: bulk gets big
+/// reads in a few steps); a run of small reads shrinks it back.
+const INITIAL_BUFFER: usize = 2 * 1024;
+/// Reads using at most a quarter of the buffer, in a row, before it shrinks back.
+const SMALL_READS_TO_SHRINK: u32 = 64;
+
 async fn pipe<R, W>(
     reader: &mut R,
     writer: &mut W,
@@ -155,7 +164,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buffer = vec![0u8; buffer_bytes];
+    let max = buffer_bytes.max(1);
+    let mut buffer = vec![0u8; INITIAL_BUFFER.min(max)];
+    let mut small_reads = 0u32;
     loop {
         let read = reader.read(&mut buffer).await?;
         if read == 0 {
@@ -167,6 +178,25 @@ where
         writer.write_all(&buffer[..read]).await?;
         total.fetch_add(read as u64, Ordering::Relaxed);
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        resize(&mut buffer, read, max, &mut small_reads);
+    }
+}
+
+/// Sizes the buffer by use after a read of `read` bytes: doubled when the read filled it,
+/// back to the initial size after a run of small reads.
+fn resize(buffer: &mut Vec<u8>, read: usize, max: usize, small_reads: &mut u32) {
+    let len = buffer.len();
+    if read == len && len < max {
+        *small_reads = 0;
+        *buffer = vec![0u8; (len * 2).min(max)];
+    } else if read <= len / 4 && len > INITIAL_BUFFER {
+        *small_reads += 1;
+        if *small_reads >= SMALL_READS_TO_SHRINK {
+            *small_reads = 0;
+            *buffer = vec![0u8; INITIAL_BUFFER.min(max)];
+        }
+    } else {
+        *small_reads = 0;
     }
 }
 
@@ -182,7 +212,40 @@ mod tests {
         net::{TcpListener, TcpStream},
     };
 
-    use super::{CopyError, Pace, Transferred, tcp};
+    use super::{CopyError, INITIAL_BUFFER, Pace, SMALL_READS_TO_SHRINK, Transferred, resize, tcp};
+
+    #[test]
+    fn buffers_grow_with_full_reads_up_to_the_limit_and_shrink_after_small_ones() {
+        let max = 64 * 1024;
+        let mut buffer = vec![0u8; INITIAL_BUFFER];
+        let mut small = 0;
+        // Bulk: every read fills the buffer, which doubles up to the limit.
+        let mut sizes = Vec::new();
+        for _ in 0..8 {
+            let read = buffer.len();
+            resize(&mut buffer, read, max, &mut small);
+            sizes.push(buffer.len() / 1024);
+        }
+        assert_eq!(sizes, [4, 8, 16, 32, 64, 64, 64, 64]);
+        // Request/response after it: small reads, then back to the initial size.
+        for _ in 0..SMALL_READS_TO_SHRINK - 1 {
+            resize(&mut buffer, 100, max, &mut small);
+        }
+        assert_eq!(buffer.len(), max, "not before a run of small reads");
+        resize(&mut buffer, 100, max, &mut small);
+        assert_eq!(buffer.len(), INITIAL_BUFFER);
+        // A medium read breaks a run of small ones.
+        let mut buffer = vec![0u8; max];
+        for i in 0..SMALL_READS_TO_SHRINK * 2 {
+            let read = if i % 10 == 9 { max / 2 } else { 100 };
+            resize(&mut buffer, read, max, &mut small);
+        }
+        assert_eq!(buffer.len(), max);
+        // Never above a small configured limit.
+        let mut buffer = vec![0u8; 1024];
+        resize(&mut buffer, 1024, 1024, &mut small);
+        assert_eq!(buffer.len(), 1024);
+    }
 
     /// A connected pair of loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {

@@ -233,7 +233,8 @@ pub struct LiveSettings {
     pub excluded_cidrs: Vec<Cidr>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Copy buffer per direction per connection.
+    /// The largest copy buffer per direction per connection (buffers start small and grow
+    /// with bulk reads).
     pub buffer_bytes: usize,
     /// The access log of pods that do not set their own.
     pub access_log: AccessLog,

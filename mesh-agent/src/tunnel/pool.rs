@@ -6,7 +6,9 @@
 //! another one at the same address.
 //!
 //! New connections for one key are made one at a time (the key's async lock is held over the
-//! handshake), so a burst of streams shares one connection instead of racing to open many.
+//! handshake), so a burst of streams shares one connection instead of racing to open many. A
+//! key holds more than one connection when the streams outgrow what the server allows on one
+//! (its `SETTINGS_MAX_CONCURRENT_STREAMS`): the next connection is opened then, not queued.
 
 use std::{
     collections::HashMap,
@@ -100,7 +102,8 @@ impl Default for PoolOptions {
 }
 
 type Key = (SpiffeId, SpiffeId, SocketAddr);
-type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
+/// The connections of one key, oldest first.
+type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
 
 #[derive(Clone)]
 struct Conn {
@@ -203,9 +206,14 @@ impl Pool {
         loop {
             let (conn, fresh) = {
                 let mut current = slot.lock().await;
+                current.retain(|conn| !conn.state.closed.load(Ordering::Acquire));
+                // The first with room for one more stream.
                 let reusable = current
-                    .as_ref()
-                    .filter(|conn| !conn.state.closed.load(Ordering::Acquire))
+                    .iter()
+                    .find(|conn| {
+                        conn.state.active.load(Ordering::Acquire)
+                            < conn.send.current_max_send_streams()
+                    })
                     .cloned();
                 let (conn, fresh) = match (reusable, socket.take()) {
                     (Some(conn), socket_back) => {
@@ -222,7 +230,7 @@ impl Pool {
                                     addr: tunnel_addr,
                                     after,
                                 })??;
-                        *current = Some(opened.clone());
+                        current.push(opened.clone());
                         (opened, true)
                     }
                     // Unreachable in practice: only a failed reuse loops, and it leaves the
@@ -440,19 +448,15 @@ async fn drive<T>(
                     continue;
                 }
                 state.closed.store(true, Ordering::Release);
-                if current.as_ref().is_some_and(|conn| conn.id == id) {
-                    *current = None;
-                }
+                current.retain(|conn| conn.id != id);
                 closing = true;
                 tracing::debug!(addr = %key.2, "closing idle tunnel connection");
             }
         }
     }
     state.closed.store(true, Ordering::Release);
-    if let Ok(mut current) = slot.try_lock()
-        && current.as_ref().is_some_and(|conn| conn.id == id)
-    {
-        *current = None;
+    if let Ok(mut current) = slot.try_lock() {
+        current.retain(|conn| conn.id != id);
     }
     drop(slot);
     if let Some(pool) = pool.upgrade() {
@@ -460,7 +464,7 @@ async fn drive<T>(
         let mut slots = pool.slots.lock();
         // Drop the key when nobody holds or waits on its slot and it is empty.
         let unused = slots.get(&key).is_some_and(|slot| {
-            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|current| current.is_none())
+            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|current| current.is_empty())
         });
         if unused {
             slots.remove(&key);

@@ -314,6 +314,43 @@ async fn concurrent_streams_share_one_connection_and_idle_ones_close() {
     assert_eq!(sockets.load(Ordering::SeqCst), 2);
 }
 
+/// More open streams than the server allows on one connection: the pool opens another
+/// connection instead of queueing (or failing) the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_server_limit_open_another_connection() {
+    init_logs();
+    let ca = new_ca();
+    let store = store(ca.ca.clone(), &[&ca]);
+    let (server_id, client_id) = (id("server"), id("client"));
+    let options = ServerOptions {
+        max_concurrent_streams: 4,
+        ..ServerOptions::default()
+    };
+    let (tunnel, _seen, _server) = start_server(&store, &server_id, options).await;
+    store.ensure(&client_id).await.expect("client cert");
+    let upstream = echo_upstream().await;
+    let pool = Pool::new(store.clone(), PoolOptions::default());
+    let sockets = Arc::new(AtomicUsize::new(0));
+    // Ten streams held open at once, each opened after the previous one answered.
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.connect(&client_id, &server_id, tunnel, upstream, counting(&sockets)),
+        )
+        .await
+        .expect("not queued behind the limit")
+        .expect("stream");
+        open.push(stream);
+    }
+    assert_eq!(pool.opened_connections(), 3, "4 + 4 + 2 streams");
+    assert_eq!(sockets.load(Ordering::SeqCst), 3);
+    for (i, stream) in open.into_iter().enumerate() {
+        let data = pattern(1000, i as u64);
+        assert!(exchange(stream, data.clone()).await == data, "stream {i}");
+    }
+}
+
 #[tokio::test]
 async fn the_client_refuses_a_server_with_another_identity() {
     init_logs();

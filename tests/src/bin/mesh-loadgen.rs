@@ -106,6 +106,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         max_conns: u64,
     },
+    /// Opens `conns` connections, one 1-byte request/response on each (so each is proxied
+    /// end to end), prints `ready N` and holds them idle until stdin has a line or ends;
+    /// then closes them all and reports. For the memory an idle connection costs.
+    Idle {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        conns: usize,
+    },
     /// One HTTP/1.1 GET (e.g. an agent's admin `/metrics`, run in the node's network
     /// namespace); prints the response body as is. Fails on a status other than 200.
     HttpGet {
@@ -136,6 +145,7 @@ fn run(cmd: Cmd) -> Result<()> {
             return Ok(());
         }
         Cmd::Probe { connect, timeout } => probe(connect, secs(timeout))?,
+        Cmd::Idle { connect, conns } => idle(connect, conns)?,
         Cmd::Rr {
             connect,
             rate,
@@ -345,6 +355,33 @@ fn rr_conn(addr: SocketAddr, size: u32) -> Result<TcpStream> {
     let mut s = connect(addr)?;
     s.write_all(&header(OP_RR, size))?;
     Ok(s)
+}
+
+/// See `Cmd::Idle`.
+fn idle(addr: SocketAddr, conns: usize) -> Result<Value> {
+    let started = Instant::now();
+    let mut open = Vec::with_capacity(conns);
+    let mut resp = [0u8; 1];
+    for i in 0..conns {
+        let mut s = rr_conn(addr, 1).with_context(|| format!("connection {i}"))?;
+        exchange(&mut s, &[1], &mut resp).with_context(|| format!("connection {i}"))?;
+        open.push(s);
+    }
+    let opened_s = started.elapsed().as_secs_f64();
+    let mut out = io::stdout();
+    writeln!(out, "ready {}", open.len())?;
+    out.flush()?;
+    let mut line = String::new();
+    io::stdin().read_line(&mut line)?;
+    // Every connection still answers after its idle time.
+    let mut alive = 0usize;
+    for s in &mut open {
+        if exchange(s, &[1], &mut resp).is_ok() {
+            alive += 1;
+        }
+    }
+    drop(open);
+    Ok(json!({ "connections": conns, "alive_after_idle": alive, "open_s": opened_s }))
 }
 
 /// One request/response on an `R` connection.

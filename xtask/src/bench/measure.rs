@@ -91,10 +91,16 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         result.errors.push(format!("probe: {e:#}"));
         return result;
     }
+    // Each proxy's RSS before any load: what "back to idle" means after the idle test.
+    let idle_rss: Vec<u64> = path
+        .proxies
+        .iter()
+        .map(|proxy| procstat::rss_kib(proxy.pid).unwrap_or(0))
+        .collect();
     if !pids.is_empty() {
         result.set(
             "proxy_rss_idle_mib",
-            procstat::total_rss_kib(&pids) as f64 / 1024.0,
+            idle_rss.iter().sum::<u64>() as f64 / 1024.0,
         );
     }
     let mut max_rss = 0u64;
@@ -228,6 +234,11 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         }
         Err(e) => result.errors.push(format!("cps: {e:#}")),
     }
+    if !path.agents.is_empty()
+        && let Err(e) = idle_memory(bins, p, path, &idle_rss, &mut result)
+    {
+        result.errors.push(format!("idle connections: {e:#}"));
+    }
     if !pids.is_empty() {
         result.set("proxy_rss_load_mib", max_rss as f64 / 1024.0);
         result.raw.insert(
@@ -241,4 +252,93 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         );
     }
     result
+}
+
+/// Holds `p.idle_conns` idle connections open through the path's agents: the memory each
+/// agent spends per idle connection (over its RSS just before), and what it keeps once they
+/// have closed, over `idle_rss` (each proxy's RSS before the path's load; sampled after a
+/// pause, so freed memory can go back).
+fn idle_memory(
+    bins: &Bins,
+    p: &Profile,
+    path: &PathSpec,
+    idle_rss: &[u64],
+    result: &mut PathResult,
+) -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let settle = || std::thread::sleep(Duration::from_secs(2));
+    let rss = || -> Vec<u64> {
+        path.proxies
+            .iter()
+            .map(|proxy| procstat::rss_kib(proxy.pid).unwrap_or(0))
+            .collect()
+    };
+    settle();
+    let before = rss();
+    let mut child = path
+        .client
+        .try_command(&bins.loadgen)?
+        .args(["idle", "--connect", &path.target.to_string()])
+        .args(["--conns", &p.idle_conns.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting mesh-loadgen idle")?;
+    let mut lines = BufReader::new(child.stdout.take().context("loadgen stdout")?).lines();
+    let ready = lines.next().transpose()?.unwrap_or_default();
+    if !ready.starts_with("ready") {
+        let _ = child.kill();
+        let mut stderr = String::new();
+        if let Some(mut s) = child.stderr.take() {
+            let _ = s.read_to_string(&mut stderr);
+        }
+        let _ = child.wait();
+        bail!("mesh-loadgen idle: {}", stderr.trim());
+    }
+    settle();
+    let held = rss();
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(b"close\n")?;
+    }
+    let report = lines.next().transpose()?.unwrap_or_default();
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("mesh-loadgen idle failed ({status})");
+    }
+    let report: Value = serde_json::from_str(&report)
+        .with_context(|| format!("parsing mesh-loadgen output {report:?}"))?;
+    settle();
+    let after = rss();
+    let conns = p.idle_conns.max(1) as f64;
+    let mut per_conn_max: f64 = 0.0;
+    let mut kept_max: f64 = 0.0;
+    for (i, proxy) in path.proxies.iter().enumerate() {
+        let per_conn = held[i].saturating_sub(before[i]) as f64 / conns;
+        let idle = idle_rss.get(i).copied().unwrap_or(before[i]);
+        let kept = after[i] as f64 / idle.max(1) as f64;
+        per_conn_max = per_conn_max.max(per_conn);
+        kept_max = kept_max.max(kept);
+        result.notes.push(format!(
+            "{}: {:.1} KiB per idle connection ({} connections: RSS {:.1} -> {:.1} MiB), {:.1} \
+             MiB once they closed ({kept:.2}x of {:.1} MiB idle, before any load)",
+            proxy.label,
+            per_conn,
+            p.idle_conns,
+            before[i] as f64 / 1024.0,
+            held[i] as f64 / 1024.0,
+            after[i] as f64 / 1024.0,
+            idle as f64 / 1024.0,
+        ));
+    }
+    result.set("idle_conn_kib", per_conn_max);
+    result.set("idle_after_close_ratio", kept_max);
+    if report["alive_after_idle"].as_u64() != Some(p.idle_conns as u64) {
+        result.errors.push(format!(
+            "idle connections: {} of {} still answered after the idle time",
+            report["alive_after_idle"], p.idle_conns
+        ));
+    }
+    result.raw.insert("idle".into(), report);
+    Ok(())
 }

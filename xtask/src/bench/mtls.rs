@@ -176,7 +176,7 @@ fn check_inner(
         Some((tunnel, other)) => format!(
             "node1 access log: {tunnel} lines to {remote_ip} with security=\"mutual_tls\", {other} other"
         ),
-        None => "access log off (MESH_BENCH_AGENT_LOG=info,access=info enables it)".into(),
+        None => "no access-log lines (MESH_BENCH_AGENT_LOG turned them off)".into(),
     };
     result.notes.push(format!(
         "tunnel check ({mode:?}): node1 captured {captured1} connects, sent {out_tunnel} through \
@@ -212,10 +212,10 @@ fn check_inner(
 }
 
 /// Outbound access-log lines of node1 to `remote_ip`: (security="mutual_tls", any other), or
-/// `None` when the log holds no access lines at all (the bench runs the agents at `warn`).
+/// `None` when the log holds no access lines at all (`MESH_BENCH_AGENT_LOG=warn`, say).
 fn access_log_routes(log: &Path, remote_ip: &str) -> Option<(u64, u64)> {
     let text = fs::read_to_string(log).ok()?;
-    let upstream = format!("upstream={remote_ip}:");
+    let upstream = format!("endpoint={remote_ip}:");
     let (mut tunnel, mut other, mut any) = (0, 0, false);
     for line in text.lines().filter(|l| l.contains("security=")) {
         any = true;

@@ -32,6 +32,16 @@ const METRICS: &[(&str, &str, usize)] = &[
     ("cps_p99_us", "new connection + exchange p99 (µs)", 1),
     ("proxy_rss_idle_mib", "proxy RSS idle (MiB)", 1),
     ("proxy_rss_load_mib", "proxy RSS under load, max (MiB)", 1),
+    (
+        "idle_conn_kib",
+        "agent memory per idle connection, most of the path's agents (KiB)",
+        1,
+    ),
+    (
+        "idle_after_close_ratio",
+        "agent RSS after they closed / idle before any load, most of the path's agents",
+        2,
+    ),
     ("proxy_cpu_s_per_gb", "proxy CPU s per GB (bulk)", 2),
     (
         "proxy_cpu_us_per_conn",

@@ -18,6 +18,8 @@ pub struct Profile {
     pub cps_threads: usize,
     /// Connections per cps run, kept under the client netns's TIME_WAIT comfort zone.
     pub cps_max: u64,
+    /// Idle connections held open through the agents, for the memory one costs.
+    pub idle_conns: usize,
 }
 
 impl Profile {
@@ -37,6 +39,7 @@ impl Profile {
             cps_s,
             cps_threads: 4,
             cps_max: 9_000,
+            idle_conns: if quick { 1_000 } else { 5_000 },
         }
     }
 
@@ -47,6 +50,7 @@ impl Profile {
             "rr_rate": self.rr_rate,
             "rr_conns": self.rr_conns,
             "rr_size": 1024,
+            "idle_conns": self.idle_conns,
             "pingpong_s": self.pingpong_s,
             "bulk_s": self.bulk_s,
             "cps_s": self.cps_s,
