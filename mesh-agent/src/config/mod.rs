@@ -11,6 +11,7 @@
 //!
 //! Errors are all [`ConfigError`].
 
+mod dump;
 mod error;
 mod file;
 pub mod limits;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::dump;
 use crate::tls::SpiffeId;
 
 /// Defaults of the `agent` block.
@@ -41,7 +42,8 @@ pub mod defaults {
 
 /// One immutable configuration snapshot. The data fields are public for reading; a `Config`
 /// can only be built by this module (the lookups are private), so it is always validated.
-#[derive(Debug, Clone, PartialEq)]
+/// Serialized (the lookups left out) for `/config_dump`, under the YAML's names.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub agent: AgentConfig,
     /// In file order; `WorkloadId(i)` is `workloads[i]`.
@@ -52,12 +54,16 @@ pub struct Config {
     /// Nodes with labels (the zone, for locality); in file order. Optional.
     pub nodes: Vec<Node>,
     /// (canonical VIP, service port) -> (service index, port index)
+    #[serde(skip)]
     pub(super) by_vip: HashMap<SocketAddr, (usize, usize)>,
     /// canonical workload IP -> workload
+    #[serde(skip)]
     pub(super) by_ip: HashMap<IpAddr, WorkloadId>,
+    #[serde(skip)]
     pub(super) local: Vec<WorkloadId>,
     /// `WorkloadId(i)` -> indices into `policies.authorization` of the policies selecting
     /// workload `i`, in file order.
+    #[serde(skip)]
     pub(super) authz_by_workload: Vec<Vec<usize>>,
 }
 
@@ -158,15 +164,17 @@ impl Config {
 /// The `agent` block, defaults applied, in two parts: what the agent reads once at start
 /// ([`StartupSettings`]: a reload changing it is refused) and what a reload applies
 /// ([`LiveSettings`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AgentConfig {
+    #[serde(flatten)]
     pub startup: StartupSettings,
+    #[serde(flatten)]
     pub live: LiveSettings,
 }
 
 /// The settings that take effect only when the agent starts (listeners, pins, the CA, the
-/// connection limit). Serialized only to name the ones a reload changed: the serialized keys
-/// are the YAML names of the `agent` block.
+/// connection limit). Serialized to name the ones a reload changed, and for `/config_dump`:
+/// the serialized keys are the YAML names of the `agent` block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StartupSettings {
@@ -197,22 +205,25 @@ pub struct StartupSettings {
     /// rotation); absolute, distinct, in file order.
     pub trust_root_files: Vec<PathBuf>,
     /// Lifetime of the workload certificates the CA signs; default 24 h, at least a minute.
-    #[serde(rename = "certLifetimeMinutes")]
+    #[serde(rename = "certLifetimeMinutes", serialize_with = "dump::minutes")]
     pub cert_lifetime: Duration,
     /// An HBONE tunnel (node-to-node connection) with no stream is closed after this long.
-    #[serde(rename = "tunnelIdleTimeoutMs")]
+    #[serde(rename = "tunnelIdleTimeoutMs", serialize_with = "dump::millis")]
     pub tunnel_idle_timeout: Duration,
 }
 
 /// The settings a reload applies to new connections (and, for the exclusions, to the eBPF
 /// maps at once).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LiveSettings {
     /// Destination ports never captured, sorted.
     pub excluded_ports: Vec<u16>,
     /// Destination networks never captured (e.g. the node's own network), in file order.
     pub excluded_cidrs: Vec<Cidr>,
+    #[serde(rename = "connectTimeoutMs", serialize_with = "dump::millis")]
     pub connect_timeout: Duration,
+    #[serde(rename = "idleTimeoutMs", serialize_with = "dump::millis")]
     pub idle_timeout: Duration,
     /// Copy buffer per direction per connection.
     pub buffer_bytes: usize,
@@ -266,6 +277,12 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -277,8 +294,10 @@ impl fmt::Display for Cidr {
 pub struct WorkloadId(pub usize);
 
 /// A pod (or any process group in its own netns) known to the mesh.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Workload {
+    #[serde(skip)]
     pub id: WorkloadId,
     pub name: String,
     pub namespace: String,
@@ -316,7 +335,7 @@ impl fmt::Display for QualifiedName<'_> {
 }
 
 /// What to do with a workload's traffic when the proxy cannot serve it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum FailMode {
     /// Let traffic bypass the proxy.
@@ -327,7 +346,7 @@ pub enum FailMode {
 }
 
 /// What to do with outbound connections to a destination that is not a known service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum UnknownDestination {
     /// Connect to the original destination as is.
@@ -337,7 +356,8 @@ pub enum UnknownDestination {
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Service {
     pub name: String,
     pub namespace: String,
@@ -346,8 +366,10 @@ pub struct Service {
     /// Non-empty, distinct `port`s, in file order.
     pub ports: Vec<ServicePort>,
     /// How the endpoints were selected (kept for display and for later sources).
+    #[serde(rename = "endpoints")]
     pub selection: EndpointSelection,
     /// What callers do: balancing, health, retries, limits, split.
+    #[serde(rename = "trafficPolicy")]
     pub traffic: super::traffic::TrafficPolicy,
 }
 
@@ -358,7 +380,8 @@ impl Service {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
@@ -369,12 +392,15 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// Endpoint IP and the service port's target port.
+    #[serde(rename = "address")]
     pub addr: SocketAddr,
     /// The workload owning the IP, if any (raw `addresses` that are a known workload's IP are
     /// attributed to that workload too).
+    #[serde(skip)]
     pub workload: Option<WorkloadId>,
     /// That workload's node; `None` for a raw address outside the mesh.
     pub node: Option<String>,
@@ -387,7 +413,8 @@ pub struct Endpoint {
 }
 
 /// The `endpoints` block of a service: exactly one way of choosing them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub enum EndpointSelection {
     /// Workloads of the service's namespace whose labels include all of these.
     Selector(BTreeMap<String, String>),
@@ -398,7 +425,8 @@ pub enum EndpointSelection {
 }
 
 /// The `policies` block. Rate limits will join authorization here (hence `non_exhaustive`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct Policies {
     /// L4 authorization policies, in file order; `(namespace, name)` is unique. Evaluated by
@@ -411,7 +439,7 @@ pub struct Policies {
 }
 
 /// A node of the cluster, as far as the mesh cares: its labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -436,7 +464,7 @@ impl Node {
 /// Decision for a workload (see `crate::authz`): denied if a `Deny` policy applying to it
 /// matches; otherwise, if some `Allow` policy applies to it, allowed only when one of them
 /// matches; otherwise allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuthorizationPolicy {
     pub name: String,
     pub namespace: String,
@@ -464,7 +492,7 @@ impl AuthorizationPolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum AuthorizationAction {
     /// The default, as in Istio.
@@ -475,7 +503,7 @@ pub enum AuthorizationAction {
 
 /// Matches a connection when every condition it has matches; a rule without any condition
 /// matches every connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct AuthorizationRule {
     /// Conditions on the source; `None`: any source, authenticated or not.
     pub from: Option<RuleSource>,
@@ -491,7 +519,8 @@ pub struct AuthorizationRule {
 ///   `namespaces`.
 ///
 /// A source with any condition never matches an unauthenticated (plaintext) source.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RuleSource {
     /// Exact SPIFFE IDs.
     pub identities: Vec<SpiffeId>,
