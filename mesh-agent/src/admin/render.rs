@@ -39,8 +39,8 @@ pub fn overview(report: &StatusReport, now: u64) -> String {
         (t.0 + w.captured, t.1 + w.skipped, t.2 + w.no_listener)
     });
     let programs = format!(
-        "{} programs attached; captured {captured}, skipped {skipped}, no listener {no_listener}",
-        report.programs.len()
+        "{} attached; captured {captured}, skipped {skipped}, no listener {no_listener}",
+        counted(report.programs.len(), "program")
     );
     labelled(&mut out, "eBPF", &programs);
 
@@ -92,8 +92,9 @@ pub fn overview(report: &StatusReport, now: u64) -> String {
     }
 
     let tunnels = format!(
-        "{} up to other nodes, {} streams",
-        report.tunnels.connections, report.tunnels.streams
+        "{} up to other nodes, {}",
+        report.tunnels.connections,
+        counted(report.tunnels.streams, "stream")
     );
     labelled(&mut out, "tunnels", &tunnels);
     let counts = &report.connection_counts;
@@ -356,6 +357,12 @@ fn connection_lines(out: &mut String, c: &ConnectionStatus) {
         line(out, &fit(&indent(4, client), WIDTH));
         line(out, &fit(&format!("      -> {server}"), WIDTH));
     }
+}
+
+/// `1 stream`, `2 streams`.
+fn counted(n: usize, noun: &str) -> String {
+    let s = if n == 1 { "" } else { "s" };
+    format!("{n} {noun}{s}")
 }
 
 fn line(out: &mut String, text: &str) {

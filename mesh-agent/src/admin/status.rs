@@ -310,9 +310,9 @@ impl ConnectionStatus {
             direction: Some(info.direction),
             pod: info.pod.to_string(),
             source_workload,
-            client: Some(info.client),
+            client: Some(canonical(info.client)),
             original_destination: info.destination,
-            upstream: Some(info.upstream),
+            upstream: Some(canonical(info.upstream)),
             destination_identity,
             service: info.service.clone(),
             tunneled: info.tunnel_to.is_some() || info.direction == Direction::Tunnel,
@@ -322,6 +322,11 @@ impl ConnectionStatus {
             bytes_to_client: to_client,
         }
     }
+}
+
+/// `[::ffff:10.1.0.2]:80` (a dual-stack socket's view of an IPv4 peer) as `10.1.0.2:80`.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[cfg(test)]

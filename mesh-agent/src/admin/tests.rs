@@ -157,7 +157,7 @@ fn the_first_screen_starts_with_the_verdict_and_fits_80_columns() {
         "degraded: 1 pod failed to enroll; last config rejected; 1 certificate expired o…"
     );
     for expected in [
-        "1 programs attached; captured 15, skipped 4, no listener 2",
+        "1 program attached; captured 15, skipped 4, no listener 2",
         "2 enrolled, 1 failed",
         "generation 4 since",
         "last rejected: /etc/mesh-agent/config.yaml:12:9: workloads[3].ips[0]",
