@@ -124,7 +124,10 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
             };
             let connections =
                 status::connections(&proxy.connections, &proxy.config.load(), STATUS_CONNECTIONS);
-            let pods = pods.lock();
+            let (workloads, failed_pods) = {
+                let pods = pods.lock();
+                (pods.status(), pods.failed())
+            };
             StatusReport {
                 node: node.clone(),
                 cgroup: cgroup.clone(),
@@ -137,8 +140,8 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     since,
                 },
                 programs: programs.clone(),
-                workloads: pods.status(),
-                failed_pods: pods.failed(),
+                workloads,
+                failed_pods,
                 certificates: certificates(&proxy),
                 tunnels: TunnelStatus {
                     connections: proxy.mesh_tls.pool.live_connections(),

@@ -365,8 +365,9 @@ fn counted(n: usize, noun: &str) -> String {
     format!("{n} {noun}{s}")
 }
 
+/// One line of output, without the padding a last empty column leaves.
 fn line(out: &mut String, text: &str) {
-    let _ = writeln!(out, "{text}");
+    let _ = writeln!(out, "{}", text.trim_end());
 }
 
 /// `label` padded to the value column, then the value, fitted.
