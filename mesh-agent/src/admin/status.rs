@@ -382,4 +382,105 @@ mod tests {
             ]
         );
     }
+
+    /// Pod `a` (10.1.0.2) on this node, `b` (10.2.0.2) on another; service `web`.
+    fn config() -> Config {
+        let yaml = "agent: {node: n1}\n\
+             workloads:\n\
+             \x20 - {name: a, namespace: t, serviceAccount: a, ips: [10.1.0.2], node: n1, netns: /n/a, labels: {app: a}}\n\
+             \x20 - {name: b, namespace: t, serviceAccount: b, ips: [10.2.0.2], node: n2, labels: {app: b}}\n\
+             services:\n\
+             \x20 - {name: web, namespace: t, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], endpoints: {selector: {app: b}}}\n";
+        Config::from_yaml_str(yaml, "view.yaml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn info(
+        direction: Direction,
+        client: &str,
+        upstream: &str,
+    ) -> crate::proxy::registry::ConnectionInfo {
+        let addr = |s: &str| {
+            s.parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{s}: {e}"))
+        };
+        crate::proxy::registry::ConnectionInfo {
+            direction,
+            pod: "t/a".into(),
+            client: addr(client),
+            client_identity: None,
+            destination: None,
+            upstream: addr(upstream),
+            tunnel_to: None,
+            service: None,
+            started: tokio::time::Instant::now(),
+            moved: Arc::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_named_with_the_workloads_and_bounded() {
+        let config = config();
+        let registry = Arc::new(Registry::default());
+        let id = |s: &str| s.parse::<crate::tls::SpiffeId>().ok();
+        // a -> web, balanced to b on the other node, through a tunnel.
+        let mut out = info(Direction::Outbound, "127.0.0.1:40000", "10.2.0.2:8080");
+        out.client_identity = id("spiffe://cluster.local/ns/t/sa/a");
+        out.tunnel_to = id("spiffe://cluster.local/ns/t/sa/b");
+        out.service = Some("t/web".into());
+        out.destination = Some("10.96.0.1:80".parse().unwrap_or_else(|e| panic!("{e}")));
+        out.moved
+            .downstream_to_upstream
+            .store(7, std::sync::atomic::Ordering::Relaxed);
+        let _out = registry.track(None, out);
+        // From b through a tunnel into a, seen by a dual-stack listener.
+        let mut tunnel = info(Direction::Tunnel, "[::ffff:10.2.0.2]:5000", "10.1.0.2:9090");
+        tunnel.client_identity = id("spiffe://cluster.local/ns/t/sa/b");
+        let subject = crate::proxy::registry::Subject {
+            source: tunnel.client_identity.clone(),
+            destination: "t/a".into(),
+            port: 9090,
+        };
+        let _tunnel = registry.track(Some(subject), tunnel);
+        // From a to somewhere outside the mesh.
+        let _away = registry.track(
+            None,
+            info(Direction::Outbound, "127.0.0.1:40001", "192.0.2.9:443"),
+        );
+
+        let report = connections(&registry, &config, 10);
+        assert_eq!((report.counts.total, report.counts.outbound), (3, 2));
+        assert_eq!(
+            (report.counts.tunnel, report.counts.through_tunnels),
+            (1, 1)
+        );
+        let [out, tunnel, away] = &report.connections[..] else {
+            panic!("three connections: {report:?}");
+        };
+        assert_eq!(out.destination, "t/b");
+        assert_eq!(out.port, 8080);
+        assert_eq!(out.source_workload.as_deref(), Some("t/a"));
+        assert_eq!(
+            out.destination_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/t/sa/b")
+        );
+        assert!(out.tunneled);
+        assert_eq!(out.bytes_from_client, 7);
+
+        assert_eq!(tunnel.destination, "t/a");
+        assert_eq!(tunnel.source_workload.as_deref(), Some("t/b"));
+        assert_eq!(tunnel.client, "10.2.0.2:5000".parse().ok());
+        assert_eq!(
+            tunnel.destination_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/t/sa/a")
+        );
+
+        // Not a workload: named by its address, no identity.
+        assert_eq!(away.destination, "192.0.2.9:443");
+        assert_eq!(away.destination_identity, None);
+        assert!(!away.tunneled);
+
+        let first = connections(&registry, &config, 1);
+        assert_eq!((first.connections.len(), first.omitted), (1, 2));
+        assert_eq!(first.connections[0].destination, "t/b", "the oldest first");
+    }
 }

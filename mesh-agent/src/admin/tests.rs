@@ -1,7 +1,8 @@
 //! The human output on fixed reports: what each part says, and that no line is wider than
-//! 80 characters however long the names.
+//! 80 characters however long the names; and the connections query.
 
 use super::{
+    limit,
     render::{self, WIDTH},
     status::{
         CertificateStatus, ConfigStatus, ConnectionCounts, ConnectionStatus, ConnectionsReport,
@@ -237,6 +238,14 @@ fn each_view_fits_80_columns_and_elides_long_names_in_the_middle() {
             .any(|l| l.starts_with("      -> spiffe://") && l.ends_with("/sa/server")),
         "{connections}"
     );
+}
+
+#[test]
+fn the_connections_limit_defaults_and_must_be_a_number() {
+    assert_eq!(limit(None), Some(super::status::STATUS_CONNECTIONS));
+    assert_eq!(limit(Some("limit=7")), Some(7));
+    assert_eq!(limit(Some("x=1&limit=3")), Some(3));
+    assert_eq!(limit(Some("limit=many")), None);
 }
 
 #[test]
