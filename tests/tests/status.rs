@@ -136,6 +136,23 @@ impl TwoNodes {
     }
 }
 
+/// `status connections --json` once it lists a connection from `source` in `direction`
+/// (5 s at most).
+fn wait_connection(agent: &Agent, direction: &str, source: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let connections = status_json(agent, &["connections"]);
+        let listed = connections["connections"].as_array().is_some_and(|all| {
+            all.iter()
+                .any(|c| c["direction"] == direction && c["source"] == source)
+        });
+        if listed || Instant::now() > deadline {
+            return connections;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The connection of `connections` from `source` in `direction`.
 fn find<'a>(connections: &'a Value, direction: &str, source: &str) -> &'a Value {
     connections["connections"]
@@ -160,7 +177,9 @@ fn a_live_cross_node_connection_shows_on_both_nodes_with_both_identities_and_gro
         .expect("hold");
 
     // Node 1: outbound from a, through a tunnel, to b.
-    let first = status_json(&one, &["connections"]);
+    // The client is connected once the proxy accepted; it registers the connection when it
+    // connects upstream, a moment later.
+    let first = wait_connection(&one, "outbound", ID_A);
     let out = find(&first, "outbound", ID_A);
     assert_eq!(out["destination"], "test/b", "{out:#}");
     assert_eq!(out["port"], 8080);
@@ -188,7 +207,7 @@ fn a_live_cross_node_connection_shows_on_both_nodes_with_both_identities_and_gro
     assert!(again["ageMs"].as_u64() > out["ageMs"].as_u64());
 
     // Node 2: the same connection arrives through the tunnel, with a's proven identity.
-    let arrived = status_json(&two, &["connections"]);
+    let arrived = wait_connection(&two, "tunnel", ID_A);
     let tunnel = find(&arrived, "tunnel", ID_A);
     assert_eq!(tunnel["destination"], "test/b", "{tunnel:#}");
     assert_eq!(tunnel["sourceWorkload"], "test/a", "{tunnel:#}");
