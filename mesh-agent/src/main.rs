@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
             };
             match runtime.block_on(admin::client::show(admin, view, json)) {
                 Ok(text) => {
-                    print!("{text}");
+                    // A closed pipe (`| head`) is the reader's choice, not an error.
+                    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
                     Ok(())
                 }
                 Err(error) => {
