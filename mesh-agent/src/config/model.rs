@@ -125,7 +125,7 @@ impl Config {
     pub fn authorization_policies_for<'a>(
         &'a self,
         workload: &'a Workload,
-    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+    ) -> impl Iterator<Item = &'a super::authorization::AuthorizationPolicy> + 'a {
         // The selection depends only on the namespace and the labels.
         let precomputed = self
             .workload(workload.id)
@@ -431,7 +431,7 @@ pub enum EndpointSelection {
 pub struct Policies {
     /// L4 authorization policies, in file order; `(namespace, name)` is unique. Evaluated by
     /// `crate::authz::authorize`.
-    pub authorization: Vec<AuthorizationPolicy>,
+    pub authorization: Vec<super::authorization::AuthorizationPolicy>,
     /// Limits on what reaches workloads, in file order; `(namespace, name)` is unique.
     pub rate_limits: Vec<super::limits::RateLimitPolicy>,
     /// Limits on what workloads send, in file order; `(namespace, name)` is unique.
@@ -454,27 +454,9 @@ impl Node {
     }
 }
 
-/// An L4 authorization policy, modelled on Istio's `AuthorizationPolicy`.
-///
-/// It applies to the workloads of `namespace` whose labels include `selector` (all of the
-/// namespace when `None`). It *matches* a connection when any of its `rules` matches; with no
-/// rule, an `Allow` policy matches nothing (so it denies everything it applies to) and a
-/// `Deny` policy matches everything.
-///
-/// Decision for a workload (see `crate::authz`): denied if a `Deny` policy applying to it
-/// matches; otherwise, if some `Allow` policy applies to it, allowed only when one of them
-/// matches; otherwise allowed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuthorizationPolicy {
-    pub name: String,
-    pub namespace: String,
-    /// `None`: every workload of the namespace. Never `Some` of an empty map from the file.
-    pub selector: Option<BTreeMap<String, String>>,
-    pub action: AuthorizationAction,
-    pub rules: Vec<AuthorizationRule>,
-}
-
-impl AuthorizationPolicy {
+/// Here, beside [`Workload`], rather than with the type: the policy types import nothing of
+/// the model.
+impl super::authorization::AuthorizationPolicy {
     /// `namespace/name`
     pub fn qualified_name(&self) -> QualifiedName<'_> {
         QualifiedName(&self.namespace, &self.name)
@@ -490,43 +472,4 @@ impl AuthorizationPolicy {
                     .all(|(k, v)| workload.labels.get(k) == Some(v))
             })
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum AuthorizationAction {
-    /// The default, as in Istio.
-    #[default]
-    Allow,
-    Deny,
-}
-
-/// Matches a connection when every condition it has matches; a rule without any condition
-/// matches every connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct AuthorizationRule {
-    /// Conditions on the source; `None`: any source, authenticated or not.
-    pub from: Option<RuleSource>,
-    /// Destination ports (the workload's target port, not the service port); empty: any port.
-    pub ports: Vec<u16>,
-}
-
-/// Conditions on the source's SPIFFE identity. Each non-empty list is one condition (an empty
-/// list is no condition, as in Istio; the file cannot write one):
-/// - the identity is one of `identities` or starts with one of `identity_prefixes` (one
-///   condition when both are given: they are two spellings of Istio's `principals`);
-/// - its namespace (`/ns/<namespace>/` of an identity of the agent's trust domain) is one of
-///   `namespaces`.
-///
-/// A source with any condition never matches an unauthenticated (plaintext) source.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RuleSource {
-    /// Exact SPIFFE IDs.
-    pub identities: Vec<SpiffeId>,
-    /// SPIFFE ID prefixes, compared byte for byte: end one with `/`
-    /// (`spiffe://cluster.local/ns/demo/`) unless a partial path segment is meant
-    /// (`.../ns/demo` also matches `.../ns/demo-test/...`).
-    pub identity_prefixes: Vec<String>,
-    pub namespaces: Vec<String>,
 }
