@@ -15,8 +15,11 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     admin::{
-        self, AdminState, StatusReport,
-        status::{CertificateStatus, ConfigStatus, ConnectionStatus, ProgramStatus},
+        self, AdminState, InForce, StatusReport,
+        status::{
+            self, CertificateStatus, ConfigStatus, ProgramStatus, STATUS_CONNECTIONS, TunnelStatus,
+            unix_seconds,
+        },
     },
     balance::Balancers,
     config::{AgentConfig, Config, watch},
@@ -96,6 +99,12 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
     };
 
     let watcher = watch::spawn(config_path, config.clone());
+    // The snapshot in force and its generation, for the status and /config_dump.
+    let in_force = Arc::new(Mutex::new(InForce {
+        generation: 1,
+        since: unix_seconds(std::time::SystemTime::now()),
+        config: config.clone(),
+    }));
     // Valid files the agent did not apply (they changed a start-up-only setting).
     let refused: Arc<Mutex<Refused>> = Arc::default();
     let mut updates = watcher.current();
@@ -105,6 +114,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         let refused = refused.clone();
         let reloads = watcher.stats();
         let metrics = metrics.clone();
+        let in_force = in_force.clone();
         let (node, cgroup) = (agent.startup.node.clone(), cgroup.display().to_string());
         let file = config_path.display().to_string();
         Box::new(move || {
@@ -112,6 +122,16 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
             let refusals = refused.lock().clone();
             let (applied, rejected) = reload_counts(&reloads, &refusals);
             metrics.observe_reloads(applied, rejected);
+            let (generation, since) = {
+                let in_force = in_force.lock();
+                (in_force.generation, in_force.since)
+            };
+            let connections =
+                status::connections(&proxy.connections, &proxy.config.load(), STATUS_CONNECTIONS);
+            let (workloads, failed_pods) = {
+                let pods = pods.lock();
+                (pods.status(), pods.failed())
+            };
             StatusReport {
                 node: node.clone(),
                 cgroup: cgroup.clone(),
@@ -120,22 +140,22 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     applied,
                     rejected,
                     last_error: reloads.last_error.or(refusals.reason),
+                    generation,
+                    since,
                 },
                 programs: programs.clone(),
-                workloads: pods.lock().status(),
+                workloads,
+                failed_pods,
                 certificates: certificates(&proxy),
-                connections: proxy
-                    .connections
-                    .subjects()
-                    .into_iter()
-                    .map(|s| ConnectionStatus {
-                        source: s.source.map(|id| id.to_string()),
-                        destination: s.destination,
-                        port: s.port,
-                    })
-                    .collect(),
+                tunnels: TunnelStatus {
+                    connections: proxy.mesh_tls.pool.live_connections(),
+                    streams: connections.counts.through_tunnels,
+                },
+                connection_counts: connections.counts,
+                connections: connections.connections,
                 services: proxy.balancers.status(),
                 limits: proxy.limits.status(),
+                ..StatusReport::default()
             }
         })
     };
@@ -144,6 +164,17 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         Arc::new(AdminState {
             metrics: metrics.clone(),
             report,
+            connections: {
+                let proxy = proxy.clone();
+                Box::new(move |limit| {
+                    status::connections(&proxy.connections, &proxy.config.load(), limit)
+                })
+            },
+            in_force: {
+                let in_force = in_force.clone();
+                Box::new(move || in_force.lock().clone())
+            },
+            config_file: config_path.display().to_string(),
             before_metrics: {
                 let (proxy, refused, reloads) = (proxy.clone(), refused.clone(), watcher.stats());
                 let pods = pods.clone();
@@ -202,6 +233,12 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                 balancers.sync(&snapshot);
                 limits.sync(&snapshot);
                 proxy.config.store(snapshot.clone());
+                {
+                    let mut in_force = in_force.lock();
+                    in_force.generation += 1;
+                    in_force.since = unix_seconds(std::time::SystemTime::now());
+                    in_force.config = snapshot.clone();
+                }
                 if let Err(error) = sync_exclusions(&proxy, snapshot.agent()) {
                     tracing::error!(%error, "updating the excluded ports and networks");
                 }
@@ -239,7 +276,7 @@ fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
     let mut pods = pods.lock();
     for error in pods.sync(config) {
         metrics.enroll_failures.inc();
-        tracing::error!(%error, "enrollment failed");
+        tracing::error!(workload = error.workload(), %error, "enrollment failed");
     }
     metrics.enrolled_pods.set(pods.enrolled_count() as i64);
 }
@@ -251,11 +288,6 @@ fn reload_counts(reloads: &watch::ReloadStats, refusals: &Refused) -> (u64, u64)
         reloads.applied.saturating_sub(refusals.count),
         reloads.rejected + refusals.count,
     )
-}
-
-fn unix_seconds(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn certificates(proxy: &ProxyContext) -> Vec<CertificateStatus> {

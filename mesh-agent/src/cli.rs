@@ -37,13 +37,20 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         cgroup: Option<PathBuf>,
     },
-    /// Show what a running agent is doing: enrolled pods, capture counters, programs.
+    /// Is this node's mesh healthy? Asks the running agent (its admin API) and prints a
+    /// first screen: a one-line verdict (`healthy`, or `degraded:` and what is wrong), eBPF
+    /// programs and capture counters, pods enrolled and failed, the config generation and
+    /// last error, certificates and the soonest expiry, tunnels, connections.
+    ///
+    /// The views show one part in full. Exits 1 when the agent cannot be reached.
     Status {
-        /// The agent's admin address.
-        #[arg(long, default_value = "127.0.0.1:15000")]
+        #[command(subcommand)]
+        view: Option<StatusView>,
+        /// The agent's admin address (`agent.adminAddr`).
+        #[arg(long, global = true, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
-        /// Print the raw JSON instead of a table.
-        #[arg(long)]
+        /// Print the agent's JSON answer instead of the 80-column text.
+        #[arg(long, global = true)]
         json: bool,
     },
     /// Remove the programs and maps an agent pinned, which stops all steering on this node.
@@ -62,6 +69,25 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+#[derive(Clone, Copy, Debug, Subcommand)]
+pub enum StatusView {
+    /// Enrolled pods with their eBPF capture counters, and the pods that failed to enroll
+    /// with the reason.
+    Pods,
+    /// Each service port this node's pods call: its endpoints, their state, load and
+    /// latency; then the rate limits and their use.
+    Services,
+    /// Live connections, oldest first, like `ss` for the mesh: source, destination,
+    /// addresses, both identities, age, bytes each way.
+    Connections {
+        /// Show at most this many (the rest are counted).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        limit: u32,
+    },
+    /// The certificates held for this node's pods: identity, serial, validity, time left.
+    Certificates,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,7 +3,10 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use mesh_agent::{admin, agent, cli, config, ebpf, tunnel};
+use mesh_agent::{
+    admin::{self, client::View},
+    agent, cli, config, ebpf, tunnel,
+};
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
@@ -37,7 +40,28 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         cli::Command::Run { config, cgroup } => runtime.block_on(agent::run(&config, cgroup)),
-        cli::Command::Status { admin, json } => runtime.block_on(admin::status::print(admin, json)),
+        cli::Command::Status { view, admin, json } => {
+            let view = match view {
+                None => View::Overview,
+                Some(cli::StatusView::Pods) => View::Pods,
+                Some(cli::StatusView::Services) => View::Services,
+                Some(cli::StatusView::Connections { limit }) => View::Connections {
+                    limit: limit as usize,
+                },
+                Some(cli::StatusView::Certificates) => View::Certificates,
+            };
+            match runtime.block_on(admin::client::show(admin, view, json)) {
+                Ok(text) => {
+                    // A closed pipe (`| head`) is the reader's choice, not an error.
+                    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+                    Ok(())
+                }
+                Err(error) => {
+                    eprintln!("mesh-agent status: {error}");
+                    std::process::exit(1);
+                }
+            }
+        }
         cli::Command::Uninstall { name } => {
             // The development CA, if the agent made one (/run/mesh-agent/<name>).
             if let Some(state) = tunnel::dev_ca_dir(&name).parent() {

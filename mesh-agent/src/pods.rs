@@ -17,31 +17,46 @@ use crate::{
     sys::{NetnsError, NetnsThread},
 };
 
+/// Why a pod could not be enrolled (or taken out). The message leaves out the workload,
+/// which [`EnrollError::workload`] gives: the status lists failures by workload.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("workload {workload} has no netns path")]
+    #[error("no netns path")]
     NoNetns { workload: String },
-    #[error("workload {workload}: opening {path}: {source}")]
+    #[error("opening {path}: {source}")]
     OpenNetns {
         workload: String,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("workload {workload}: {source}")]
+    #[error("{source}")]
     Netns {
         workload: String,
         source: NetnsError,
     },
-    #[error("workload {workload}: {source}")]
+    #[error("{source}")]
     Proxy {
         workload: String,
         source: ProxyError,
     },
-    #[error("workload {workload}: {source}")]
+    #[error("{source}")]
     Map {
         workload: String,
         source: Box<EbpfError>,
     },
+}
+
+impl EnrollError {
+    /// `namespace/name` of the pod.
+    pub fn workload(&self) -> &str {
+        match self {
+            EnrollError::NoNetns { workload }
+            | EnrollError::OpenNetns { workload, .. }
+            | EnrollError::Netns { workload, .. }
+            | EnrollError::Proxy { workload, .. }
+            | EnrollError::Map { workload, .. } => workload,
+        }
+    }
 }
 
 /// What decides how a pod is enrolled; a change means enrolling it again.
@@ -75,9 +90,23 @@ pub struct PodStatus {
     pub no_listener: u64,
 }
 
+/// A local pod of the config that is not enrolled, and why: its last attempt failed. It is
+/// tried again at each reload and leaves this list once enrolled (or out of the config).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedPod {
+    /// `namespace/name`
+    pub workload: String,
+    pub reason: String,
+    /// When the last attempt failed, in seconds since the Unix epoch.
+    pub since: u64,
+}
+
 pub struct Pods {
     proxy: Arc<ProxyContext>,
     enrolled: BTreeMap<String, PodEntry>,
+    /// Local pods whose last enrollment failed, by `namespace/name`.
+    failed: BTreeMap<String, FailedPod>,
 }
 
 impl Pods {
@@ -85,6 +114,7 @@ impl Pods {
         Self {
             proxy,
             enrolled: BTreeMap::new(),
+            failed: BTreeMap::new(),
         }
     }
 
@@ -105,6 +135,7 @@ impl Pods {
             })
             .map(|(key, _)| key.clone())
             .collect();
+        self.failed.retain(|key, _| wanted.contains_key(key));
         let mut errors = Vec::new();
         for key in stale {
             if let Some(pod) = self.enrolled.remove(&key) {
@@ -129,9 +160,21 @@ impl Pods {
                         .pods
                         .write()
                         .insert(pod.handle.key.clone(), pod.handle.clone());
+                    self.failed.remove(&key);
                     self.enrolled.insert(key, pod);
                 }
-                Err(error) => errors.push(error),
+                Err(error) => {
+                    let since = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let failed = FailedPod {
+                        workload: key.clone(),
+                        reason: error.to_string(),
+                        since,
+                    };
+                    self.failed.insert(key, failed);
+                    errors.push(error);
+                }
             }
         }
         // Pinned maps outlive an agent: drop entries an earlier one left for pods gone since.
@@ -240,6 +283,11 @@ impl Pods {
 
     pub fn enrolled_count(&self) -> usize {
         self.enrolled.len()
+    }
+
+    /// The local pods whose last enrollment failed, with the reason.
+    pub fn failed(&self) -> Vec<FailedPod> {
+        self.failed.values().cloned().collect()
     }
 
     pub fn status(&self) -> Vec<PodStatus> {

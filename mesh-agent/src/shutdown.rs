@@ -72,8 +72,7 @@ impl Handover<'_> {
 async fn successor_ready(addr: SocketAddr) -> bool {
     let deadline = Instant::now() + SUCCESSOR_WAIT;
     loop {
-        let probe = tokio::time::timeout(POLL, admin::status::fetch(addr, "/ready"));
-        if let Ok(Ok(_)) = probe.await {
+        if admin::client::ready(addr, POLL).await {
             return true;
         }
         if Instant::now() >= deadline {

@@ -367,15 +367,35 @@ impl Agent {
 
     /// `mesh-agent status` as a person sees it.
     pub fn status_table(&self) -> Result<String> {
+        let output = self.status_command(&[])?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `mesh-agent status ARGS...` (a view, `--json`...) run in the agent's node, whatever
+    /// its outcome: the agent may be stopped.
+    pub fn status_command(&self, args: &[&str]) -> Result<std::process::Output> {
         let mut command = self.node.try_command(agent_path()?)?;
-        command.arg("status");
+        command
+            .arg("status")
+            .args(args)
+            .env_remove("RUST_BACKTRACE");
+        output_timeout(&mut command, Duration::from_secs(10))
+    }
+
+    /// The body of `GET PATH` on the agent's admin API, read from inside its node.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        let mut command = self.node.try_command(crate::testtool_path()?)?;
+        command.args(["http-get", "--connect", "127.0.0.1:15000", "--path", path]);
         let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        if !output.status.success() {
+            bail!("GET {path}: {}", String::from_utf8_lossy(&output.stderr));
+        }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// The agent's `/metrics` (Prometheus text), read from inside its node.
     pub fn metrics(&self) -> Result<String> {
-        self.node.http_get(ADMIN_ADDRESS, "/metrics")
+        self.admin_get("/metrics")
     }
 
     /// The value of the sample `name{labels}` in `/metrics` (labels in any order, all of

@@ -474,8 +474,11 @@ fn a_live_split_change_moves_new_connections_and_keeps_an_open_one() {
         Some(&10),
         "the caller route wins: {counts:?}"
     );
-    // `mesh-agent status` shows the service, its endpoints and their subsets.
-    let table = agent.status_table().expect("status");
+    // `mesh-agent status services` shows the service, its endpoints and their subsets.
+    let output = agent
+        .status_command(&["services"])
+        .expect("status services");
+    let table = String::from_utf8_lossy(&output.stdout);
     assert!(
         table.contains("service test/echo:80")
             && table.contains(&format!("{}:8080", mesh.c.ipv4()))

@@ -1,7 +1,20 @@
-//! The admin API on a loopback address of the node: /healthz, /ready, /metrics, /status.
-//! `mesh-agent status` is its client.
+//! The admin API on a loopback address of the node, and `mesh-agent status`, its client.
+//!
+//! - `/healthz`, `/ready`: liveness; `/metrics`: Prometheus.
+//! - `/status`: the first screen's data (health verdict, programs, pods, config generation,
+//!   certificates, tunnels, connection counts) and the lists the views show; its views
+//!   `/status/pods`, `/status/services`, `/status/certificates`, and
+//!   `/status/connections?limit=N` (the oldest live connections, bounded).
+//! - `/config_dump`: the configuration snapshot in force, as JSON under the YAML's names.
+//!
+//! It only reads: the agent hands it closures over its reports. Rooms: [`status`] (the
+//! report types), [`render`] (the human output), [`client`] (`mesh-agent status`).
 
+pub mod client;
+pub mod render;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -9,13 +22,14 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpSocket},
     task::JoinHandle,
 };
 
 use crate::metrics::Metrics;
-pub use status::StatusReport;
+pub use status::{ConnectionsReport, InForce, StatusReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -31,7 +45,14 @@ pub enum AdminError {
 /// What the admin API reads from the running agent.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
+    /// The status report (its `health` is worked out here).
     pub report: Box<dyn Fn() -> StatusReport + Send + Sync>,
+    /// The oldest live connections, at most this many, and the counts of all.
+    pub connections: Box<dyn Fn(usize) -> ConnectionsReport + Send + Sync>,
+    /// The configuration snapshot in force.
+    pub in_force: Box<dyn Fn() -> InForce + Send + Sync>,
+    /// The configuration file, for `/config_dump`.
+    pub config_file: String,
     /// Brings the gauges and totals kept elsewhere (reloads, certificate expiry) up to date
     /// before a scrape.
     pub before_metrics: Box<dyn Fn() + Send + Sync>,
@@ -87,14 +108,15 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServ
 
 fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".into(),
-        );
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
+    let report = || {
+        let mut report = (state.report)();
+        report.health = report.assess(status::unix_seconds(std::time::SystemTime::now()));
+        report
+    };
     match request.uri().path() {
-        "/healthz" | "/ready" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" | "/ready" => text(StatusCode::OK, "ok\n"),
         "/metrics" => {
             (state.before_metrics)();
             reply(
@@ -103,16 +125,66 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes
                 state.metrics.render(),
             )
         }
-        "/status" => match serde_json::to_string_pretty(&(state.report)()) {
-            Ok(json) => reply(StatusCode::OK, "application/json", json),
-            Err(error) => reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                error.to_string(),
+        "/status" => json(&report()),
+        "/status/pods" => {
+            let report = report();
+            json(&serde_json::json!({
+                "workloads": report.workloads,
+                "failedPods": report.failed_pods,
+            }))
+        }
+        "/status/services" => {
+            let report = report();
+            json(&serde_json::json!({
+                "services": report.services,
+                "limits": report.limits,
+            }))
+        }
+        "/status/certificates" => {
+            json(&serde_json::json!({ "certificates": report().certificates }))
+        }
+        "/status/connections" => match limit(request.uri().query()) {
+            Some(limit) => json(&(state.connections)(limit)),
+            None => text(
+                StatusCode::BAD_REQUEST,
+                "limit must be a number of connections\n",
             ),
         },
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        "/config_dump" => {
+            let in_force = (state.in_force)();
+            json(&status::ConfigDump {
+                generation: in_force.generation,
+                since: in_force.since,
+                file: &state.config_file,
+                config: &in_force.config,
+            })
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The `limit` of a `/status/connections` query; [`status::STATUS_CONNECTIONS`] when none
+/// is given, `None` when it is not a number.
+fn limit(query: Option<&str>) -> Option<usize> {
+    let given = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("limit="));
+    match given {
+        Some(n) => n.parse().ok(),
+        None => Some(status::STATUS_CONNECTIONS),
+    }
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => reply(StatusCode::OK, "application/json", json),
+        Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    reply(status, "text/plain", body.to_owned())
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

@@ -6,11 +6,14 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use super::model::QualifiedName;
+use serde::Serialize;
+
+use super::{dump, model::QualifiedName};
 use crate::tls::SpiffeId;
 
 /// New connections per second, with a burst (the bucket's size).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Rate {
     pub per_second: u32,
     /// At least 1; default: `per_second`.
@@ -18,7 +21,8 @@ pub struct Rate {
 }
 
 /// Bytes per second each way, with a burst; shaping pauses reading, never drops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Bandwidth {
     pub bytes_per_second: u64,
     /// Default: a tenth of a second's worth, at least 64 KiB.
@@ -26,18 +30,23 @@ pub struct Bandwidth {
 }
 
 /// What happens to a connection over its limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
 pub enum OnLimit {
     /// Refused at once (a reset).
     #[default]
     Reject,
     /// Held until a token is there, refused after `max_wait`.
-    Wait { max_wait: Duration },
+    Wait {
+        #[serde(rename = "maxWaitMs", serialize_with = "dump::millis")]
+        max_wait: Duration,
+    },
 }
 
 /// `policies.rateLimits[]`: limits on what reaches the workloads of `namespace` whose
 /// labels include `selector` (all of the namespace when `None`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RateLimitPolicy {
     pub name: String,
     pub namespace: String,
@@ -50,7 +59,8 @@ pub struct RateLimitPolicy {
     pub on_limit: OnLimit,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PerSource {
     pub connections: Option<Rate>,
     pub bandwidth: Option<Bandwidth>,
@@ -58,7 +68,8 @@ pub struct PerSource {
     pub overrides: Vec<SourceOverride>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SourceOverride {
     pub identities: Vec<SpiffeId>,
     pub connections: Option<Rate>,
@@ -68,7 +79,8 @@ pub struct SourceOverride {
 /// `policies.egressLimits[]`: each workload of `namespace` whose labels include `selector`
 /// may open at most this many connections (and move this many bytes) on its own, enforced by
 /// its own node's agent. One bucket per workload, so a noisy pod only spends its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EgressLimitPolicy {
     pub name: String,
     pub namespace: String,

@@ -2,7 +2,8 @@
 //! immutable snapshot, shared as `Arc<Config>`.
 //!
 //! - [`model`]: the resolved snapshot [`Config`] and its parts; [`traffic`] (a service's
-//!   traffic policy) and [`limits`] (rate limits) are parts of it.
+//!   traffic policy), [`authorization`] (authorization policies) and [`limits`] (rate limits)
+//!   are parts of it.
 //! - the file source: [`Config::from_yaml_str`], [`Config::load`] (strict parsing with
 //!   positions, then validation that resolves endpoints and builds the lookups), and
 //!   [`check`] for `mesh-agent config check`.
@@ -11,6 +12,8 @@
 //!
 //! Errors are all [`ConfigError`].
 
+pub mod authorization;
+mod dump;
 mod error;
 mod file;
 pub mod limits;
@@ -20,15 +23,16 @@ pub mod traffic;
 mod validate;
 pub mod watch;
 
+pub use authorization::{AuthorizationAction, AuthorizationPolicy, AuthorizationRule, RuleSource};
 pub use error::ConfigError;
 pub use file::{check, system_node_name};
 pub use limits::{
     Bandwidth, EgressLimitPolicy, OnLimit, PerSource, Rate, RateLimitPolicy, SourceOverride,
 };
 pub use model::{
-    AccessLog, AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Cidr,
-    Config, Endpoint, EndpointSelection, FailMode, LiveSettings, Node, Policies, QualifiedName,
-    RuleSource, Service, ServicePort, StartupSettings, UnknownDestination, Workload, WorkloadId,
+    AccessLog, AgentConfig, Cidr, Config, Endpoint, EndpointSelection, FailMode, LiveSettings,
+    Node, Policies, QualifiedName, Service, ServicePort, StartupSettings, UnknownDestination,
+    Workload, WorkloadId,
 };
 pub use traffic::{
     CallerMatch, CallerRoute, CircuitBreaker, HashOn, HealthCheck, LoadBalancer, Locality,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::dump;
 use crate::tls::SpiffeId;
 
 /// Defaults of the `agent` block.
@@ -44,7 +45,8 @@ pub mod defaults {
 
 /// One immutable configuration snapshot. The data fields are public for reading; a `Config`
 /// can only be built by this module (the lookups are private), so it is always validated.
-#[derive(Debug, Clone, PartialEq)]
+/// Serialized (the lookups left out) for `/config_dump`, under the YAML's names.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub agent: AgentConfig,
     /// In file order; `WorkloadId(i)` is `workloads[i]`.
@@ -55,15 +57,20 @@ pub struct Config {
     /// Nodes with labels (the zone, for locality); in file order. Optional.
     pub nodes: Vec<Node>,
     /// (canonical VIP, service port) -> (service index, port index)
+    #[serde(skip)]
     pub(super) by_vip: HashMap<SocketAddr, (usize, usize)>,
     /// canonical workload IP -> workload
+    #[serde(skip)]
     pub(super) by_ip: HashMap<IpAddr, WorkloadId>,
     /// A workload endpoint (pod IP, target port) -> the index of the first service, in file
     /// order, that has it: what the server side of a connection names as its service.
+    #[serde(skip)]
     pub(super) by_endpoint: HashMap<SocketAddr, usize>,
+    #[serde(skip)]
     pub(super) local: Vec<WorkloadId>,
     /// `WorkloadId(i)` -> indices into `policies.authorization` of the policies selecting
     /// workload `i`, in file order.
+    #[serde(skip)]
     pub(super) authz_by_workload: Vec<Vec<usize>>,
 }
 
@@ -134,7 +141,7 @@ impl Config {
     pub fn authorization_policies_for<'a>(
         &'a self,
         workload: &'a Workload,
-    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+    ) -> impl Iterator<Item = &'a super::authorization::AuthorizationPolicy> + 'a {
         // The selection depends only on the namespace and the labels.
         let precomputed = self
             .workload(workload.id)
@@ -173,15 +180,17 @@ impl Config {
 /// The `agent` block, defaults applied, in two parts: what the agent reads once at start
 /// ([`StartupSettings`]: a reload changing it is refused) and what a reload applies
 /// ([`LiveSettings`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AgentConfig {
+    #[serde(flatten)]
     pub startup: StartupSettings,
+    #[serde(flatten)]
     pub live: LiveSettings,
 }
 
 /// The settings that take effect only when the agent starts (listeners, pins, the CA, the
-/// connection limit). Serialized only to name the ones a reload changed: the serialized keys
-/// are the YAML names of the `agent` block.
+/// connection limit). Serialized to name the ones a reload changed, and for `/config_dump`:
+/// the serialized keys are the YAML names of the `agent` block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StartupSettings {
@@ -212,26 +221,29 @@ pub struct StartupSettings {
     /// rotation); absolute, distinct, in file order.
     pub trust_root_files: Vec<PathBuf>,
     /// Lifetime of the workload certificates the CA signs; default 24 h, at least a minute.
-    #[serde(rename = "certLifetimeMinutes")]
+    #[serde(rename = "certLifetimeMinutes", serialize_with = "dump::minutes")]
     pub cert_lifetime: Duration,
     /// An HBONE tunnel (node-to-node connection) with no stream is closed after this long.
-    #[serde(rename = "tunnelIdleTimeoutMs")]
+    #[serde(rename = "tunnelIdleTimeoutMs", serialize_with = "dump::millis")]
     pub tunnel_idle_timeout: Duration,
     /// On SIGTERM, how long established connections may go on after the listeners close
     /// (keep it under the pod's termination grace period); zero closes them at once.
-    #[serde(rename = "drainTimeoutMs")]
+    #[serde(rename = "drainTimeoutMs", serialize_with = "dump::millis")]
     pub drain_timeout: Duration,
 }
 
 /// The settings a reload applies to new connections (and, for the exclusions, to the eBPF
 /// maps at once).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LiveSettings {
     /// Destination ports never captured, sorted.
     pub excluded_ports: Vec<u16>,
     /// Destination networks never captured (e.g. the node's own network), in file order.
     pub excluded_cidrs: Vec<Cidr>,
+    #[serde(rename = "connectTimeoutMs", serialize_with = "dump::millis")]
     pub connect_timeout: Duration,
+    #[serde(rename = "idleTimeoutMs", serialize_with = "dump::millis")]
     pub idle_timeout: Duration,
     /// The largest copy buffer per direction per connection (buffers start small and grow
     /// with bulk reads).
@@ -243,7 +255,8 @@ pub struct LiveSettings {
 }
 
 /// Which connections get an access-log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AccessLog {
     pub enabled: bool,
     /// Percent of the connections that end normally to log; refusals and failures are
@@ -308,6 +321,12 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -319,8 +338,10 @@ impl fmt::Display for Cidr {
 pub struct WorkloadId(pub usize);
 
 /// A pod (or any process group in its own netns) known to the mesh.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Workload {
+    #[serde(skip)]
     pub id: WorkloadId,
     pub name: String,
     pub namespace: String,
@@ -360,7 +381,7 @@ impl fmt::Display for QualifiedName<'_> {
 }
 
 /// What to do with a workload's traffic when the proxy cannot serve it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum FailMode {
     /// Let traffic bypass the proxy.
@@ -371,7 +392,7 @@ pub enum FailMode {
 }
 
 /// What to do with outbound connections to a destination that is not a known service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum UnknownDestination {
     /// Connect to the original destination as is.
@@ -381,7 +402,8 @@ pub enum UnknownDestination {
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Service {
     pub name: String,
     pub namespace: String,
@@ -390,8 +412,10 @@ pub struct Service {
     /// Non-empty, distinct `port`s, in file order.
     pub ports: Vec<ServicePort>,
     /// How the endpoints were selected (kept for display and for later sources).
+    #[serde(rename = "endpoints")]
     pub selection: EndpointSelection,
     /// What callers do: balancing, health, retries, limits, split.
+    #[serde(rename = "trafficPolicy")]
     pub traffic: super::traffic::TrafficPolicy,
 }
 
@@ -402,7 +426,8 @@ impl Service {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
@@ -413,12 +438,15 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// Endpoint IP and the service port's target port.
+    #[serde(rename = "address")]
     pub addr: SocketAddr,
     /// The workload owning the IP, if any (raw `addresses` that are a known workload's IP are
     /// attributed to that workload too).
+    #[serde(skip)]
     pub workload: Option<WorkloadId>,
     /// That workload's node; `None` for a raw address outside the mesh.
     pub node: Option<String>,
@@ -431,7 +459,8 @@ pub struct Endpoint {
 }
 
 /// The `endpoints` block of a service: exactly one way of choosing them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub enum EndpointSelection {
     /// Workloads of the service's namespace whose labels include all of these.
     Selector(BTreeMap<String, String>),
@@ -442,12 +471,13 @@ pub enum EndpointSelection {
 }
 
 /// The `policies` block. Rate limits will join authorization here (hence `non_exhaustive`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct Policies {
     /// L4 authorization policies, in file order; `(namespace, name)` is unique. Evaluated by
     /// `crate::authz::authorize`.
-    pub authorization: Vec<AuthorizationPolicy>,
+    pub authorization: Vec<super::authorization::AuthorizationPolicy>,
     /// Limits on what reaches workloads, in file order; `(namespace, name)` is unique.
     pub rate_limits: Vec<super::limits::RateLimitPolicy>,
     /// Limits on what workloads send, in file order; `(namespace, name)` is unique.
@@ -455,7 +485,7 @@ pub struct Policies {
 }
 
 /// A node of the cluster, as far as the mesh cares: its labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -470,27 +500,9 @@ impl Node {
     }
 }
 
-/// An L4 authorization policy, modelled on Istio's `AuthorizationPolicy`.
-///
-/// It applies to the workloads of `namespace` whose labels include `selector` (all of the
-/// namespace when `None`). It *matches* a connection when any of its `rules` matches; with no
-/// rule, an `Allow` policy matches nothing (so it denies everything it applies to) and a
-/// `Deny` policy matches everything.
-///
-/// Decision for a workload (see `crate::authz`): denied if a `Deny` policy applying to it
-/// matches; otherwise, if some `Allow` policy applies to it, allowed only when one of them
-/// matches; otherwise allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthorizationPolicy {
-    pub name: String,
-    pub namespace: String,
-    /// `None`: every workload of the namespace. Never `Some` of an empty map from the file.
-    pub selector: Option<BTreeMap<String, String>>,
-    pub action: AuthorizationAction,
-    pub rules: Vec<AuthorizationRule>,
-}
-
-impl AuthorizationPolicy {
+/// Here, beside [`Workload`], rather than with the type: the policy types import nothing of
+/// the model.
+impl super::authorization::AuthorizationPolicy {
     /// `namespace/name`
     pub fn qualified_name(&self) -> QualifiedName<'_> {
         QualifiedName(&self.namespace, &self.name)
@@ -506,42 +518,4 @@ impl AuthorizationPolicy {
                     .all(|(k, v)| workload.labels.get(k) == Some(v))
             })
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum AuthorizationAction {
-    /// The default, as in Istio.
-    #[default]
-    Allow,
-    Deny,
-}
-
-/// Matches a connection when every condition it has matches; a rule without any condition
-/// matches every connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuthorizationRule {
-    /// Conditions on the source; `None`: any source, authenticated or not.
-    pub from: Option<RuleSource>,
-    /// Destination ports (the workload's target port, not the service port); empty: any port.
-    pub ports: Vec<u16>,
-}
-
-/// Conditions on the source's SPIFFE identity. Each non-empty list is one condition (an empty
-/// list is no condition, as in Istio; the file cannot write one):
-/// - the identity is one of `identities` or starts with one of `identity_prefixes` (one
-///   condition when both are given: they are two spellings of Istio's `principals`);
-/// - its namespace (`/ns/<namespace>/` of an identity of the agent's trust domain) is one of
-///   `namespaces`.
-///
-/// A source with any condition never matches an unauthenticated (plaintext) source.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RuleSource {
-    /// Exact SPIFFE IDs.
-    pub identities: Vec<SpiffeId>,
-    /// SPIFFE ID prefixes, compared byte for byte: end one with `/`
-    /// (`spiffe://cluster.local/ns/demo/`) unless a partial path segment is meant
-    /// (`.../ns/demo` also matches `.../ns/demo-test/...`).
-    pub identity_prefixes: Vec<String>,
-    pub namespaces: Vec<String>,
 }

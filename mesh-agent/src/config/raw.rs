@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::model::{AuthorizationAction, FailMode, UnknownDestination};
+use super::{
+    authorization::AuthorizationAction,
+    model::{FailMode, UnknownDestination},
+};
 
 pub(super) type S<T> = Spanned<T>;
 

@@ -5,6 +5,9 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use serde::Serialize;
+
+use super::dump;
 use crate::tls::SpiffeId;
 
 /// Defaults of `trafficPolicy`.
@@ -29,7 +32,8 @@ pub mod defaults {
 
 /// `services[].trafficPolicy`; every part has a default, so a service without the block
 /// gets [`TrafficPolicy::default`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     pub load_balancer: LoadBalancer,
     pub locality: Locality,
@@ -39,9 +43,15 @@ pub struct TrafficPolicy {
     pub health_check: Option<HealthCheck>,
     pub retries: Retries,
     /// Override `agent.connectTimeoutMs` / `agent.idleTimeoutMs` for this service.
+    #[serde(rename = "connectTimeoutMs", serialize_with = "dump::millis_opt")]
     pub connect_timeout: Option<Duration>,
+    #[serde(rename = "idleTimeoutMs", serialize_with = "dump::millis_opt")]
     pub idle_timeout: Option<Duration>,
     /// A connection is closed after this long, however busy. `None`: no limit.
+    #[serde(
+        rename = "maxConnectionLifetimeMs",
+        serialize_with = "dump::millis_opt"
+    )]
     pub max_connection_lifetime: Option<Duration>,
     pub circuit_breaker: CircuitBreaker,
     /// Weighted subsets of the endpoints (by labels). Empty: one implicit subset of all.
@@ -70,7 +80,12 @@ impl Default for TrafficPolicy {
 }
 
 /// `trafficPolicy.loadBalancer`: `{algorithm: ..., hashOn: ...}`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(
+    tag = "algorithm",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum LoadBalancer {
     /// Each endpoint in turn.
     RoundRobin,
@@ -90,7 +105,8 @@ pub enum LoadBalancer {
     Maglev { hash_on: HashOn },
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub enum HashOn {
     /// The client's IP address.
     #[default]
@@ -102,7 +118,8 @@ pub enum HashOn {
 /// `trafficPolicy.locality`: prefer endpoints on this node, then in this node's zone, then
 /// anywhere. A tier is used while at least `min_healthy_percent` of its endpoints (and at
 /// least one) are usable; otherwise traffic fails over to the next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Locality {
     pub enabled: bool,
     pub min_healthy_percent: u8,
@@ -118,13 +135,16 @@ impl Default for Locality {
 }
 
 /// `trafficPolicy.outlierDetection`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
     /// Connect failures (or resets before any byte came back) in a row that eject.
     pub consecutive_failures: u32,
     /// The first ejection lasts this long; each further one of the same endpoint twice as
     /// long, up to `max_ejection`.
+    #[serde(rename = "baseEjectionMs", serialize_with = "dump::millis")]
     pub base_ejection: Duration,
+    #[serde(rename = "maxEjectionMs", serialize_with = "dump::millis")]
     pub max_ejection: Duration,
     /// Never more than this share of the endpoints ejected at once.
     pub max_ejected_percent: u8,
@@ -142,9 +162,12 @@ impl Default for OutlierDetection {
 }
 
 /// `trafficPolicy.healthCheck`: a TCP connect to each endpoint every `interval`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HealthCheck {
+    #[serde(rename = "intervalMs", serialize_with = "dump::millis")]
     pub interval: Duration,
+    #[serde(rename = "timeoutMs", serialize_with = "dump::millis")]
     pub timeout: Duration,
     /// Failed checks in a row that mark an endpoint unhealthy, and passed ones that mark it
     /// healthy again.
@@ -166,7 +189,8 @@ impl Default for HealthCheck {
 /// `trafficPolicy.retries`: a failed connect (no byte sent yet, so always safe) is retried on
 /// another endpoint, up to `attempts` more times, while the retry budget allows: retries stay
 /// under `budget_percent` of the connections of the last 10 s, or `min_retries_per_second`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Retries {
     pub attempts: u32,
     pub budget_percent: u32,
@@ -185,19 +209,23 @@ impl Default for Retries {
 
 /// `trafficPolicy.circuitBreaker`: beyond a limit a new connection is refused at once (a
 /// reset), never queued. `None`: no limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CircuitBreaker {
     /// Connections open to the service (this node's callers).
     pub max_connections: Option<u32>,
     /// Connects in flight to the service.
+    #[serde(rename = "maxPendingConnects")]
     pub max_pending: Option<u32>,
     /// The same per endpoint: an endpoint at its limit is skipped.
     pub max_connections_per_endpoint: Option<u32>,
+    #[serde(rename = "maxPendingConnectsPerEndpoint")]
     pub max_pending_per_endpoint: Option<u32>,
 }
 
 /// `trafficPolicy.subsets[]`: the endpoints whose workload labels include `labels`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -206,7 +234,8 @@ pub struct Subset {
 }
 
 /// `trafficPolicy.callerRoutes[]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CallerRoute {
     pub from: CallerMatch,
     /// The name of one of the service's subsets.
@@ -214,7 +243,8 @@ pub struct CallerRoute {
 }
 
 /// Matches a caller when every condition given matches; at least one is given.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CallerMatch {
     /// The calling workload's labels include these.
     pub labels: BTreeMap<String, String>,

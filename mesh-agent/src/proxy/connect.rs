@@ -10,8 +10,9 @@ use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
 
 use super::{
     context::{PodHandle, ProxyContext, Refused},
-    outcome::{ConnectionResult, Direction, Outcome},
-    registry::Tracked,
+    direction::Direction,
+    outcome::{ConnectionResult, Outcome},
+    registry::{ConnectionInfo, Tracked},
     route::{self, Hop, NoRoute, Plan, RouteKind, Target, Via},
     upstream::{self, TunnelFailure},
 };
@@ -40,8 +41,9 @@ pub(super) struct CopySettings {
 /// What [`establish`] hands the copy.
 pub(super) struct Established {
     pub upstream: Stream,
-    /// Registered for revocation when a policy admitted it here.
-    pub tracked: Option<Tracked>,
+    /// Registered for the connections view, and for revocation when a policy admitted it
+    /// here.
+    pub tracked: Tracked,
     /// The bandwidth limits that apply (egress of the source, ingress of the destination).
     pub shaper: Shaper,
     pub copy: CopySettings,
@@ -223,7 +225,7 @@ fn caller<'a>(
     }
 }
 
-type Connected = (Stream, Option<Tracked>, Shaper, Option<ActiveGuard>);
+type Connected = (Stream, Tracked, Shaper, Option<ActiveGuard>);
 
 impl Attempts<'_> {
     /// Picks endpoints of `balancer` until one connects, retrying failed connects within the
@@ -307,20 +309,39 @@ impl Attempts<'_> {
         }
     }
 
-    /// Admits (when the destination is served here) and connects to one hop.
+    /// Registers the attempt (the connections view shows it from now on), admits it when
+    /// the destination is served here, and connects to one hop.
     async fn one(
         &self,
         hop: &Hop,
         result: &mut ConnectionResult,
-    ) -> Result<(Stream, Option<Tracked>, Shaper), Failed> {
+    ) -> Result<(Stream, Tracked, Shaper), Failed> {
         let ctx = self.ctx;
         result.upstream = Some(hop.addr);
-        result.tunnel_to = None;
-        result.tunnel_addr = None;
+        result.tunnel_to = match &hop.via {
+            Via::Direct => None,
+            Via::Tunnel { expected } => Some(expected.clone()),
+        };
+        result.tunnel_addr = match &hop.via {
+            Via::Direct => None,
+            Via::Tunnel { .. } => Some(SocketAddr::new(hop.addr.ip(), self.tunnel_port)),
+        };
+        let info = ConnectionInfo {
+            direction: result.direction,
+            pod: result.pod.clone(),
+            client: result.client,
+            client_identity: result.client_identity.clone(),
+            destination: result.destination,
+            upstream: hop.addr,
+            tunnel_to: result.tunnel_to.clone(),
+            service: result.service.clone(),
+            started: result.started(),
+            moved: result.moved.clone(),
+        };
         let (tracked, shaper) = match &hop.admit {
-            None => (None, Shaper::default()),
+            None => (ctx.connections.track(None, info), Shaper::default()),
             Some(subject) => {
-                let tracked = match ctx.admit(subject.clone()) {
+                let tracked = match ctx.admit(subject.clone(), info) {
                     Ok((tracked, decision)) => {
                         result.policy = decision.policy;
                         tracked
@@ -340,7 +361,7 @@ impl Attempts<'_> {
                     None => SourceKey::ip(result.client.ip()),
                 };
                 match ctx.limits.admit(&subject.destination, &source).await {
-                    Ok(shaper) => (Some(tracked), shaper),
+                    Ok(shaper) => (tracked, shaper),
                     Err(limited) => {
                         ctx.metrics.rate_limited(&limited.policy, "ingress");
                         result.fail(Outcome::RateLimited, limited.to_string());
@@ -355,24 +376,20 @@ impl Attempts<'_> {
                 .await
                 .map(Stream::Tcp)
                 .map_err(|error| (Outcome::ConnectFailed, error.to_string(), true)),
-            Via::Tunnel { expected } => {
-                result.tunnel_to = Some(expected.clone());
-                result.tunnel_addr = Some(SocketAddr::new(hop.addr.ip(), self.tunnel_port));
-                upstream::tunnel(
-                    &ctx.mesh_tls,
-                    self.pod,
-                    expected,
-                    hop.addr,
-                    self.tunnel_port,
-                    self.connect_timeout,
-                )
-                .await
-                .map(Stream::Tunnel)
-                .map_err(|failure| match failure {
-                    TunnelFailure::Denied(reason) => (Outcome::Denied, reason, false),
-                    TunnelFailure::Failed(reason) => (Outcome::ConnectFailed, reason, true),
-                })
-            }
+            Via::Tunnel { expected } => upstream::tunnel(
+                &ctx.mesh_tls,
+                self.pod,
+                expected,
+                hop.addr,
+                self.tunnel_port,
+                self.connect_timeout,
+            )
+            .await
+            .map(Stream::Tunnel)
+            .map_err(|failure| match failure {
+                TunnelFailure::Denied(reason) => (Outcome::Denied, reason, false),
+                TunnelFailure::Failed(reason) => (Outcome::ConnectFailed, reason, true),
+            }),
         };
         match connected {
             Ok(stream) => Ok((stream, tracked, shaper)),

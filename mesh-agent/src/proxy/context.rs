@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 
 use super::{
     SocketReserve,
-    registry::{Registry, Subject, Tracked},
+    registry::{ConnectionInfo, Registry, Subject, Tracked},
 };
 use crate::{
     authz::{self, Decision},
@@ -53,7 +53,8 @@ pub struct ProxyContext {
     /// The enrolled pods by `namespace/name` (the health checker connects from them).
     pub pods: RwLock<HashMap<Arc<str>, PodHandle>>,
     pub metrics: Arc<Metrics>,
-    /// Live connections with what they were authorized as, for revocation on reload.
+    /// Live connections: what the connections view shows, and what each was authorized as
+    /// (for revocation on reload).
     pub connections: Arc<Registry>,
     /// Certificates, tunnels to other nodes, tunnel server options.
     pub mesh_tls: Arc<MeshTls>,
@@ -74,8 +75,12 @@ impl ProxyContext {
     /// force *now*: a reload that lands before the registration is seen by this check, one
     /// that lands after it finds the registration and revokes it. No window lets a
     /// connection the new policy denies through.
-    pub fn admit(&self, subject: Subject) -> Result<(Tracked, Decision), Refused> {
-        admit(&self.connections, &self.config, subject)
+    pub fn admit(
+        &self,
+        subject: Subject,
+        info: ConnectionInfo,
+    ) -> Result<(Tracked, Decision), Refused> {
+        admit(&self.connections, &self.config, subject, info)
     }
 
     /// Closes the established connections `config` no longer authorizes; returns how many.
@@ -89,8 +94,9 @@ fn admit(
     registry: &Arc<Registry>,
     config: &ArcSwap<Config>,
     subject: Subject,
+    info: ConnectionInfo,
 ) -> Result<(Tracked, Decision), Refused> {
-    let tracked = registry.track(subject.clone());
+    let tracked = registry.track(Some(subject.clone()), info);
     let config = config.load();
     let Some(workload) = config.local_workload(&subject.destination) else {
         return Err(Refused::Gone);
@@ -146,6 +152,22 @@ mod tests {
         Arc::new(Config::from_yaml_str(&yaml, "admit.yaml").unwrap_or_else(|e| panic!("{e}")))
     }
 
+    fn info() -> ConnectionInfo {
+        let addr = std::net::SocketAddr::from(([10, 1, 0, 4], 8080));
+        ConnectionInfo {
+            direction: crate::proxy::Direction::Tunnel,
+            pod: "demo/srv".into(),
+            client: addr,
+            client_identity: None,
+            destination: Some(addr),
+            upstream: addr,
+            tunnel_to: None,
+            service: None,
+            started: tokio::time::Instant::now(),
+            moved: Arc::default(),
+        }
+    }
+
     fn subject() -> Subject {
         Subject {
             source: Some(
@@ -166,7 +188,7 @@ mod tests {
         let routed_with = snapshots.load_full();
         assert!(routed_with.local_workload("demo/srv").is_some());
         snapshots.store(config(true));
-        let refused = admit(&registry, &snapshots, subject()).err();
+        let refused = admit(&registry, &snapshots, subject(), info()).err();
         assert!(matches!(refused, Some(Refused::Denied(d)) if !d.allowed));
         assert!(
             registry.is_empty(),
@@ -178,7 +200,7 @@ mod tests {
     async fn a_reload_right_after_admission_revokes_the_connection() {
         let registry = Arc::new(Registry::default());
         let snapshots = ArcSwap::new(config(false));
-        let (tracked, decision) = admit(&registry, &snapshots, subject()).expect("allowed");
+        let (tracked, decision) = admit(&registry, &snapshots, subject(), info()).expect("allowed");
         assert!(decision.allowed);
         let denying = config(true);
         snapshots.store(denying.clone());

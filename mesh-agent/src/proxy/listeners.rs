@@ -16,7 +16,7 @@ use tokio::{
 
 use super::{
     context::{PodHandle, ProxyContext, ProxyError},
-    outcome::Direction,
+    direction::Direction,
     pipeline::{self, Accepted, Downstream},
     socket,
 };

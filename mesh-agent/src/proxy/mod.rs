@@ -10,6 +10,7 @@
 
 mod connect;
 mod context;
+mod direction;
 pub mod health;
 mod listeners;
 mod outcome;
@@ -22,6 +23,7 @@ mod telemetry;
 mod upstream;
 
 pub use context::{PodHandle, ProxyContext, ProxyError, Refused};
+pub use direction::Direction;
 pub use listeners::PodListeners;
-pub use outcome::{Direction, Outcome};
+pub use outcome::Outcome;
 pub use reserve::SocketReserve;

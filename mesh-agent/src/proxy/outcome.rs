@@ -9,6 +9,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
 use super::{
+    direction::Direction,
     route::RouteKind,
     telemetry::{self, Endpoints, IstioSeries, Peers},
 };
@@ -18,27 +19,6 @@ use crate::{
     metrics::{ActiveGuard, Metrics},
     tls::SpiffeId,
 };
-
-/// The way a connection came in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// From a local pod's app, captured by connect4/6.
-    Outbound,
-    /// To a local pod from outside the mesh, handed over by sk_lookup.
-    Inbound,
-    /// To a local pod through a tunnel from another node's pod.
-    Tunnel,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-            Direction::Tunnel => "tunnel",
-        }
-    }
-}
 
 /// How a connection ended; the `outcome` label and the log's `result`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +111,8 @@ pub struct ConnectionResult {
     pub outcome: Outcome,
     /// Details for the log (an error, a refusal's reason).
     pub reason: Option<String>,
-    pub moved: Transferred,
+    /// Shared with the registry of live connections, which shows them while it is open.
+    pub moved: Arc<Transferred>,
     /// Connects retried on another endpoint.
     pub retries: u32,
     /// Bytes that waited for a bandwidth limit.
@@ -171,7 +152,7 @@ impl ConnectionResult {
             policy: None,
             outcome: Outcome::Aborted,
             reason: None,
-            moved: Transferred::default(),
+            moved: Arc::default(),
             retries: 0,
             shaped_bytes: 0,
             snapshot: None,
@@ -180,6 +161,11 @@ impl ConnectionResult {
             peers: None,
             active: None,
         }
+    }
+
+    /// When the proxy accepted it.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// The connection is established both ways: count it as active until it ends.

@@ -24,7 +24,8 @@ use tokio::net::TcpStream;
 use super::{
     connect::{self, CopySettings, Established, Stream},
     context::{PodHandle, ProxyContext},
-    outcome::{ConnectionResult, Direction, Outcome},
+    direction::Direction,
+    outcome::{ConnectionResult, Outcome},
     upstream,
 };
 use crate::{
@@ -102,12 +103,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
             None => std::future::pending().await,
         }
     };
-    let revoked = async {
-        match &tracked {
-            Some(tracked) => tracked.revoked().await,
-            None => std::future::pending().await,
-        }
-    };
+    let revoked = tracked.revoked();
     let mut istio = result.take_istio();
     let ended = {
         let copied = pump(downstream, upstream, copy, &shaper, &result.moved);

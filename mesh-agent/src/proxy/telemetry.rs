@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use prometheus::IntCounter;
 
-use super::outcome::{Direction, Outcome};
+use super::{direction::Direction, outcome::Outcome};
 use crate::{
     config::{AccessLog, Config, Service, Workload},
     metrics::{ISTIO_LABELS, Metrics},

@@ -151,6 +151,13 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// As its string, the way the configuration writes it (for `/config_dump`).
+impl serde::Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl FromStr for SpiffeId {
     type Err = IdentityError;
 

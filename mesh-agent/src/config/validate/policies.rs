@@ -6,10 +6,9 @@ use std::collections::HashMap;
 use serde_saphyr::Location;
 
 use super::{Cx, Result};
+use crate::config::authorization::{AuthorizationPolicy, AuthorizationRule, RuleSource};
 use crate::config::error::ConfigError;
-use crate::config::model::{
-    AuthorizationPolicy, AuthorizationRule, Policies, RuleSource, defaults,
-};
+use crate::config::model::{Policies, defaults};
 use crate::config::raw::{RawAuthorizationPolicy, RawFrom, RawPolicies, RawRule, S};
 use crate::names::Kind;
 
