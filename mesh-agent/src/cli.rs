@@ -36,6 +36,10 @@ pub enum Command {
         /// Attach to this cgroup instead of the one in the config (default: the cgroup2 root).
         #[arg(long, value_name = "DIR")]
         cgroup: Option<PathBuf>,
+        /// This node's name, instead of `agent.node` in the config (default: the host name).
+        /// A DaemonSet sets it from the downward API (`spec.nodeName`).
+        #[arg(long, value_name = "NAME", env = "MESH_NODE_NAME", value_parser = node_name)]
+        node: Option<String>,
     },
     /// Show what a running agent is doing: enrolled pods, capture counters, programs.
     Status {
@@ -62,6 +66,14 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+/// `--node`: the config's rule for node names, checked before anything runs.
+fn node_name(name: &str) -> Result<String, String> {
+    let kind = crate::names::Kind::Node;
+    kind.check(name)
+        .map(|()| name.to_owned())
+        .map_err(|error| format!("not a valid {kind} ({error}): {}", kind.rule_text()))
 }
 
 #[derive(Debug, Subcommand)]

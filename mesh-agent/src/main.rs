@@ -36,7 +36,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        cli::Command::Run { config, cgroup } => runtime.block_on(agent::run(&config, cgroup)),
+        cli::Command::Run {
+            config,
+            cgroup,
+            node,
+        } => runtime.block_on(agent::run(&config, cgroup, node)),
         cli::Command::Status { admin, json } => runtime.block_on(admin::status::print(admin, json)),
         cli::Command::Uninstall { name } => {
             // The development CA, if the agent made one (/run/mesh-agent/<name>).
