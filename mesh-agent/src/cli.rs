@@ -50,6 +50,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running agent whether it is live or ready, for a Kubernetes exec probe (the admin
+    /// API listens on loopback only, which a kubelet's HTTP probe cannot reach).
+    ///
+    /// Prints one line; exits 0 when the agent answered 200, 1 otherwise (not listening, an
+    /// error status, or no answer within the timeout).
+    Probe {
+        /// `live` asks /healthz, `ready` asks /ready.
+        #[arg(value_enum)]
+        check: ProbeCheck,
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        /// Give up after this many milliseconds.
+        #[arg(
+            long,
+            default_value_t = 1000,
+            value_parser = clap::value_parser!(u64).range(1..=60_000)
+        )]
+        timeout_ms: u64,
+    },
     /// Remove the programs and maps an agent pinned, which stops all steering on this node.
     Uninstall {
         /// The agent's pin name (`agent.bpfName` in the config).
@@ -66,6 +86,22 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeCheck {
+    Live,
+    Ready,
+}
+
+impl ProbeCheck {
+    /// The admin API path that answers this check.
+    pub fn path(self) -> &'static str {
+        match self {
+            ProbeCheck::Live => "/healthz",
+            ProbeCheck::Ready => "/ready",
+        }
+    }
 }
 
 /// `--node`: the config's rule for node names, checked before anything runs.

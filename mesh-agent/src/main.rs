@@ -42,6 +42,23 @@ fn main() -> anyhow::Result<()> {
             node,
         } => runtime.block_on(agent::run(&config, cgroup, node)),
         cli::Command::Status { admin, json } => runtime.block_on(admin::status::print(admin, json)),
+        cli::Command::Probe {
+            check,
+            admin,
+            timeout_ms,
+        } => {
+            let timeout = std::time::Duration::from_millis(timeout_ms);
+            match runtime.block_on(admin::probe::check(admin, check.path(), timeout)) {
+                Ok(line) => {
+                    println!("{line}");
+                    Ok(())
+                }
+                Err(line) => {
+                    println!("{line}");
+                    std::process::exit(1);
+                }
+            }
+        }
         cli::Command::Uninstall { name } => {
             // The development CA, if the agent made one (/run/mesh-agent/<name>).
             if let Some(state) = tunnel::dev_ca_dir(&name).parent() {

@@ -1,6 +1,7 @@
 //! The admin API on a loopback address of the node: /healthz, /ready, /metrics, /status.
 //! `mesh-agent status` is its client.
 
+pub mod probe;
 pub mod status;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};

@@ -85,7 +85,7 @@ pub async fn print(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+pub(super) async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     let stream = tokio::net::TcpStream::connect(admin).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
