@@ -15,16 +15,21 @@ xtask/src/manifests.rs:
    `mesh-agent config check`.
 4. Every example custom resource validates against its CustomResourceDefinition's
    openAPIV3Schema, every kind has an example, and each example, turned into the file
-   config's form, passes `mesh-agent config check` (so the CRD fields are the agent's).
+   config's form, passes `mesh-agent config check`.
+5. Every CRD has the agent's fields, no more, no fewer, at every level: an unknown field put
+   at that level of a resource that sets every field makes `mesh-agent config check` list
+   the fields it accepts there (serde's "expected one of"), which must be the schema's.
 
-Before any of that, the validators must refuse deliberately broken copies of the real
-objects (an unknown field, a wrong type), so a check that silently accepts everything fails.
+And the checks must refuse deliberately broken copies of the real objects (an unknown
+field, a wrong type, a CRD with a field too many or too few), so a check that silently
+accepts everything fails.
 Errors name the file and the object; the exit status is 1 if there is any.
 """
 
 import argparse
 import copy
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +40,10 @@ import yaml
 
 GROUP = "mesh.example.dev"
 AGENT_CONFIG = "mesh-agent-config"
+# A field no config has, and how the agent refuses it: `... unknown field `X`, expected one
+# of a, b, c` (or `expected `a`` when a block has one field).
+PROBE_FIELD = "zzzNotAField"
+EXPECTED = re.compile(r"unknown field `" + PROBE_FIELD + r"`, expected (?:one of )?(.*)$")
 
 
 def load_all(path):
@@ -153,17 +162,100 @@ def reference_errors(obj, objects):
     ]
 
 
-def agent_check(mesh_agent, text, label):
-    """`mesh-agent config check` on a configuration text; returns its error, if any."""
+def config_check(mesh_agent, text):
+    """`mesh-agent config check` on a configuration text: None if valid, else its message."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mesh-") as f:
         f.write(text)
         f.flush()
         run = subprocess.run(
             [mesh_agent, "config", "check", f.name], capture_output=True, text=True
         )
-    if run.returncode != 0:
-        return [f"{label}: mesh-agent config check: {run.stderr.strip()}"]
-    return []
+    return None if run.returncode == 0 else run.stderr.strip()
+
+
+def agent_check(mesh_agent, text, label):
+    """`mesh-agent config check` on a configuration text; returns its error, if any."""
+    error = config_check(mesh_agent, text)
+    return [] if error is None else [f"{label}: mesh-agent config check: {error}"]
+
+
+def sample(schema):
+    """A value of the schema's type with every field set (values only need the right type:
+    the unknown field is refused while parsing, before any value is validated)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        if "properties" in schema:
+            return {k: sample(v) for k, v in schema["properties"].items()}
+        return {"app": "x"}
+    if kind == "array":
+        return [sample(schema["items"])]
+    if kind == "integer":
+        return max(schema.get("minimum", 1), 1)
+    if kind == "boolean":
+        return True
+    return "x"
+
+
+def levels(schema, path=()):
+    """(path, schema) of every object with fields, the spec first; an array's item is 0."""
+    if "properties" not in schema:
+        return
+    yield path, schema
+    for key, child in schema["properties"].items():
+        if child.get("type") == "array":
+            yield from levels(child["items"], path + (key, 0))
+        else:
+            yield from levels(child, path + (key,))
+
+
+def field_errors(crd, mesh_agent):
+    """The CRD's fields against the agent's, level by level (point 5 of the module doc)."""
+    spec = crd["spec"]
+    errors = []
+    for version in spec["versions"]:
+        spec_schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        kind = spec["names"]["kind"]
+
+        def check(spec_value):
+            obj = {
+                "apiVersion": f"{spec['group']}/{version['name']}",
+                "kind": kind,
+                "metadata": {"name": "x", "namespace": "demo"},
+                "spec": spec_value,
+            }
+            return config_check(mesh_agent, yaml.safe_dump(as_file_config(obj))) or ""
+
+        # A field of the CRD the agent does not know is named by the agent, once.
+        message = check(sample(spec_schema))
+        if "unknown field" in message:
+            errors.append(f"a field the agent's config does not have: {message}")
+            continue
+        for path, schema in levels(spec_schema):
+            value = sample(spec_schema)
+            node = value
+            for step in path:
+                node = node[step]
+            node[PROBE_FIELD] = 1
+            where = "spec" + "".join(f"[{p}]" if p == 0 else f".{p}" for p in path)
+            message = check(value)
+            found = EXPECTED.search(message or "")
+            if not found:
+                errors.append(f"{where}: the agent did not list its fields there: {message}")
+                continue
+            agent = {f.strip().strip("`") for f in found.group(1).split(",")}
+            ours = set(schema["properties"])
+            if not path:
+                # The object's metadata holds these; the spec names the service.
+                agent -= {"name", "namespace"}
+                ours -= {"service"} if kind == "TrafficPolicy" else set()
+            if agent != ours:
+                errors.append(
+                    f"{where}: only in the CRD: {sorted(ours - agent)}, only in the agent's "
+                    f"config: {sorted(agent - ours)}"
+                )
+    return [f"CustomResourceDefinition/{crd['metadata']['name']}: {e}" for e in errors]
 
 
 def as_file_config(obj):
@@ -192,9 +284,20 @@ def as_file_config(obj):
     return {"policies": {block: [{**named, **spec}]}}
 
 
-def self_test(version, daemonset, validators, example):
+def self_test(version, daemonset, validators, example, crd, mesh_agent):
     """The validators refuse broken copies of real objects; returns what they let through."""
     missed = []
+
+    extra = copy.deepcopy(crd)
+    spec = extra["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec["properties"]["connections"]["properties"]["perMinute"] = {"type": "integer"}
+    if not field_errors(extra, mesh_agent):
+        missed.append("the field check accepted a CRD with a field the agent does not have")
+    fewer = copy.deepcopy(crd)
+    spec = fewer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    del spec["properties"]["onLimit"]
+    if not field_errors(fewer, mesh_agent):
+        missed.append("the field check accepted a CRD without a field the agent has")
 
     unknown = copy.deepcopy(daemonset)
     unknown["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privilegd"] = True
@@ -231,9 +334,12 @@ def main():
     errors = []
     rendered = {path: load_all(path) for path in args.rendered}
     validators = {}
+    crds = {}
     for path, objects in rendered.items():
         validators.update(crd_validators(objects))
         for obj in objects:
+            if obj.get("kind") == "CustomResourceDefinition":
+                crds[obj["metadata"]["name"]] = obj
             label = f"{path}: {describe(obj)}"
             if is_custom(obj):
                 problems = custom_errors(obj, validators)
@@ -245,6 +351,8 @@ def main():
                 errors += agent_check(args.mesh_agent, obj["data"]["mesh.yaml"], label)
     if not validators:
         errors.append("no CustomResourceDefinition in any rendering")
+    for crd in crds.values():
+        errors += field_errors(crd, args.mesh_agent)
 
     examples = sorted(
         os.path.join(args.examples, name)
@@ -272,11 +380,19 @@ def main():
     rate_limits = [
         o for path in examples for o in load_all(path) if o.get("kind") == "RateLimit"
     ]
-    if daemonsets and rate_limits:
-        missed = self_test(args.kubernetes, daemonsets[0], validators, rate_limits[0])
+    rate_limit_crd = crds.get(f"ratelimits.{GROUP}")
+    if daemonsets and rate_limits and rate_limit_crd:
+        missed = self_test(
+            args.kubernetes,
+            daemonsets[0],
+            validators,
+            rate_limits[0],
+            rate_limit_crd,
+            args.mesh_agent,
+        )
         errors += [f"self-test: {m}" for m in missed]
     else:
-        errors.append("self-test: needs a DaemonSet and a RateLimit example")
+        errors.append("self-test: needs a DaemonSet, a RateLimit example and its CRD")
 
     for e in errors:
         print(e, file=sys.stderr)
