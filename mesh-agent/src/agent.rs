@@ -33,9 +33,14 @@ use crate::{
     tunnel::MeshTls,
 };
 
-pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow::Result<()> {
+/// `node`: the command line's node name, which wins over `agent.node` (see `cli`).
+pub async fn run(
+    config_path: &Path,
+    cgroup_override: Option<PathBuf>,
+    node: Option<String>,
+) -> anyhow::Result<()> {
     let building = Instant::now();
-    let config = Arc::new(Config::load(config_path)?);
+    let config = Arc::new(Config::load_on_node(config_path, node.as_deref())?);
     sys::ensure_bpffs()?;
     let cgroup = match cgroup_override.or_else(|| config.agent().startup.cgroup.clone()) {
         Some(cgroup) => cgroup,
@@ -98,7 +103,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         })
     };
 
-    let watcher = watch::spawn(config_path, config.clone());
+    let watcher = watch::spawn(config_path, node, config.clone());
     // The snapshot in force and its generation, for the status and /config_dump.
     let in_force = Arc::new(Mutex::new(InForce {
         generation: 1,

@@ -36,6 +36,10 @@ pub enum Command {
         /// Attach to this cgroup instead of the one in the config (default: the cgroup2 root).
         #[arg(long, value_name = "DIR")]
         cgroup: Option<PathBuf>,
+        /// This node's name, instead of `agent.node` in the config (default: the host name).
+        /// A DaemonSet sets it from the downward API (`spec.nodeName`).
+        #[arg(long, value_name = "NAME", env = "MESH_NODE_NAME", value_parser = node_name)]
+        node: Option<String>,
     },
     /// Is this node's mesh healthy? Asks the running agent (its admin API) and prints a
     /// first screen: a one-line verdict (`healthy`, or `degraded:` and what is wrong), eBPF
@@ -52,6 +56,31 @@ pub enum Command {
         /// Print the agent's JSON answer instead of the 80-column text.
         #[arg(long, global = true)]
         json: bool,
+    },
+    /// Ask a running agent whether it is live or ready, for a Kubernetes exec probe (the admin
+    /// API listens on loopback only, which a kubelet's HTTP probe cannot reach).
+    ///
+    /// Prints one line; exits 0 when the agent answered 200, 1 otherwise (not listening, an
+    /// error status, or no answer within the timeout).
+    Probe {
+        /// `live` asks /healthz, `ready` asks /ready.
+        #[arg(value_enum)]
+        check: ProbeCheck,
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        /// Give up after this many milliseconds.
+        #[arg(
+            long,
+            default_value_t = 1000,
+            value_parser = clap::value_parser!(u64).range(1..=60_000)
+        )]
+        timeout_ms: u64,
+        /// `ready` passes only if the agent that answered is this process (its start time
+        /// is compared). During a rolling update two agents share the admin address; in the
+        /// DaemonSet the agent is PID 1 of the probe's container: `--agent-pid 1`.
+        #[arg(long, value_name = "PID")]
+        agent_pid: Option<u32>,
     },
     /// Remove the programs and maps an agent pinned, which stops all steering on this node.
     Uninstall {
@@ -88,6 +117,30 @@ pub enum StatusView {
     },
     /// The certificates held for this node's pods: identity, serial, validity, time left.
     Certificates,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeCheck {
+    Live,
+    Ready,
+}
+
+impl ProbeCheck {
+    /// The admin API path that answers this check.
+    pub fn path(self) -> &'static str {
+        match self {
+            ProbeCheck::Live => "/healthz",
+            ProbeCheck::Ready => "/ready",
+        }
+    }
+}
+
+/// `--node`: the config's rule for node names, checked before anything runs.
+fn node_name(name: &str) -> Result<String, String> {
+    let kind = crate::names::Kind::Node;
+    kind.check(name)
+        .map(|()| name.to_owned())
+        .map_err(|error| format!("not a valid {kind} ({error}): {}", kind.rule_text()))
 }
 
 #[derive(Debug, Subcommand)]

@@ -39,7 +39,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        cli::Command::Run { config, cgroup } => runtime.block_on(agent::run(&config, cgroup)),
+        cli::Command::Run {
+            config,
+            cgroup,
+            node,
+        } => runtime.block_on(agent::run(&config, cgroup, node)),
         cli::Command::Status { view, admin, json } => {
             let view = match view {
                 None => View::Overview,
@@ -58,6 +62,25 @@ fn main() -> anyhow::Result<()> {
                 }
                 Err(error) => {
                     eprintln!("mesh-agent status: {error}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        cli::Command::Probe {
+            check,
+            admin,
+            timeout_ms,
+            agent_pid,
+        } => {
+            let timeout = std::time::Duration::from_millis(timeout_ms);
+            let probe = admin::probe::check(admin, check.path(), timeout, agent_pid);
+            match runtime.block_on(probe) {
+                Ok(line) => {
+                    println!("{line}");
+                    Ok(())
+                }
+                Err(line) => {
+                    println!("{line}");
                     std::process::exit(1);
                 }
             }

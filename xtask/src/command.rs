@@ -15,6 +15,13 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR`, else `target` in the workspace).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// `cargo` from the toolchain running xtask, in the workspace root.
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));

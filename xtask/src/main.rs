@@ -4,6 +4,7 @@ mod bench;
 mod command;
 mod demo;
 mod ebpf;
+mod manifests;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Render deploy/kubernetes (base and overlays) and check it offline: strict Kubernetes
+    /// schemas, the agent's config, the example custom resources against their CRDs (no root;
+    /// installs kubectl and the Python checkers when missing).
+    CheckManifests,
     /// Data-path benchmark on a two-node topology: direct, through the agent, through
     /// HAProxy (needs root); writes target/bench/results.{json,md} and latency.svg.
     Bench(bench::Args),
@@ -44,6 +49,10 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => lint(),
         Task::Demo => demo::demo(),
         Task::Test { args } => test(&args),
+        Task::CheckManifests => {
+            ebpf::build()?;
+            manifests::check()
+        }
         Task::Bench(args) => bench::run_bench(&args),
     }
 }
@@ -57,6 +66,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         cargo().args(["build", "-p", "mesh-agent"]),
         "cargo build -p mesh-agent",
     )?;
+    manifests::check()?;
     run(
         cargo().args(["test", "--workspace", "--"]).args(args),
         "cargo test",

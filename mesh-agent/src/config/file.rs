@@ -19,13 +19,36 @@ impl Config {
 
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        Self::load_on_node(path, None)
+    }
+
+    /// As [`Config::load`]; `node`, when given, is this agent's node whatever `agent.node`
+    /// says (`mesh-agent run --node`, which a DaemonSet fills in from the downward API).
+    pub fn load_on_node(path: impl AsRef<Path>, node: Option<&str>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
             source,
         })?;
-        Self::from_yaml_str(&text, &file)
+        Self::from_yaml_str_on_node(&text, &file, node)
+    }
+
+    /// As [`Config::from_yaml_str`], with `node` (when given) in place of `agent.node`. The
+    /// caller checked that it is a valid node name (the command line does).
+    pub fn from_yaml_str_on_node(
+        text: &str,
+        file: &str,
+        node: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let Some(node) = node else {
+            return Self::from_yaml_str(text, file);
+        };
+        let mut raw = parse(text, file)?;
+        if let Some(agent) = raw.agent.as_mut() {
+            agent.node = None;
+        }
+        validate::validate(raw, file, || node.to_owned())
     }
 
     /// As [`Config::from_yaml_str`], with the default of `agent.node` supplied by the caller

@@ -435,6 +435,34 @@ fn empty_documents_are_empty_configs() {
 }
 
 #[test]
+fn the_node_given_on_the_command_line_wins_over_the_file() {
+    let text = doc(BASE);
+    let on = |node| Config::from_yaml_str_on_node(&text, "mesh.yaml", node);
+    // The file says node-a: web-1 (no node of its own) is local, web-2 (node-b) is not.
+    let config = on(None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent.startup.node, "node-a");
+    let local: Vec<&str> = config.local_workloads().map(|w| w.name.as_str()).collect();
+    assert_eq!(local, ["web-1"]);
+    // On node-b, web-2 is local, and validation sees it: a local workload needs its netns.
+    let err = on(Some("node-b"))
+        .expect_err("web-2 has no netns")
+        .to_string();
+    assert!(
+        err.contains("netns is required for a workload on this agent's node (node-b)"),
+        "{err}"
+    );
+    // Workloads without a node of their own follow the overriding node.
+    let config = on(Some("node-c")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent.startup.node, "node-c");
+    assert_eq!(config.workloads[0].node, "node-c");
+    assert_eq!(config.local_workloads().count(), 1);
+    // With no agent block at all, the override is still the node.
+    let config = Config::from_yaml_str_on_node("", "mesh.yaml", Some("node-d"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent.startup.node, "node-d");
+}
+
+#[test]
 fn load_reads_the_file_and_names_it_in_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("mesh.yaml");

@@ -124,22 +124,25 @@ impl ReloadStatus {
 }
 
 /// Watches `path`, polling every [`DEFAULT_POLL_INTERVAL`]. `current` is the snapshot in force
-/// (normally `Config::load(path)`); the first poll re-reads the file and publishes only if it
-/// differs, so a change between loading and spawning is not lost. Needs a Tokio runtime.
-pub fn spawn(path: impl Into<PathBuf>, current: Arc<Config>) -> ConfigWatch {
-    spawn_with_interval(path, current, DEFAULT_POLL_INTERVAL)
+/// (normally `Config::load_on_node(path, node)`); the first poll re-reads the file and
+/// publishes only if it differs, so a change between loading and spawning is not lost. `node`
+/// is the command line's node, which wins over the file's at every reload as it did at start.
+/// Needs a Tokio runtime.
+pub fn spawn(path: impl Into<PathBuf>, node: Option<String>, current: Arc<Config>) -> ConfigWatch {
+    spawn_with_interval(path, node, current, DEFAULT_POLL_INTERVAL)
 }
 
 /// As [`spawn`], polling every `interval`.
 pub fn spawn_with_interval(
     path: impl Into<PathBuf>,
+    node: Option<String>,
     current: Arc<Config>,
     interval: Duration,
 ) -> ConfigWatch {
     let path = path.into();
     let (tx, updates) = watch::channel(current);
     let status = Arc::new(ReloadStatus::default());
-    let task = tokio::spawn(run(path, tx, Arc::clone(&status), interval));
+    let task = tokio::spawn(run(path, node, tx, Arc::clone(&status), interval));
     ConfigWatch {
         updates,
         status,
@@ -169,6 +172,7 @@ struct State {
 
 async fn run(
     path: PathBuf,
+    node: Option<String>,
     tx: watch::Sender<Arc<Config>>,
     status: Arc<ReloadStatus>,
     interval: Duration,
@@ -228,7 +232,7 @@ async fn run(
         }
         state.hash = Some(hash);
 
-        match Config::from_yaml_str(&text, &file) {
+        match Config::from_yaml_str_on_node(&text, &file, node.as_deref()) {
             Ok(config) => {
                 if **tx.borrow() == config {
                     tracing::debug!(file = %file, "configuration file changed, snapshot did not");
@@ -301,10 +305,14 @@ mod tests {
     }
 
     fn start(dir: &Path) -> (PathBuf, ConfigWatch) {
+        start_on(dir, None)
+    }
+
+    fn start_on(dir: &Path, node: Option<&str>) -> (PathBuf, ConfigWatch) {
         let path = dir.join("mesh.yaml");
         std::fs::write(&path, service_doc("a", 80)).expect("write");
-        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let watch = spawn_with_interval(&path, Arc::new(config), POLL);
+        let config = Config::load_on_node(&path, node).unwrap_or_else(|e| panic!("{e}"));
+        let watch = spawn_with_interval(&path, node.map(str::to_owned), Arc::new(config), POLL);
         (path, watch)
     }
 
@@ -360,6 +368,20 @@ mod tests {
             (1, 0, None)
         );
         assert!(stats.last_applied_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_command_line_node_stays_across_reloads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, watch) = start_on(dir.path(), Some("from-downward-api"));
+        let mut rx = watch.current();
+        assert_eq!(watch.snapshot().agent().startup.node, "from-downward-api");
+        // The file names node n1; a reload must not bring it back (the agent would refuse the
+        // reload as a change of a start-up setting).
+        std::fs::write(&path, service_doc("b", 81)).expect("rewrite");
+        let config = next(&mut rx).await;
+        assert_eq!(service_name(&config), "b");
+        assert_eq!(config.agent().startup.node, "from-downward-api");
     }
 
     #[tokio::test]

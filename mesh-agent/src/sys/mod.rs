@@ -1,8 +1,9 @@
-//! The host facts and kernel handles the agent needs: bpffs, the cgroup2 mount, and threads
-//! living in pods' network namespaces.
+//! The host facts and kernel handles the agent needs: bpffs, the cgroup2 mount, threads
+//! living in pods' network namespaces, and process start times.
 
 mod mounts;
 mod netns;
+pub mod process;
 
 pub use mounts::{cgroup2_root, ensure_bpffs};
 pub use netns::{NetnsError, NetnsThread};

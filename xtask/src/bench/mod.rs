@@ -37,7 +37,7 @@ use mesh_tests::{Background, Node, Pod, Topology};
 use serde_json::{Value, json};
 
 use crate::{
-    command::{cargo, run, workspace_root},
+    command::{cargo, run, target_dir},
     ebpf, setup,
 };
 use agent::{RunningAgent, ServiceSpec, SwitchedAgent, WorkloadSpec};
@@ -222,12 +222,6 @@ pub fn run_bench(args: &Args) -> Result<()> {
         bail!("the mTLS micro-benchmark failed (see above)");
     }
     Ok(())
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// The topology and everything running in it. Fields drop in order: processes first, the
