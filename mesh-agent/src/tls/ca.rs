@@ -24,6 +24,7 @@ use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use super::{
     cert::{self, CertError},
+    control::ControlId,
     identity::SpiffeId,
 };
 
@@ -61,6 +62,10 @@ pub enum CaError {
     /// For remote signers: the CA could not be reached or refused for now; try again later.
     #[error("the CA is unavailable: {0}")]
     Unavailable(String),
+    /// For remote signers: the CA answered and refused this request (not placed on this node,
+    /// a malformed request); asking again will not help until something changes.
+    #[error("the CA refused: {0}")]
+    Refused(String),
 }
 
 /// The future a [`Signer`] returns; boxed so the store can hold an `Arc<dyn Signer>`.
@@ -83,6 +88,10 @@ pub trait Signer: Send + Sync {
 /// The built-in CA: a CA certificate and key from PEM files, signing in-process.
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
+    /// The CA's own certificate (a root, or an intermediate).
+    certificate: CertificateDer<'static>,
+    /// Whether it is self-issued (a root): a root is not sent, an intermediate is.
+    is_root: bool,
     /// Further certificates of the CA file (intermediates up to the root), appended to
     /// every issued chain.
     chain_tail: Vec<CertificateDer<'static>>,
@@ -151,8 +160,12 @@ impl LocalCa {
             });
         }
         let issuer = Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| bad_cert(e.to_string()))?;
+        let is_root = parsed.subject().as_raw() == parsed.issuer().as_raw();
+        let ca_der = ca_der.into_owned();
         Ok(Self {
             issuer,
+            certificate: ca_der,
+            is_root,
             chain_tail: certs,
             not_after,
         })
@@ -163,6 +176,14 @@ impl LocalCa {
         Self::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
     }
 
+    /// The CA certificate, then the rest of its file (intermediates up to the root): the
+    /// last one is the root peers must trust.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        let mut chain = vec![self.certificate.clone()];
+        chain.extend(self.chain_tail.iter().cloned());
+        chain
+    }
+
     /// Signs synchronously (what [`Signer::sign`] does for the local CA).
     pub fn sign_now(
         &self,
@@ -170,23 +191,44 @@ impl LocalCa {
         subject_public_key_info: &[u8],
         lifetime: Duration,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        let fail = |reason: String| CaError::Sign {
-            identity: identity.to_string(),
-            reason,
-        };
+        let (not_before, not_after) = self.window(&identity.to_string(), lifetime)?;
+        self.sign_valid(identity, subject_public_key_info, not_before, not_after)
+    }
+
+    /// Signs a node's or the CA API's certificate (see [`ControlId`]) valid from now.
+    pub fn sign_control_now(
+        &self,
+        id: &ControlId,
+        subject_public_key_info: &[u8],
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let (not_before, not_after) = self.window(&id.to_string(), lifetime)?;
+        self.sign_control_valid(id, subject_public_key_info, not_before, not_after)
+    }
+
+    /// From a little before now (clock skew between nodes, without eating a short lifetime)
+    /// to `lifetime` from now, cut at the CA's own end (a leaf outliving its CA would fail
+    /// verification anyway).
+    fn window(
+        &self,
+        subject: &str,
+        lifetime: Duration,
+    ) -> Result<(SystemTime, SystemTime), CaError> {
         let now = SystemTime::now();
-        // Tolerate a little clock skew between nodes, without eating a short lifetime.
         let skew = (lifetime / 10).min(Duration::from_secs(60));
-        // A leaf outliving its CA would fail verification anyway: cut it at the CA's end.
         let not_after = (now + lifetime).min(self.not_after);
         if not_after <= now {
-            return Err(fail("the CA certificate has expired".into()));
+            return Err(CaError::Sign {
+                identity: subject.to_owned(),
+                reason: "the CA certificate has expired".into(),
+            });
         }
-        self.sign_valid(identity, subject_public_key_info, now - skew, not_after)
+        Ok((now - skew, not_after))
     }
 
     /// Signs with an explicit validity window, unchecked (tests make expired and
-    /// not-yet-valid certificates with it).
+    /// not-yet-valid certificates with it). A workload certificate serves both ends of a
+    /// tunnel: server and client authentication.
     pub fn sign_valid(
         &self,
         identity: &SpiffeId,
@@ -194,8 +236,51 @@ impl LocalCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let window = (not_before, not_after);
+        self.sign_leaf(
+            &identity.to_string(),
+            usages,
+            subject_public_key_info,
+            window,
+        )
+    }
+
+    /// As [`sign_valid`](Self::sign_valid) for a [`ControlId`]: a node certificate only
+    /// authenticates a client (the node to the CA), the CA's only a server.
+    pub fn sign_control_valid(
+        &self,
+        id: &ControlId,
+        subject_public_key_info: &[u8],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let usage = match id {
+            ControlId::Node { .. } => ExtendedKeyUsagePurpose::ClientAuth,
+            ControlId::Ca { .. } => ExtendedKeyUsagePurpose::ServerAuth,
+        };
+        let window = (not_before, not_after);
+        self.sign_leaf(
+            &id.to_string(),
+            vec![usage],
+            subject_public_key_info,
+            window,
+        )
+    }
+
+    /// A leaf whose only name is the URI SAN `uri`, with the CA's chain after it.
+    fn sign_leaf(
+        &self,
+        uri: &str,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        subject_public_key_info: &[u8],
+        (not_before, not_after): (SystemTime, SystemTime),
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let fail = |reason: String| CaError::Sign {
-            identity: identity.to_string(),
+            identity: uri.to_owned(),
             reason,
         };
         let public_key = SubjectPublicKeyInfo::from_der(subject_public_key_info)
@@ -206,23 +291,23 @@ impl LocalCa {
         params.serial_number = Some(random_serial());
         // No subject: the identity is the URI SAN (rcgen marks the SAN critical then).
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity
-            .to_string()
+        let uri = uri
+            .to_owned()
             .try_into()
             .map_err(|e: rcgen::Error| fail(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let leaf = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| fail(e.to_string()))?;
-        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
+        let mut chain = Vec::with_capacity(2 + self.chain_tail.len());
         chain.push(leaf.der().clone());
+        if !self.is_root {
+            chain.push(self.certificate.clone());
+        }
         chain.extend(self.chain_tail.iter().cloned());
         Ok(chain)
     }
@@ -283,6 +368,52 @@ pub fn generate_ca_valid(
         reason,
     };
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+    let params = ca_params(trust_domain, not_before, not_after);
+    let cert = params.self_signed(&key).map_err(|e| fail(e.to_string()))?;
+    Ok(DevCa {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+impl LocalCa {
+    /// A new intermediate CA under this one, valid from now for `days` days (cut at this
+    /// CA's end): its certificate PEM is followed by this CA's chain, as [`LocalCa::load`]
+    /// reads it, so the leaves it signs carry the whole chain up to the root.
+    pub fn generate_intermediate(&self, trust_domain: &str, days: u32) -> Result<DevCa, CaError> {
+        let fail = |reason: String| CaError::Sign {
+            identity: format!("intermediate CA of {trust_domain}"),
+            reason,
+        };
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
+        let now = SystemTime::now();
+        let not_after = (now + Duration::from_secs(u64::from(days) * 86_400)).min(self.not_after);
+        let mut params = ca_params(trust_domain, now, not_after);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "intermediate");
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| fail(e.to_string()))?;
+        let mut cert_pem = cert.pem();
+        for der in self.chain() {
+            cert_pem.push_str(&pem_certificate(&der));
+        }
+        Ok(DevCa {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The parameters of a CA certificate (root or intermediate) of `trust_domain`.
+fn ca_params(
+    trust_domain: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.not_before = OffsetDateTime::from(not_before);
     params.not_after = OffsetDateTime::from(not_after);
@@ -300,11 +431,20 @@ pub fn generate_ca_valid(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let cert = params.self_signed(&key).map_err(|e| fail(e.to_string()))?;
-    Ok(DevCa {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    params
+}
+
+/// One certificate as PEM text.
+pub fn pem_certificate(der: &CertificateDer<'_>) -> String {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 /// `mesh-agent ca init`: writes `ca.crt` and `ca.key` (mode 0600) into `dir`, creating it.
@@ -315,12 +455,43 @@ pub fn init_dev_ca(
     days: u32,
     force: bool,
 ) -> Result<(PathBuf, PathBuf), CaError> {
+    check_trust_domain(trust_domain)?;
+    write_ca(dir, force, || generate_dev_ca(trust_domain, days))
+}
+
+fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
     crate::names::Kind::TrustDomain
         .check(trust_domain)
         .map_err(|reason| CaError::Sign {
             identity: format!("CA of {trust_domain:?}"),
             reason: format!("bad trust domain: {reason}"),
-        })?;
+        })
+}
+
+/// `mesh-agent ca init --parent`: as [`init_dev_ca`], with an intermediate CA signed by the
+/// CA in `parent` (its `ca.crt` and `ca.key`); `ca.crt` holds the intermediate, then the
+/// parent's chain.
+pub fn init_intermediate_ca(
+    parent: &Path,
+    dir: &Path,
+    trust_domain: &str,
+    days: u32,
+    force: bool,
+) -> Result<(PathBuf, PathBuf), CaError> {
+    check_trust_domain(trust_domain)?;
+    let parent = LocalCa::load_dir(parent)?;
+    write_ca(dir, force, || {
+        parent.generate_intermediate(trust_domain, days)
+    })
+}
+
+/// Writes a CA made by `make` as `ca.crt` and `ca.key` into `dir`, creating it; refuses to
+/// replace either file unless `force`.
+fn write_ca(
+    dir: &Path,
+    force: bool,
+    make: impl FnOnce() -> Result<DevCa, CaError>,
+) -> Result<(PathBuf, PathBuf), CaError> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     if !force {
@@ -334,14 +505,15 @@ pub fn init_dev_ca(
         path: dir.to_owned(),
         source,
     })?;
-    let ca = generate_dev_ca(trust_domain, days)?;
+    let ca = make()?;
     // The key first, so a crash never leaves a certificate without its key.
     write_file(&key_path, ca.key_pem.as_bytes(), 0o600, force)?;
     write_file(&cert_path, ca.cert_pem.as_bytes(), 0o644, force)?;
     Ok((cert_path, key_path))
 }
 
-fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), CaError> {
+/// Writes `contents` to `path` with `mode`; refuses to replace a file unless `force`.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), CaError> {
     let err = |source| CaError::Write {
         path: path.to_owned(),
         source,
