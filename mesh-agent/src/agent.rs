@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     admin::{
         self, AdminState, StatusReport,
-        status::{CertificateStatus, ConfigStatus, ConnectionStatus, ProgramStatus},
+        status::{CaStatus, CertificateStatus, ConfigStatus, ConnectionStatus, ProgramStatus},
     },
     balance::Balancers,
     config::{AgentConfig, Config, watch},
@@ -132,6 +132,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                     .collect(),
                 services: proxy.balancers.status(),
                 limits: proxy.limits.status(),
+                ca: ca_status(&proxy),
             }
         })
     };
@@ -153,6 +154,15 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                             .list()
                             .iter()
                             .map(|c| (c.identity.to_string(), unix_seconds(c.not_after))),
+                    );
+                    let ca = ca_status(&proxy);
+                    proxy.metrics.observe_ca(
+                        ca.reachable.unwrap_or(ca.address.is_none()),
+                        [
+                            ("issued", ca.issued),
+                            ("refused", ca.refused),
+                            ("unavailable", ca.unavailable),
+                        ],
                     );
                 })
             },
@@ -248,6 +258,25 @@ fn certificates(proxy: &ProxyContext) -> Vec<CertificateStatus> {
             not_after: seconds(c.not_after),
         })
         .collect()
+}
+
+fn ca_status(proxy: &ProxyContext) -> CaStatus {
+    match proxy.mesh_tls.ca_health() {
+        None => CaStatus {
+            mode: "local".into(),
+            ..CaStatus::default()
+        },
+        Some((address, health)) => CaStatus {
+            mode: "remote".into(),
+            address: Some(address.to_owned()),
+            reachable: health.reachable,
+            last_contact: health.last_contact.map(unix_seconds),
+            last_error: health.last_error,
+            issued: health.issued,
+            refused: health.refused,
+            unavailable: health.unavailable,
+        },
+    }
 }
 
 fn sync_exclusions(proxy: &ProxyContext, agent: &AgentConfig) -> Result<(), EbpfError> {

@@ -27,6 +27,8 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     connect_latency: HistogramVec,
     certificate_expiry: IntGaugeVec,
+    ca_reachable: IntGauge,
+    ca_requests: IntCounterVec,
     istio_opened: IntCounterVec,
     istio_closed: IntCounterVec,
     istio_sent: IntCounterVec,
@@ -128,7 +130,21 @@ impl Metrics {
             &["identity"],
         )
         .expect("static metric definition");
+        let ca_reachable = IntGauge::new(
+            "mesh_ca_reachable",
+            "Whether the last exchange with the CA off the node reached it (1) or not (0); 1 \
+             with a CA key on the node",
+        )
+        .expect("static metric definition");
         Self {
+            ca_reachable: family(r, ca_reachable),
+            ca_requests: counters(
+                r,
+                "ca_requests_total",
+                "Certificate signing requests to the CA off the node, by outcome (issued, \
+                 refused, unavailable)",
+                &["outcome"],
+            ),
             config_reloads: counters(
                 r,
                 "config_reloads_total",
@@ -292,6 +308,16 @@ impl Metrics {
             self.certificate_expiry
                 .with_label_values(&[&identity])
                 .set(not_after as i64);
+        }
+    }
+
+    /// Sets the CA gauge and brings the request counters up to the signer's totals
+    /// (`issued`, `refused`, `unavailable`).
+    pub fn observe_ca(&self, reachable: bool, totals: [(&str, u64); 3]) {
+        self.ca_reachable.set(i64::from(reachable));
+        for (outcome, total) in totals {
+            let counter = self.ca_requests.with_label_values(&[outcome]);
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
 

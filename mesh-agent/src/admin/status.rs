@@ -33,6 +33,28 @@ pub struct StatusReport {
     /// Each rate limit and its current use.
     #[serde(default)]
     pub limits: Vec<LimitStatus>,
+    /// Where certificates come from, and whether that CA is reachable.
+    #[serde(default)]
+    pub ca: CaStatus,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    /// `remote` (the CA off the node, `agent.ca`) or `local` (a CA key on the node).
+    pub mode: String,
+    /// The CA's address, when remote.
+    pub address: Option<String>,
+    /// Whether the last exchange with the CA reached it; absent before the first, and for a
+    /// local CA.
+    pub reachable: Option<bool>,
+    /// When the CA last answered (seconds since the Unix epoch).
+    pub last_contact: Option<u64>,
+    pub last_error: Option<String>,
+    /// Signing requests: certificates issued, refused by the CA, CA unreachable or busy.
+    pub issued: u64,
+    pub refused: u64,
+    pub unavailable: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -112,6 +134,27 @@ fn render(report: &StatusReport) -> String {
     );
     if let Some(error) = &config.last_error {
         let _ = writeln!(out, "  last rejected: {error}");
+    }
+    let ca = &report.ca;
+    match (&ca.address, ca.reachable) {
+        (Some(address), reachable) => {
+            let state = match reachable {
+                Some(true) => "reachable",
+                Some(false) => "UNREACHABLE",
+                None => "not contacted yet",
+            };
+            let _ = writeln!(
+                out,
+                "ca {address} {state}   issued {}   refused {}   unavailable {}",
+                ca.issued, ca.refused, ca.unavailable
+            );
+            if let Some(error) = &ca.last_error {
+                let _ = writeln!(out, "  last error: {error}");
+            }
+        }
+        (None, _) => {
+            let _ = writeln!(out, "ca {} (key on this node)", ca.mode);
+        }
     }
     let _ = writeln!(out, "\nprograms");
     for program in &report.programs {

@@ -27,8 +27,8 @@ pub use limits::{
 };
 pub use model::{
     AgentConfig, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Cidr, Config,
-    Endpoint, EndpointSelection, FailMode, LiveSettings, Node, Policies, QualifiedName, RuleSource,
-    Service, ServicePort, StartupSettings, UnknownDestination, Workload, WorkloadId,
+    Endpoint, EndpointSelection, FailMode, LiveSettings, Node, Policies, QualifiedName, RemoteCa,
+    RuleSource, Service, ServicePort, StartupSettings, UnknownDestination, Workload, WorkloadId,
 };
 pub use traffic::{
     CallerMatch, CallerRoute, CircuitBreaker, HashOn, HealthCheck, LoadBalancer, Locality,

@@ -37,6 +37,7 @@ pub mod defaults {
     /// Upper bound of `certLifetimeMinutes`: certificates are meant to be short-lived.
     pub const MAX_CERT_LIFETIME_MINUTES: u64 = 365 * 24 * 60;
     pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const CA_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 }
 
 /// One immutable configuration snapshot. The data fields are public for reading; a `Config`
@@ -202,6 +203,23 @@ pub struct StartupSettings {
     /// An HBONE tunnel (node-to-node connection) with no stream is closed after this long.
     #[serde(rename = "tunnelIdleTimeoutMs")]
     pub tunnel_idle_timeout: Duration,
+    /// The certificate authority off the node (`mesh-agent ca serve`); `None`: the built-in
+    /// signer with a CA key on the node (the development shortcut).
+    pub ca: Option<RemoteCa>,
+}
+
+/// `agent.ca`: where the CA is and how this node authenticates to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteCa {
+    /// `host:port` of the CA's API.
+    pub address: String,
+    /// This node's certificate (from `mesh-agent ca issue-node`) and key, absolute paths.
+    pub node_cert_file: PathBuf,
+    pub node_key_file: PathBuf,
+    /// How often the agent checks that the CA is reachable (status, metrics).
+    #[serde(rename = "checkIntervalMs")]
+    pub check_interval: Duration,
 }
 
 /// The settings a reload applies to new connections (and, for the exclusions, to the eBPF

@@ -54,6 +54,17 @@ pub(super) struct RawAgent {
     pub trust_root_files: Option<Vec<S<String>>>,
     pub cert_lifetime_minutes: Option<S<u64>>,
     pub tunnel_idle_timeout_ms: Option<S<u64>>,
+    pub ca: Option<S<RawRemoteCa>>,
+}
+
+/// `agent.ca`: the certificate authority off the node.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawRemoteCa {
+    pub address: S<String>,
+    pub node_cert_file: S<String>,
+    pub node_key_file: S<String>,
+    pub check_interval_ms: Option<S<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
