@@ -58,8 +58,8 @@ pub enum ServeError {
     Bundle(#[from] BundleError),
     #[error("the CA's TLS configuration: {0}")]
     Tls(#[from] tls::ConfigError),
-    #[error("{0}")]
-    Identity(String),
+    #[error(transparent)]
+    Identity(#[from] tls::ControlIdError),
     #[error("binding the CA API on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -110,7 +110,7 @@ pub async fn start(options: ServeOptions) -> Result<RunningCa, ServeError> {
     if !options.trust_roots.is_empty() {
         bundle = bundle.merged(&TrustBundle::from_pem_files(&options.trust_roots)?);
     }
-    let ca_id = ControlId::ca(&trust_domain).map_err(|e| ServeError::Identity(e.to_string()))?;
+    let ca_id = ControlId::ca(&trust_domain)?;
     let serving = serving::ServingCert::issue(&signer, ca_id)?;
     let tls = tls::ca_server_config(bundle, &trust_domain, serving.clone())?;
     let listener = TcpListener::bind(options.listen)
@@ -167,8 +167,7 @@ pub fn issue_node(
     force: bool,
 ) -> Result<(PathBuf, PathBuf), ServeError> {
     let signer = LocalCa::load_dir(ca_dir)?;
-    let id =
-        ControlId::node(trust_domain, node).map_err(|e| ServeError::Identity(e.to_string()))?;
+    let id = ControlId::node(trust_domain, node)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Sign {
         identity: id.to_string(),
         reason: e.to_string(),

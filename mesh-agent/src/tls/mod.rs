@@ -10,6 +10,7 @@ mod cert;
 mod config;
 mod control;
 mod control_tls;
+mod dev_ca;
 mod identity;
 mod remote;
 mod store;
@@ -23,20 +24,21 @@ use rustls::crypto::CryptoProvider;
 
 pub use bundle::{BundleError, TrustBundle};
 pub use ca::{
-    CA_CERT_FILE, CA_KEY_FILE, CaError, DEFAULT_CA_DAYS, DEFAULT_LEAF_LIFETIME, DevCa, LocalCa,
-    SignFuture, Signer, generate_ca_valid, generate_dev_ca, init_dev_ca, init_intermediate_ca,
-    pem_certificate, write_file,
+    CA_CERT_FILE, CA_KEY_FILE, CaError, DEFAULT_CA_DAYS, DEFAULT_LEAF_LIFETIME, LocalCa,
+    SignFuture, Signer,
 };
 pub use cert::{CertError, CertInfo, cert_info, control_id_of, identity_of};
 pub use config::{
     ALPN_H2, ConfigError, IdentityMismatch, client_config, peer_identity, server_config,
 };
 pub use control::{ControlId, ControlIdError};
-pub use control_tls::{ALPN_HTTP1, ControlMismatch, ca_client_config, ca_server_config, peer_node};
-pub use identity::{IdentityError, SpiffeId};
-pub use remote::{
-    Answer, CaHealth, RemoteError, RemoteSigner, RemoteSignerOptions, load_node_identity,
+pub use control_tls::{ControlMismatch, ca_server_config, peer_node};
+pub use dev_ca::{
+    DevCa, generate_ca_valid, generate_dev_ca, init_dev_ca, init_intermediate_ca, pem_certificate,
+    write_file,
 };
+pub use identity::{IdentityError, SpiffeId};
+pub use remote::{Answer, CaHealth, RemoteError, RemoteSigner, RemoteSignerOptions};
 pub use store::{CertStore, StoreError, StoreOptions};
 
 /// The one crypto provider of the mesh: ring (builds without cmake or a C toolchain beyond

@@ -350,7 +350,7 @@ fn with_sources(error: &dyn std::error::Error) -> String {
 }
 
 /// A node certificate file (leaf first) and its private key.
-pub fn load_node_identity(
+fn load_node_identity(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), RemoteError> {
