@@ -78,7 +78,9 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
     });
     sync_exclusions(&proxy, &agent)?;
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
-    apply(&pods, &config, &metrics);
+    // Pods whose enrollment failed (their certificate could not be issued while the CA was
+    // unreachable, say) are tried again with backoff until they are all in.
+    let mut retry = EnrollRetry::after(apply(&pods, &config, &metrics));
     let _health = proxy::health::spawn(proxy.clone());
     let _eviction = {
         let limits = limits.clone();
@@ -177,6 +179,11 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = retry.wait(), if retry.pending() => {
+                let snapshot = proxy.config.load_full();
+                let failed = apply(&pods, &snapshot, &metrics);
+                retry = retry.again(failed);
+            }
             changed = updates.changed() => {
                 if changed.is_err() {
                     break;
@@ -203,7 +210,7 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
                 if let Err(error) = sync_exclusions(&proxy, snapshot.agent()) {
                     tracing::error!(%error, "updating the excluded ports and networks");
                 }
-                apply(&pods, &snapshot, &metrics);
+                retry = EnrollRetry::after(apply(&pods, &snapshot, &metrics));
                 let revoked = proxy.revoke_denied(&snapshot);
                 if revoked > 0 {
                     tracing::info!(connections = revoked, "closed connections the new policy denies");
@@ -221,13 +228,56 @@ pub async fn run(config_path: &Path, cgroup_override: Option<PathBuf>) -> anyhow
 /// How often rate-limit buckets of idle sources are dropped.
 const LIMIT_EVICTION: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
+/// Enrolls and unenrolls pods to match `config`; returns how many enrollments failed.
+fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) -> usize {
     let mut pods = pods.lock();
-    for error in pods.sync(config) {
+    let errors = pods.sync(config);
+    for error in &errors {
         metrics.enroll_failures.inc();
-        tracing::error!(%error, "enrollment failed");
+        tracing::error!(%error, "enrollment failed; retrying later");
     }
     metrics.enrolled_pods.set(pods.enrolled_count() as i64);
+    errors.len()
+}
+
+/// When failed enrollments are tried again: 2 s after a failure, doubling up to a minute
+/// while they keep failing; nothing pending once all are in.
+struct EnrollRetry {
+    next: Option<(tokio::time::Instant, std::time::Duration)>,
+}
+
+impl EnrollRetry {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// After an apply that left `failed` pods out.
+    fn after(failed: usize) -> Self {
+        Self::schedule(failed, Self::FIRST)
+    }
+
+    /// After a retry that left `failed` pods out.
+    fn again(&self, failed: usize) -> Self {
+        let delay = self
+            .next
+            .map_or(Self::FIRST, |(_, d)| (d * 2).min(Self::MAX));
+        Self::schedule(failed, delay)
+    }
+
+    fn schedule(failed: usize, delay: std::time::Duration) -> Self {
+        Self {
+            next: (failed > 0).then(|| (tokio::time::Instant::now() + delay, delay)),
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.next.is_some()
+    }
+
+    async fn wait(&self) {
+        if let Some((at, _)) = self.next {
+            tokio::time::sleep_until(at).await;
+        }
+    }
 }
 
 /// Reloads applied and refused: the watcher's, less the valid files the agent refused

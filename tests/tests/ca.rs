@@ -541,3 +541,33 @@ fn garbage_oversize_and_a_flood_from_one_node_do_not_starve_another() {
     assert!(ca.is_running(), "the CA survived");
     sign(&mesh.n2, &c2, &id("b")).expect("node 2 is served after it all");
 }
+
+#[test]
+fn an_agent_started_before_the_ca_gets_its_certificates_once_the_ca_is_up() {
+    let mesh = Mesh::new("ca_late");
+    let pin = format!("{}-n2", mesh.topo.bpf_pin_name());
+    let two = Agent::start(&mesh.topo, &mesh.n2, &mesh.agent_config(&mesh.n2, &pin))
+        .expect("agent 2 starts without its CA");
+    let status = two.status().expect("status");
+    assert_eq!(certificates(&two), Vec::<String>::new());
+    assert!(
+        status["ca"]["unavailable"].as_u64() >= Some(1),
+        "{}",
+        status["ca"]
+    );
+    wait_for(
+        "agent 2 reports the CA unreachable",
+        Duration::from_secs(5),
+        || two.status().expect("status")["ca"]["reachable"] == false,
+    );
+    assert_eq!(two.metric("mesh_enrolled_pods", &[]).expect("metrics"), 0.0);
+
+    let _ca = mesh.start_ca(&[]);
+    wait_for(
+        "agent 2 enrolls b with a certificate",
+        Duration::from_secs(20),
+        || certificates(&two) == [id("b").to_string()],
+    );
+    assert_eq!(two.metric("mesh_enrolled_pods", &[]).expect("metrics"), 1.0);
+    assert_eq!(two.status().expect("status")["ca"]["reachable"], true);
+}

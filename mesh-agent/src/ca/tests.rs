@@ -307,3 +307,91 @@ async fn garbage_oversize_and_a_flood_from_one_node_do_not_starve_another() {
         "n1 was held to its rate: {limited} of 80 limited"
     );
 }
+
+#[tokio::test]
+async fn with_the_ca_gone_a_rotation_fails_and_the_current_certificate_stays() {
+    let setup = setup();
+    let ca = start_ca(&setup, Limits::default()).await;
+    let n1 = Arc::new(node_client(&setup, &ca, "n1"));
+    let store = CertStore::new(n1.clone(), bundle(&setup), StoreOptions::default());
+    let before = store.ensure(&id("api")).await.expect("issued");
+    drop(ca);
+    match store.rotate_now(&id("api")).await {
+        Err(crate::tls::StoreError::Ca(CaError::Unavailable(_))) => {}
+        other => panic!("rotated without a CA: {:?}", other.map(|i| i.serial)),
+    }
+    assert_eq!(
+        store.info(&id("api")),
+        Some(before),
+        "the current certificate stays"
+    );
+    let health = n1.health();
+    assert_eq!(health.reachable, Some(false));
+    assert_eq!(health.unavailable, 3, "three tries, with backoff");
+    assert!(n1.check().await.is_err());
+}
+
+#[tokio::test]
+async fn root_rotation_old_node_certificates_and_a_new_ca_root_both_verify() {
+    // Old root (its intermediate issued node n1's certificate) and a new root whose
+    // intermediate is the CA now; nodes trust both roots, the CA both for node certificates.
+    let old = setup();
+    let new = setup();
+    let old_node = old.dir.path().join("n1");
+    issue_node(&old.ca, TD, "n1", 1, &old_node, true).expect("old node certificate");
+    let both = TrustBundle::from_pem_files(&[old.root.join("ca.crt"), new.root.join("ca.crt")])
+        .expect("bundle");
+    let client_for = |ca: &RunningCa, bundle: TrustBundle| {
+        RemoteSigner::new(RemoteSignerOptions {
+            address: ca.addr.to_string(),
+            trust_domain: TD.into(),
+            node: "n1".into(),
+            node_cert_file: old_node.join("node.crt"),
+            node_key_file: old_node.join("node.key"),
+            bundle,
+            request_timeout: Duration::from_secs(5),
+        })
+        .expect("client")
+    };
+    let rotating = start(ServeOptions {
+        ca_dir: new.ca.clone(),
+        config: new.config.clone(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        trust_roots: vec![old.root.join("ca.crt")],
+        limits: Limits::default(),
+    })
+    .await
+    .expect("CA with the new root");
+    let client = client_for(&rotating, both.clone());
+    let chain = client
+        .sign(&id("api"), &spki(), Duration::from_secs(600))
+        .await
+        .expect("an old node certificate and a new CA root");
+    let store = CertStore::new(Arc::new(client), both, StoreOptions::default());
+    assert!(store.ensure(&id("api")).await.is_ok());
+    assert_eq!(chain.len(), 3);
+
+    // Without the old root on the CA, or the new one on the node, the handshake fails.
+    let strict = start_ca(&new, Limits::default()).await;
+    let old_only = TrustBundle::from_pem_files(&[old.root.join("ca.crt")]).expect("bundle");
+    for (what, client) in [
+        (
+            "the CA does not trust the old root",
+            client_for(&strict, bundle(&new).merged(&old_only)),
+        ),
+        (
+            "the node does not trust the new root",
+            client_for(&rotating, old_only.clone()),
+        ),
+    ] {
+        assert!(
+            matches!(
+                client
+                    .sign(&id("api"), &spki(), Duration::from_secs(600))
+                    .await,
+                Err(CaError::Unavailable(_))
+            ),
+            "{what}"
+        );
+    }
+}
