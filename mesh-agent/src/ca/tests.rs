@@ -395,3 +395,74 @@ async fn root_rotation_old_node_certificates_and_a_new_ca_root_both_verify() {
         );
     }
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_at_the_timeouts() {
+    let setup = setup();
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let ca = start_ca(&setup, limits).await;
+    let node_dir = setup.dir.path().join("n1");
+    issue_node(&setup.ca, TD, "n1", 1, &node_dir, true).expect("node certificate");
+    let (chain, key) =
+        crate::tls::load_node_identity(&node_dir.join("node.crt"), &node_dir.join("node.key"))
+            .expect("node identity");
+    let config =
+        crate::tls::ca_client_config(bundle(&setup), ControlId::ca(TD).expect("id"), chain, key)
+            .expect("client config");
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let closed_within =
+        |what: &'static str, mut stream: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
+            let started = tokio::time::Instant::now();
+            let mut buf = [0u8; 1024];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => panic!("{what}: still open after 5 s"),
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{what}: {:?}",
+                started.elapsed()
+            );
+        };
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(ca.addr)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("mesh-ca").expect("name");
+        connector.connect(name, tcp).await.expect("handshake")
+    };
+
+    // Says nothing after connecting: the handshake times out.
+    let silent = tokio::net::TcpStream::connect(ca.addr)
+        .await
+        .expect("connect");
+    closed_within("no handshake", Box::new(silent)).await;
+    // Half a request line, then nothing.
+    let mut slow_headers = connect().await;
+    slow_headers
+        .write_all(b"POST /v1/sign HTTP/1.1\r\nho")
+        .await
+        .expect("write");
+    closed_within("slow headers", Box::new(slow_headers)).await;
+    // Headers announcing a body that never comes.
+    let mut slow_body = connect().await;
+    slow_body
+        .write_all(b"POST /v1/sign HTTP/1.1\r\nhost: mesh-ca\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .expect("write");
+    closed_within("slow body", Box::new(slow_body)).await;
+    // The CA still serves.
+    let n1 = client(&setup, &ca, "n1", &node_dir);
+    assert!(
+        n1.sign(&id("api"), &spki(), Duration::from_secs(600))
+            .await
+            .is_ok()
+    );
+}

@@ -32,12 +32,14 @@ pub use config::{
     ALPN_H2, ConfigError, IdentityMismatch, client_config, peer_identity, server_config,
 };
 pub use control::{ControlId, ControlIdError};
-pub use control_tls::{ControlMismatch, ca_server_config, peer_node};
+pub use control_tls::{ControlMismatch, ca_client_config, ca_server_config, peer_node};
 pub use dev_ca::{
     DevCa, generate_ca_valid, generate_dev_ca, init_dev_ca, init_intermediate_ca, pem_certificate,
     write_file,
 };
 pub use identity::{IdentityError, SpiffeId};
+#[cfg(test)]
+pub(crate) use remote::load_node_identity;
 pub use remote::{Answer, CaHealth, RemoteError, RemoteSigner, RemoteSignerOptions};
 pub use store::{CertStore, StoreError, StoreOptions};
 

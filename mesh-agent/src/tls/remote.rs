@@ -350,7 +350,7 @@ fn with_sources(error: &dyn std::error::Error) -> String {
 }
 
 /// A node certificate file (leaf first) and its private key.
-fn load_node_identity(
+pub(crate) fn load_node_identity(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), RemoteError> {
