@@ -88,6 +88,7 @@ pub async fn serve(listener: TcpListener, authority: Arc<Authority>, acceptor: T
     let limits = &authority.limits;
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let handshakes = Handshakes::new(limits.max_handshakes, limits.max_handshakes_per_peer);
+    // One bucket per node that authenticated: as many as there are node certificates.
     let per_node: Arc<DefaultKeyedRateLimiter<String>> = Arc::new(RateLimiter::dashmap(
         Quota::per_second(limits.per_node_rate).allow_burst(limits.per_node_burst),
     ));

@@ -1,8 +1,9 @@
-//! Certificate authorities: the [`Signer`] seam the certificate store issues through, and the
-//! built-in [`LocalCa`] (rcgen, a CA certificate and key from files; making them is
-//! [`super::dev_ca`]). A central CA (an RPC to
-//! a cluster service) replaces `LocalCa` by implementing `Signer`; the store never sees a CA
-//! key, only public keys go out and certificate chains come back.
+//! Certificate authorities: the [`Signer`] seam the certificate store issues through, and
+//! [`LocalCa`] (rcgen, a CA certificate and key from files; making them is [`super::dev_ca`]),
+//! which signs in the process holding the key: the CA off the node (`mesh-agent ca serve`),
+//! or an agent using the development shortcut. On a node using the CA off the node the
+//! store's signer is [`super::RemoteSigner`]: only public keys go out and certificate chains
+//! come back.
 
 use std::{
     fs,
