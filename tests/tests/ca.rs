@@ -571,3 +571,73 @@ fn an_agent_started_before_the_ca_gets_its_certificates_once_the_ca_is_up() {
     assert_eq!(two.metric("mesh_enrolled_pods", &[]).expect("metrics"), 1.0);
     assert_eq!(two.status().expect("status")["ca"]["reachable"], true);
 }
+
+#[test]
+fn a_failed_rotation_keeps_the_current_certificate_and_is_retried_when_the_ca_is_back() {
+    let mesh = Mesh::new("ca_rotation");
+    let mut ca = mesh.start_ca(&[]);
+    // One-minute certificates: rotation is due after about 30 s. Idle tunnels close at once,
+    // so each connection below makes a new TLS handshake with the certificates held then.
+    let short = |config: String| {
+        config.replace(
+            "    checkIntervalMs: 300\n",
+            "    checkIntervalMs: 300\n  certLifetimeMinutes: 1\n  tunnelIdleTimeoutMs: 100\n",
+        )
+    };
+    let pin = mesh.topo.bpf_pin_name();
+    let _one = Agent::start(
+        &mesh.topo,
+        &mesh.n1,
+        &short(mesh.agent_config(&mesh.n1, &pin)),
+    )
+    .expect("agent 1");
+    let pin2 = format!("{pin}-n2");
+    let two = Agent::start(
+        &mesh.topo,
+        &mesh.n2,
+        &short(mesh.agent_config(&mesh.n2, &pin2)),
+    )
+    .expect("agent 2");
+    let certificate = || two.status().expect("status")["certificates"][0].clone();
+    let issued = certificate();
+    let lifetime = issued["notAfter"]
+        .as_u64()
+        .zip(issued["notBefore"].as_u64());
+    assert!(
+        lifetime.is_some_and(|(end, start)| end - start <= 66),
+        "a one-minute certificate (give or take the skew): {issued}"
+    );
+
+    ca.stop();
+    wait_for(
+        "agent 2 tries to rotate without the CA",
+        Duration::from_secs(50),
+        || two.status().expect("status")["ca"]["unavailable"].as_u64() >= Some(3),
+    );
+    assert_eq!(
+        certificate()["serial"],
+        issued["serial"],
+        "the current certificate stays"
+    );
+    let reply = mesh
+        .a
+        .run(TOOL, ["id", "--connect", VIP])
+        .expect("a still reaches b");
+    let (name, _) =
+        mesh_tests::parse_id_reply(&String::from_utf8_lossy(&reply.stdout)).expect("reply");
+    assert_eq!(name, "b");
+
+    let _ca = mesh.start_ca(&[]);
+    wait_for(
+        "the retried rotation succeeds",
+        Duration::from_secs(25),
+        || certificate()["serial"] != issued["serial"],
+    );
+    let reply = mesh
+        .a
+        .run(TOOL, ["id", "--connect", VIP])
+        .expect("a reaches b");
+    let (name, _) =
+        mesh_tests::parse_id_reply(&String::from_utf8_lossy(&reply.stdout)).expect("reply");
+    assert_eq!(name, "b");
+}
