@@ -340,7 +340,15 @@ async fn with_the_ca_gone_a_rotation_fails_and_the_current_certificate_stays() {
     );
     let health = n1.health();
     assert_eq!(health.reachable, Some(false));
-    assert_eq!(health.unavailable, 3, "three tries, with backoff");
+    assert_eq!(health.unavailable, 1, "one try: the CA is gone, not busy");
+    // A moment later, requests fail at once without trying (no connect per request).
+    let started = tokio::time::Instant::now();
+    match n1.sign(&id("api"), &spki(), Duration::from_secs(600)).await {
+        Err(CaError::Unavailable(reason)) => assert!(reason.starts_with("not tried"), "{reason}"),
+        other => panic!("signed without a CA: {:?}", other.map(|c| c.len())),
+    }
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(n1.health().unavailable, 2);
     assert!(n1.check().await.is_err());
 }
 

@@ -4,10 +4,12 @@
 //! The node authenticates with its node certificate (`mesh-agent ca issue-node`) and accepts
 //! only a server holding the CA identity of the trust domain, chained to the trust bundle. One
 //! TLS connection per request: requests are rare (a pod's first certificate, then one per
-//! half-life), so nothing is kept open. A request that finds the CA unreachable or busy is
-//! tried again a few times with backoff; the certificate store retries rotations with its own
-//! longer backoff, and keeps the current certificates meanwhile. What happened last is kept
-//! for `mesh-agent status` and the metrics ([`CaHealth`]).
+//! half-life), so nothing is kept open. A request the CA answers busy is tried again a few
+//! times with backoff; one that cannot reach the CA fails, and so do the next ones for a few
+//! seconds without trying (a node enrolling many pods does not wait a connect timeout per
+//! pod). The certificate store retries rotations, and the agent enrollments, with their own
+//! longer backoff, keeping the current certificates meanwhile. What happened last is kept for
+//! `mesh-agent status` and the metrics ([`CaHealth`]).
 
 use std::{
     fs, io,
@@ -35,10 +37,14 @@ use super::{
     identity::SpiffeId,
 };
 
-/// Tries of one signing request while the CA is unreachable or busy.
+/// Tries of one signing request while the CA answers that it is busy (`429`, `503`).
 const ATTEMPTS: u32 = 3;
 /// The wait before the second try; doubled for each further one, give or take a fifth.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// After an exchange that could not reach the CA, signing requests fail at once for this long
+/// rather than each waiting for a connect timeout (a node enrolling many pods while the CA is
+/// unreachable); the callers retry with their own backoff.
+const FAIL_FAST: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -96,6 +102,8 @@ pub struct RemoteSigner {
     connector: TlsConnector,
     request_timeout: Duration,
     health: Mutex<CaHealth>,
+    /// When the last exchange that could not reach the CA ended.
+    unreached_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What one exchange brought back: the status and the body.
@@ -138,6 +146,7 @@ impl RemoteSigner {
             connector: TlsConnector::from(config),
             request_timeout: options.request_timeout,
             health: Mutex::new(CaHealth::default()),
+            unreached_at: Mutex::new(None),
         })
     }
 
@@ -256,8 +265,18 @@ impl RemoteSigner {
         (result, true)
     }
 
+    /// Counts a signing request that was not sent (the CA unreachable a moment ago).
+    fn record_unsent<T>(&self, result: &Result<T, CaError>) {
+        let mut health = self.health.lock();
+        health.unavailable += 1;
+        if let Err(error) = result {
+            health.last_error = Some(error.to_string());
+        }
+    }
+
     /// Records an exchange: `reached` when the CA answered at all (a refusal included).
     fn record<T>(&self, result: &Result<T, CaError>, reached: bool, signing: bool) {
+        *self.unreached_at.lock() = (!reached).then(tokio::time::Instant::now);
         let mut health = self.health.lock();
         health.reachable = Some(reached);
         if reached {
@@ -289,6 +308,16 @@ impl Signer for RemoteSigner {
         lifetime: Duration,
     ) -> SignFuture<'a> {
         Box::pin(async move {
+            let unreached = *self.unreached_at.lock();
+            if let Some(at) = unreached.filter(|at| at.elapsed() < FAIL_FAST) {
+                let result = Err(CaError::Unavailable(format!(
+                    "not tried: {} could not be reached {:.1}s ago",
+                    self.address,
+                    at.elapsed().as_secs_f64()
+                )));
+                self.record_unsent(&result);
+                return result;
+            }
             let mut backoff = FIRST_BACKOFF;
             let mut attempt = 1;
             loop {
@@ -297,8 +326,9 @@ impl Signer for RemoteSigner {
                     .await;
                 self.record(&result, reached, true);
                 match result {
-                    Err(CaError::Unavailable(reason)) if attempt < ATTEMPTS => {
-                        tracing::debug!(%identity, %reason, "the CA is unavailable; trying again");
+                    // Busy, not gone: try again shortly.
+                    Err(CaError::Unavailable(reason)) if reached && attempt < ATTEMPTS => {
+                        tracing::debug!(%identity, %reason, "the CA is busy; trying again");
                         tokio::time::sleep(backoff.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
                         backoff *= 2;
                         attempt += 1;
