@@ -17,8 +17,8 @@ use crate::{
     admin::{
         self, AdminState, InForce, StatusReport,
         status::{
-            self, CertificateStatus, ConfigStatus, ProgramStatus, STATUS_CONNECTIONS, TunnelStatus,
-            unix_seconds,
+            self, CaStatus, CertificateStatus, ConfigStatus, ProgramStatus, STATUS_CONNECTIONS,
+            TunnelStatus, unix_seconds,
         },
     },
     balance::Balancers,
@@ -89,7 +89,9 @@ pub async fn run(
     });
     sync_exclusions(&proxy, &agent)?;
     let pods = Arc::new(Mutex::new(Pods::new(proxy.clone())));
-    apply(&pods, &config, &metrics);
+    // Pods whose enrollment failed (their certificate could not be issued while the CA was
+    // unreachable, say) are tried again with backoff until they are all in.
+    let mut retry = EnrollRetry::after(apply(&pods, &config, &metrics));
     metrics.config_built(building.elapsed());
     let _health = proxy::health::spawn(proxy.clone());
     let _eviction = {
@@ -160,6 +162,7 @@ pub async fn run(
                 connections: connections.connections,
                 services: proxy.balancers.status(),
                 limits: proxy.limits.status(),
+                ca: ca_status(&proxy),
                 ..StatusReport::default()
             }
         })
@@ -201,6 +204,15 @@ pub async fn run(
                             .iter()
                             .map(|c| (c.identity.to_string(), unix_seconds(c.not_after))),
                     );
+                    let ca = ca_status(&proxy);
+                    proxy.metrics.observe_ca(
+                        ca.reachable.unwrap_or(ca.address.is_none()),
+                        [
+                            ("issued", ca.issued),
+                            ("refused", ca.refused),
+                            ("unavailable", ca.unavailable),
+                        ],
+                    );
                 })
             },
         }),
@@ -214,6 +226,11 @@ pub async fn run(
         tokio::select! {
             _ = terminate.recv() => break terminate,
             _ = interrupt.recv() => break interrupt,
+            _ = retry.wait(), if retry.pending() => {
+                let snapshot = proxy.config.load_full();
+                let failed = apply(&pods, &snapshot, &metrics);
+                retry = retry.again(failed);
+            }
             changed = updates.changed() => {
                 if changed.is_err() {
                     break terminate;
@@ -247,7 +264,7 @@ pub async fn run(
                 if let Err(error) = sync_exclusions(&proxy, snapshot.agent()) {
                     tracing::error!(%error, "updating the excluded ports and networks");
                 }
-                apply(&pods, &snapshot, &metrics);
+                retry = EnrollRetry::after(apply(&pods, &snapshot, &metrics));
                 let built = watcher.stats().snapshot().last_build.unwrap_or_default();
                 metrics.config_built(built + applying.elapsed());
                 let revoked = proxy.revoke_denied(&snapshot);
@@ -277,13 +294,56 @@ pub async fn run(
 /// How often rate-limit buckets of idle sources are dropped.
 const LIMIT_EVICTION: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) {
+/// Enrolls and unenrolls pods to match `config`; returns how many enrollments failed.
+fn apply(pods: &Mutex<Pods>, config: &Config, metrics: &Metrics) -> usize {
     let mut pods = pods.lock();
-    for error in pods.sync(config) {
+    let errors = pods.sync(config);
+    for error in &errors {
         metrics.enroll_failures.inc();
-        tracing::error!(workload = error.workload(), %error, "enrollment failed");
+        tracing::error!(workload = error.workload(), %error, "enrollment failed; retrying later");
     }
     metrics.enrolled_pods.set(pods.enrolled_count() as i64);
+    errors.len()
+}
+
+/// When failed enrollments are tried again: 2 s after a failure, doubling up to a minute
+/// while they keep failing; nothing pending once all are in.
+struct EnrollRetry {
+    next: Option<(tokio::time::Instant, std::time::Duration)>,
+}
+
+impl EnrollRetry {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// After an apply that left `failed` pods out.
+    fn after(failed: usize) -> Self {
+        Self::schedule(failed, Self::FIRST)
+    }
+
+    /// After a retry that left `failed` pods out.
+    fn again(&self, failed: usize) -> Self {
+        let delay = self
+            .next
+            .map_or(Self::FIRST, |(_, d)| (d * 2).min(Self::MAX));
+        Self::schedule(failed, delay)
+    }
+
+    fn schedule(failed: usize, delay: std::time::Duration) -> Self {
+        Self {
+            next: (failed > 0).then(|| (tokio::time::Instant::now() + delay, delay)),
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.next.is_some()
+    }
+
+    async fn wait(&self) {
+        if let Some((at, _)) = self.next {
+            tokio::time::sleep_until(at).await;
+        }
+    }
 }
 
 /// Reloads applied and refused: the watcher's, less the valid files the agent refused
@@ -309,6 +369,25 @@ fn certificates(proxy: &ProxyContext) -> Vec<CertificateStatus> {
             not_after: seconds(c.not_after),
         })
         .collect()
+}
+
+fn ca_status(proxy: &ProxyContext) -> CaStatus {
+    match proxy.mesh_tls.ca_health() {
+        None => CaStatus {
+            mode: "local".into(),
+            ..CaStatus::default()
+        },
+        Some((address, health)) => CaStatus {
+            mode: "remote".into(),
+            address: Some(address.to_owned()),
+            reachable: health.reachable,
+            last_contact: health.last_contact.map(unix_seconds),
+            last_error: health.last_error,
+            issued: health.issued,
+            refused: health.refused,
+            unavailable: health.unavailable,
+        },
+    }
 }
 
 fn sync_exclusions(proxy: &ProxyContext, agent: &AgentConfig) -> Result<(), EbpfError> {

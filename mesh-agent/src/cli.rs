@@ -93,7 +93,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Manage the certificate authority that signs the mesh's workload certificates.
+    /// The certificate authority that signs the mesh's workload certificates: run it off the
+    /// nodes (`ca serve`), issue node certificates, or make a development CA.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
@@ -176,7 +177,62 @@ pub enum CaCommand {
             value_parser = clap::value_parser!(u32).range(1..=36500)
         )]
         days: u32,
+        /// Make an intermediate CA signed by the CA in this directory (its ca.crt and ca.key)
+        /// instead of a self-signed root: the root key can then stay offline.
+        #[arg(long, value_name = "DIR")]
+        parent: Option<PathBuf>,
         /// Replace existing ca.crt / ca.key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the certificate authority: sign workload certificates for node agents over mutual
+    /// TLS, each identity only for the nodes its pods are placed on.
+    ///
+    /// Holds the CA key (of `ca init`, a root or an intermediate); the agents hold only their
+    /// node certificate (`ca issue-node`) and the trust bundle. Placement is read from the
+    /// mesh configuration (`workloads[].node`, `namespace`, `serviceAccount`; the trust domain
+    /// is `agent.trustDomain`), reloaded when the file changes. Stops on SIGTERM or SIGINT.
+    Serve {
+        /// Directory with ca.crt (the CA certificate, then its chain up to the root) and ca.key.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The mesh configuration (YAML, as the agents read it).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Address of the CA's API.
+        #[arg(long, default_value = crate::ca::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// More roots node certificates may chain to (during a root rotation); repeatable.
+        #[arg(long = "trust-root", value_name = "FILE")]
+        trust_roots: Vec<PathBuf>,
+        /// Longest workload certificate signed, in minutes.
+        #[arg(long, default_value_t = 1440, value_parser = clap::value_parser!(u64).range(1..=525_600))]
+        max_lifetime_minutes: u64,
+        /// Signing requests per second per node (more get 429).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+        rate_per_node: u32,
+        /// Requests a node may send at once above its rate.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+        burst_per_node: u32,
+    },
+    /// Issue the certificate a node's agent authenticates to `ca serve` with (`agent.ca`):
+    /// writes node.crt and node.key (readable only by its owner) into --out.
+    IssueNode {
+        /// Directory with the CA's ca.crt and ca.key.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node's name (`agent.node`).
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Validity, in days.
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+        /// Directory to write node.crt and node.key into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace existing files.
         #[arg(long)]
         force: bool,
     },

@@ -2,10 +2,11 @@
 
 use std::io::IsTerminal;
 
+use anyhow::Context;
 use clap::Parser;
 use mesh_agent::{
     admin::{self, client::View},
-    agent, cli, config, ebpf, tunnel,
+    agent, ca, cli, config, ebpf, tls, tunnel,
 };
 
 fn main() -> anyhow::Result<()> {
@@ -100,18 +101,64 @@ fn main() -> anyhow::Result<()> {
         }
         // Handled above, before the runtime.
         cli::Command::Config { .. } => Ok(()),
-        cli::Command::Ca {
-            command:
-                cli::CaCommand::Init {
-                    dir,
-                    trust_domain,
-                    days,
-                    force,
-                },
+        cli::Command::Ca { command } => runtime.block_on(ca_command(command)),
+    }
+}
+
+async fn ca_command(command: cli::CaCommand) -> anyhow::Result<()> {
+    match command {
+        cli::CaCommand::Init {
+            dir,
+            trust_domain,
+            days,
+            parent,
+            force,
         } => {
-            let (cert, key) = mesh_agent::tls::init_dev_ca(&dir, &trust_domain, days, force)?;
+            let (cert, key) = match parent {
+                Some(parent) => {
+                    tls::init_intermediate_ca(&parent, &dir, &trust_domain, days, force)?
+                }
+                None => tls::init_dev_ca(&dir, &trust_domain, days, force)?,
+            };
             println!("wrote {} and {}", cert.display(), key.display());
-            Ok(())
+        }
+        cli::CaCommand::Serve {
+            dir,
+            config,
+            listen,
+            trust_roots,
+            max_lifetime_minutes,
+            rate_per_node,
+            burst_per_node,
+        } => {
+            let limits = ca::Limits {
+                max_lifetime: std::time::Duration::from_secs(max_lifetime_minutes * 60),
+                per_node_rate: std::num::NonZeroU32::new(rate_per_node)
+                    .context("--rate-per-node must be at least 1")?,
+                per_node_burst: std::num::NonZeroU32::new(burst_per_node)
+                    .context("--burst-per-node must be at least 1")?,
+                ..ca::Limits::default()
+            };
+            ca::serve(ca::ServeOptions {
+                ca_dir: dir,
+                config,
+                listen,
+                trust_roots,
+                limits,
+            })
+            .await?;
+        }
+        cli::CaCommand::IssueNode {
+            dir,
+            node,
+            trust_domain,
+            days,
+            out,
+            force,
+        } => {
+            let (cert, key) = ca::issue_node(&dir, &trust_domain, &node, days, &out, force)?;
+            println!("wrote {} and {}", cert.display(), key.display());
         }
     }
+    Ok(())
 }

@@ -32,6 +32,8 @@ pub struct Metrics {
     tunnel_streams: IntGaugeVec,
     captured: IntCounterVec,
     config_build: Histogram,
+    ca_reachable: IntGauge,
+    ca_requests: IntCounterVec,
     istio_opened: IntCounterVec,
     istio_closed: IntCounterVec,
     istio_sent: IntCounterVec,
@@ -220,6 +222,12 @@ impl Metrics {
             ]),
         )
         .expect("static metric definition");
+        let ca_reachable = IntGauge::new(
+            "mesh_ca_reachable",
+            "Whether the last exchange with the CA off the node reached it (1) or not (0); 1 \
+             with a CA key on the node",
+        )
+        .expect("static metric definition");
         Self {
             handshakes: counters(
                 r,
@@ -248,6 +256,14 @@ impl Metrics {
                 &["workload", "result"],
             ),
             config_build: family(r, config_build),
+            ca_reachable: family(r, ca_reachable),
+            ca_requests: counters(
+                r,
+                "ca_requests_total",
+                "Certificate signing requests to the CA off the node, by outcome (issued, \
+                 refused, unavailable)",
+                &["outcome"],
+            ),
             config_reloads: counters(
                 r,
                 "config_reloads_total",
@@ -461,6 +477,16 @@ impl Metrics {
                     }
                 }
             }
+        }
+    }
+
+    /// Sets the CA gauge and brings the request counters up to the signer's totals
+    /// (`issued`, `refused`, `unavailable`).
+    pub fn observe_ca(&self, reachable: bool, totals: [(&str, u64); 3]) {
+        self.ca_reachable.set(i64::from(reachable));
+        for (outcome, total) in totals {
+            let counter = self.ca_requests.with_label_values(&[outcome]);
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
 

@@ -90,6 +90,25 @@ pub fn overview(report: &StatusReport, now: u64) -> String {
     if let Some(cert) = soonest {
         line(&mut out, &fit(&indent(LABEL, &cert.identity), WIDTH));
     }
+    let ca = &report.ca;
+    let source = match (&ca.address, ca.reachable) {
+        (None, _) => "key on this node (development shortcut)".to_owned(),
+        (Some(address), reachable) => format!(
+            "{address} {}; issued {}, refused {}, unavailable {}",
+            match reachable {
+                Some(true) => "reachable",
+                Some(false) => "UNREACHABLE",
+                None => "not asked yet",
+            },
+            ca.issued,
+            ca.refused,
+            ca.unavailable
+        ),
+    };
+    labelled(&mut out, "ca", &source);
+    if let (Some(false), Some(error)) = (ca.reachable, &ca.last_error) {
+        wrapped(&mut out, LABEL, error);
+    }
 
     let tunnels = format!(
         "{} up to other nodes, {}",

@@ -59,6 +59,28 @@ pub struct StatusReport {
     pub services: Vec<ServiceStatus>,
     /// Each rate limit and its current use.
     pub limits: Vec<LimitStatus>,
+    /// Where certificates come from, and whether that CA is reachable.
+    #[serde(default)]
+    pub ca: CaStatus,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    /// `remote` (the CA off the node, `agent.ca`) or `local` (a CA key on the node).
+    pub mode: String,
+    /// The CA's address, when remote.
+    pub address: Option<String>,
+    /// Whether the last exchange with the CA reached it; absent before the first, and for a
+    /// local CA.
+    pub reachable: Option<bool>,
+    /// When the CA last answered (seconds since the Unix epoch).
+    pub last_contact: Option<u64>,
+    pub last_error: Option<String>,
+    /// Signing requests: certificates issued, refused by the CA, CA unreachable or busy.
+    pub issued: u64,
+    pub refused: u64,
+    pub unavailable: u64,
 }
 
 /// `healthy`, or what is wrong, in a few words each.
@@ -233,6 +255,9 @@ impl StatusReport {
             .count();
         if expiring > 0 {
             problems.push(plural(expiring, "certificate", "expired or expiring"));
+        }
+        if self.ca.reachable == Some(false) {
+            problems.push("CA unreachable".to_owned());
         }
         Health {
             healthy: problems.is_empty(),

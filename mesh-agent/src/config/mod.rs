@@ -31,8 +31,8 @@ pub use limits::{
 };
 pub use model::{
     AccessLog, AgentConfig, Cidr, Config, Endpoint, EndpointSelection, FailMode, LiveSettings,
-    Node, Policies, QualifiedName, Service, ServicePort, StartupSettings, UnknownDestination,
-    Workload, WorkloadId,
+    Node, Policies, QualifiedName, RemoteCa, Service, ServicePort, StartupSettings,
+    UnknownDestination, Workload, WorkloadId,
 };
 pub use traffic::{
     CallerMatch, CallerRoute, CircuitBreaker, HashOn, HealthCheck, LoadBalancer, Locality,

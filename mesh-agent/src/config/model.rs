@@ -41,6 +41,7 @@ pub mod defaults {
     /// Under Kubernetes' default termination grace period (30 s).
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
     pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
+    pub const CA_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 }
 
 /// One immutable configuration snapshot. The data fields are public for reading; a `Config`
@@ -230,6 +231,23 @@ pub struct StartupSettings {
     /// (keep it under the pod's termination grace period); zero closes them at once.
     #[serde(rename = "drainTimeoutMs", serialize_with = "dump::millis")]
     pub drain_timeout: Duration,
+    /// The certificate authority off the node (`mesh-agent ca serve`); `None`: the built-in
+    /// signer with a CA key on the node (the development shortcut).
+    pub ca: Option<RemoteCa>,
+}
+
+/// `agent.ca`: where the CA is and how this node authenticates to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteCa {
+    /// `host:port` of the CA's API.
+    pub address: String,
+    /// This node's certificate (from `mesh-agent ca issue-node`) and key, absolute paths.
+    pub node_cert_file: PathBuf,
+    pub node_key_file: PathBuf,
+    /// How often the agent checks that the CA is reachable (status, metrics).
+    #[serde(rename = "checkIntervalMs", serialize_with = "dump::millis")]
+    pub check_interval: Duration,
 }
 
 /// The settings a reload applies to new connections (and, for the exclusions, to the eBPF

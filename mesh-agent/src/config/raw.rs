@@ -60,6 +60,7 @@ pub(super) struct RawAgent {
     pub drain_timeout_ms: Option<S<u64>>,
     pub access_log: Option<RawAccessLog>,
     pub istio_metrics: Option<bool>,
+    pub ca: Option<S<RawRemoteCa>>,
 }
 
 /// The access log, for all pods (`agent.accessLog`) or one workload (`workloads[].accessLog`,
@@ -69,6 +70,16 @@ pub(super) struct RawAgent {
 pub(super) struct RawAccessLog {
     pub enabled: Option<bool>,
     pub sample_percent: Option<S<u64>>,
+}
+
+/// `agent.ca`: the certificate authority off the node.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawRemoteCa {
+    pub address: S<String>,
+    pub node_cert_file: S<String>,
+    pub node_key_file: S<String>,
+    pub check_interval_ms: Option<S<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

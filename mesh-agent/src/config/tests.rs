@@ -213,6 +213,7 @@ fn full_document() {
                 cert_lifetime: Duration::from_secs(90 * 60),
                 tunnel_idle_timeout: Duration::from_millis(2500),
                 drain_timeout: Duration::ZERO,
+                ca: None,
             },
             live: LiveSettings {
                 excluded_ports: vec![22, 443],
@@ -390,6 +391,7 @@ fn defaults() {
                 cert_lifetime: Duration::from_secs(24 * 3600),
                 tunnel_idle_timeout: Duration::from_secs(60),
                 drain_timeout: Duration::from_secs(25),
+                ca: None,
             },
             live: LiveSettings {
                 excluded_ports: vec![],
@@ -618,7 +620,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
          excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
          trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, drainTimeoutMs, accessLog, \
-         istioMetrics"
+         istioMetrics, ca"
     );
     assert_eq!(
         error(&base_with(&[], &["        tagetPort: 8080"])),
@@ -1170,6 +1172,131 @@ fn mtls_agent_fields() {
     );
 }
 
+/// The `agent` block of a node using the CA off the node: lines 1-6.
+const REMOTE_CA: &[&str] = &[
+    "agent:",                                     // 1
+    "  node: node-a",                             // 2
+    "  trustRootFiles: [/etc/mesh/root.pem]",     // 3
+    "  ca:",                                      // 4
+    "    address: mesh-ca.mesh-system.svc:15012", // 5
+    "    nodeCertFile: /etc/mesh/node.crt",       // 6
+    "    nodeKeyFile: /etc/mesh/node.key",        // 7
+];
+
+fn remote_ca_with(replace: &[(usize, &'static str)], append: &[&'static str]) -> Vec<&'static str> {
+    let mut lines = REMOTE_CA.to_vec();
+    for (line, text) in replace {
+        lines[line - 1] = text;
+    }
+    lines.extend_from_slice(append);
+    lines.push("workloads: []");
+    lines
+}
+
+#[test]
+fn remote_ca() {
+    let config = ok(&remote_ca_with(&[], &[]));
+    assert_eq!(
+        config.agent.startup.ca,
+        Some(RemoteCa {
+            address: "mesh-ca.mesh-system.svc:15012".into(),
+            node_cert_file: PathBuf::from("/etc/mesh/node.crt"),
+            node_key_file: PathBuf::from("/etc/mesh/node.key"),
+            check_interval: Duration::from_secs(30),
+        })
+    );
+    let config = ok(&remote_ca_with(
+        &[(5, "    address: \"[fd00::1]:15012\"")],
+        &["    checkIntervalMs: 500"],
+    ));
+    let ca = config.agent.startup.ca.expect("ca");
+    assert_eq!(ca.address, "[fd00::1]:15012");
+    assert_eq!(ca.check_interval, Duration::from_millis(500));
+    assert_eq!(
+        ok(&remote_ca_with(&[(5, "    address: 10.0.0.1:15012")], &[]))
+            .agent
+            .startup
+            .ca
+            .map(|ca| ca.address),
+        Some("10.0.0.1:15012".into())
+    );
+
+    // No CA key on a node that uses the CA off the node.
+    assert_eq!(
+        error(&remote_ca_with(
+            &[],
+            &[
+                "  caKeyFile: /etc/mesh/ca.key",
+                "  caCertFile: /etc/mesh/ca.crt"
+            ]
+        )),
+        "mesh.yaml:8:14: agent.caKeyFile: a CA key on the node and a CA off the node (agent.ca) \
+         exclude each other: remove caCertFile and caKeyFile"
+    );
+    assert_eq!(
+        error(&remote_ca_with(&[], &["  caCertFile: /etc/mesh/ca.crt"])),
+        "mesh.yaml:8:15: agent.caCertFile: with agent.ca, list the mesh's roots in \
+         trustRootFiles instead"
+    );
+    assert_eq!(
+        error(&remote_ca_with(&[(3, "  trustDomain: cluster.local")], &[])),
+        "mesh.yaml:5:5: agent.ca: trustRootFiles must list the mesh's root certificates when \
+         the CA is off the node"
+    );
+    for (bad, why) in [
+        ("mesh-ca", "is not host:port"),
+        ("mesh-ca:0", "has no port in 1..=65535"),
+        ("mesh-ca:65536", "has no port in 1..=65535"),
+        (
+            ":15012",
+            "is not host:port (a DNS name, an IPv4 address or [an IPv6 address])",
+        ),
+        (
+            "Mesh_CA:15012",
+            "is not host:port (a DNS name, an IPv4 address or [an IPv6 address])",
+        ),
+        (
+            "fd00::1:15012",
+            "is not host:port (a DNS name, an IPv4 address or [an IPv6 address])",
+        ),
+    ] {
+        let line = format!("    address: \"{bad}\"");
+        assert_eq!(
+            error(&remote_ca_with(
+                &[(5, Box::leak(line.into_boxed_str()))],
+                &[]
+            )),
+            format!("mesh.yaml:5:14: agent.ca.address: `{bad}` {why}")
+        );
+    }
+    assert_eq!(
+        error(&remote_ca_with(&[(6, "    nodeCertFile: node.crt")], &[])),
+        "mesh.yaml:6:19: agent.ca.nodeCertFile: `node.crt` is not an absolute path"
+    );
+    assert_eq!(
+        error(&remote_ca_with(&[(7, "    nodeKeyFile: key")], &[])),
+        "mesh.yaml:7:18: agent.ca.nodeKeyFile: `key` is not an absolute path"
+    );
+    assert_eq!(
+        error(&remote_ca_with(&[], &["    checkIntervalMs: 0"])),
+        "mesh.yaml:8:22: agent.ca.checkIntervalMs: must be at least 1"
+    );
+    assert_eq!(
+        error(&remote_ca_with(&[(7, "    keyFile: /k")], &[])),
+        "mesh.yaml:7:5: agent.ca.keyFile: unknown field `keyFile`, expected one of address, \
+         nodeCertFile, nodeKeyFile, checkIntervalMs"
+    );
+    let missing = error(&remote_ca_with(&[(7, "    checkIntervalMs: 1")], &[]));
+    assert!(
+        missing.starts_with("mesh.yaml:") && missing.contains("missing field `nodeKeyFile`"),
+        "{missing}"
+    );
+    // A start-up setting: a reload changing it is refused.
+    let before = ok(&remote_ca_with(&[], &[]));
+    let after = ok(&remote_ca_with(&[(5, "    address: other:15012")], &[]));
+    assert_eq!(before.agent.startup.changes(&after.agent.startup), ["ca"]);
+}
+
 #[test]
 fn spiffe_id_of_a_workload() {
     let config = ok(&base_with(
@@ -1259,7 +1386,7 @@ fn startup_setting_names_are_agent_keys() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys.len(), 16, "{keys:?}");
+    assert_eq!(keys.len(), 17, "{keys:?}");
     for key in &keys {
         // Written without a value, a known key is just absent; an unknown one is refused.
         if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {

@@ -1,22 +1,22 @@
-//! Certificate authorities: the [`Signer`] seam the certificate store issues through, and the
-//! built-in [`LocalCa`] (rcgen, a CA certificate and key from files). A central CA (an RPC to
-//! a cluster service) replaces `LocalCa` by implementing `Signer`; the store never sees a CA
-//! key, only public keys go out and certificate chains come back.
+//! Certificate authorities: the [`Signer`] seam the certificate store issues through, and
+//! [`LocalCa`] (rcgen, a CA certificate and key from files; making them is [`super::dev_ca`]),
+//! which signs in the process holding the key: the CA off the node (`mesh-agent ca serve`),
+//! or an agent using the development shortcut. On a node using the CA off the node the
+//! store's signer is [`super::RemoteSigner`]: only public keys go out and certificate chains
+//! come back.
 
 use std::{
     fs,
     future::Future,
-    io::{self, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    io,
     path::{Path, PathBuf},
     pin::Pin,
     time::{Duration, SystemTime},
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
-    SubjectPublicKeyInfo,
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use time::OffsetDateTime;
@@ -24,6 +24,7 @@ use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use super::{
     cert::{self, CertError},
+    control::ControlId,
     identity::SpiffeId,
 };
 
@@ -61,6 +62,10 @@ pub enum CaError {
     /// For remote signers: the CA could not be reached or refused for now; try again later.
     #[error("the CA is unavailable: {0}")]
     Unavailable(String),
+    /// For remote signers: the CA answered and refused this request (not placed on this node,
+    /// a malformed request); asking again will not help until something changes.
+    #[error("the CA refused: {0}")]
+    Refused(String),
 }
 
 /// The future a [`Signer`] returns; boxed so the store can hold an `Arc<dyn Signer>`.
@@ -82,11 +87,15 @@ pub trait Signer: Send + Sync {
 
 /// The built-in CA: a CA certificate and key from PEM files, signing in-process.
 pub struct LocalCa {
-    issuer: Issuer<'static, KeyPair>,
+    pub(super) issuer: Issuer<'static, KeyPair>,
+    /// The CA's own certificate (a root, or an intermediate).
+    certificate: CertificateDer<'static>,
+    /// Whether it is self-issued (a root): a root is not sent, an intermediate is.
+    is_root: bool,
     /// Further certificates of the CA file (intermediates up to the root), appended to
     /// every issued chain.
     chain_tail: Vec<CertificateDer<'static>>,
-    not_after: SystemTime,
+    pub(super) not_after: SystemTime,
 }
 
 impl LocalCa {
@@ -151,8 +160,12 @@ impl LocalCa {
             });
         }
         let issuer = Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| bad_cert(e.to_string()))?;
+        let is_root = parsed.subject().as_raw() == parsed.issuer().as_raw();
+        let ca_der = ca_der.into_owned();
         Ok(Self {
             issuer,
+            certificate: ca_der,
+            is_root,
             chain_tail: certs,
             not_after,
         })
@@ -163,6 +176,14 @@ impl LocalCa {
         Self::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
     }
 
+    /// The CA certificate, then the rest of its file (intermediates up to the root): the
+    /// last one is the root peers must trust.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        let mut chain = vec![self.certificate.clone()];
+        chain.extend(self.chain_tail.iter().cloned());
+        chain
+    }
+
     /// Signs synchronously (what [`Signer::sign`] does for the local CA).
     pub fn sign_now(
         &self,
@@ -170,23 +191,44 @@ impl LocalCa {
         subject_public_key_info: &[u8],
         lifetime: Duration,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
-        let fail = |reason: String| CaError::Sign {
-            identity: identity.to_string(),
-            reason,
-        };
+        let (not_before, not_after) = self.window(&identity.to_string(), lifetime)?;
+        self.sign_valid(identity, subject_public_key_info, not_before, not_after)
+    }
+
+    /// Signs a node's or the CA API's certificate (see [`ControlId`]) valid from now.
+    pub fn sign_control_now(
+        &self,
+        id: &ControlId,
+        subject_public_key_info: &[u8],
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let (not_before, not_after) = self.window(&id.to_string(), lifetime)?;
+        self.sign_control_valid(id, subject_public_key_info, not_before, not_after)
+    }
+
+    /// From a little before now (clock skew between nodes, without eating a short lifetime)
+    /// to `lifetime` from now, cut at the CA's own end (a leaf outliving its CA would fail
+    /// verification anyway).
+    fn window(
+        &self,
+        subject: &str,
+        lifetime: Duration,
+    ) -> Result<(SystemTime, SystemTime), CaError> {
         let now = SystemTime::now();
-        // Tolerate a little clock skew between nodes, without eating a short lifetime.
         let skew = (lifetime / 10).min(Duration::from_secs(60));
-        // A leaf outliving its CA would fail verification anyway: cut it at the CA's end.
         let not_after = (now + lifetime).min(self.not_after);
         if not_after <= now {
-            return Err(fail("the CA certificate has expired".into()));
+            return Err(CaError::Sign {
+                identity: subject.to_owned(),
+                reason: "the CA certificate has expired".into(),
+            });
         }
-        self.sign_valid(identity, subject_public_key_info, now - skew, not_after)
+        Ok((now - skew, not_after))
     }
 
     /// Signs with an explicit validity window, unchecked (tests make expired and
-    /// not-yet-valid certificates with it).
+    /// not-yet-valid certificates with it). A workload certificate serves both ends of a
+    /// tunnel: server and client authentication.
     pub fn sign_valid(
         &self,
         identity: &SpiffeId,
@@ -194,8 +236,51 @@ impl LocalCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let window = (not_before, not_after);
+        self.sign_leaf(
+            &identity.to_string(),
+            usages,
+            subject_public_key_info,
+            window,
+        )
+    }
+
+    /// As [`sign_valid`](Self::sign_valid) for a [`ControlId`]: a node certificate only
+    /// authenticates a client (the node to the CA), the CA's only a server.
+    pub fn sign_control_valid(
+        &self,
+        id: &ControlId,
+        subject_public_key_info: &[u8],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let usage = match id {
+            ControlId::Node { .. } => ExtendedKeyUsagePurpose::ClientAuth,
+            ControlId::Ca { .. } => ExtendedKeyUsagePurpose::ServerAuth,
+        };
+        let window = (not_before, not_after);
+        self.sign_leaf(
+            &id.to_string(),
+            vec![usage],
+            subject_public_key_info,
+            window,
+        )
+    }
+
+    /// A leaf whose only name is the URI SAN `uri`, with the CA's chain after it.
+    fn sign_leaf(
+        &self,
+        uri: &str,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        subject_public_key_info: &[u8],
+        (not_before, not_after): (SystemTime, SystemTime),
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let fail = |reason: String| CaError::Sign {
-            identity: identity.to_string(),
+            identity: uri.to_owned(),
             reason,
         };
         let public_key = SubjectPublicKeyInfo::from_der(subject_public_key_info)
@@ -206,23 +291,23 @@ impl LocalCa {
         params.serial_number = Some(random_serial());
         // No subject: the identity is the URI SAN (rcgen marks the SAN critical then).
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity
-            .to_string()
+        let uri = uri
+            .to_owned()
             .try_into()
             .map_err(|e: rcgen::Error| fail(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let leaf = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| fail(e.to_string()))?;
-        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
+        let mut chain = Vec::with_capacity(2 + self.chain_tail.len());
         chain.push(leaf.der().clone());
+        if !self.is_root {
+            chain.push(self.certificate.clone());
+        }
         chain.extend(self.chain_tail.iter().cloned());
         Ok(chain)
     }
@@ -242,7 +327,7 @@ impl Signer for LocalCa {
 
 /// A positive 128-bit random serial (RFC 5280 allows up to 20 bytes; the top bit is cleared
 /// so the DER integer stays positive without padding).
-fn random_serial() -> SerialNumber {
+pub(super) fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     if rustls::crypto::ring::default_provider()
         .secure_random
@@ -255,114 +340,4 @@ fn random_serial() -> SerialNumber {
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01;
     SerialNumber::from_slice(&bytes)
-}
-
-/// A freshly generated development CA, PEM-encoded.
-pub struct DevCa {
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-/// Generates a self-signed ECDSA P-256 development CA valid from now for `days` days.
-pub fn generate_dev_ca(trust_domain: &str, days: u32) -> Result<DevCa, CaError> {
-    generate_ca_valid(
-        trust_domain,
-        SystemTime::now(),
-        SystemTime::now() + Duration::from_secs(u64::from(days) * 86_400),
-    )
-}
-
-/// A self-signed CA with an explicit validity window (tests make expired ones with it).
-pub fn generate_ca_valid(
-    trust_domain: &str,
-    not_before: SystemTime,
-    not_after: SystemTime,
-) -> Result<DevCa, CaError> {
-    let fail = |reason: String| CaError::Sign {
-        identity: format!("CA of {trust_domain}"),
-        reason,
-    };
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(e.to_string()))?;
-    let mut params = CertificateParams::default();
-    params.not_before = OffsetDateTime::from(not_before);
-    params.not_after = OffsetDateTime::from(not_after);
-    params.serial_number = Some(random_serial());
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "mesh-agent development CA");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, trust_domain);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key).map_err(|e| fail(e.to_string()))?;
-    Ok(DevCa {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
-}
-
-/// `mesh-agent ca init`: writes `ca.crt` and `ca.key` (mode 0600) into `dir`, creating it.
-/// Refuses to replace either file unless `force`. Returns the two paths.
-pub fn init_dev_ca(
-    dir: &Path,
-    trust_domain: &str,
-    days: u32,
-    force: bool,
-) -> Result<(PathBuf, PathBuf), CaError> {
-    crate::names::Kind::TrustDomain
-        .check(trust_domain)
-        .map_err(|reason| CaError::Sign {
-            identity: format!("CA of {trust_domain:?}"),
-            reason: format!("bad trust domain: {reason}"),
-        })?;
-    let cert_path = dir.join(CA_CERT_FILE);
-    let key_path = dir.join(CA_KEY_FILE);
-    if !force {
-        for path in [&cert_path, &key_path] {
-            if path.symlink_metadata().is_ok() {
-                return Err(CaError::Exists { path: path.clone() });
-            }
-        }
-    }
-    fs::create_dir_all(dir).map_err(|source| CaError::Write {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let ca = generate_dev_ca(trust_domain, days)?;
-    // The key first, so a crash never leaves a certificate without its key.
-    write_file(&key_path, ca.key_pem.as_bytes(), 0o600, force)?;
-    write_file(&cert_path, ca.cert_pem.as_bytes(), 0o644, force)?;
-    Ok((cert_path, key_path))
-}
-
-fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), CaError> {
-    let err = |source| CaError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut options = fs::OpenOptions::new();
-    options.write(true).mode(mode);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        // create_new: a file appearing between the check and now is still not overwritten.
-        options.create_new(true);
-    }
-    let mut file = options.open(path).map_err(|source| match source.kind() {
-        io::ErrorKind::AlreadyExists => CaError::Exists {
-            path: path.to_owned(),
-        },
-        _ => err(source),
-    })?;
-    // `mode` only applies to new files; an overwritten key must not keep looser permissions.
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)
 }

@@ -1,11 +1,14 @@
 //! Reading what the mesh needs out of an X.509 certificate: the SPIFFE identity (its one URI
-//! SAN), the serial and the validity window.
+//! SAN: a workload's, or a node's or the CA's), the serial and the validity window.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
-use super::identity::{IdentityError, SpiffeId};
+use super::{
+    control::{ControlId, ControlIdError},
+    identity::{IdentityError, SpiffeId},
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
@@ -17,6 +20,8 @@ pub enum CertError {
     SeveralIdentities,
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Control(#[from] ControlIdError),
 }
 
 /// What the admin API shows about one certificate.
@@ -45,6 +50,16 @@ pub fn identity_of(der: &[u8]) -> Result<SpiffeId, CertError> {
 }
 
 fn identity_of_parsed(cert: &X509Certificate<'_>) -> Result<SpiffeId, CertError> {
+    Ok(SpiffeId::parse(single_uri(cert)?)?)
+}
+
+/// The node or CA identity of a certificate of the CA's API (its one URI SAN).
+pub fn control_id_of(der: &[u8]) -> Result<ControlId, CertError> {
+    Ok(ControlId::parse(single_uri(&parse(der)?)?)?)
+}
+
+/// The one URI SAN of a certificate.
+fn single_uri<'a>(cert: &'a X509Certificate<'_>) -> Result<&'a str, CertError> {
     let san = cert
         .subject_alternative_name()
         .map_err(|e| CertError::Parse(e.to_string()))?
@@ -61,7 +76,7 @@ fn identity_of_parsed(cert: &X509Certificate<'_>) -> Result<SpiffeId, CertError>
     if uris.next().is_some() {
         return Err(CertError::SeveralIdentities);
     }
-    Ok(SpiffeId::parse(uri)?)
+    Ok(uri)
 }
 
 /// Identity, serial and validity of a leaf certificate.

@@ -25,6 +25,7 @@ use rustls::{
 };
 
 use super::{
+    bundle::TrustBundle,
     cert::{self, CertError},
     identity::SpiffeId,
     provider,
@@ -161,7 +162,8 @@ impl fmt::Debug for CertStore {
     }
 }
 
-/// Chain to one of the bundle's roots, valid now, with the given extended key usage.
+/// Chain to one of the bundle's roots, valid now, with the given extended key usage; the
+/// leaf's workload identity.
 fn verify_chain(
     store: &CertStore,
     end_entity: &CertificateDer<'_>,
@@ -169,7 +171,18 @@ fn verify_chain(
     now: UnixTime,
     usage: webpki::KeyUsage,
 ) -> Result<SpiffeId, rustls::Error> {
-    let bundle = store.bundle();
+    verify_path(&store.bundle(), end_entity, intermediates, now, usage)?;
+    cert::identity_of(end_entity).map_err(other_error)
+}
+
+/// Chain to one of `bundle`'s roots, valid now, with the given extended key usage.
+pub(super) fn verify_path(
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), rustls::Error> {
     let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
     leaf.verify_for_usage(
         provider().signature_verification_algorithms.all,
@@ -181,9 +194,12 @@ fn verify_chain(
         None,
     )
     .map_err(pki_error)?;
-    cert::identity_of(end_entity).map_err(|e| {
-        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-    })
+    Ok(())
+}
+
+/// Our own reason for refusing a certificate, carried inside the rustls error.
+pub(super) fn other_error(error: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
 }
 
 /// The webpki errors worth telling apart in a log line; the rest are carried as they are.
@@ -280,12 +296,10 @@ impl ServerCertVerifier for ServerVerifier {
             webpki::KeyUsage::server_auth(),
         )?;
         if presented != self.expected {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(IdentityMismatch {
-                    expected: self.expected.clone(),
-                    presented: presented.to_string(),
-                })),
-            )));
+            return Err(other_error(IdentityMismatch {
+                expected: self.expected.clone(),
+                presented: presented.to_string(),
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -313,8 +327,8 @@ impl ServerCertVerifier for ServerVerifier {
     }
 }
 
-/// Handshake signatures, the same for both verifiers: the provider's algorithms.
-fn tls13_signature(
+/// Handshake signatures, the same for every verifier: the provider's algorithms.
+pub(super) fn tls13_signature(
     message: &[u8],
     cert: &CertificateDer<'_>,
     dss: &DigitallySignedStruct,
@@ -327,7 +341,7 @@ fn tls13_signature(
     )
 }
 
-fn verify_schemes() -> Vec<SignatureScheme> {
+pub(super) fn verify_schemes() -> Vec<SignatureScheme> {
     provider()
         .signature_verification_algorithms
         .supported_schemes()

@@ -1,6 +1,9 @@
 //! The certificate store: one certificate and key per identity of this node's pods, issued on
 //! demand through a [`Signer`] and rotated in the background at about half-life.
 //!
+//! A failed rotation (the CA unreachable) keeps the current certificate in use and is tried
+//! again with exponential backoff.
+//!
 //! Each identity's current certificate sits behind an `ArcSwap`: a handshake loads it once,
 //! so a rotation only affects handshakes that start after it; established connections keep
 //! the keys they negotiated.
@@ -56,8 +59,11 @@ pub enum StoreError {
 pub struct StoreOptions {
     /// Requested leaf lifetime (the signer may shorten it).
     pub lifetime: Duration,
-    /// After a failed rotation, try again this much later.
+    /// After a failed rotation, try again this much later, doubling with each failure in a
+    /// row up to `max_retry_after` (give or take a tenth), so a CA coming back is not met by
+    /// every node at once.
     pub retry_after: Duration,
+    pub max_retry_after: Duration,
 }
 
 impl Default for StoreOptions {
@@ -65,6 +71,7 @@ impl Default for StoreOptions {
         Self {
             lifetime: DEFAULT_LEAF_LIFETIME,
             retry_after: Duration::from_secs(10),
+            max_retry_after: Duration::from_secs(300),
         }
     }
 }
@@ -78,6 +85,8 @@ pub(crate) struct Issued {
 struct Entry {
     current: ArcSwap<Issued>,
     rotate_at: Mutex<Instant>,
+    /// Rotations failed in a row (the backoff's exponent).
+    failures: Mutex<u32>,
 }
 
 pub struct CertStore {
@@ -128,6 +137,7 @@ impl CertStore {
             Arc::new(Entry {
                 current: ArcSwap::from_pointee(issued),
                 rotate_at: Mutex::new(rotate_at),
+                failures: Mutex::new(0),
             }),
         );
         drop(entries);
@@ -244,6 +254,14 @@ fn install(entry: &Entry, issued: Issued) {
     let rotate_at = rotation_instant(&issued.info);
     entry.current.store(Arc::new(issued));
     *entry.rotate_at.lock() = rotate_at;
+    *entry.failures.lock() = 0;
+}
+
+/// The wait after `failures` failed rotations in a row: `first`, doubled for each further
+/// failure up to `max`, give or take a tenth.
+fn retry_delay(first: Duration, max: Duration, failures: u32) -> Duration {
+    let doubled = first.saturating_mul(1 << failures.saturating_sub(1).min(20));
+    doubled.min(max).mul_f64(0.9 + fastrand::f64() * 0.2)
 }
 
 /// Half-life, plus or minus a tenth of the lifetime.
@@ -295,9 +313,24 @@ async fn rotation_loop(store: Weak<CertStore>, changed: Arc<Notify>) {
                         install(&entry, issued);
                     }
                     Err(error) => {
-                        tracing::warn!(%identity, %error, "certificate rotation failed; retrying");
-                        let retry = Instant::now() + store.options.retry_after;
-                        *entry.rotate_at.lock() = retry;
+                        let failures = {
+                            let mut failures = entry.failures.lock();
+                            *failures = failures.saturating_add(1);
+                            *failures
+                        };
+                        let options = &store.options;
+                        let delay =
+                            retry_delay(options.retry_after, options.max_retry_after, failures);
+                        let expires = entry.current.load().info.not_after;
+                        tracing::warn!(
+                            %identity,
+                            %error,
+                            failures,
+                            retry_in = ?delay,
+                            expires_in = ?expires.duration_since(SystemTime::now()).unwrap_or_default(),
+                            "certificate rotation failed; the current certificate stays in use"
+                        );
+                        *entry.rotate_at.lock() = Instant::now() + delay;
                     }
                 }
                 let due = *entry.rotate_at.lock();
@@ -308,6 +341,26 @@ async fn rotation_loop(store: Weak<CertStore>, changed: Arc<Notify>) {
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
             _ = notified => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::retry_delay;
+
+    #[test]
+    fn retries_back_off_up_to_the_cap() {
+        let (first, max) = (Duration::from_secs(10), Duration::from_secs(300));
+        let within = |d: Duration, of: Duration| d >= of.mul_f64(0.9) && d <= of.mul_f64(1.1);
+        for (failures, expected) in [(1, 10), (2, 20), (3, 40), (5, 160), (6, 300), (60, 300)] {
+            let delay = retry_delay(first, max, failures);
+            assert!(
+                within(delay, Duration::from_secs(expected)),
+                "{failures} failures: {delay:?}"
+            );
         }
     }
 }

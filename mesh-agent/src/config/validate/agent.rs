@@ -7,8 +7,10 @@ use std::time::Duration;
 use serde_saphyr::Location;
 
 use super::{Cx, Result, scalars};
-use crate::config::model::{AccessLog, AgentConfig, Cidr, LiveSettings, StartupSettings, defaults};
-use crate::config::raw::{RawAccessLog, RawAgent, S};
+use crate::config::model::{
+    AccessLog, AgentConfig, Cidr, LiveSettings, RemoteCa, StartupSettings, defaults,
+};
+use crate::config::raw::{RawAccessLog, RawAgent, RawRemoteCa, S};
 use crate::names::Kind;
 
 impl Cx<'_> {
@@ -186,6 +188,8 @@ impl Cx<'_> {
             .as_ref()
             .map(|k| self.abs_path(k, "agent.caKeyFile"))
             .transpose()?;
+        // Before the pairing of caCertFile and caKeyFile: with agent.ca, neither belongs.
+        let ca = a.ca.as_ref().map(|ca| self.remote_ca(ca, a)).transpose()?;
         match (&a.ca_cert_file, &a.ca_key_file) {
             (Some(c), None) => {
                 return Err(self.err(
@@ -274,6 +278,7 @@ impl Cx<'_> {
                 cert_lifetime,
                 tunnel_idle_timeout,
                 drain_timeout,
+                ca,
             },
             live: LiveSettings {
                 excluded_ports,
@@ -307,6 +312,77 @@ impl Cx<'_> {
                 inherited.sample_percent,
             )?,
         })
+    }
+
+    /// `agent.ca`: a CA off the node excludes a CA key on it, and needs the roots its
+    /// certificate chains to.
+    fn remote_ca(&self, ca: &S<RawRemoteCa>, a: &RawAgent) -> Result<RemoteCa> {
+        if let Some(key) = &a.ca_key_file {
+            return Err(self.err(
+                key.referenced,
+                "agent.caKeyFile",
+                "a CA key on the node and a CA off the node (agent.ca) exclude each other: \
+                 remove caCertFile and caKeyFile",
+            ));
+        }
+        if let Some(cert) = &a.ca_cert_file {
+            return Err(self.err(
+                cert.referenced,
+                "agent.caCertFile",
+                "with agent.ca, list the mesh's roots in trustRootFiles instead",
+            ));
+        }
+        if a.trust_root_files.as_ref().is_none_or(Vec::is_empty) {
+            return Err(self.err(
+                ca.referenced,
+                "agent.ca",
+                "trustRootFiles must list the mesh's root certificates when the CA is off the \
+                 node",
+            ));
+        }
+        let r = &ca.value;
+        let address = self.host_port(&r.address, "agent.ca.address")?;
+        let interval = match &r.check_interval_ms {
+            Some(ms) if ms.value == 0 => {
+                return Err(self.err(
+                    ms.referenced,
+                    "agent.ca.checkIntervalMs",
+                    "must be at least 1",
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms.value),
+            None => defaults::CA_CHECK_INTERVAL,
+        };
+        Ok(RemoteCa {
+            address,
+            node_cert_file: self.abs_path(&r.node_cert_file, "agent.ca.nodeCertFile")?,
+            node_key_file: self.abs_path(&r.node_key_file, "agent.ca.nodeKeyFile")?,
+            check_interval: interval,
+        })
+    }
+
+    /// `host:port` (a name or an address; IPv6 in brackets), port 1..=65535.
+    fn host_port(&self, s: &S<String>, path: &str) -> Result<String> {
+        let bad = |why: &str| self.err(s.referenced, path, format!("`{}` {why}", s.value));
+        let (host, port) = s
+            .value
+            .rsplit_once(':')
+            .ok_or_else(|| bad("is not host:port"))?;
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(bad("has no port in 1..=65535")),
+        }
+        let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            v6.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            host.parse::<std::net::Ipv4Addr>().is_ok() || Kind::Node.check(host).is_ok()
+        };
+        if !host_ok {
+            return Err(bad(
+                "is not host:port (a DNS name, an IPv4 address or [an IPv6 address])",
+            ));
+        }
+        Ok(s.value.clone())
     }
 
     fn admin_addr(&self, s: &S<String>) -> Result<SocketAddr> {
