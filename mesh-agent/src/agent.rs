@@ -104,6 +104,21 @@ pub async fn run(
             }
         })
     };
+    // Memory a burst of connections used goes back to the system once they are gone.
+    let _trim = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut trim = sys::memory::TrimAfterBurst::default();
+            let mut tick = tokio::time::interval(TRIM_CHECK);
+            loop {
+                tick.tick().await;
+                // Every proxied connection, tunnel streams included.
+                if trim.should_trim(proxy.connections.len()) {
+                    tokio::task::spawn_blocking(sys::memory::release_free_memory);
+                }
+            }
+        })
+    };
 
     let watcher = watch::spawn(config_path, node, config.clone());
     // The snapshot in force and its generation, for the status and /config_dump.
@@ -290,6 +305,9 @@ pub async fn run(
     .await;
     Ok(())
 }
+
+/// How often the open connections are compared with their peak (see `TrimAfterBurst`).
+const TRIM_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often rate-limit buckets of idle sources are dropped.
 const LIMIT_EVICTION: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,6 +1,7 @@
 //! The host facts and kernel handles the agent needs: bpffs, the cgroup2 mount, threads
-//! living in pods' network namespaces, and process start times.
+//! living in pods' network namespaces, process start times, and returning free memory.
 
+pub mod memory;
 mod mounts;
 mod netns;
 pub mod process;
