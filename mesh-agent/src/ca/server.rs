@@ -9,14 +9,7 @@
 //! of requests: a node flooding the CA is answered `429` cheaply, before its body is read,
 //! while other nodes keep their own rate.
 
-use std::{
-    collections::HashMap,
-    convert::Infallible,
-    net::{IpAddr, SocketAddr},
-    num::NonZeroU32,
-    sync::Arc,
-    time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -24,18 +17,17 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::Semaphore,
     time::timeout,
 };
 use tokio_rustls::TlsAcceptor;
 
 use super::{auth::NodeAuthenticator, placement::Placement};
 use crate::tls::{
-    LocalCa, SpiffeId,
+    HandshakeLimits, HandshakePermit, LocalCa, SpiffeId,
     ca_api::{
         self, ErrorBody, HEALTH_PATH, MAX_REQUEST_BYTES, SIGN_PATH, SignRequest, SignResponse,
     },
@@ -87,7 +79,7 @@ pub struct Authority {
 pub async fn serve(listener: TcpListener, authority: Arc<Authority>, acceptor: TlsAcceptor) {
     let limits = &authority.limits;
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let handshakes = Handshakes::new(limits.max_handshakes, limits.max_handshakes_per_peer);
+    let handshakes = HandshakeLimits::new(limits.max_handshakes, limits.max_handshakes_per_peer);
     // One bucket per node that authenticated: as many as there are node certificates.
     let per_node: Arc<DefaultKeyedRateLimiter<String>> = Arc::new(RateLimiter::dashmap(
         Quota::per_second(limits.per_node_rate).allow_burst(limits.per_node_burst),
@@ -290,55 +282,4 @@ fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
             error: reason.to_owned(),
         },
     )
-}
-
-/// TLS handshakes in flight, in total and per peer address.
-#[derive(Clone)]
-struct Handshakes {
-    total: Arc<Semaphore>,
-    per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    max_per_peer: usize,
-}
-
-impl Handshakes {
-    fn new(max_total: usize, max_per_peer: usize) -> Self {
-        Self {
-            total: Arc::new(Semaphore::new(max_total.max(1))),
-            per_peer: Arc::default(),
-            max_per_peer: max_per_peer.max(1),
-        }
-    }
-
-    fn try_acquire(&self, peer: IpAddr) -> Option<HandshakePermit> {
-        let total = self.total.clone().try_acquire_owned().ok()?;
-        let mut per_peer = self.per_peer.lock();
-        let count = per_peer.entry(peer).or_insert(0);
-        if *count >= self.max_per_peer {
-            return None;
-        }
-        *count += 1;
-        Some(HandshakePermit {
-            _total: total,
-            handshakes: self.clone(),
-            peer,
-        })
-    }
-}
-
-struct HandshakePermit {
-    _total: OwnedSemaphorePermit,
-    handshakes: Handshakes,
-    peer: IpAddr,
-}
-
-impl Drop for HandshakePermit {
-    fn drop(&mut self) {
-        let mut per_peer = self.handshakes.per_peer.lock();
-        if let Some(count) = per_peer.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                per_peer.remove(&self.peer);
-            }
-        }
-    }
 }

@@ -8,11 +8,10 @@
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName, ServerConfig,
-    SignatureScheme,
+    ClientConfig, CommonState, DistinguishedName, ServerConfig,
     client::{
         Resumption,
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        danger::{ServerCertVerified, ServerCertVerifier},
     },
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     server::{
@@ -24,7 +23,7 @@ use rustls::{
 use super::{
     bundle::TrustBundle,
     cert,
-    config::{ConfigError, other_error, tls13_signature, verify_path, verify_schemes},
+    config::{ConfigError, other_error, verify_path},
     control::ControlId,
     provider,
 };
@@ -129,27 +128,7 @@ impl ServerCertVerifier for CaVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        verify_schemes()
-    }
+    super::config::tls13_only_signatures!();
 }
 
 #[derive(Debug)]
@@ -190,25 +169,5 @@ impl ClientCertVerifier for NodeVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        verify_schemes()
-    }
+    super::config::tls13_only_signatures!();
 }

@@ -11,6 +11,7 @@ mod config;
 mod control;
 mod control_tls;
 mod dev_ca;
+mod handshakes;
 mod identity;
 mod remote;
 mod store;
@@ -37,6 +38,7 @@ pub use dev_ca::{
     DevCa, generate_ca_valid, generate_dev_ca, init_dev_ca, init_intermediate_ca, pem_certificate,
     write_file,
 };
+pub use handshakes::{HandshakeLimits, HandshakePermit};
 pub use identity::{IdentityError, SpiffeId};
 #[cfg(test)]
 pub(crate) use remote::load_node_identity;

@@ -20,8 +20,8 @@ pub use connect::{ConnectError, connect_request, parse_connect};
 pub use mesh::{MeshTls, MeshTlsError, dev_ca_dir};
 pub use pool::{Pool, PoolError, PoolOptions};
 pub use server::{
-    ConnectRequest, Forward, ForwardOptions, HandshakeLimits, PendingStream, Refusal, Server,
-    ServerError, ServerOptions, StreamHandler,
+    ConnectRequest, Forward, ForwardOptions, PendingStream, Refusal, Server, ServerError,
+    ServerOptions, StreamHandler,
 };
 pub use stream::{TunnelReadHalf, TunnelStream, TunnelWriteHalf};
 

@@ -8,22 +8,15 @@
 //! the HTTP/2 preface, h2's header-list and concurrent-stream limits, and flow-control
 //! windows (a slow upstream stops the client after one window).
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
-use parking_lot::Mutex;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::Semaphore,
     task::JoinHandle,
     time::{Instant, timeout, timeout_at},
 };
@@ -32,7 +25,10 @@ use tokio_rustls::TlsAcceptor;
 use super::{connect::parse_connect, stream::TunnelStream};
 use crate::{
     metrics::TunnelMetrics,
-    tls::{ALPN_H2, CertStore, ConfigError, SpiffeId, peer_identity, server_config},
+    tls::{
+        ALPN_H2, CertStore, ConfigError, HandshakeLimits, HandshakePermit, SpiffeId, peer_identity,
+        server_config,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -186,64 +182,6 @@ where
             (&(), &()),
         )
         .await;
-    }
-}
-
-/// Concurrent TLS handshakes allowed, in total and per peer address. Clone it into the
-/// options of every server of the node so a flood at one pod is bounded node-wide.
-#[derive(Clone)]
-pub struct HandshakeLimits {
-    total: Arc<Semaphore>,
-    per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    max_per_peer: usize,
-}
-
-impl HandshakeLimits {
-    pub fn new(max_total: usize, max_per_peer: usize) -> Self {
-        Self {
-            total: Arc::new(Semaphore::new(max_total.max(1))),
-            per_peer: Arc::new(Mutex::new(HashMap::new())),
-            max_per_peer: max_per_peer.max(1),
-        }
-    }
-
-    fn try_acquire(&self, peer: IpAddr) -> Option<HandshakePermit> {
-        let total = self.total.clone().try_acquire_owned().ok()?;
-        let mut per_peer = self.per_peer.lock();
-        let count = per_peer.entry(peer).or_insert(0);
-        if *count >= self.max_per_peer {
-            return None;
-        }
-        *count += 1;
-        Some(HandshakePermit {
-            _total: total,
-            limits: self.clone(),
-            peer,
-        })
-    }
-}
-
-impl Default for HandshakeLimits {
-    fn default() -> Self {
-        Self::new(256, 32)
-    }
-}
-
-struct HandshakePermit {
-    _total: OwnedSemaphorePermit,
-    limits: HandshakeLimits,
-    peer: IpAddr,
-}
-
-impl Drop for HandshakePermit {
-    fn drop(&mut self) {
-        let mut per_peer = self.limits.per_peer.lock();
-        if let Some(count) = per_peer.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                per_peer.remove(&self.peer);
-            }
-        }
     }
 }
 
