@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use mesh_tests::{Agent, Topology, parse_id_reply};
 
 use crate::{
-    command::{cargo, run, workspace_root},
+    command::{cargo, run, target_dir, workspace_root},
     ebpf, setup,
 };
 
@@ -32,7 +32,7 @@ pub fn demo() -> anyhow::Result<()> {
         ]),
         "building the agent",
     )?;
-    let bin_dir = workspace_root().join("target/debug");
+    let bin_dir = target_dir().join("debug");
     // SAFETY: single-threaded here, before anything reads the environment concurrently.
     unsafe {
         std::env::set_var("MESH_AGENT_BIN", bin_dir.join("mesh-agent"));
