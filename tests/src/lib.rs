@@ -22,6 +22,7 @@
 pub mod agent;
 mod cgroup;
 pub mod exec;
+pub mod fixtures;
 pub mod grafana;
 pub mod kernel;
 pub mod naming;

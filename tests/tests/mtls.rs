@@ -1,99 +1,13 @@
 //! Node-to-node mTLS end to end: two nodes, one agent each, pods' connections to endpoints
 //! on the other node go through HTTP/2 CONNECT tunnels over mutual TLS.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
-use mesh_tests::{
-    Agent, ConfigBuilder, Node, Pod, Topology, assert_root, payload, wait_timeout, wait_until,
-};
+use mesh_tests::{Agent, fixtures::TwoNodes, payload, wait_timeout, wait_until};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_mesh-testtool");
 const VIP: &str = "10.96.0.10:80";
 const ID_A: &str = "spiffe://cluster.local/ns/test/sa/a";
-
-/// Node 1 with client pods `a` and `d`, node 2 with echo server `b`; service `echo`
-/// (10.96.0.10:80 -> b:8080); a CA shared by both agents.
-struct TwoNodes {
-    topo: Topology,
-    n1: Node,
-    n2: Node,
-    a: Pod,
-    d: Pod,
-    b: Pod,
-    ca_dir: PathBuf,
-    _server: mesh_tests::Background,
-}
-
-impl TwoNodes {
-    fn new(name: &str) -> TwoNodes {
-        assert_root();
-        let mut topo = Topology::new(name).expect("topology");
-        let n1 = topo.add_node("node1").expect("node1");
-        let n2 = topo.add_node("node2").expect("node2");
-        topo.connect_nodes(&n1, &n2).expect("underlay");
-        let a = topo.add_pod(&n1, "a").expect("pod a");
-        let d = topo.add_pod(&n1, "d").expect("pod d");
-        let b = topo.add_pod(&n2, "b").expect("pod b");
-        let server = b
-            .spawn_ready(TOOL, ["serve", "--listen", "[::]:8080", "--name", "b"])
-            .expect("server");
-        let ca_dir = std::env::temp_dir()
-            .join(format!("mesh-test-{}", topo.id()))
-            .join("ca");
-        mesh_tests::agent::init_ca(&ca_dir).expect("mesh-agent ca init");
-        TwoNodes {
-            topo,
-            n1,
-            n2,
-            a,
-            d,
-            b,
-            ca_dir,
-            _server: server,
-        }
-    }
-
-    /// The config of the agent on `node`: every workload of both nodes, the service, the CA.
-    fn config(&self, node: &Node, extra_agent: &[&str], policies: Option<&str>) -> String {
-        let mut builder = ConfigBuilder::new(&self.topo, node)
-            .agent_line(&format!(
-                "caCertFile: {}",
-                self.ca_dir.join("ca.crt").display()
-            ))
-            .agent_line(&format!(
-                "caKeyFile: {}",
-                self.ca_dir.join("ca.key").display()
-            ));
-        for line in extra_agent {
-            builder = builder.agent_line(line);
-        }
-        builder = builder
-            .workload(&self.a, &[("app", "client")], &[])
-            .workload(&self.d, &[("app", "other")], &[])
-            .workload(&self.b, &[("app", "echo")], &[])
-            .service("echo", &["10.96.0.10"], 80, 8080, &[("app", "echo")]);
-        if let Some(policies) = policies {
-            builder = builder.policies(policies);
-        }
-        builder.build()
-    }
-
-    fn agents(&self, extra_agent: &[&str], policies: Option<&str>) -> (Agent, Agent) {
-        let pin2 = format!("{}-n2", self.topo.bpf_pin_name());
-        let one = Agent::start(
-            &self.topo,
-            &self.n1,
-            &self.config(&self.n1, extra_agent, policies),
-        )
-        .expect("agent 1");
-        let two_config = self.config(&self.n2, extra_agent, policies).replace(
-            &format!("bpfName: {}\n", self.topo.bpf_pin_name()),
-            &format!("bpfName: {pin2}\n"),
-        );
-        let two = Agent::start(&self.topo, &self.n2, &two_config).expect("agent 2");
-        (one, two)
-    }
-}
 
 #[test]
 fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identity() {

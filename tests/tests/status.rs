@@ -4,12 +4,13 @@
 //! the snapshot in force.
 
 use std::{
-    path::PathBuf,
-    process::{Command, Output},
+    process::Output,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{Agent, ConfigBuilder, Node, Pod, Topology, assert_root, wait_timeout};
+use mesh_tests::{
+    Agent, ConfigBuilder, Node, Pod, Topology, assert_root, fixtures::TwoNodes, wait_timeout,
+};
 use serde_json::Value;
 
 const TOOL: &str = env!("CARGO_BIN_EXE_mesh-testtool");
@@ -63,79 +64,6 @@ fn wait_status(agent: &Agent, what: &str, check: impl Fn(&Value) -> bool) -> Val
     }
 }
 
-/// Node 1 with client pods `a` and `d`, node 2 with echo server `b`; service `echo`
-/// (10.96.0.10:80 -> b:8080); a CA shared by both agents.
-struct TwoNodes {
-    topo: Topology,
-    n1: Node,
-    n2: Node,
-    a: Pod,
-    d: Pod,
-    b: Pod,
-    ca_dir: PathBuf,
-    _server: mesh_tests::Background,
-}
-
-impl TwoNodes {
-    fn new(name: &str) -> TwoNodes {
-        assert_root();
-        let mut topo = Topology::new(name).expect("topology");
-        let n1 = topo.add_node("node1").expect("node1");
-        let n2 = topo.add_node("node2").expect("node2");
-        topo.connect_nodes(&n1, &n2).expect("underlay");
-        let a = topo.add_pod(&n1, "a").expect("pod a");
-        let d = topo.add_pod(&n1, "d").expect("pod d");
-        let b = topo.add_pod(&n2, "b").expect("pod b");
-        let server = b
-            .spawn_ready(TOOL, ["serve", "--listen", "[::]:8080", "--name", "b"])
-            .expect("server");
-        let ca_dir = std::env::temp_dir()
-            .join(format!("mesh-test-{}", topo.id()))
-            .join("ca");
-        let out = Command::new(mesh_tests::agent::agent_path().expect("agent binary"))
-            .args(["ca", "init", "--dir"])
-            .arg(&ca_dir)
-            .output()
-            .expect("mesh-agent ca init");
-        assert!(
-            out.status.success(),
-            "ca init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        TwoNodes {
-            topo,
-            n1,
-            n2,
-            a,
-            d,
-            b,
-            ca_dir,
-            _server: server,
-        }
-    }
-
-    fn agent(&self, node: &Node, pin: &str) -> Agent {
-        let config = ConfigBuilder::new(&self.topo, node)
-            .agent_line(&format!("bpfName: {pin}"))
-            .agent_line(&format!(
-                "caCertFile: {}",
-                self.ca_dir.join("ca.crt").display()
-            ))
-            .agent_line(&format!(
-                "caKeyFile: {}",
-                self.ca_dir.join("ca.key").display()
-            ))
-            .workload(&self.a, &[("app", "client")], &[])
-            .workload(&self.d, &[("app", "other")], &[])
-            .workload(&self.b, &[("app", "echo")], &[])
-            .service("echo", &["10.96.0.10"], 80, 8080, &[("app", "echo")])
-            .build();
-        // The builder's own bpfName line comes first; the later one would be a duplicate key.
-        let config = config.replacen(&format!("  bpfName: {}\n", self.topo.bpf_pin_name()), "", 1);
-        Agent::start(&self.topo, node, &config).expect("agent starts")
-    }
-}
-
 /// `status connections --json` once it lists a connection from `source` in `direction`
 /// (5 s at most).
 fn wait_connection(agent: &Agent, direction: &str, source: &str) -> Value {
@@ -167,9 +95,7 @@ fn find<'a>(connections: &'a Value, direction: &str, source: &str) -> &'a Value 
 #[test]
 fn a_live_cross_node_connection_shows_on_both_nodes_with_both_identities_and_growing_bytes() {
     let mesh = TwoNodes::new("status_live");
-    let pin = mesh.topo.bpf_pin_name();
-    let one = mesh.agent(&mesh.n1, &pin);
-    let two = mesh.agent(&mesh.n2, &format!("{pin}-n2"));
+    let (one, two) = mesh.agents(&[], None);
     // One connection from a to the service on node 2, open for 6 s, echoing every 50 ms.
     let mut held = mesh
         .a
@@ -279,9 +205,7 @@ fn a_live_cross_node_connection_shows_on_both_nodes_with_both_identities_and_gro
 #[test]
 fn the_views_show_pods_services_and_certificates_and_config_dump_the_snapshot() {
     let mesh = TwoNodes::new("status_views");
-    let pin = mesh.topo.bpf_pin_name();
-    let one = mesh.agent(&mesh.n1, &pin);
-    let _two = mesh.agent(&mesh.n2, &format!("{pin}-n2"));
+    let (one, _two) = mesh.agents(&[], None);
     let out = mesh
         .a
         .run(TOOL, ["id", "--connect", VIP])
