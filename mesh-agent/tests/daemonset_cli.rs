@@ -58,9 +58,13 @@ fn admin_api_saying(
 }
 
 fn probe(check: &str, admin: SocketAddr, timeout_ms: u64) -> Output {
+    probe_with(check, admin, &["--timeout-ms", &timeout_ms.to_string()])
+}
+
+fn probe_with(check: &str, admin: SocketAddr, extra: &[&str]) -> Output {
     agent()
         .args(["probe", check, "--admin", &admin.to_string()])
-        .args(["--timeout-ms", &timeout_ms.to_string()])
+        .args(extra)
         .output()
         .expect("run mesh-agent probe")
 }

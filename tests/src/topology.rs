@@ -220,6 +220,12 @@ impl Pod {
     {
         self.target().run(program, args)
     }
+    /// `mesh-testtool id` from the pod to `target`: the name of the server that answered and
+    /// the peer address it saw.
+    pub fn id(&self, target: &str) -> Result<(String, std::net::SocketAddr)> {
+        let out = self.run(crate::testtool_path()?, ["id", "--connect", target])?;
+        crate::parse_id_reply(&String::from_utf8_lossy(&out.stdout))
+    }
     /// Starts `program args` in the pod and waits for its `ready` line.
     pub fn spawn_ready<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<Background>
     where

@@ -275,12 +275,11 @@ fn certificates(agent: &Agent) -> Vec<String> {
     ids
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    assert!(
+        mesh_tests::wait_until(timeout, done),
+        "{what} within {timeout:?}"
+    );
 }
 
 #[test]
@@ -332,12 +331,7 @@ fn agents_get_their_own_pods_certificates_from_the_ca_and_keep_serving_without_i
     }
 
     // Cross-node traffic with certificates issued this way: mutual TLS, a's identity seen.
-    let reply = mesh
-        .a
-        .run(TOOL, ["id", "--connect", VIP])
-        .expect("a reaches b");
-    let (name, _) =
-        mesh_tests::parse_id_reply(&String::from_utf8_lossy(&reply.stdout)).expect("reply");
+    let (name, _) = mesh.a.id(VIP).expect("a reaches b");
     assert_eq!(name, "b");
     let mtls = |agent: &Agent, direction: &str| {
         agent
@@ -379,12 +373,7 @@ fn agents_get_their_own_pods_certificates_from_the_ca_and_keep_serving_without_i
     let table = one.status_table().expect("status table");
     assert!(table.contains("UNREACHABLE"), "{table}");
     for _ in 0..3 {
-        let reply = mesh
-            .a
-            .run(TOOL, ["id", "--connect", VIP])
-            .expect("a still reaches b");
-        let (name, _) =
-            mesh_tests::parse_id_reply(&String::from_utf8_lossy(&reply.stdout)).expect("reply");
+        let (name, _) = mesh.a.id(VIP).expect("a still reaches b");
         assert_eq!(name, "b");
     }
     assert_eq!(certificates(&one), [id("a").to_string()]);
@@ -631,12 +620,7 @@ fn a_failed_rotation_keeps_the_current_certificate_and_is_retried_when_the_ca_is
         issued["serial"],
         "the current certificate stays"
     );
-    let reply = mesh
-        .a
-        .run(TOOL, ["id", "--connect", VIP])
-        .expect("a still reaches b");
-    let (name, _) =
-        mesh_tests::parse_id_reply(&String::from_utf8_lossy(&reply.stdout)).expect("reply");
+    let (name, _) = mesh.a.id(VIP).expect("a still reaches b");
     assert_eq!(name, "b");
 
     let _ca = mesh.start_ca(&[]);
@@ -645,11 +629,6 @@ fn a_failed_rotation_keeps_the_current_certificate_and_is_retried_when_the_ca_is
         Duration::from_secs(25),
         || certificate()["serial"] != issued["serial"],
     );
-    let reply = mesh
-        .a
-        .run(TOOL, ["id", "--connect", VIP])
-        .expect("a reaches b");
-    let (name, _) =
-        mesh_tests::parse_id_reply(&String::from_utf8_lossy(&reply.stdout)).expect("reply");
+    let (name, _) = mesh.a.id(VIP).expect("a reaches b");
     assert_eq!(name, "b");
 }

@@ -302,15 +302,11 @@ fn fail_closed_pod_is_refused_and_fail_open_pod_goes_direct_when_the_agent_is_do
     assert_eq!(stats.no_listener, 1, "{stats:?}");
 }
 
-fn wait_until(mut condition: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until(condition: impl FnMut() -> bool, what: &str) {
+    assert!(
+        mesh_tests::wait_until(Duration::from_secs(10), condition),
+        "timed out waiting for {what}"
+    );
 }
 
 #[test]
@@ -577,19 +573,13 @@ fn a_reload_changing_start_up_settings_is_refused_and_exclusions_apply_live() {
 /// Waits until `mesh_bytes_total` and `mesh_connections_total` show what was sent: results
 /// are recorded when a connection ends, a moment after the client has its reply.
 fn wait_for_metric(agent: &Agent, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = agent.metric(name, labels).expect("metrics");
-        if got == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name}{labels:?} is {got}, expected {want}\n{}",
-            agent.metrics().unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let got = || agent.metric(name, labels).expect("metrics");
+    assert!(
+        mesh_tests::wait_until(Duration::from_secs(5), || got() == want),
+        "{name}{labels:?} is {}, expected {want}\n{}",
+        got(),
+        agent.metrics().unwrap_or_default()
+    );
 }
 
 #[test]

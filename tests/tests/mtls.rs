@@ -36,12 +36,7 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
         .expect("tcpdump (installed by cargo xtask test)");
     std::thread::sleep(Duration::from_millis(700));
 
-    let reply = mesh
-        .a
-        .run(TOOL, ["id", "--connect", VIP])
-        .expect("a reaches b across nodes");
-    let (name, _) =
-        mesh_tests::parse_id_reply(&String::from_utf8_lossy(&reply.stdout)).expect("reply");
+    let (name, _) = mesh.a.id(VIP).expect("a reaches b across nodes");
     assert_eq!(name, "b");
     let bytes = 4u64 << 20;
     mesh.a
