@@ -298,7 +298,6 @@ pub async fn run(
         admin_addr: agent.startup.admin_addr,
         pods: &pods,
         proxy: &proxy,
-        max_connections: agent.startup.max_connections,
         drain_timeout: agent.startup.drain_timeout,
     }
     .run(&mut again)

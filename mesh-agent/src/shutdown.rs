@@ -29,8 +29,6 @@ pub struct Handover<'a> {
     pub admin_addr: SocketAddr,
     pub pods: &'a Mutex<Pods>,
     pub proxy: &'a Arc<ProxyContext>,
-    /// Connection slots in all (`agent.maxConnections`): all free means none is open.
-    pub max_connections: usize,
     pub drain_timeout: Duration,
 }
 
@@ -40,10 +38,9 @@ impl Handover<'_> {
         self.admin.close().await;
         let successor = successor_ready(self.admin_addr).await;
         self.pods.lock().close_listeners();
-        let open = || {
-            self.max_connections
-                .saturating_sub(self.proxy.connection_slots.available_permits())
-        };
+        // Every proxied connection, tunnel streams from other nodes included (those hold no
+        // listener slot).
+        let open = || self.proxy.connections.len();
         tracing::info!(
             successor,
             connections = open(),

@@ -115,7 +115,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
                 ended = &mut copied => break Ended::Copy(ended),
                 () = &mut revoked => break Ended::Revoked,
                 () = &mut lifetime => break Ended::Lifetime,
-                _ = flush.tick() => {
+                // No timer wake-ups at all while Istio's metrics are off.
+                _ = flush.tick(), if istio.is_some() => {
                     if let Some(istio) = &mut istio {
                         istio.flush(result.moved.get());
                     }
