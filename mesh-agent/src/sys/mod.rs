@@ -1,6 +1,8 @@
 //! The host facts and kernel handles the agent needs: bpffs, the cgroup2 mount, threads
-//! living in pods' network namespaces, process start times, and returning free memory.
+//! living in pods' network namespaces, Kubernetes pods found by UID, process start times, and
+//! returning free memory.
 
+pub mod kubepods;
 pub mod memory;
 mod mounts;
 mod netns;
