@@ -216,8 +216,14 @@ impl Pod {
         let v6 = format!("{}/64", self.ipv6());
         let gw4 = node.bridge_ipv4().to_string();
         let gw6 = node.bridge_ipv6().to_string();
+        // The MAC follows from the IPv4 address as with the bridge CNI plugin (0a:58 and the
+        // address), so a pod whose sandbox is recreated keeps it and its peers' neighbour
+        // entries stay right.
+        let [a, b, c, d] = self.ipv4().octets();
+        let mac = format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
         sys::ip(&[
             "-n", nns, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            "address", &mac,
         ])?;
         sys::ip(&["-n", nns, "link", "set", &host, "master", BRIDGE, "up"])?;
         sys::ip(&["-n", ns, "addr", "add", &v4, "dev", "eth0"])?;
