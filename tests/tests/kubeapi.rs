@@ -130,13 +130,6 @@ async fn lists_and_gets_like_a_real_server() {
         .await
         .expect("get");
     assert_eq!(got.metadata.namespace.as_deref(), Some("b"));
-    assert!(
-        Api::<Pod>::namespaced(c.clone(), "a")
-            .get("p3")
-            .await
-            .is_err(),
-        "404 in another namespace"
-    );
 
     // Pages with continue tokens, all at the first page's resourceVersion.
     let first = Api::<Pod>::all(c.clone())
@@ -160,6 +153,26 @@ async fn lists_and_gets_like_a_real_server() {
     assert_eq!(
         second.metadata.resource_version,
         first.metadata.resource_version
+    );
+    // After a compaction the rest of a list is gone: 410, start again.
+    let first = Api::<Pod>::all(c.clone())
+        .list(&ListParams::default().limit(2))
+        .await
+        .expect("page 1");
+    api.compact();
+    let token = first.metadata.continue_.expect("continue token");
+    let expired = Api::<Pod>::all(c.clone())
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await;
+    assert!(
+        matches!(&expired, Err(kube::Error::Api(s)) if s.code == 410 && s.reason == "Expired"),
+        "{expired:?}"
+    );
+    // Not in another namespace.
+    let missing = Api::<Pod>::namespaced(c.clone(), "a").get("p3").await;
+    assert!(
+        matches!(&missing, Err(kube::Error::Api(s)) if s.is_not_found()),
+        "{missing:?}"
     );
 
     // Built-in lists leave kind/apiVersion off the items; single objects carry them.

@@ -174,7 +174,9 @@ impl FakeApiServer {
     }
 
     /// Forgets the history up to now, as etcd compaction does: a watch resuming from an
-    /// older resourceVersion gets `410 Expired` and must relist.
+    /// older resourceVersion, or a paginated list continuing, gets `410 Expired` and must
+    /// relist. It also frees the history's copies of every object: worth calling after
+    /// loading a large initial state.
     pub fn compact(&self) {
         lock(&self.store).compact();
     }
