@@ -539,3 +539,44 @@ fn server_listens_inside_a_node_netns() {
         "not on the host's loopback"
     );
 }
+
+/// The raw bytes of a watch of all pods until the server ends or breaks it, after `act`.
+fn raw_watch(api: &FakeApiServer, act: impl FnOnce()) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(api.addr()).expect("connect");
+    stream
+        .write_all(b"GET /api/v1/pods?watch=true&resourceVersion=0 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    assert!(mesh_tests::wait_until(WAIT, || api.open_watches() == 1));
+    act();
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut bytes = Vec::new();
+    // A broken connection may end in a reset: what arrived before it is what counts.
+    let _ = stream.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn disconnect_breaks_the_stream_and_expiry_ends_it() {
+    let api = FakeApiServer::start().expect("server");
+    api.apply(pod("a", "p1", "n1", &[])).expect("pod");
+    let broken = raw_watch(&api, || api.disconnect_watches());
+    assert!(broken.starts_with("HTTP/1.1 200 OK\r\n"), "{broken}");
+    assert!(broken.contains("transfer-encoding: chunked"), "{broken}");
+    assert!(
+        broken.contains(r#"{"type":"ADDED","object":{"apiVersion":"v1","#),
+        "{broken}"
+    );
+    assert!(!broken.ends_with("0\r\n\r\n"), "no final chunk: {broken}");
+
+    let expired = raw_watch(&api, || api.expire_watches());
+    assert!(
+        expired.contains(r#""type":"ERROR""#) && expired.contains(r#""code":410"#),
+        "{expired}"
+    );
+    assert!(
+        expired.ends_with("\n\r\n0\r\n\r\n"),
+        "a clean end after the ERROR: {expired}"
+    );
+    assert_eq!(api.open_watches(), 0);
+}

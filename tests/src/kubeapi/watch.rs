@@ -99,9 +99,8 @@ impl Watcher {
 
 /// `{"type":..,"object":..}` and a newline.
 pub(crate) fn event_line(kind: &str, object: &Value) -> Bytes {
-    let mut line = json!({"type": kind, "object": object}).to_string();
-    line.push('\n');
-    Bytes::from(line)
+    // Written by hand to keep the server's field order (type first); serde_json's maps sort.
+    Bytes::from(format!("{{\"type\":\"{kind}\",\"object\":{object}}}\n"))
 }
 
 /// A BOOKMARK: only kind, apiVersion and the resourceVersion (plus the annotation that ends
