@@ -182,3 +182,48 @@ fn kubelet_layout_cgroupfs_driver() {
         &["besteffort/podUID", "podUID", "burstable/podUID"],
     );
 }
+
+/// What a crashed run leaves of a kubelet-layout pod (a deep cgroup tree with a live sandbox,
+/// a recreated sandbox's netns, a marker of a dead owner) is all swept.
+#[test]
+fn sweep_removes_a_crashed_runs_kubepods() {
+    assert_root();
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead_pid = gone.id();
+    gone.wait().expect("wait true");
+    let id = format!("k{:04x}", std::process::id() & 0xffff);
+    let ns = format!("mt-{id}-n1p2r1");
+    let status = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .expect("ip netns add");
+    assert!(status.success(), "ip netns add {ns}");
+    let root = mesh_tests::cgroup2_mount()
+        .expect("cgroup2")
+        .join(format!("mesh-test-{id}"));
+    let leaf = root.join(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1_2.slice/cri-containerd-ab.scope",
+    );
+    fs::create_dir_all(&leaf).expect("leaked cgroups");
+    let mut sandbox = std::process::Command::new("sleep")
+        .arg("infinity")
+        .spawn()
+        .expect("sleep");
+    fs::write(leaf.join("cgroup.procs"), sandbox.id().to_string()).expect("into the leaf");
+    fs::create_dir_all(mesh_tests::naming::MARKER_DIR).expect("marker dir");
+    let marker = mesh_tests::naming::marker_path(&id);
+    fs::write(&marker, format!("{dead_pid} 1\n")).expect("marker");
+
+    // Another test process may sweep first: check the outcome, not who did it.
+    mesh_tests::sweep().expect("sweep");
+    let status = sandbox.wait().expect("reaping the sandbox");
+    assert!(!status.success(), "the leaked sandbox was killed: {status}");
+    assert!(!root.exists(), "leaked cgroups survived the sweep");
+    assert!(
+        !Path::new("/var/run/netns").join(&ns).exists(),
+        "leaked {ns}"
+    );
+    assert!(!marker.exists());
+}
