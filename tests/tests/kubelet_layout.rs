@@ -7,6 +7,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
+use mesh_agent::sys::kubepods as agent_finder;
 use mesh_tests::{CgroupDriver, Qos, Topology, assert_root};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_mesh-testtool");
@@ -65,6 +66,9 @@ fn assert_found(kubepods: &Path, pod: &mesh_tests::Pod) -> PathBuf {
         "no process of {} in its netns: {pids:?}",
         dir.display()
     );
+    // The agent's own finder (mesh-agent sys/kubepods) agrees.
+    let found = agent_finder::find_pod(kubepods, uid).expect("the agent's finder");
+    assert_eq!((&found.cgroup, found.netns_inode), (&dir, want));
     dir
 }
 
@@ -86,6 +90,10 @@ fn kubelet_layout(driver: CgroupDriver, expected: &[&str]) {
     assert!(
         kubepods.starts_with(topo.cgroup_root()),
         "under the test's own root"
+    );
+    assert_eq!(
+        agent_finder::kubepods_dir(topo.cgroup_root()),
+        Some(kubepods.clone())
     );
     for (pod, pattern) in [&besteffort, &guaranteed, &burstable]
         .into_iter()
