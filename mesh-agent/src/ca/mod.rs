@@ -124,6 +124,14 @@ impl Drop for RunningCa {
 
 /// Loads the CA key, the placement and the roots, and starts serving the API.
 pub async fn start(options: ServeOptions) -> Result<RunningCa, ServeError> {
+    start_with(options, None).await
+}
+
+/// [`start`], in Kubernetes mode with `client` when given (tests: a mock API server).
+async fn start_with(
+    options: ServeOptions,
+    client: Option<kube::Client>,
+) -> Result<RunningCa, ServeError> {
     match options.mode.clone() {
         Mode::Local {
             config,
@@ -133,7 +141,10 @@ pub async fn start(options: ServeOptions) -> Result<RunningCa, ServeError> {
             trust_domain,
             token,
         } => {
-            let client = kube::Client::try_default().await?;
+            let client = match client {
+                Some(client) => client,
+                None => kube::Client::try_default().await?,
+            };
             start_kubernetes(options, client, &trust_domain, token).await
         }
     }
@@ -166,7 +177,7 @@ async fn start_local(
 
 /// Kubernetes mode with `client`: the pod watch starts at once; signing waits for its first
 /// list (`503` until then).
-pub(crate) async fn start_kubernetes(
+async fn start_kubernetes(
     options: ServeOptions,
     client: kube::Client,
     trust_domain: &str,
@@ -267,4 +278,12 @@ pub fn issue_node(
 }
 
 #[cfg(test)]
+mod kube_mock;
+#[cfg(test)]
+mod kube_serve_tests;
+#[cfg(test)]
+mod pods_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_tests;

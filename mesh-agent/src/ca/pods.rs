@@ -150,7 +150,7 @@ impl PodWatch {
     }
 
     /// Applies one event of the watch.
-    fn apply(&self, event: watcher::Event<DynamicObject>) {
+    pub(super) fn apply(&self, event: watcher::Event<DynamicObject>) {
         let mut state = self.state.write();
         match event {
             watcher::Event::Init => state.relist = Some(HashMap::new()),

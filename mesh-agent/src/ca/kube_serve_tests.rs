@@ -1,0 +1,192 @@
+//! The CA in Kubernetes mode end to end, but for the API server (a mock): real TLS without a
+//! client certificate, the agent's client sending its token file, TokenReviews, the pod watch.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use http::StatusCode;
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
+use serde_json::json;
+
+use super::{
+    Limits, Mode, RunningCa, ServeOptions,
+    kube_mock::{Reply, WatchFeed, client, pod, pod_list},
+    start_with,
+    token::TokenOptions,
+};
+use crate::tls::{
+    CaError, CertStore, NodeCredential, RemoteSigner, RemoteSignerOptions, Signer, SpiffeId,
+    StoreOptions, TrustBundle, init_dev_ca,
+};
+
+const TD: &str = "cluster.local";
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new(TD, "shop", sa).expect("identity")
+}
+
+fn spki() -> Vec<u8> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .expect("key")
+        .subject_public_key_info()
+}
+
+/// The mock API server: tokens `tok-a`/`tok-b` are the agents of node-a/node-b (the node
+/// named in the token); any other token is refused. Pods: `api` on node-a, `db` on node-b,
+/// listed when the test calls the returned function.
+fn api_server() -> (kube::Client, impl FnOnce()) {
+    let (list_feed, list_body) = WatchFeed::new();
+    let (watch_feed, watch_body) = WatchFeed::new();
+    let mut bodies = (Some(list_body), Some(watch_body));
+    let (client, _) = client(move |seen| {
+        if seen
+            .uri
+            .starts_with("/apis/authentication.k8s.io/v1/tokenreviews")
+        {
+            let node = match seen.body["spec"]["token"].as_str() {
+                Some("tok-a") => "node-a",
+                Some("tok-b") => "node-b",
+                _ => {
+                    let status = json!({"authenticated": false, "error": "invalid bearer token"});
+                    return Reply::Json(StatusCode::CREATED, json!({"status": status}));
+                }
+            };
+            let status = json!({
+                "authenticated": true,
+                "audiences": ["mesh-ca"],
+                "user": {
+                    "username": "system:serviceaccount:mesh-system:mesh-agent",
+                    "extra": {"authentication.kubernetes.io/node-name": [node]},
+                },
+            });
+            return Reply::Json(StatusCode::CREATED, json!({"status": status}));
+        }
+        let body = if seen.is_watch() {
+            bodies.1.take()
+        } else {
+            bodies.0.take()
+        };
+        body.unwrap_or_else(|| {
+            // A resumed watch or a relist: nothing new, kept open.
+            let (feed, body) = WatchFeed::new();
+            std::mem::forget(feed);
+            body
+        })
+    });
+    let release = move || {
+        let list = pod_list(
+            "100",
+            vec![
+                pod(
+                    "shop",
+                    "api-1",
+                    "u-1",
+                    Some("node-a"),
+                    Some("api"),
+                    "Running",
+                ),
+                pod("shop", "db-1", "u-2", Some("node-b"), Some("db"), "Running"),
+            ],
+        );
+        list_feed.send_raw(&list.to_string());
+        drop(list_feed);
+        // The watch stays open, with nothing to say.
+        std::mem::forget(watch_feed);
+    };
+    (client, release)
+}
+
+async fn start(dir: &Path, client: kube::Client) -> RunningCa {
+    let options = ServeOptions {
+        ca_dir: dir.join("ca"),
+        mode: Mode::Kubernetes {
+            trust_domain: TD.into(),
+            token: TokenOptions::default(),
+        },
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        limits: Limits::default(),
+    };
+    start_with(options, Some(client)).await.expect("CA starts")
+}
+
+fn agent(dir: &Path, ca: &RunningCa, token_file: &Path) -> Arc<RemoteSigner> {
+    Arc::new(
+        RemoteSigner::new(RemoteSignerOptions {
+            address: ca.addr.to_string(),
+            trust_domain: TD.into(),
+            node: "ignored-with-a-token".into(),
+            credential: NodeCredential::Token {
+                file: token_file.to_owned(),
+            },
+            bundle: TrustBundle::from_pem_files(&[dir.join("ca/ca.crt")]).expect("bundle"),
+            request_timeout: Duration::from_secs(5),
+        })
+        .expect("client"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_its_token_gets_its_own_pods_identities_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    init_dev_ca(&dir.path().join("ca"), TD, 30, false).expect("CA");
+    let (client, release) = api_server();
+    let ca = start(dir.path(), client).await;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "tok-a\n").expect("token");
+    let node_a = agent(dir.path(), &ca, &token_file);
+
+    // Authenticated, but the CA has no list of pods yet: busy, not refused.
+    match node_a
+        .sign(&id("api"), &spki(), Duration::from_secs(600))
+        .await
+    {
+        Err(CaError::Unavailable(reason)) => assert!(reason.contains("503"), "{reason}"),
+        other => panic!("before the first list: {:?}", other.map(|c| c.len())),
+    }
+    release();
+    let store = CertStore::new(
+        node_a.clone(),
+        TrustBundle::from_pem_files(&[dir.path().join("ca/ca.crt")]).expect("bundle"),
+        StoreOptions::default(),
+    );
+    let mut issued = None;
+    for _ in 0..50 {
+        match store.ensure(&id("api")).await {
+            Ok(info) => {
+                issued = Some(info);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(issued.expect("api is on node-a").identity, id("api"));
+    match node_a
+        .sign(&id("db"), &spki(), Duration::from_secs(600))
+        .await
+    {
+        Err(CaError::Refused(reason)) => {
+            assert!(
+                reason.contains("403") && reason.contains("node-a"),
+                "{reason}"
+            );
+        }
+        other => panic!("db runs on node-b: {:?}", other.map(|c| c.len())),
+    }
+
+    // The token file is read for every request: the kubelet's rotation is picked up, and a
+    // token that is not an agent's is refused before anything is looked at.
+    std::fs::write(&token_file, "tok-b").expect("token");
+    node_a
+        .sign(&id("db"), &spki(), Duration::from_secs(600))
+        .await
+        .expect("now node-b's token: db is on node-b");
+    std::fs::write(&token_file, "forged").expect("token");
+    match node_a
+        .sign(&id("db"), &spki(), Duration::from_secs(600))
+        .await
+    {
+        Err(CaError::Refused(reason)) => assert!(reason.contains("401"), "{reason}"),
+        other => panic!("a forged token: {:?}", other.map(|c| c.len())),
+    }
+    let health = node_a.check().await;
+    assert!(health.is_err(), "even the health check needs a valid token");
+}
