@@ -211,18 +211,14 @@ pub enum CaCommand {
         /// (the API server from the pod's service account or the kubeconfig).
         #[arg(long, conflicts_with_all = ["config", "trust_roots"])]
         kubernetes: bool,
-        /// The mesh's trust domain (Kubernetes mode; locally it is the config's).
-        #[arg(long, default_value = "cluster.local", requires = "kubernetes")]
-        trust_domain: String,
-        /// The agents' service account, NAMESPACE/NAME: the only one whose tokens are
-        /// accepted (Kubernetes mode).
-        #[arg(
-            long,
-            default_value = "mesh-system/mesh-agent",
-            value_name = "NAMESPACE/NAME",
-            requires = "kubernetes"
-        )]
-        agent_service_account: String,
+        /// The mesh's trust domain, as the agents' `agent.trustDomain` (Kubernetes mode;
+        /// locally it is the config's) [default: cluster.local].
+        #[arg(long, conflicts_with = "config")]
+        trust_domain: Option<String>,
+        /// The agents' service account: the only one whose tokens are accepted (Kubernetes
+        /// mode) [default: mesh-system/mesh-agent].
+        #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "config")]
+        agent_service_account: Option<String>,
         /// Address of the CA's API.
         #[arg(long, default_value = crate::ca::DEFAULT_LISTEN)]
         listen: SocketAddr,

@@ -148,12 +148,14 @@ async fn ca_command(command: cli::CaCommand) -> anyhow::Result<()> {
                     trust_roots,
                 },
                 _ => {
+                    let agent_service_account =
+                        agent_service_account.unwrap_or_else(|| "mesh-system/mesh-agent".into());
                     let (namespace, name) = agent_service_account
                         .split_once('/')
                         .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
                         .context("--agent-service-account must be NAMESPACE/NAME")?;
                     ca::Mode::Kubernetes {
-                        trust_domain,
+                        trust_domain: trust_domain.unwrap_or_else(|| "cluster.local".into()),
                         token: ca::TokenOptions {
                             agent_namespace: namespace.to_owned(),
                             agent_service_account: name.to_owned(),
