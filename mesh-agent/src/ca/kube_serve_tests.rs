@@ -190,3 +190,11 @@ async fn an_agent_with_its_token_gets_its_own_pods_identities_only() {
     let health = node_a.check().await;
     assert!(health.is_err(), "even the health check needs a valid token");
 }
+
+/// kube's TLS client builds on the one crypto provider of the binary (ring; no aws-lc): a
+/// second provider, or none, would fail or panic here rather than in a cluster.
+#[tokio::test]
+async fn the_kube_client_builds_with_tls() {
+    let config = kube::Config::new("https://127.0.0.1:6443".parse().expect("url"));
+    kube::Client::try_from(config).expect("a TLS kube client");
+}
