@@ -125,6 +125,12 @@ async fn connection(
     let limits = &authority.limits;
     let tls = match timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // Closed before the handshake ended: a TCP probe (the Deployment's), or a client
+            // that gave up. Nothing was refused.
+            tracing::debug!(%peer, "a connection to the CA closed during the handshake");
+            return;
+        }
         Ok(Err(error)) => {
             let reason = error
                 .get_ref()
