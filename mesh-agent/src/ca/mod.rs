@@ -3,16 +3,15 @@
 //!
 //! Why: an agent holding the CA key lets whoever owns one node mint any identity of the mesh.
 //! Here the nodes hold only the trust bundle and their node certificate (in Kubernetes, their
-//! pod's service-account token); the CA holds the root
-//! or an intermediate key and signs a workload identity for a node only if a pod running as
-//! that service account is placed on it. A compromised node can still obtain the identities of
+//! pod's service-account token); the CA holds the root or an intermediate key and signs a
+//! workload identity for a node only if a pod running as that service account is placed on it. A compromised node can still obtain the identities of
 //! its own pods (it runs them), and no other.
 //!
 //! - [`auth`]: who is asking ([`NodeAuthenticator`]; local mode: the node certificate;
 //!   Kubernetes: [`token`], the agent's service-account token by TokenReview).
 //! - [`placement`]: which identities a node may have ([`Placement`]; local mode: the mesh
 //!   configuration file; Kubernetes: [`pods`], the CA's own watch of pods).
-//! - [`server`]: the mutual-TLS API and its limits.
+//! - [`server`]: the TLS API (mutual locally) and its limits.
 //! - [`serving`]: the CA API's own certificate, issued by the CA to itself and renewed.
 
 pub mod auth;

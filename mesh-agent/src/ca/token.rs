@@ -223,10 +223,13 @@ fn bearer<'a>(caller: Caller<'a>) -> Result<&'a str, AuthError> {
     let value = value
         .to_str()
         .map_err(|_| AuthError::Refused("the Authorization header is not text".into()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or(AuthError::NoToken)?;
-    Ok(token)
+    // The scheme is case-insensitive (RFC 9110).
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(AuthError::NoToken),
+    }
 }
