@@ -242,12 +242,29 @@ pub struct StartupSettings {
 pub struct RemoteCa {
     /// `host:port` of the CA's API.
     pub address: String,
-    /// This node's certificate (from `mesh-agent ca issue-node`) and key, absolute paths.
-    pub node_cert_file: PathBuf,
-    pub node_key_file: PathBuf,
+    /// How this node proves who it is: exactly one way.
+    #[serde(flatten)]
+    pub credential: CaCredential,
     /// How often the agent checks that the CA is reachable (status, metrics).
     #[serde(rename = "checkIntervalMs", serialize_with = "dump::millis")]
     pub check_interval: Duration,
+}
+
+/// `agent.ca`'s credential, dumped under the YAML's names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum CaCredential {
+    /// `nodeCertFile`, `nodeKeyFile`: this node's certificate (from `mesh-agent ca
+    /// issue-node`) and key, absolute paths (local mode).
+    #[serde(rename_all = "camelCase")]
+    NodeCertificate {
+        node_cert_file: PathBuf,
+        node_key_file: PathBuf,
+    },
+    /// `tokenFile`: the pod's projected service-account token for the CA's audience, read
+    /// for every request (Kubernetes).
+    #[serde(rename_all = "camelCase")]
+    Token { token_file: PathBuf },
 }
 
 /// The settings a reload applies to new connections (and, for the exclusions, to the eBPF

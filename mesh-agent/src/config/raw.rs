@@ -77,8 +77,9 @@ pub(super) struct RawAccessLog {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawRemoteCa {
     pub address: S<String>,
-    pub node_cert_file: S<String>,
-    pub node_key_file: S<String>,
+    pub node_cert_file: Option<S<String>>,
+    pub node_key_file: Option<S<String>>,
+    pub token_file: Option<S<String>>,
     pub check_interval_ms: Option<S<u64>>,
 }
 

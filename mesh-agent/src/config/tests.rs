@@ -1200,8 +1200,10 @@ fn remote_ca() {
         config.agent.startup.ca,
         Some(RemoteCa {
             address: "mesh-ca.mesh-system.svc:15012".into(),
-            node_cert_file: PathBuf::from("/etc/mesh/node.crt"),
-            node_key_file: PathBuf::from("/etc/mesh/node.key"),
+            credential: CaCredential::NodeCertificate {
+                node_cert_file: PathBuf::from("/etc/mesh/node.crt"),
+                node_key_file: PathBuf::from("/etc/mesh/node.key"),
+            },
             check_interval: Duration::from_secs(30),
         })
     );
@@ -1284,12 +1286,64 @@ fn remote_ca() {
     assert_eq!(
         error(&remote_ca_with(&[(7, "    keyFile: /k")], &[])),
         "mesh.yaml:7:5: agent.ca.keyFile: unknown field `keyFile`, expected one of address, \
-         nodeCertFile, nodeKeyFile, checkIntervalMs"
+         nodeCertFile, nodeKeyFile, tokenFile, checkIntervalMs"
     );
-    let missing = error(&remote_ca_with(&[(7, "    checkIntervalMs: 1")], &[]));
-    assert!(
-        missing.starts_with("mesh.yaml:") && missing.contains("missing field `nodeKeyFile`"),
-        "{missing}"
+    assert_eq!(
+        error(&remote_ca_with(&[(7, "    checkIntervalMs: 1")], &[])),
+        "mesh.yaml:5:5: agent.ca: nodeCertFile needs nodeKeyFile"
+    );
+    assert_eq!(
+        error(&remote_ca_with(&[(6, "    checkIntervalMs: 1")], &[])),
+        "mesh.yaml:5:5: agent.ca: nodeKeyFile needs nodeCertFile"
+    );
+
+    // Kubernetes: the projected service-account token instead of a node certificate.
+    let token = ok(&remote_ca_with(
+        &[
+            (6, "    tokenFile: /var/run/secrets/mesh/token"),
+            (7, "    checkIntervalMs: 1000"),
+        ],
+        &[],
+    ));
+    let token_ca = token.agent.startup.ca.expect("ca");
+    assert_eq!(
+        token_ca.credential,
+        CaCredential::Token {
+            token_file: PathBuf::from("/var/run/secrets/mesh/token")
+        }
+    );
+    let dump = serde_json::to_value(&token_ca).expect("dump");
+    assert_eq!(dump["tokenFile"], "/var/run/secrets/mesh/token");
+    assert!(dump.get("nodeCertFile").is_none(), "{dump}");
+    let dump = serde_json::to_value(ok(&remote_ca_with(&[], &[])).agent.startup.ca).expect("dump");
+    assert_eq!(dump["nodeCertFile"], "/etc/mesh/node.crt");
+    assert_eq!(dump["nodeKeyFile"], "/etc/mesh/node.key");
+    assert_eq!(
+        error(&remote_ca_with(
+            &[],
+            &["    tokenFile: /var/run/secrets/mesh/token"]
+        )),
+        "mesh.yaml:8:16: agent.ca.tokenFile: a token and a node certificate exclude each other: \
+         keep tokenFile (Kubernetes) or nodeCertFile and nodeKeyFile"
+    );
+    assert_eq!(
+        error(&remote_ca_with(
+            &[(6, "    tokenFile: token"), (7, "    checkIntervalMs: 1")],
+            &[]
+        )),
+        "mesh.yaml:6:16: agent.ca.tokenFile: `token` is not an absolute path"
+    );
+    assert_eq!(
+        error(&[
+            "agent:",
+            "  node: node-a",
+            "  trustRootFiles: [/etc/mesh/root.pem]",
+            "  ca:",
+            "    address: mesh-ca.mesh-system.svc:15012",
+            "workloads: []",
+        ]),
+        "mesh.yaml:5:5: agent.ca: how this node authenticates to the CA: tokenFile \
+         (Kubernetes) or nodeCertFile and nodeKeyFile"
     );
     // A start-up setting: a reload changing it is refused.
     let before = ok(&remote_ca_with(&[], &[]));

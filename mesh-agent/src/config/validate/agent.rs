@@ -8,7 +8,7 @@ use serde_saphyr::Location;
 
 use super::{Cx, Result, scalars};
 use crate::config::model::{
-    AccessLog, AgentConfig, Cidr, LiveSettings, RemoteCa, StartupSettings, defaults,
+    AccessLog, AgentConfig, CaCredential, Cidr, LiveSettings, RemoteCa, StartupSettings, defaults,
 };
 use crate::config::raw::{RawAccessLog, RawAgent, RawRemoteCa, S};
 use crate::names::Kind;
@@ -355,10 +355,41 @@ impl Cx<'_> {
         };
         Ok(RemoteCa {
             address,
-            node_cert_file: self.abs_path(&r.node_cert_file, "agent.ca.nodeCertFile")?,
-            node_key_file: self.abs_path(&r.node_key_file, "agent.ca.nodeKeyFile")?,
+            credential: self.ca_credential(ca)?,
             check_interval: interval,
         })
+    }
+
+    /// `agent.ca`: a node certificate and its key, or a token file; exactly one of the two.
+    fn ca_credential(&self, ca: &S<RawRemoteCa>) -> Result<CaCredential> {
+        let r = &ca.value;
+        match (&r.node_cert_file, &r.node_key_file, &r.token_file) {
+            (Some(cert), Some(key), None) => Ok(CaCredential::NodeCertificate {
+                node_cert_file: self.abs_path(cert, "agent.ca.nodeCertFile")?,
+                node_key_file: self.abs_path(key, "agent.ca.nodeKeyFile")?,
+            }),
+            (None, None, Some(token)) => Ok(CaCredential::Token {
+                token_file: self.abs_path(token, "agent.ca.tokenFile")?,
+            }),
+            (cert, key, Some(token)) if cert.is_some() || key.is_some() => Err(self.err(
+                token.referenced,
+                "agent.ca.tokenFile",
+                "a token and a node certificate exclude each other: keep tokenFile \
+                 (Kubernetes) or nodeCertFile and nodeKeyFile",
+            )),
+            (Some(_), None, None) => {
+                Err(self.err(ca.referenced, "agent.ca", "nodeCertFile needs nodeKeyFile"))
+            }
+            (None, Some(_), None) => {
+                Err(self.err(ca.referenced, "agent.ca", "nodeKeyFile needs nodeCertFile"))
+            }
+            _ => Err(self.err(
+                ca.referenced,
+                "agent.ca",
+                "how this node authenticates to the CA: tokenFile (Kubernetes) or \
+                 nodeCertFile and nodeKeyFile",
+            )),
+        }
     }
 
     /// `host:port` (a name or an address; IPv6 in brackets), port 1..=65535.
