@@ -4,7 +4,7 @@
 //!   outbound listener and remember the original destination by socket cookie.
 //! - `mesh_sock_ops`: when the rewritten connection is established, move the original
 //!   destination to a flow key the proxy can compute on accept (its peer address).
-//! - `mesh_bind4/6` (cgroup bind): only sockets carrying the proxy mark may bind proxy ports.
+//! - `mesh_bind4/6` (cgroup bind): only sockets carrying a proxy mark may bind proxy ports.
 //! - `mesh_sk_lookup` (attached to each enrolled pod's netns): hands new inbound connections
 //!   to the pod's inbound listener, keeping the client address and original destination.
 #![no_std]
@@ -28,6 +28,8 @@ const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 /// 127.0.0.1 in network byte order, as the kernel stores it on little-endian machines.
 const LOOPBACK4_BE: u32 = u32::from_be(0x7f00_0001);
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 /// Look sockets up in the network namespace of the program's context.
 const CURRENT_NETNS: u64 = u64::MAX;
 
@@ -95,21 +97,22 @@ fn count(netns: u64, stat: Stat) {
     }
 }
 
-fn proxy_mark() -> u32 {
-    SETTINGS.get(0).map_or(0, |s| s.proxy_mark)
-}
-
-/// True when the socket behind a sock_addr context carries the proxy mark.
+/// True when the socket behind a sock_addr context carries one of the proxy's marks: the
+/// proxy mark, or the transparent mark of its sockets that connect from a tunnel client's
+/// address. Exact values, not bits: an app's own marks never pass for the proxy's.
 fn is_proxy_socket(addr: *const bpf_sock_addr) -> bool {
-    let mark = proxy_mark();
-    if mark == 0 {
+    let Some(settings) = SETTINGS.get(0).copied() else {
         return false;
-    }
+    };
     // SAFETY: `addr` is the program's context, valid for its run; its `sk` may be read.
     let sk = unsafe { (*addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
     // SAFETY: a non-null `sk` of a sock_addr context points to the socket; the verifier checks
     // the access.
-    !sk.is_null() && unsafe { (*sk).mark } == mark
+    let mark = unsafe { (*sk).mark };
+    mark != 0 && (mark == settings.proxy_mark || mark == settings.transparent_mark)
 }
 
 /// Whether a TCP listener is bound at the given loopback address and port in the current
@@ -357,6 +360,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.
     let lookup = unsafe { &*ctx.lookup };
     if lookup.protocol != IPPROTO_TCP {
+        return pass;
+    }
+    // Arrived on loopback: sent from inside this netns, by the pod itself or by the agent's
+    // socket connecting from a tunnel client's address. Never from outside the pod.
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
         return pass;
     }
     let port = lookup.local_port as u16;
