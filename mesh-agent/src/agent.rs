@@ -79,6 +79,7 @@ pub async fn run(
     let proxy = Arc::new(ProxyContext {
         config: Arc::new(ArcSwap::new(config.clone())),
         orig_dst: datapath.orig_dst(),
+        transparent_sources: datapath.transparent_sources(),
         datapath: Arc::new(Mutex::new(datapath)),
         balancers: balancers.clone(),
         limits: limits.clone(),

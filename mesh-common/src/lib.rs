@@ -21,6 +21,7 @@ pub mod maps {
     pub const SETTINGS: &str = "SETTINGS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const LOCAL_POD_IPS: &str = "LOCAL_POD_IPS";
+    pub const TRANSPARENT_SOURCES: &str = "TRANSPARENT_SOURCES";
 }
 
 /// Names of the programs in the object.

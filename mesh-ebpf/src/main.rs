@@ -6,7 +6,8 @@
 //!   destination to a flow key the proxy can compute on accept (its peer address).
 //! - `mesh_bind4/6` (cgroup bind): only sockets carrying a proxy mark may bind proxy ports.
 //! - `mesh_sk_lookup` (attached to each enrolled pod's netns): hands new inbound connections
-//!   to the pod's inbound listener, keeping the client address and original destination.
+//!   to the pod's inbound listener, keeping the client address and original destination;
+//!   leaves alone the proxy's own connections from a tunnel client's address.
 #![no_std]
 #![no_main]
 
@@ -28,8 +29,6 @@ const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 /// 127.0.0.1 in network byte order, as the kernel stores it on little-endian machines.
 const LOOPBACK4_BE: u32 = u32::from_be(0x7f00_0001);
-/// The loopback device's index, the same in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 /// Look sockets up in the network namespace of the program's context.
 const CURRENT_NETNS: u64 = u64::MAX;
 
@@ -58,6 +57,12 @@ static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::pinned(4096, 0);
 /// pod so the destination sees the real client: inbound capture leaves them alone.
 #[map]
 static LOCAL_POD_IPS: HashMap<SockAddr, u8> = HashMap::pinned(4096, 0);
+/// Where the proxy's transparent sockets are connecting from right now (a client pod of
+/// another node: its address and the socket's port), value unused. Their SYNs reach the app
+/// from inside the pod and must not be taken for inbound connections from outside. The
+/// proxy adds an entry before it connects and removes it once connected.
+#[map]
+static TRANSPARENT_SOURCES: HashMap<SockAddr, u8> = HashMap::pinned(65536, 0);
 /// Read and deleted by the proxy on accept; LRU for the same reason.
 #[map]
 static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(65536, 0);
@@ -362,11 +367,6 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     if lookup.protocol != IPPROTO_TCP {
         return pass;
     }
-    // Arrived on loopback: sent from inside this netns, by the pod itself or by the agent's
-    // socket connecting from a tunnel client's address. Never from outside the pod.
-    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
-        return pass;
-    }
     let port = lookup.local_port as u16;
     if let Some(settings) = SETTINGS.get(0)
         && port >= settings.proxy_port_min
@@ -402,6 +402,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     // SAFETY: only the presence of the entry is used, never the value behind the reference.
     if unsafe { LOCAL_POD_IPS.get(client) }.is_some() {
+        return pass;
+    }
+    client.port = u16::from_be(lookup.remote_port);
+    // SAFETY: as above.
+    if unsafe { TRANSPARENT_SOURCES.get(client) }.is_some() {
         return pass;
     }
     // No listener for this address (not enrolled, or the agent is gone): normal delivery.

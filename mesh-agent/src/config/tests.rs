@@ -1427,7 +1427,7 @@ fn startup_setting_names_are_agent_keys() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys.len(), 17, "{keys:?}");
+    assert_eq!(keys.len(), 19, "{keys:?}");
     for key in &keys {
         // Written without a value, a known key is just absent; an unknown one is refused.
         if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {

@@ -169,9 +169,7 @@ impl ReplyRoute {
     pub fn remove(&self, family: Family) -> Result<(), ReplyRouteError> {
         let mut netlink = Netlink::open().map_err(ReplyRouteError::Netlink)?;
         let gone = |result: io::Result<Vec<RouteNetlinkMessage>>| match result {
-            Err(error)
-                if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) =>
-            {
+            Err(error) if matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {
                 Ok(())
             }
             other => other.map(drop),
@@ -191,10 +189,7 @@ impl ReplyRoute {
     pub fn installed(&self, family: Family) -> Result<bool, ReplyRouteError> {
         let mut netlink = Netlink::open().map_err(ReplyRouteError::Netlink)?;
         let rules = netlink
-            .request(
-                RouteNetlinkMessage::GetRule(dump_rules(family)),
-                NLM_F_DUMP,
-            )
+            .request(RouteNetlinkMessage::GetRule(dump_rules(family)), NLM_F_DUMP)
             .map_err(ReplyRouteError::Netlink)?;
         let rule = rules.iter().any(|message| match message {
             RouteNetlinkMessage::NewRule(rule) => {
@@ -329,14 +324,14 @@ impl Netlink {
             let (datagram, _) = self.socket.recv_from_full()?;
             let mut rest = datagram.as_slice();
             while !rest.is_empty() {
-                let length = NetlinkBuffer::new_checked(rest)
-                    .map_err(invalid)?
-                    .length() as usize;
+                let length = NetlinkBuffer::new_checked(rest).map_err(invalid)?.length() as usize;
                 let (this, after) = rest.split_at(length.min(rest.len()));
                 // Messages are 4-byte aligned within a datagram.
-                rest = after.get(length.next_multiple_of(4) - length..).unwrap_or(&[]);
-                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(this)
-                    .map_err(invalid)?;
+                rest = after
+                    .get(length.next_multiple_of(4) - length..)
+                    .unwrap_or(&[]);
+                let message =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(this).map_err(invalid)?;
                 if message.header.sequence_number != self.sequence {
                     continue;
                 }
@@ -385,7 +380,9 @@ mod tests {
             for family in [Family::V4, Family::V6] {
                 steps.push((family, "before", ROUTE.installed(family).ok()));
                 ROUTE.install(family).expect("install");
-                ROUTE.install(family).expect("install again (an earlier agent's)");
+                ROUTE
+                    .install(family)
+                    .expect("install again (an earlier agent's)");
                 steps.push((family, "installed", ROUTE.installed(family).ok()));
                 let accept = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept");
                 assert_eq!(accept.expect("sysctl").trim(), "1");
@@ -410,9 +407,14 @@ mod tests {
             let mut other = ROUTE.route(Family::V4);
             other.header.kind = RouteType::Unreachable;
             other.header.scope = RouteScope::Universe;
-            other.attributes.retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+            other
+                .attributes
+                .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
             netlink
-                .request(RouteNetlinkMessage::NewRoute(other), NLM_F_CREATE | NLM_F_EXCL)
+                .request(
+                    RouteNetlinkMessage::NewRoute(other),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )
                 .expect("an unreachable default route in the table");
             let error = ROUTE.install(Family::V4).err().map(|e| e.to_string());
             ROUTE.remove(Family::V4).expect("remove");

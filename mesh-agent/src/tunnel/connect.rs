@@ -177,9 +177,15 @@ mod tests {
     #[test]
     fn accepts_ip_and_port() {
         let v4: SocketAddr = "10.1.2.3:8080".parse().expect("addr");
-        assert_eq!(parse_connect(&connect_request(v4.into()).expect("req")), Ok(v4));
+        assert_eq!(
+            parse_connect(&connect_request(v4.into()).expect("req")),
+            Ok(v4)
+        );
         let v6: SocketAddr = "[fd00::1]:443".parse().expect("addr");
-        assert_eq!(parse_connect(&connect_request(v6.into()).expect("req")), Ok(v6));
+        assert_eq!(
+            parse_connect(&connect_request(v6.into()).expect("req")),
+            Ok(v6)
+        );
     }
 
     #[test]
@@ -192,7 +198,11 @@ mod tests {
                 forwarded_for: Some(client),
             };
             let request = connect_request(target).expect("req");
-            assert_eq!(parse_connect(&request), Ok(authority), "still a valid CONNECT");
+            assert_eq!(
+                parse_connect(&request),
+                Ok(authority),
+                "still a valid CONNECT"
+            );
             assert_eq!(forwarded_for(&request), Some(client));
         }
         let plain = connect_request(authority.into()).expect("req");

@@ -126,7 +126,10 @@ impl Cx<'_> {
                 mark
             }
             None if proxy_mark == defaults::TRANSPARENT_MARK => {
-                let at = a.proxy_mark.as_ref().map_or(Location::UNKNOWN, |m| m.referenced);
+                let at = a
+                    .proxy_mark
+                    .as_ref()
+                    .map_or(Location::UNKNOWN, |m| m.referenced);
                 return Err(self.err(
                     at,
                     "agent.proxyMark",
@@ -141,7 +144,10 @@ impl Cx<'_> {
                 return Err(self.err(
                     t.referenced,
                     "agent.replyTable",
-                    format!("{} is reserved (0, 253 default, 254 main, 255 local)", t.value),
+                    format!(
+                        "{} is reserved (0, 253 default, 254 main, 255 local)",
+                        t.value
+                    ),
                 ));
             }
             Some(t) => u32::try_from(t.value).map_err(|_| {
