@@ -248,13 +248,16 @@ impl Pods {
             netns,
         };
         // Listeners first, so the first captured connect already finds them.
-        let listeners =
-            PodListeners::start(&self.proxy, &handle, &enrollment.ips).map_err(|source| {
-                EnrollError::Proxy {
+        let listeners = match PodListeners::start(&self.proxy, &handle, &enrollment.ips) {
+            Ok(listeners) => listeners,
+            Err(source) => {
+                remove_reply_route(&handle, reply_route(config));
+                return Err(EnrollError::Proxy {
                     workload: workload_name(),
                     source,
-                }
-            })?;
+                });
+            }
+        };
         let cookie = handle.netns.cookie();
         let settings = EnrolledPod {
             outbound_port: config.agent().startup.outbound_port,
