@@ -232,7 +232,8 @@ impl Pods {
             source,
         })?;
         let startup = &config.agent().startup;
-        let client_ip = client_ip_path(key, &netns, &enrollment.ips, reply_route(config));
+        let route = reply_route(config);
+        let client_ip = client_ip_path(key, &netns, &enrollment.ips, route);
         let handle = PodHandle {
             key: key.into(),
             identity: workload.identity.clone(),
@@ -251,7 +252,7 @@ impl Pods {
         let listeners = match PodListeners::start(&self.proxy, &handle, &enrollment.ips) {
             Ok(listeners) => listeners,
             Err(source) => {
-                remove_reply_route(&handle, reply_route(config));
+                remove_reply_route(&handle, route);
                 return Err(EnrollError::Proxy {
                     workload: workload_name(),
                     source,
@@ -275,7 +276,7 @@ impl Pods {
             let _ = datapath.unenroll(cookie);
             datapath.release_inbound(&enrollment.ips);
             drop(datapath);
-            remove_reply_route(&handle, reply_route(config));
+            remove_reply_route(&handle, route);
             return Err(EnrollError::Map {
                 workload: workload_name(),
                 source: Box::new(source),
@@ -283,7 +284,7 @@ impl Pods {
         }
         Ok(PodEntry {
             enrollment,
-            reply_route: reply_route(config),
+            reply_route: route,
             handle,
             listeners,
         })
