@@ -45,6 +45,8 @@ pub(super) struct RawAgent {
     pub tunnel_port: Option<S<u64>>,
     pub admin_addr: Option<S<String>>,
     pub proxy_mark: Option<S<u64>>,
+    pub transparent_mark: Option<S<u64>>,
+    pub reply_table: Option<S<u64>>,
     pub excluded_ports: Option<Vec<S<u64>>>,
     pub excluded_cidrs: Option<Vec<S<String>>>,
     pub connect_timeout_ms: Option<S<u64>>,

@@ -104,6 +104,61 @@ impl Cx<'_> {
             })?,
             None => defaults::PROXY_MARK,
         };
+        let transparent_mark = match &a.transparent_mark {
+            Some(m) if m.value == 0 => {
+                return Err(self.err(m.referenced, "agent.transparentMark", "must be non-zero"));
+            }
+            Some(m) => {
+                let mark = u32::try_from(m.value).map_err(|_| {
+                    self.err(
+                        m.referenced,
+                        "agent.transparentMark",
+                        format!("{:#x} does not fit in 32 bits", m.value),
+                    )
+                })?;
+                if mark == proxy_mark {
+                    return Err(self.err(
+                        m.referenced,
+                        "agent.transparentMark",
+                        "must differ from agent.proxyMark",
+                    ));
+                }
+                mark
+            }
+            None if proxy_mark == defaults::TRANSPARENT_MARK => {
+                let at = a
+                    .proxy_mark
+                    .as_ref()
+                    .map_or(Location::UNKNOWN, |m| m.referenced);
+                return Err(self.err(
+                    at,
+                    "agent.proxyMark",
+                    "is the default agent.transparentMark: set another transparentMark",
+                ));
+            }
+            None => defaults::TRANSPARENT_MARK,
+        };
+        let reply_table = match &a.reply_table {
+            // 0 is no table; 253-255 are the kernel's default, main and local tables.
+            Some(t) if t.value == 0 || (253..=255).contains(&t.value) => {
+                return Err(self.err(
+                    t.referenced,
+                    "agent.replyTable",
+                    format!(
+                        "{} is reserved (0, 253 default, 254 main, 255 local)",
+                        t.value
+                    ),
+                ));
+            }
+            Some(t) => u32::try_from(t.value).map_err(|_| {
+                self.err(
+                    t.referenced,
+                    "agent.replyTable",
+                    format!("{} does not fit in 32 bits", t.value),
+                )
+            })?,
+            None => defaults::REPLY_TABLE,
+        };
 
         let mut excluded_ports = Vec::new();
         for (i, p) in a.excluded_ports.iter().flatten().enumerate() {
@@ -270,6 +325,8 @@ impl Cx<'_> {
                 tunnel_port,
                 admin_addr,
                 proxy_mark,
+                transparent_mark,
+                reply_table,
                 max_connections,
                 trust_domain,
                 ca_cert_file,
