@@ -1,7 +1,6 @@
 //! The host facts and kernel handles the agent needs: bpffs, the cgroup2 mount, threads
 //! living in pods' network namespaces and the reply route in them, Kubernetes pods found by
-//! UID, process start times, and
-//! returning free memory.
+//! UID, process start times, and returning free memory.
 
 pub mod kubepods;
 pub mod memory;
