@@ -29,18 +29,32 @@ use crate::{
     pods::Pods,
     proxy::{self, ProxyContext},
     shutdown::Handover,
+    source::{self, SourceKind, SourceOptions, Started},
     sys,
     tunnel::MeshTls,
 };
 
-/// `node`: the command line's node name, which wins over `agent.node` (see `cli`).
+/// `node`: the command line's node name, which wins over `agent.node` (see `cli`); `source`:
+/// where the configuration comes from.
 pub async fn run(
     config_path: &Path,
     cgroup_override: Option<PathBuf>,
     node: Option<String>,
+    source: SourceKind,
 ) -> anyhow::Result<()> {
     let building = Instant::now();
-    let config = Arc::new(Config::load_on_node(config_path, node.as_deref())?);
+    let metrics = Arc::new(Metrics::new());
+    let Started {
+        config,
+        watch: watcher,
+    } = source::start(SourceOptions {
+        kind: source,
+        path: config_path,
+        node,
+        cgroup: cgroup_override.clone(),
+        metrics: metrics.clone(),
+    })
+    .await?;
     sys::ensure_bpffs()?;
     let cgroup = match cgroup_override.or_else(|| config.agent().startup.cgroup.clone()) {
         Some(cgroup) => cgroup,
@@ -69,7 +83,6 @@ pub async fn run(
         "eBPF programs attached"
     );
 
-    let metrics = Arc::new(Metrics::new());
     let mesh_tls = Arc::new(MeshTls::start(&agent.startup, &metrics).context("setting up mTLS")?);
     let balancers = Arc::new(Balancers::new());
     balancers.sync(&config);
@@ -120,7 +133,6 @@ pub async fn run(
         })
     };
 
-    let watcher = watch::spawn(config_path, node, config.clone());
     // The snapshot in force and its generation, for the status and /config_dump.
     let in_force = Arc::new(Mutex::new(InForce {
         generation: 1,
