@@ -163,7 +163,9 @@ fn service(
         .ports
         .iter()
         .map(|p| {
-            let mut endpoints = Vec::new();
+            let mut endpoints: Vec<Endpoint> = Vec::new();
+            // An address in two slices (while the controller moves it) is one endpoint.
+            let mut seen: HashSet<SocketAddr> = HashSet::new();
             let mut resolved = None;
             for slice in slices {
                 let listed = slice
@@ -179,6 +181,9 @@ fn service(
                 resolved.get_or_insert(target);
                 for e in &slice.endpoints {
                     for ip in &e.ips {
+                        if !seen.insert(SocketAddr::new(*ip, target)) {
+                            continue;
+                        }
                         let owner = by_ip.get(ip);
                         let endpoint_node = e
                             .node

@@ -97,6 +97,9 @@ async fn run(inputs: SourceInputs, tx: watch::Sender<Arc<Config>>) {
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut dirty = false;
+        // The file watcher counts the reloads it publishes: a rebuild for the agent block
+        // alone is not counted twice.
+        let mut from_api = true;
         tokio::select! {
             update = updates.recv() => {
                 let Some(update) = update else { break };
@@ -119,13 +122,15 @@ async fn run(inputs: SourceInputs, tx: watch::Sender<Arc<Config>>) {
                 if new != agent {
                     agent = new;
                     dirty = true;
+                    from_api = false;
                 }
             }
             _ = retry.tick(), if controller.unresolved > 0 => dirty = true,
             () = tx.closed() => break,
         }
         if dirty && controller.stores.synced() {
-            controller.publish(&agent, &tx, &status, &metrics);
+            let counted = from_api.then_some(status.as_ref());
+            controller.publish(&agent, &tx, counted, &metrics);
         } else if dirty {
             tracing::debug!(waiting = ?controller.stores.unsynced(), "initial lists not complete");
         }
@@ -150,7 +155,7 @@ impl Controller {
         &mut self,
         agent: &AgentConfig,
         tx: &watch::Sender<Arc<Config>>,
-        status: &ReloadStatus,
+        status: Option<&ReloadStatus>,
         metrics: &Metrics,
     ) {
         let building = Instant::now();
@@ -170,9 +175,12 @@ impl Controller {
         if self.published && **tx.borrow() == built.config {
             return;
         }
-        self.published = true;
+        // The first snapshot is the start's, not a reload.
+        let reload = std::mem::replace(&mut self.published, true);
         tx.send_replace(Arc::new(built.config));
-        status.applied(building.elapsed());
+        if let Some(status) = status.filter(|_| reload) {
+            status.applied(building.elapsed());
+        }
         tracing::debug!(
             unresolved = self.unresolved,
             "Kubernetes snapshot published"

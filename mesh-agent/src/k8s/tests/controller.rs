@@ -170,7 +170,11 @@ async fn the_source_follows_the_api_from_the_initial_sync_through_events_and_a_r
         metrics.kube_objects_rejected(ObjectKind::AuthorizationPolicy.name()),
         1
     );
-    assert_eq!(source.stats().snapshot().applied, 1);
+    assert_eq!(
+        source.stats().snapshot().applied,
+        0,
+        "the start is not a reload"
+    );
     let mut rx = source.current();
 
     // An endpoint added by a watch event.
@@ -199,6 +203,7 @@ async fn the_source_follows_the_api_from_the_initial_sync_through_events_and_a_r
         endpoints(&config, "10.96.0.10:80"),
         ["10.0.1.1:8080", "10.0.2.1:8080"]
     );
+    assert_eq!(source.stats().snapshot().applied, 1);
     let remote = &config
         .service_by_vip("10.96.0.10:80".parse().expect("addr"))
         .expect("routes")

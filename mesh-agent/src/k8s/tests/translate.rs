@@ -200,6 +200,11 @@ fn services_take_their_endpoints_from_slices_and_named_target_ports_resolve_per_
         ObjectKind::EndpointSlice,
         slice("demo", "echo-y", "echo", &[("http", 8081)], &[b, outside]),
     );
+    // The same address in two slices (moved by the controller) is one endpoint.
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "echo-z", "echo", &[("http", 8080)], &[a]),
+    );
     // A headless Service and an ExternalName give nothing.
     h.apply(
         ObjectKind::Service,
