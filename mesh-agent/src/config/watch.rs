@@ -427,6 +427,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_the_agent_block_only_a_change_that_lists_services_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, "agent: {node: n1}\n").expect("write");
+        let config =
+            Config::load_scoped(&path, None, Scope::AgentOnly).unwrap_or_else(|e| panic!("{e}"));
+        let watch = spawn_with_interval(&path, None, Scope::AgentOnly, Arc::new(config), POLL);
+        let mut rx = watch.current();
+        let stats = watch.stats();
+
+        std::fs::write(&path, service_doc("a", 80)).expect("write");
+        eventually("the rejection", || stats.snapshot().rejected == 1).await;
+        let error = stats.snapshot().last_error.unwrap_or_default();
+        assert!(
+            error.starts_with(&format!("{}:3:5: services[0]: ", path.display())),
+            "{error}"
+        );
+        assert!(!rx.has_changed().expect("watcher alive"));
+
+        // A live setting of the agent block applies.
+        std::fs::write(&path, "agent: {node: n1, connectTimeoutMs: 77}\n").expect("write");
+        let config = next(&mut rx).await;
+        assert_eq!(
+            config.agent().live.connect_timeout,
+            Duration::from_millis(77)
+        );
+    }
+
+    #[tokio::test]
     async fn invalid_change_is_refused_and_the_previous_snapshot_stays() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (path, watch) = start(dir.path());
