@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use super::build::build;
@@ -48,7 +49,8 @@ pub async fn start(inputs: SourceInputs) -> Result<(Arc<Config>, ConfigWatch), S
     let placeholder = inputs.file.borrow().clone();
     let (tx, mut rx) = watch::channel(placeholder);
     let status = inputs.status.clone();
-    let task = tokio::spawn(run(inputs, tx));
+    let unlisted = Arc::new(Mutex::new(ObjectKind::ALL.to_vec()));
+    let task = tokio::spawn(run(inputs, tx, unlisted.clone()));
     let waiting = Instant::now();
     loop {
         tokio::select! {
@@ -57,8 +59,12 @@ pub async fn start(inputs: SourceInputs) -> Result<(Arc<Config>, ConfigWatch), S
                 break;
             }
             () = tokio::time::sleep(WAIT_LOG) => {
+                // A kind that never lists (its CRD not installed, RBAC missing) shows here,
+                // and its watcher's errors say why.
+                let unlisted: Vec<&str> = unlisted.lock().iter().map(|k| k.name()).collect();
                 tracing::info!(
                     waited = ?waiting.elapsed(),
+                    unlisted = %unlisted.join(", "),
                     "waiting for the initial lists of the Kubernetes API"
                 );
             }
@@ -74,7 +80,11 @@ pub async fn start(inputs: SourceInputs) -> Result<(Arc<Config>, ConfigWatch), S
     Ok((config, ConfigWatch::new(rx, status, task)))
 }
 
-async fn run(inputs: SourceInputs, tx: watch::Sender<Arc<Config>>) {
+async fn run(
+    inputs: SourceInputs,
+    tx: watch::Sender<Arc<Config>>,
+    unlisted: Arc<Mutex<Vec<ObjectKind>>>,
+) {
     let SourceInputs {
         client,
         mut file,
@@ -132,7 +142,7 @@ async fn run(inputs: SourceInputs, tx: watch::Sender<Arc<Config>>) {
             let counted = from_api.then_some(status.as_ref());
             controller.publish(&agent, &tx, counted, &metrics);
         } else if dirty {
-            tracing::debug!(waiting = ?controller.stores.unsynced(), "initial lists not complete");
+            *unlisted.lock() = controller.stores.unsynced();
         }
     }
     for watcher in watchers {
