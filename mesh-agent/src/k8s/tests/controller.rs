@@ -266,3 +266,76 @@ async fn the_source_follows_the_api_from_the_initial_sync_through_events_and_a_r
     );
     assert_eq!(workload_names(&config), ["demo/c"]);
 }
+
+#[tokio::test]
+async fn a_local_pod_comes_in_once_its_sandbox_is_found_and_a_second_traffic_policy_is_counted() {
+    let traffic = |name: &str, created: &str, algorithm: &str| {
+        policy(
+            "TrafficPolicy",
+            "demo",
+            name,
+            created,
+            json!({"service": "echo", "loadBalancer": {"algorithm": algorithm}}),
+        )
+    };
+    let (client, _api) = FakeApi::start(vec![
+        ("namespaces", namespace("demo", Some("true"))),
+        ("pods", pod("demo", "a", NODE, &["10.0.1.1"], json!({}))),
+        (
+            "services",
+            service("demo", "echo", "10.96.0.10", &[("http", 80, json!(8080))]),
+        ),
+        (
+            "trafficpolicies",
+            traffic("newer", "2026-02-01T00:00:00Z", "random"),
+        ),
+        (
+            "trafficpolicies",
+            traffic("older", "2026-01-01T00:00:00Z", "roundRobin"),
+        ),
+    ]);
+    let metrics = Arc::new(Metrics::new());
+    let locator = FakeLocator::with(&[]);
+    let (_file_tx, file_rx) = watch::channel(agent_config());
+    let (config, source) = within(
+        "the initial sync",
+        start(SourceInputs {
+            client,
+            file: file_rx,
+            status: Arc::default(),
+            locator: locator.clone(),
+            metrics: metrics.clone(),
+        }),
+    )
+    .await
+    .expect("synced");
+    // The pod of this node has no sandbox yet: it is left out, not published without netns.
+    assert!(config.workloads().is_empty());
+    let echo = config.service("demo", "echo").expect("echo");
+    assert_eq!(
+        echo.traffic.load_balancer,
+        crate::config::LoadBalancer::RoundRobin
+    );
+    assert_eq!(
+        metrics.kube_objects_rejected(ObjectKind::TrafficPolicy.name()),
+        1
+    );
+
+    // The sandbox appears with no event about the pod: the source looks again by itself.
+    let mut rx = source.current();
+    locator
+        .sandboxes
+        .lock()
+        .insert("uid-a".into(), "/proc/10/ns/net".into());
+    let config = next(&mut rx).await;
+    assert_eq!(workload_names(&config), ["demo/a"]);
+    assert_eq!(
+        config.workloads()[0].netns.as_deref(),
+        Some(std::path::Path::new("/proc/10/ns/net"))
+    );
+    // Logged and counted once, not at every rebuild.
+    assert_eq!(
+        metrics.kube_objects_rejected(ObjectKind::TrafficPolicy.name()),
+        1
+    );
+}
