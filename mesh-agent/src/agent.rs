@@ -66,6 +66,7 @@ pub async fn run(
         proxy_mark: agent.startup.proxy_mark,
         proxy_port_min,
         proxy_port_max,
+        transparent_mark: agent.startup.transparent_mark,
     };
     let datapath = Datapath::load(&agent.startup.bpf_name, &cgroup, settings)
         .with_context(|| format!("loading eBPF programs on cgroup {}", cgroup.display()))?;
@@ -91,6 +92,7 @@ pub async fn run(
     let proxy = Arc::new(ProxyContext {
         config: Arc::new(ArcSwap::new(config.clone())),
         orig_dst: datapath.orig_dst(),
+        transparent_sources: datapath.transparent_sources(),
         datapath: Arc::new(Mutex::new(datapath)),
         balancers: balancers.clone(),
         limits: limits.clone(),

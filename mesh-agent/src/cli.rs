@@ -191,20 +191,40 @@ pub enum CaCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Run the certificate authority: sign workload certificates for node agents over mutual
-    /// TLS, each identity only for the nodes its pods are placed on.
+    /// Run the certificate authority: sign workload certificates for node agents over TLS,
+    /// each identity only for the nodes its pods are placed on.
     ///
-    /// Holds the CA key (of `ca init`, a root or an intermediate); the agents hold only their
-    /// node certificate (`ca issue-node`) and the trust bundle. Placement is read from the
-    /// mesh configuration (`workloads[].node`, `namespace`, `serviceAccount`; the trust domain
-    /// is `agent.trustDomain`), reloaded when the file changes. Stops on SIGTERM or SIGINT.
+    /// Holds the CA key (of `ca init`, a root or an intermediate); the agents hold only the
+    /// trust bundle. Locally (--config) they authenticate with their node certificate (`ca
+    /// issue-node`) and placement is read from the mesh configuration (`workloads[].node`,
+    /// `namespace`, `serviceAccount`; the trust domain is `agent.trustDomain`), reloaded when
+    /// the file changes. In Kubernetes (--kubernetes) they authenticate with their projected
+    /// service-account token (audience `mesh-ca`), checked by TokenReview, and placement comes
+    /// from the CA's own watch of pods. Stops on SIGTERM or SIGINT.
     Serve {
         /// Directory with ca.crt (the CA certificate, then its chain up to the root) and ca.key.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// The mesh configuration (YAML, as the agents read it).
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        /// The mesh configuration (YAML, as the agents read it): local mode.
+        #[arg(
+            long,
+            short,
+            value_name = "FILE",
+            required_unless_present = "kubernetes"
+        )]
+        config: Option<PathBuf>,
+        /// Kubernetes mode: tokens checked by TokenReview, placement from a watch of pods
+        /// (the API server from the pod's service account or the kubeconfig).
+        #[arg(long, conflicts_with_all = ["config", "trust_roots"])]
+        kubernetes: bool,
+        /// The mesh's trust domain, as the agents' `agent.trustDomain` (Kubernetes mode;
+        /// locally it is the config's) [default: cluster.local].
+        #[arg(long, conflicts_with = "config")]
+        trust_domain: Option<String>,
+        /// The agents' service account: the only one whose tokens are accepted (Kubernetes
+        /// mode) [default: mesh-system/mesh-agent].
+        #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "config")]
+        agent_service_account: Option<String>,
         /// Address of the CA's API.
         #[arg(long, default_value = crate::ca::DEFAULT_LISTEN)]
         listen: SocketAddr,

@@ -126,6 +126,9 @@ async fn ca_command(command: cli::CaCommand) -> anyhow::Result<()> {
         cli::CaCommand::Serve {
             dir,
             config,
+            kubernetes,
+            trust_domain,
+            agent_service_account,
             listen,
             trust_roots,
             max_lifetime_minutes,
@@ -140,11 +143,32 @@ async fn ca_command(command: cli::CaCommand) -> anyhow::Result<()> {
                     .context("--burst-per-node must be at least 1")?,
                 ..ca::Limits::default()
             };
+            let mode = match config {
+                Some(config) if !kubernetes => ca::Mode::Local {
+                    config,
+                    trust_roots,
+                },
+                _ => {
+                    let agent_service_account =
+                        agent_service_account.unwrap_or_else(|| "mesh-system/mesh-agent".into());
+                    let (namespace, name) = agent_service_account
+                        .split_once('/')
+                        .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
+                        .context("--agent-service-account must be NAMESPACE/NAME")?;
+                    ca::Mode::Kubernetes {
+                        trust_domain: trust_domain.unwrap_or_else(|| "cluster.local".into()),
+                        token: ca::TokenOptions {
+                            agent_namespace: namespace.to_owned(),
+                            agent_service_account: name.to_owned(),
+                            ..ca::TokenOptions::default()
+                        },
+                    }
+                }
+            };
             ca::serve(ca::ServeOptions {
                 ca_dir: dir,
-                config,
+                mode,
                 listen,
-                trust_roots,
                 limits,
             })
             .await?;

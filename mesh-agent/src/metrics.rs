@@ -32,6 +32,7 @@ pub struct Metrics {
     tunnels: IntGaugeVec,
     tunnel_streams: IntGaugeVec,
     captured: IntCounterVec,
+    client_ip_fallbacks: IntCounterVec,
     config_build: Histogram,
     ca_reachable: IntGauge,
     ca_requests: IntCounterVec,
@@ -266,6 +267,14 @@ impl Metrics {
                  no_listener: no proxy listener was there)",
                 &["workload", "result"],
             ),
+            client_ip_fallbacks: counters(
+                r,
+                "client_ip_fallbacks_total",
+                "Connections from another node's pod that reached a pod's app from the pod's own \
+                 address instead of the client's, because the kernel refused the transparent \
+                 path (see the pod's clientIp in status), by workload",
+                &["workload"],
+            ),
             config_build: family(r, config_build),
             ca_reachable: family(r, ca_reachable),
             ca_requests: counters(
@@ -456,6 +465,13 @@ impl Metrics {
             connections: self.tunnels.with_label_values(&[role]),
             streams: self.tunnel_streams.with_label_values(&[role]),
         }
+    }
+
+    /// A tunnel connection to `workload`'s app could not keep its client's address.
+    pub fn client_ip_fallback(&self, workload: &str) {
+        self.client_ip_fallbacks
+            .with_label_values(&[workload])
+            .inc();
     }
 
     /// A snapshot was built and applied in `took`.

@@ -1,7 +1,8 @@
 //! Enrollment: the local pods whose traffic the agent steers.
 //!
-//! For each local workload the agent keeps a thread in the pod's network namespace, opens
-//! the pod's listeners there, attaches inbound capture to the namespace, and writes its
+//! For each local workload the agent keeps a thread in the pod's network namespace, sets up
+//! the reply route that lets its app see clients of other nodes with their own address,
+//! opens the pod's listeners there, attaches inbound capture to the namespace, and writes its
 //! cookie into the eBPF enrolled map; taking a pod out undoes all of it.
 
 use std::{collections::BTreeMap, fs::File, net::IpAddr, path::PathBuf, sync::Arc};
@@ -13,8 +14,13 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{Config, FailMode, Workload},
     ebpf::{Datapath, EbpfError},
-    proxy::{PodHandle, PodListeners, ProxyContext, ProxyError, SocketReserve},
-    sys::{NetnsError, NetnsThread},
+    proxy::{
+        ClientIpPath, FamilyPath, PodHandle, PodListeners, ProxyContext, ProxyError, SocketReserve,
+    },
+    sys::{
+        NetnsError, NetnsThread,
+        reply_route::{Family, ReplyRoute},
+    },
 };
 
 /// Why a pod could not be enrolled (or taken out). The message leaves out the workload,
@@ -69,6 +75,8 @@ struct Enrollment {
 
 struct PodEntry {
     enrollment: Enrollment,
+    /// Where its reply route is (the start-up settings it was enrolled with).
+    reply_route: ReplyRoute,
     handle: PodHandle,
     /// Closed when the pod is taken out.
     listeners: PodListeners,
@@ -88,6 +96,14 @@ pub struct PodStatus {
     pub skipped: u64,
     /// Connects that found no proxy listener (fail-open: passed, fail-closed: refused).
     pub no_listener: u64,
+    /// Why the app sees its own pod's address instead of some clients' from other nodes
+    /// (the kernel refused the reply route); absent when it sees theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip_refused: Option<String>,
+    /// Connections from other nodes' pods that reached the app from the pod's own address
+    /// for that reason.
+    #[serde(default)]
+    pub client_ip_fallbacks: u64,
 }
 
 /// A local pod of the config that is not enrolled, and why: its last attempt failed. It is
@@ -215,20 +231,34 @@ impl Pods {
             workload: workload_name(),
             source,
         })?;
+        let startup = &config.agent().startup;
+        let route = reply_route(config);
+        let client_ip = client_ip_path(key, &netns, &enrollment.ips, route);
         let handle = PodHandle {
             key: key.into(),
             identity: workload.identity.clone(),
-            sockets: SocketReserve::new(netns.clone(), config.agent().startup.proxy_mark),
+            sockets: SocketReserve::new(netns.clone(), startup.proxy_mark),
+            ips: enrollment.ips.clone().into(),
+            client_ip: Arc::new(ClientIpPath::new(
+                startup.transparent_mark,
+                client_ip.clone(),
+                client_ip
+                    .iter()
+                    .any(|f| matches!(f, FamilyPath::Refused(_))),
+            )),
             netns,
         };
         // Listeners first, so the first captured connect already finds them.
-        let listeners =
-            PodListeners::start(&self.proxy, &handle, &enrollment.ips).map_err(|source| {
-                EnrollError::Proxy {
+        let listeners = match PodListeners::start(&self.proxy, &handle, &enrollment.ips) {
+            Ok(listeners) => listeners,
+            Err(source) => {
+                remove_reply_route(&handle, route);
+                return Err(EnrollError::Proxy {
                     workload: workload_name(),
                     source,
-                }
-            })?;
+                });
+            }
+        };
         let cookie = handle.netns.cookie();
         let settings = EnrolledPod {
             outbound_port: config.agent().startup.outbound_port,
@@ -245,6 +275,8 @@ impl Pods {
         if let Err(source) = result {
             let _ = datapath.unenroll(cookie);
             datapath.release_inbound(&enrollment.ips);
+            drop(datapath);
+            remove_reply_route(&handle, route);
             return Err(EnrollError::Map {
                 workload: workload_name(),
                 source: Box::new(source),
@@ -252,12 +284,14 @@ impl Pods {
         }
         Ok(PodEntry {
             enrollment,
+            reply_route: route,
             handle,
             listeners,
         })
     }
 
     fn unenroll(&self, pod: &PodEntry) -> Result<(), EbpfError> {
+        remove_reply_route(&pod.handle, pod.reply_route);
         // The certificate goes when the last local pod with its identity goes.
         let identity = &pod.handle.identity;
         if !self
@@ -304,6 +338,8 @@ impl Pods {
                     captured: stats.captured,
                     skipped: stats.skipped,
                     no_listener: stats.no_listener,
+                    client_ip_refused: pod.handle.client_ip.refused(),
+                    client_ip_fallbacks: pod.handle.client_ip.fallbacks(),
                 }
             })
             .collect()
@@ -311,6 +347,59 @@ impl Pods {
 
     fn datapath(&self) -> MutexGuard<'_, Datapath> {
         self.proxy.datapath.lock()
+    }
+}
+
+fn reply_route(config: &Config) -> ReplyRoute {
+    let startup = &config.agent().startup;
+    ReplyRoute {
+        mark: startup.transparent_mark,
+        table: startup.reply_table,
+    }
+}
+
+/// Sets up the reply route of each address family the pod has, in its netns: IPv4, IPv6.
+/// A refusal is logged here, once for the pod; its connections from other nodes then reach
+/// the app from the pod's own address.
+fn client_ip_path(
+    key: &str,
+    netns: &NetnsThread,
+    ips: &[IpAddr],
+    route: ReplyRoute,
+) -> [FamilyPath; 2] {
+    [Family::V4, Family::V6].map(|family| {
+        if !ips.iter().any(|ip| Family::of(*ip) == family) {
+            return FamilyPath::Absent;
+        }
+        let installed = netns
+            .run_blocking(move || route.install(family))
+            .map_err(|error| error.to_string())
+            .and_then(|result| result.map_err(|error| error.to_string()));
+        match installed {
+            Ok(()) => FamilyPath::Ready,
+            Err(reason) => {
+                tracing::warn!(pod = %key, %family, %reason, "the app will see this pod's own address instead of the client's for connections from other nodes");
+                FamilyPath::Refused(reason)
+            }
+        }
+    })
+}
+
+/// Removes the reply routes set up for the pod; a failure is logged (the pod's netns is
+/// usually going away with it).
+fn remove_reply_route(pod: &PodHandle, route: ReplyRoute) {
+    for family in [Family::V4, Family::V6] {
+        if pod.client_ip.family(family) != &FamilyPath::Ready {
+            continue;
+        }
+        let removed = pod
+            .netns
+            .run_blocking(move || route.remove(family))
+            .map_err(|error| error.to_string())
+            .and_then(|result| result.map_err(|error| error.to_string()));
+        if let Err(reason) = removed {
+            tracing::info!(pod = %pod.key, %family, %reason, "reply route not removed");
+        }
     }
 }
 

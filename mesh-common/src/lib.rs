@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Version of the pinned map layout; part of the pin directory name.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Names of the maps, as the eBPF programs declare them and the agent pins them.
 pub mod maps {
@@ -21,6 +21,7 @@ pub mod maps {
     pub const SETTINGS: &str = "SETTINGS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const LOCAL_POD_IPS: &str = "LOCAL_POD_IPS";
+    pub const TRANSPARENT_SOURCES: &str = "TRANSPARENT_SOURCES";
 }
 
 /// Names of the programs in the object.
@@ -42,9 +43,13 @@ pub struct Settings {
     /// Lowest and highest port reserved for the proxy (outbound, inbound, tunnel listeners).
     pub proxy_port_min: u16,
     pub proxy_port_max: u16,
+    /// SO_MARK of the proxy's sockets that connect to an app from a tunnel client's address
+    /// (transparent): never captured either. Distinct from `proxy_mark`, because the pod's
+    /// reply route selects exactly these sockets' connections.
+    pub transparent_mark: u32,
 }
 const _: () =
-    assert!(core::mem::size_of::<Settings>() == 8 && core::mem::align_of::<Settings>() == 4);
+    assert!(core::mem::size_of::<Settings>() == 12 && core::mem::align_of::<Settings>() == 4);
 
 /// What to do with a pod's outbound connection when no proxy listener is there to take it.
 pub const FAIL_OPEN: u32 = 0;

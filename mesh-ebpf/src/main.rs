@@ -4,9 +4,10 @@
 //!   outbound listener and remember the original destination by socket cookie.
 //! - `mesh_sock_ops`: when the rewritten connection is established, move the original
 //!   destination to a flow key the proxy can compute on accept (its peer address).
-//! - `mesh_bind4/6` (cgroup bind): only sockets carrying the proxy mark may bind proxy ports.
+//! - `mesh_bind4/6` (cgroup bind): only sockets carrying a proxy mark may bind proxy ports.
 //! - `mesh_sk_lookup` (attached to each enrolled pod's netns): hands new inbound connections
-//!   to the pod's inbound listener, keeping the client address and original destination.
+//!   to the pod's inbound listener, keeping the client address and original destination;
+//!   leaves alone the proxy's own connections from a tunnel client's address.
 #![no_std]
 #![no_main]
 
@@ -56,6 +57,12 @@ static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::pinned(4096, 0);
 /// pod so the destination sees the real client: inbound capture leaves them alone.
 #[map]
 static LOCAL_POD_IPS: HashMap<SockAddr, u8> = HashMap::pinned(4096, 0);
+/// Where the proxy's transparent sockets are connecting from right now (a client pod of
+/// another node: its address and the socket's port), value unused. Their SYNs reach the app
+/// from inside the pod and must not be taken for inbound connections from outside. The
+/// proxy adds an entry before it connects and removes it once connected.
+#[map]
+static TRANSPARENT_SOURCES: HashMap<SockAddr, u8> = HashMap::pinned(65536, 0);
 /// Read and deleted by the proxy on accept; LRU for the same reason.
 #[map]
 static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(65536, 0);
@@ -95,21 +102,22 @@ fn count(netns: u64, stat: Stat) {
     }
 }
 
-fn proxy_mark() -> u32 {
-    SETTINGS.get(0).map_or(0, |s| s.proxy_mark)
-}
-
-/// True when the socket behind a sock_addr context carries the proxy mark.
+/// True when the socket behind a sock_addr context carries one of the proxy's marks: the
+/// proxy mark, or the transparent mark of its sockets that connect from a tunnel client's
+/// address. Exact values, not bits: an app's own marks never pass for the proxy's.
 fn is_proxy_socket(addr: *const bpf_sock_addr) -> bool {
-    let mark = proxy_mark();
-    if mark == 0 {
+    let Some(settings) = SETTINGS.get(0).copied() else {
         return false;
-    }
+    };
     // SAFETY: `addr` is the program's context, valid for its run; its `sk` may be read.
     let sk = unsafe { (*addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
     // SAFETY: a non-null `sk` of a sock_addr context points to the socket; the verifier checks
     // the access.
-    !sk.is_null() && unsafe { (*sk).mark } == mark
+    let mark = unsafe { (*sk).mark };
+    mark != 0 && (mark == settings.proxy_mark || mark == settings.transparent_mark)
 }
 
 /// Whether a TCP listener is bound at the given loopback address and port in the current
@@ -394,6 +402,11 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     // SAFETY: only the presence of the entry is used, never the value behind the reference.
     if unsafe { LOCAL_POD_IPS.get(client) }.is_some() {
+        return pass;
+    }
+    client.port = u16::from_be(lookup.remote_port);
+    // SAFETY: as above.
+    if unsafe { TRANSPARENT_SOURCES.get(client) }.is_some() {
         return pass;
     }
     // No listener for this address (not enrolled, or the agent is gone): normal delivery.

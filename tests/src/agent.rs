@@ -82,6 +82,13 @@ impl ConfigBuilder {
         }
     }
 
+    /// The cgroup the agent attaches its programs to (default: the test's cgroup root), e.g.
+    /// [`Topology::kubepods_root`] for pods in the kubelet's layout.
+    pub fn cgroup(mut self, dir: &Path) -> Self {
+        self.cgroup = dir.to_owned();
+        self
+    }
+
     /// A workload for `pod` (name = pod name, namespace `test`), with both its IPs; `extra`
     /// is more YAML for the entry (e.g. "failMode: closed"), indented by the builder.
     pub fn workload(mut self, pod: &Pod, labels: &[(&str, &str)], extra: &[&str]) -> Self {

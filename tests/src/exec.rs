@@ -259,6 +259,21 @@ impl Drop for Background {
     }
 }
 
+/// Spawns `cmd` with its output discarded (for a process that only has to exist, like a
+/// pod's sandbox).
+pub(crate) fn spawn_quiet(cmd: &mut Command, label: &str) -> Result<Background> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {label}: {cmd:?}"))?;
+    Ok(Background {
+        child,
+        label: label.to_owned(),
+    })
+}
+
 /// Spawns `cmd` and waits until it prints a line `ready` on stdout
 /// (bounded by [`READY_TIMEOUT`]). Use for servers, so a test connects
 /// only once the listener exists.

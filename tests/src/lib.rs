@@ -25,6 +25,9 @@ pub mod exec;
 pub mod fixtures;
 pub mod grafana;
 pub mod kernel;
+pub mod kubeapi;
+pub mod kubelet;
+mod kubelet_pods;
 pub mod naming;
 pub mod payload;
 pub mod prometheus;
@@ -39,6 +42,7 @@ use anyhow::{Context as _, Result, bail};
 
 pub use agent::{Agent, ConfigBuilder};
 pub use exec::{Background, output_timeout, spawn_ready, wait_timeout, wait_until};
+pub use kubelet::{CgroupDriver, Qos};
 pub use prometheus::Prometheus;
 pub use sweep::{SweepReport, sweep};
 pub use sys::{cgroup2_mount, is_root};

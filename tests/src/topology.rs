@@ -22,6 +22,7 @@ use anyhow::{Context as _, Result, ensure};
 
 use crate::cgroup;
 use crate::exec::{self, Background, Target};
+use crate::kubelet::KubeletPod;
 use crate::naming::{self, BPFFS_DIR, DIR_PREFIX, NETNS_PREFIX, NETNS_RUN_DIR};
 use crate::sys;
 
@@ -30,7 +31,7 @@ pub const BRIDGE: &str = "br0";
 /// Longest allowed pod/node name (it becomes a cgroup dir name).
 const MAX_NAME: usize = 64;
 /// How long teardown waits for killed processes and busy cgroups.
-const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A node: a network namespace with a pod bridge, able to route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,11 +137,13 @@ impl Node {
 /// A pod: a network namespace behind a node bridge, plus its own cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {
-    name: String,
-    index: u8,
-    netns: String,
-    node: Node,
-    cgroup_dir: PathBuf,
+    pub(crate) name: String,
+    pub(crate) index: u8,
+    pub(crate) netns: String,
+    pub(crate) node: Node,
+    pub(crate) cgroup_dir: PathBuf,
+    /// Set for pods in the kubelet's cgroup layout ([`Topology::add_kubelet_pod`]).
+    pub(crate) kubelet: Option<KubeletPod>,
 }
 
 impl Pod {
@@ -177,9 +180,18 @@ impl Pod {
             u16::from(self.index),
         )
     }
-    /// The pod's cgroup directory, `<test root>/<pod name>`.
+    /// The cgroup its commands run in: `<test root>/<pod name>`, or for a kubelet-layout
+    /// pod its app container's leaf.
     pub fn cgroup_dir(&self) -> &Path {
         &self.cgroup_dir
+    }
+    /// Where a kubelet-layout pod sits in the kubepods tree; None for other pods.
+    pub fn kubelet(&self) -> Option<&KubeletPod> {
+        self.kubelet.as_ref()
+    }
+    /// metadata.uid of a kubelet-layout pod.
+    pub fn uid(&self) -> Option<&str> {
+        self.kubelet.as_ref().map(|k| k.uid.as_str())
     }
     /// Name of the node the pod runs on.
     pub fn node_name(&self) -> &str {
@@ -194,7 +206,34 @@ impl Pod {
         format!("vp{}", self.index)
     }
 
-    fn target(&self) -> Target {
+    /// Joins the pod's netns to its node: the `vp<k>`/`eth0` veth pair into the bridge, both
+    /// addresses and default routes via the bridge.
+    pub(crate) fn wire(&self) -> Result<()> {
+        let (ns, node) = (&self.netns, &self.node);
+        let host = self.host_veth();
+        let nns = node.netns_name();
+        let v4 = format!("{}/24", self.ipv4());
+        let v6 = format!("{}/64", self.ipv6());
+        let gw4 = node.bridge_ipv4().to_string();
+        let gw6 = node.bridge_ipv6().to_string();
+        // The MAC follows from the IPv4 address as with the bridge CNI plugin (0a:58 and the
+        // address), so a pod whose sandbox is recreated keeps it and its peers' neighbour
+        // entries stay right.
+        let [a, b, c, d] = self.ipv4().octets();
+        let mac = format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
+        sys::ip(&[
+            "-n", nns, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            "address", &mac,
+        ])?;
+        sys::ip(&["-n", nns, "link", "set", &host, "master", BRIDGE, "up"])?;
+        sys::ip(&["-n", ns, "addr", "add", &v4, "dev", "eth0"])?;
+        sys::ip(&["-n", ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
+        sys::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        sys::ip(&["-n", ns, "route", "add", "default", "via", &gw4])?;
+        sys::ip(&["-n", ns, "-6", "route", "add", "default", "via", &gw6])
+    }
+
+    pub(crate) fn target(&self) -> Target {
         Target {
             label: format!("pod {} ({})", self.name, self.netns),
             netns_path: self.netns_path(),
@@ -244,13 +283,16 @@ impl Pod {
 pub struct Topology {
     id: String,
     test_name: String,
-    cgroup_root: PathBuf,
+    pub(crate) cgroup_root: PathBuf,
     nodes: Vec<Node>,
-    pods: Vec<Pod>,
+    pub(crate) pods: Vec<Pod>,
     /// Namespaces created so far, in creation order (removed in reverse).
-    netns: Vec<String>,
+    pub(crate) netns: Vec<String>,
     /// (node index, last pod index) to hand out pod indexes.
     pod_slots: Vec<(u8, u8)>,
+    /// The sandbox processes of kubelet-layout pods, by pod name (killed with the cgroups
+    /// at teardown, reaped when dropped).
+    pub(crate) sandboxes: Vec<(String, Background)>,
 }
 
 impl Topology {
@@ -276,6 +318,7 @@ impl Topology {
             pods: Vec::new(),
             netns: Vec::new(),
             pod_slots: Vec::new(),
+            sandboxes: Vec::new(),
         };
         // From here on, Drop cleans up whatever exists (including the marker).
         cgroup::create(&topo.cgroup_root)
@@ -316,7 +359,7 @@ impl Topology {
         &self.netns
     }
 
-    fn new_netns(&mut self, role: &str) -> Result<String> {
+    pub(crate) fn new_netns(&mut self, role: &str) -> Result<String> {
         let name = format!("{NETNS_PREFIX}{}-{role}", self.id);
         sys::ip(&["netns", "add", &name])?;
         self.netns.push(name.clone());
@@ -334,7 +377,7 @@ impl Topology {
         Ok(name)
     }
 
-    fn check_name(&self, name: &str) -> Result<()> {
+    pub(crate) fn check_name(&self, name: &str) -> Result<()> {
         ensure!(
             !name.is_empty()
                 && name.len() <= MAX_NAME
@@ -385,14 +428,7 @@ impl Topology {
     /// bridge, and cgroup `<root>/<name>`.
     pub fn add_pod(&mut self, node: &Node, name: &str) -> Result<Pod> {
         self.check_name(name)?;
-        let slot = self
-            .pod_slots
-            .iter_mut()
-            .find(|(n, _)| *n == node.index)
-            .with_context(|| format!("node {} is not part of this topology", node.name))?;
-        ensure!(slot.1 < 254, "at most 253 pods per node");
-        slot.1 += 1;
-        let index = slot.1;
+        let index = self.next_pod_index(node)?;
         let ns = self.new_netns(&format!("n{}p{index}", node.index))?;
         let cgroup_dir = self.cgroup_root.join(name);
         let pod = Pod {
@@ -401,29 +437,27 @@ impl Topology {
             netns: ns.clone(),
             node: node.clone(),
             cgroup_dir: cgroup_dir.clone(),
+            kubelet: None,
         };
-        let host = pod.host_veth();
-        let nns = node.netns_name();
-        let v4 = format!("{}/24", pod.ipv4());
-        let v6 = format!("{}/64", pod.ipv6());
-        let gw4 = node.bridge_ipv4().to_string();
-        let gw6 = node.bridge_ipv6().to_string();
-        (|| -> Result<()> {
-            sys::ip(&[
-                "-n", nns, "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ])?;
-            sys::ip(&["-n", nns, "link", "set", &host, "master", BRIDGE, "up"])?;
-            sys::ip(&["-n", &ns, "addr", "add", &v4, "dev", "eth0"])?;
-            sys::ip(&["-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
-            sys::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            sys::ip(&["-n", &ns, "route", "add", "default", "via", &gw4])?;
-            sys::ip(&["-n", &ns, "-6", "route", "add", "default", "via", &gw6])?;
-            cgroup::create(&cgroup_dir)
-        })()
-        .with_context(|| format!("setting up pod {name} on node {} in netns {ns}", node.name))?;
+        pod.wire()
+            .and_then(|()| cgroup::create(&cgroup_dir))
+            .with_context(|| {
+                format!("setting up pod {name} on node {} in netns {ns}", node.name)
+            })?;
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// The next pod index k on `node`.
+    pub(crate) fn next_pod_index(&mut self, node: &Node) -> Result<u8> {
+        let slot = self
+            .pod_slots
+            .iter_mut()
+            .find(|(n, _)| *n == node.index)
+            .with_context(|| format!("node {} is not part of this topology", node.name))?;
+        ensure!(slot.1 < 254, "at most 253 pods per node");
+        slot.1 += 1;
+        Ok(slot.1)
     }
 
     /// Joins two nodes with an underlay veth pair (`ul<b>` in a, `ul<a>` in b)

@@ -15,8 +15,8 @@ use std::{
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use mesh_agent::tls::{
-    Answer, CaError, ControlId, LocalCa, RemoteSigner, RemoteSignerOptions, Signer, SpiffeId,
-    TrustBundle, ca_api, pem_certificate,
+    Answer, CaError, ControlId, LocalCa, NodeCredential, RemoteSigner, RemoteSignerOptions, Signer,
+    SpiffeId, TrustBundle, ca_api, pem_certificate,
 };
 use mesh_tests::{Agent, ConfigBuilder, Node, Pod, Topology, agent::agent_path, assert_root};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
@@ -159,8 +159,10 @@ impl Mesh {
             address: self.ca_addr(),
             trust_domain: "cluster.local".into(),
             node: node.into(),
-            node_cert_file: cert_dir.join("node.crt"),
-            node_key_file: cert_dir.join("node.key"),
+            credential: NodeCredential::Certificate {
+                cert_file: cert_dir.join("node.crt"),
+                key_file: cert_dir.join("node.key"),
+            },
             bundle: TrustBundle::from_pem_files(&[self.dir.join("root/ca.crt")]).expect("bundle"),
             request_timeout: Duration::from_secs(5),
         })

@@ -150,7 +150,7 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
         );
     }
     // The server's reply line (long enough not to turn up in ciphertext by chance).
-    let reply_prefix = format!("b {}:", mesh.b.ipv4());
+    let reply_prefix = format!("b {}:", mesh.a.ipv4());
     assert!(
         !data
             .windows(reply_prefix.len())

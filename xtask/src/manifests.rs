@@ -21,6 +21,8 @@ const KUBERNETES_VERSION: &str = "1.33.0";
 
 /// The development overlay's CA, which each user makes (git ignores it).
 const DEV_CA: &str = "overlays/dev-ca/ca";
+/// The CA overlay's files (the CA's key and chain, the root's certificate), made the same way.
+const CA_FILES: &str = "overlays/ca/ca";
 
 pub fn check() -> anyhow::Result<()> {
     let tools = setup::manifest_tools()?;
@@ -34,15 +36,39 @@ pub fn check() -> anyhow::Result<()> {
     if work.exists() {
         fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     }
-    // A copy of the tree, with a throwaway development CA where the dev-ca overlay wants one.
+    // A copy of the tree, with throwaway CAs where the overlays want the user's.
     let tree = work.join("kubernetes");
-    copy_tree(&source, &tree, &source.join(DEV_CA))?;
-    run(
-        Command::new(&agent)
-            .args(["ca", "init", "--dir"])
-            .arg(tree.join(DEV_CA)),
+    copy_tree(
+        &source,
+        &tree,
+        &[source.join(DEV_CA), source.join(CA_FILES)],
+    )?;
+    let ca_init = |dir: &Path, parent: Option<&Path>, what: &str| {
+        let mut command = Command::new(&agent);
+        command.args(["ca", "init", "--dir"]).arg(dir);
+        if let Some(parent) = parent {
+            command.arg("--parent").arg(parent);
+        }
+        run(&mut command, what)
+    };
+    ca_init(
+        &tree.join(DEV_CA),
+        None,
         "mesh-agent ca init (a CA for the dev-ca overlay)",
     )?;
+    let root = work.join("root");
+    ca_init(
+        &root,
+        None,
+        "mesh-agent ca init (a root for the ca overlay)",
+    )?;
+    ca_init(
+        &tree.join(CA_FILES),
+        Some(&root),
+        "mesh-agent ca init --parent (the ca overlay's CA)",
+    )?;
+    fs::copy(root.join("ca.crt"), tree.join(CA_FILES).join("root.crt"))
+        .context("copying the root's certificate into the ca overlay")?;
 
     let mut kustomizations = vec![PathBuf::from("base")];
     for entry in fs::read_dir(tree.join("overlays")).context("reading overlays/")? {
@@ -81,11 +107,11 @@ pub fn check() -> anyhow::Result<()> {
 }
 
 /// Copies the files under `from` to `to`, leaving out `skip`.
-fn copy_tree(from: &Path, to: &Path, skip: &Path) -> anyhow::Result<()> {
+fn copy_tree(from: &Path, to: &Path, skip: &[PathBuf]) -> anyhow::Result<()> {
     fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let path = entry?.path();
-        if path == skip {
+        if skip.contains(&path) {
             continue;
         }
         let target = to.join(path.file_name().context("a file name")?);

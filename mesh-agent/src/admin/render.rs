@@ -149,6 +149,23 @@ pub fn pods(report: &StatusReport) -> String {
     if report.workloads.is_empty() {
         line(&mut out, "(no pod enrolled)");
     }
+    let refused: Vec<_> = report
+        .workloads
+        .iter()
+        .filter_map(|pod| pod.client_ip_refused.as_ref().map(|reason| (pod, reason)))
+        .collect();
+    if !refused.is_empty() {
+        line(&mut out, "");
+        line(
+            &mut out,
+            "CLIENT IP NOT KEPT (the app sees its own address for other nodes' clients)",
+        );
+        for (pod, reason) in refused {
+            let title = format!("{} ({} connections)", pod.workload, pod.client_ip_fallbacks);
+            line(&mut out, &fit(&title, WIDTH));
+            wrapped(&mut out, 4, reason);
+        }
+    }
     if !report.failed_pods.is_empty() {
         line(&mut out, "");
         line(&mut out, "FAILED TO ENROLL (tried again at each reload)");

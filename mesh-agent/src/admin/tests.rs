@@ -31,6 +31,8 @@ fn report() -> StatusReport {
         captured,
         skipped: 2,
         no_listener: 1,
+        client_ip_refused: None,
+        client_ip_fallbacks: 0,
     };
     let mut report = StatusReport {
         node: "node-a".into(),
@@ -189,6 +191,16 @@ fn each_view_fits_80_columns_and_elides_long_names_in_the_middle() {
     let pods = render::pods(&report);
     assert_fits(&pods);
     assert!(pods.contains("FAILED TO ENROLL"), "{pods}");
+    assert!(!pods.contains("CLIENT IP NOT KEPT"), "{pods}");
+    let mut refused = report.clone();
+    refused.workloads[0].client_ip_refused =
+        Some("routing table 1337 already holds another IPv4 default route".into());
+    refused.workloads[0].client_ip_fallbacks = 3;
+    let pods = render::pods(&refused);
+    assert_fits(&pods);
+    assert!(pods.contains("CLIENT IP NOT KEPT"), "{pods}");
+    assert!(pods.contains("(3 connections)"), "{pods}");
+    assert!(pods.contains("holds another IPv4 default route"), "{pods}");
     assert!(
         pods.contains("No such file or directory (os error 2)"),
         "{pods}"

@@ -2,21 +2,24 @@
 //! role; a process locally, a Deployment in Kubernetes) and `mesh-agent ca issue-node`.
 //!
 //! Why: an agent holding the CA key lets whoever owns one node mint any identity of the mesh.
-//! Here the nodes hold only the trust bundle and their node certificate; the CA holds the root
-//! or an intermediate key and signs a workload identity for a node only if a pod running as
-//! that service account is placed on it. A compromised node can still obtain the identities of
+//! Here the nodes hold only the trust bundle and their node certificate (in Kubernetes, their
+//! pod's service-account token); the CA holds the root or an intermediate key and signs a
+//! workload identity for a node only if a pod running as that service account is placed on it. A compromised node can still obtain the identities of
 //! its own pods (it runs them), and no other.
 //!
-//! - [`auth`]: who is asking ([`NodeAuthenticator`]; local mode: the node certificate).
+//! - [`auth`]: who is asking ([`NodeAuthenticator`]; local mode: the node certificate;
+//!   Kubernetes: [`token`], the agent's service-account token by TokenReview).
 //! - [`placement`]: which identities a node may have ([`Placement`]; local mode: the mesh
-//!   configuration file).
-//! - [`server`]: the mutual-TLS API and its limits.
+//!   configuration file; Kubernetes: [`pods`], the CA's own watch of pods).
+//! - [`server`]: the TLS API (mutual locally) and its limits.
 //! - [`serving`]: the CA API's own certificate, issued by the CA to itself and renewed.
 
 pub mod auth;
 pub mod placement;
+pub mod pods;
 pub mod server;
 mod serving;
+pub mod token;
 
 use std::{
     net::SocketAddr,
@@ -34,8 +37,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 pub use auth::{NodeAuthenticator, NodeCertificate};
-pub use placement::{ConfigPlacement, Placement};
+pub use placement::{ConfigPlacement, NotSynced, Placement};
+pub use pods::PodWatch;
 pub use server::{Authority, Limits};
+pub use token::{TokenOptions, TokenReviewer};
 
 use crate::{
     config::ConfigError,
@@ -65,6 +70,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("the Kubernetes API client: {0}")]
+    Kube(#[from] kube::Error),
     #[error("waiting for signals: {0}")]
     Signal(std::io::Error),
 }
@@ -74,12 +81,28 @@ pub enum ServeError {
 pub struct ServeOptions {
     /// `ca.crt` (the CA certificate, then its chain up to the root) and `ca.key`.
     pub ca_dir: PathBuf,
-    /// The mesh configuration: placement (`workloads`) and the trust domain.
-    pub config: PathBuf,
+    pub mode: Mode,
     pub listen: SocketAddr,
-    /// More roots node certificates may chain to (root rotation), besides the CA's own root.
-    pub trust_roots: Vec<PathBuf>,
     pub limits: Limits,
+}
+
+/// How the CA learns who is asking and what runs where.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Node certificates; placement from the mesh configuration file.
+    Local {
+        /// The mesh configuration: placement (`workloads`) and the trust domain.
+        config: PathBuf,
+        /// More roots node certificates may chain to (root rotation), besides the CA's own.
+        trust_roots: Vec<PathBuf>,
+    },
+    /// The agents' service-account tokens (TokenReview); placement from the CA's own watch of
+    /// pods. The API server is the one `kube::Client::try_default` finds (in a pod: its
+    /// service account).
+    Kubernetes {
+        trust_domain: String,
+        token: TokenOptions,
+    },
 }
 
 /// A CA serving its API; stops when dropped.
@@ -87,56 +110,123 @@ pub struct RunningCa {
     /// Where the API listens (the port chosen when asked for port 0).
     pub addr: SocketAddr,
     pub trust_domain: String,
-    api: JoinHandle<()>,
-    renewal: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for RunningCa {
     fn drop(&mut self) {
-        self.api.abort();
-        self.renewal.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
 /// Loads the CA key, the placement and the roots, and starts serving the API.
 pub async fn start(options: ServeOptions) -> Result<RunningCa, ServeError> {
+    start_with(options, None).await
+}
+
+/// [`start`], in Kubernetes mode with `client` when given (tests: a mock API server).
+async fn start_with(
+    options: ServeOptions,
+    client: Option<kube::Client>,
+) -> Result<RunningCa, ServeError> {
+    match options.mode.clone() {
+        Mode::Local {
+            config,
+            trust_roots,
+        } => start_local(options, &config, &trust_roots).await,
+        Mode::Kubernetes {
+            trust_domain,
+            token,
+        } => {
+            let client = match client {
+                Some(client) => client,
+                None => kube::Client::try_default().await?,
+            };
+            start_kubernetes(options, client, &trust_domain, token).await
+        }
+    }
+}
+
+async fn start_local(
+    options: ServeOptions,
+    config: &Path,
+    trust_roots: &[PathBuf],
+) -> Result<RunningCa, ServeError> {
     let signer = LocalCa::load_dir(&options.ca_dir)?;
-    let placement = Arc::new(ConfigPlacement::watch(&options.config)?);
+    let placement = Arc::new(ConfigPlacement::watch(config)?);
     let trust_domain = placement.trust_domain();
     // Nodes' certificates chain to the CA's root (the last certificate of its file) or to a
     // root listed for a rotation.
     let own_root = signer.chain().pop().into_iter().collect();
     let mut bundle = TrustBundle::from_ders(own_root)?;
-    if !options.trust_roots.is_empty() {
-        bundle = bundle.merged(&TrustBundle::from_pem_files(&options.trust_roots)?);
+    if !trust_roots.is_empty() {
+        bundle = bundle.merged(&TrustBundle::from_pem_files(trust_roots)?);
     }
-    let ca_id = ControlId::ca(&trust_domain)?;
-    let serving = serving::ServingCert::issue(&signer, ca_id)?;
-    let tls = tls::ca_server_config(bundle, &trust_domain, serving.clone())?;
-    let listener = TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: options.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: options.listen,
-        source,
-    })?;
-    let authority = Arc::new(Authority {
+    let authority = Authority {
         signer,
-        trust_domain: trust_domain.clone(),
+        trust_domain,
         placement,
         authenticator: Arc::new(NodeCertificate),
         limits: options.limits,
-    });
-    let renewal = serving.spawn_renewal(authority.clone());
-    let api = tokio::spawn(server::serve(listener, authority, TlsAcceptor::from(tls)));
+    };
+    run(authority, Some(bundle), options.listen, Vec::new()).await
+}
+
+/// Kubernetes mode with `client`: the pod watch starts at once; signing waits for its first
+/// list (`503` until then).
+async fn start_kubernetes(
+    options: ServeOptions,
+    client: kube::Client,
+    trust_domain: &str,
+    token: TokenOptions,
+) -> Result<RunningCa, ServeError> {
+    let signer = LocalCa::load_dir(&options.ca_dir)?;
+    let pods = Arc::new(PodWatch::new(trust_domain));
+    let watch = pods.spawn(client.clone());
+    let authority = Authority {
+        signer,
+        trust_domain: trust_domain.to_owned(),
+        placement: pods.clone(),
+        authenticator: Arc::new(TokenReviewer::new(client, pods, token)),
+        limits: options.limits,
+    };
+    run(authority, None, options.listen, vec![watch]).await
+}
+
+/// Serves `authority` on `listen`; `node_roots`: client certificates required, chained to them.
+async fn run(
+    authority: Authority,
+    node_roots: Option<TrustBundle>,
+    listen: SocketAddr,
+    mut tasks: Vec<JoinHandle<()>>,
+) -> Result<RunningCa, ServeError> {
+    let trust_domain = authority.trust_domain.clone();
+    let ca_id = ControlId::ca(&trust_domain)?;
+    let serving = serving::ServingCert::issue(&authority.signer, ca_id)?;
+    let tls = tls::ca_server_config(node_roots, &trust_domain, serving.clone())?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: listen,
+        source,
+    })?;
+    let authority = Arc::new(authority);
+    tasks.push(serving.spawn_renewal(authority.clone()));
+    tasks.push(tokio::spawn(server::serve(
+        listener,
+        authority,
+        TlsAcceptor::from(tls),
+    )));
     Ok(RunningCa {
         addr,
         trust_domain,
-        api,
-        renewal,
+        tasks,
     })
 }
 
@@ -187,4 +277,12 @@ pub fn issue_node(
 }
 
 #[cfg(test)]
+mod kube_mock;
+#[cfg(test)]
+mod kube_serve_tests;
+#[cfg(test)]
+mod pods_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_tests;

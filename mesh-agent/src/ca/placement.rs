@@ -3,7 +3,7 @@
 //! agent — or whoever owns the node — gets the identities of its own pods and no other.
 //!
 //! A seam, as authentication is: the Kubernetes variant answers from the CA's own watch of
-//! pods (`spec.nodeName`, `spec.serviceAccountName`). Local mode answers from the mesh
+//! pods (`spec.nodeName`, `spec.serviceAccountName`; [`super::pods::PodWatch`]). Local mode answers from the mesh
 //! configuration file (`workloads[].node`, `namespace`, `serviceAccount`), reloaded when it
 //! changes like the agents' ([`crate::config::watch`]): moving a pod is editing its `node`.
 
@@ -17,10 +17,16 @@ use crate::{
     tls::SpiffeId,
 };
 
+/// The placement cannot answer yet (the CA's first list of pods is not in): the CA answers
+/// `503` and the node tries again.
+#[derive(Debug, thiserror::Error)]
+#[error("the CA does not know the cluster's pods yet")]
+pub struct NotSynced;
+
 /// Answers the CA's one question about the cluster.
 pub trait Placement: Send + Sync {
     /// Whether a pod running as `identity` is placed on `node`.
-    fn placed(&self, node: &str, identity: &SpiffeId) -> bool;
+    fn placed(&self, node: &str, identity: &SpiffeId) -> Result<bool, NotSynced>;
 }
 
 /// Local mode: the workloads of the mesh configuration file, as in force now.
@@ -45,8 +51,8 @@ impl ConfigPlacement {
 }
 
 impl Placement for ConfigPlacement {
-    fn placed(&self, node: &str, identity: &SpiffeId) -> bool {
-        placed(&self.watch.snapshot(), node, identity)
+    fn placed(&self, node: &str, identity: &SpiffeId) -> Result<bool, NotSynced> {
+        Ok(placed(&self.watch.snapshot(), node, identity))
     }
 }
 

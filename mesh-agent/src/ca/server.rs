@@ -1,5 +1,6 @@
-//! The CA's API server: mutual TLS, then one HTTP/1.1 request per connection (the wire format
-//! is [`crate::tls::ca_api`]).
+//! The CA's API server: TLS (mutual locally; in Kubernetes the node shows a token in the
+//! request instead of a certificate), then one HTTP/1.1 request per connection, authenticated
+//! before anything else is looked at (the wire format is [`crate::tls::ca_api`]).
 //!
 //! Nothing a client sends can take it down or starve another node. Connections in total are
 //! capped (the rest wait in the kernel's backlog); TLS handshakes in flight are capped in total
@@ -25,7 +26,10 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{auth::NodeAuthenticator, placement::Placement};
+use super::{
+    auth::{AuthError, Caller, NodeAuthenticator},
+    placement::Placement,
+};
 use crate::tls::{
     HandshakeLimits, HandshakePermit, LocalCa, SpiffeId,
     ca_api::{
@@ -121,6 +125,12 @@ async fn connection(
     let limits = &authority.limits;
     let tls = match timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // Closed before the handshake ended: a TCP probe (the Deployment's), or a client
+            // that gave up. Nothing was refused.
+            tracing::debug!(%peer, "a connection to the CA closed during the handshake");
+            return;
+        }
         Ok(Err(error)) => {
             let reason = error
                 .get_ref()
@@ -134,18 +144,30 @@ async fn connection(
         }
     };
     drop(handshake);
-    let node = match authority.authenticator.authenticate(tls.get_ref().1).await {
-        Ok(node) => node,
-        Err(error) => {
-            tracing::info!(%peer, %error, "refused a connection to the CA");
-            return;
-        }
-    };
+    // The verified client certificate, if any (local mode requires one; in Kubernetes the
+    // requests carry a token instead). Authentication is per request: one per connection.
+    let certificate = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| leaf.clone().into_owned());
     let service = {
         let (authority, per_node) = (authority.clone(), per_node.clone());
         service_fn(move |request| {
-            let (authority, per_node, node) = (authority.clone(), per_node.clone(), node.clone());
-            async move { Ok::<_, Infallible>(handle(&authority, &per_node, &node, peer, request).await) }
+            let (authority, per_node, certificate) =
+                (authority.clone(), per_node.clone(), certificate.clone());
+            async move {
+                let caller = Caller {
+                    certificate: certificate.as_ref(),
+                    headers: request.headers(),
+                };
+                let node = match authority.authenticator.authenticate(caller).await {
+                    Ok(node) => node,
+                    Err(error) => return Ok::<_, Infallible>(unauthenticated(peer, &error)),
+                };
+                Ok(handle(&authority, &per_node, &node, peer, request).await)
+            }
         })
     };
     let serving = hyper::server::conn::http1::Builder::new()
@@ -157,6 +179,15 @@ async fn connection(
     // Headers and body within the request timeout; the answer is quick: twice bounds it all.
     if timeout(limits.request_timeout * 2, serving).await.is_err() {
         tracing::info!(%peer, "closed a CA connection: the request took too long");
+    }
+}
+
+/// `401`, or `503` when the credential could not be checked now (the node tries again).
+fn unauthenticated(peer: SocketAddr, reason: &AuthError) -> Response<Full<Bytes>> {
+    tracing::info!(%peer, %reason, "refused a request to the CA");
+    match reason {
+        AuthError::Unavailable(_) => busy(StatusCode::SERVICE_UNAVAILABLE, &reason.to_string()),
+        _ => error(StatusCode::UNAUTHORIZED, &reason.to_string()),
     }
 }
 
@@ -172,11 +203,7 @@ async fn handle(
         (&Method::POST, SIGN_PATH) => {
             if per_node.check_key(&node.to_owned()).is_err() {
                 tracing::debug!(node, %peer, "signing request over the node's rate");
-                let mut response = error(StatusCode::TOO_MANY_REQUESTS, "over this node's rate");
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                return response;
+                return busy(StatusCode::TOO_MANY_REQUESTS, "over this node's rate");
             }
             match sign(authority, node, request).await {
                 Ok(response) => response,
@@ -242,10 +269,14 @@ async fn sign(
             authority.trust_domain
         )));
     }
-    if !authority.placement.placed(node, &identity) {
-        return Err(forbidden(format!(
-            "no pod running as {identity} is placed on node {node}"
-        )));
+    match authority.placement.placed(node, &identity) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(forbidden(format!(
+                "no pod running as {identity} is placed on node {node}"
+            )));
+        }
+        Err(not_yet) => return Err((StatusCode::SERVICE_UNAVAILABLE, not_yet.to_string())),
     }
     let public_key = ca_api::decode(&request.public_key)
         .map_err(|e| bad(format!("publicKey is not base64: {e}")))?;
@@ -272,6 +303,15 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+/// An answer the node retries after a second.
+fn busy(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    let mut response = error(status, reason);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     response
 }
 

@@ -12,11 +12,11 @@ use http::{Method, StatusCode};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Limits, RunningCa, ServeOptions, issue_node, start};
+use super::{Limits, Mode, RunningCa, ServeOptions, issue_node, start};
 use crate::tls::{
-    Answer, CaError, CertStore, ControlId, LocalCa, RemoteSigner, RemoteSignerOptions, Signer,
-    SpiffeId, StoreOptions, TrustBundle, ca_api, init_dev_ca, init_intermediate_ca,
-    pem_certificate,
+    Answer, CaError, CertStore, ControlId, LocalCa, NodeCredential, RemoteSigner,
+    RemoteSignerOptions, Signer, SpiffeId, StoreOptions, TrustBundle, ca_api, init_dev_ca,
+    init_intermediate_ca, pem_certificate,
 };
 
 const TD: &str = "cluster.local";
@@ -65,9 +65,11 @@ fn setup() -> Setup {
 async fn start_ca(setup: &Setup, limits: Limits) -> RunningCa {
     start(ServeOptions {
         ca_dir: setup.ca.clone(),
-        config: setup.config.clone(),
+        mode: Mode::Local {
+            config: setup.config.clone(),
+            trust_roots: Vec::new(),
+        },
         listen: "127.0.0.1:0".parse().expect("addr"),
-        trust_roots: Vec::new(),
         limits,
     })
     .await
@@ -83,8 +85,10 @@ fn client(setup: &Setup, ca: &RunningCa, node: &str, node_dir: &Path) -> RemoteS
         address: ca.addr.to_string(),
         trust_domain: TD.into(),
         node: node.into(),
-        node_cert_file: node_dir.join("node.crt"),
-        node_key_file: node_dir.join("node.key"),
+        credential: NodeCredential::Certificate {
+            cert_file: node_dir.join("node.crt"),
+            key_file: node_dir.join("node.key"),
+        },
         bundle: bundle(setup),
         request_timeout: Duration::from_secs(5),
     })
@@ -235,8 +239,10 @@ async fn node_certificates_of_another_ca_expired_or_of_a_workload_are_refused() 
             address: ca.addr.to_string(),
             trust_domain: TD.into(),
             node: "n1".into(),
-            node_cert_file: out.join("node.crt"),
-            node_key_file: out.join("node.key"),
+            credential: NodeCredential::Certificate {
+                cert_file: out.join("node.crt"),
+                key_file: out.join("node.key"),
+            },
             bundle: bundle(&setup),
             request_timeout: Duration::from_secs(5),
         })
@@ -367,8 +373,10 @@ async fn root_rotation_old_node_certificates_and_a_new_ca_root_both_verify() {
             address: ca.addr.to_string(),
             trust_domain: TD.into(),
             node: "n1".into(),
-            node_cert_file: old_node.join("node.crt"),
-            node_key_file: old_node.join("node.key"),
+            credential: NodeCredential::Certificate {
+                cert_file: old_node.join("node.crt"),
+                key_file: old_node.join("node.key"),
+            },
             bundle,
             request_timeout: Duration::from_secs(5),
         })
@@ -376,9 +384,11 @@ async fn root_rotation_old_node_certificates_and_a_new_ca_root_both_verify() {
     };
     let rotating = start(ServeOptions {
         ca_dir: new.ca.clone(),
-        config: new.config.clone(),
+        mode: Mode::Local {
+            config: new.config.clone(),
+            trust_roots: vec![old.root.join("ca.crt")],
+        },
         listen: "127.0.0.1:0".parse().expect("addr"),
-        trust_roots: vec![old.root.join("ca.crt")],
         limits: Limits::default(),
     })
     .await
@@ -431,9 +441,12 @@ async fn slow_clients_are_cut_off_at_the_timeouts() {
     let (chain, key) =
         crate::tls::load_node_identity(&node_dir.join("node.crt"), &node_dir.join("node.key"))
             .expect("node identity");
-    let config =
-        crate::tls::ca_client_config(bundle(&setup), ControlId::ca(TD).expect("id"), chain, key)
-            .expect("client config");
+    let config = crate::tls::ca_client_config(
+        bundle(&setup),
+        ControlId::ca(TD).expect("id"),
+        Some((chain, key)),
+    )
+    .expect("client config");
     let connector = tokio_rustls::TlsConnector::from(config);
     let closed_within =
         |what: &'static str, mut stream: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {

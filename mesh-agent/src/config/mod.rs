@@ -32,8 +32,8 @@ pub use limits::{
     Bandwidth, EgressLimitPolicy, OnLimit, PerSource, Rate, RateLimitPolicy, SourceOverride,
 };
 pub use model::{
-    AccessLog, AgentConfig, Cidr, Config, Endpoint, EndpointSelection, FailMode, LiveSettings,
-    Node, Policies, QualifiedName, RemoteCa, Service, ServicePort, StartupSettings,
+    AccessLog, AgentConfig, CaCredential, Cidr, Config, Endpoint, EndpointSelection, FailMode,
+    LiveSettings, Node, Policies, QualifiedName, RemoteCa, Service, ServicePort, StartupSettings,
     UnknownDestination, Workload, WorkloadId, WorkloadSpec,
 };
 pub use traffic::{

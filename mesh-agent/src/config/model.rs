@@ -24,6 +24,8 @@ pub mod defaults {
     pub const TUNNEL_PORT: u16 = 15008;
     pub const ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
     pub const PROXY_MARK: u32 = 0x539;
+    pub const TRANSPARENT_MARK: u32 = 0x4000_0539;
+    pub const REPLY_TABLE: u32 = 1337;
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     pub const BUFFER_BYTES: usize = 64 * 1024;
@@ -208,6 +210,13 @@ pub struct StartupSettings {
     pub admin_addr: SocketAddr,
     /// SO_MARK of the proxy's own sockets (never captured); non-zero.
     pub proxy_mark: u32,
+    /// SO_MARK of the proxy's sockets that connect to an app from the address of a tunnel's
+    /// client pod (transparent); non-zero, not `proxy_mark`. The app's accepted socket
+    /// inherits it, and the reply route in the pod's netns selects it.
+    pub transparent_mark: u32,
+    /// The routing table, in each enrolled pod's netns, that sends replies to those
+    /// sockets' connections back to the agent (`local default dev lo`).
+    pub reply_table: u32,
     /// Connections proxied at once (outbound and inbound); beyond it the listeners stop
     /// accepting and new connections wait in the kernel's backlog.
     pub max_connections: usize,
@@ -242,12 +251,29 @@ pub struct StartupSettings {
 pub struct RemoteCa {
     /// `host:port` of the CA's API.
     pub address: String,
-    /// This node's certificate (from `mesh-agent ca issue-node`) and key, absolute paths.
-    pub node_cert_file: PathBuf,
-    pub node_key_file: PathBuf,
+    /// How this node proves who it is: exactly one way.
+    #[serde(flatten)]
+    pub credential: CaCredential,
     /// How often the agent checks that the CA is reachable (status, metrics).
     #[serde(rename = "checkIntervalMs", serialize_with = "dump::millis")]
     pub check_interval: Duration,
+}
+
+/// `agent.ca`'s credential, dumped under the YAML's names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum CaCredential {
+    /// `nodeCertFile`, `nodeKeyFile`: this node's certificate (from `mesh-agent ca
+    /// issue-node`) and key, absolute paths (local mode).
+    #[serde(rename_all = "camelCase")]
+    NodeCertificate {
+        node_cert_file: PathBuf,
+        node_key_file: PathBuf,
+    },
+    /// `tokenFile`: the pod's projected service-account token for the CA's audience, read
+    /// for every request (Kubernetes).
+    #[serde(rename_all = "camelCase")]
+    Token { token_file: PathBuf },
 }
 
 /// The settings a reload applies to new connections (and, for the exclusions, to the eBPF

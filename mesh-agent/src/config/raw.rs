@@ -45,6 +45,8 @@ pub(super) struct RawAgent {
     pub tunnel_port: Option<S<u64>>,
     pub admin_addr: Option<S<String>>,
     pub proxy_mark: Option<S<u64>>,
+    pub transparent_mark: Option<S<u64>>,
+    pub reply_table: Option<S<u64>>,
     pub excluded_ports: Option<Vec<S<u64>>>,
     pub excluded_cidrs: Option<Vec<S<String>>>,
     pub connect_timeout_ms: Option<S<u64>>,
@@ -77,8 +79,9 @@ pub(super) struct RawAccessLog {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawRemoteCa {
     pub address: S<String>,
-    pub node_cert_file: S<String>,
-    pub node_key_file: S<String>,
+    pub node_cert_file: Option<S<String>>,
+    pub node_key_file: Option<S<String>>,
+    pub token_file: Option<S<String>>,
     pub check_interval_ms: Option<S<u64>>,
 }
 

@@ -139,6 +139,8 @@ fn full_document() {
         "  tunnelPort: 16008",
         "  adminAddr: '[::1]:16000'",
         "  proxyMark: 0x540",
+        "  transparentMark: 0x541",
+        "  replyTable: 100",
         "  excludedPorts: [443, 22]",
         "  excludedCidrs: [10.0.0.0/8, 'fd00::/16']",
         "  connectTimeoutMs: 250",
@@ -202,6 +204,8 @@ fn full_document() {
                 tunnel_port: 16008,
                 admin_addr: sock("[::1]:16000"),
                 proxy_mark: 0x540,
+                transparent_mark: 0x541,
+                reply_table: 100,
                 max_connections: 100,
                 trust_domain: "mesh.example.org".into(),
                 ca_cert_file: Some(PathBuf::from("/etc/mesh/ca.pem")),
@@ -383,6 +387,8 @@ fn defaults() {
                 tunnel_port: 15008,
                 admin_addr: sock("127.0.0.1:15000"),
                 proxy_mark: 0x539,
+                transparent_mark: 0x4000_0539,
+                reply_table: 1337,
                 max_connections: 16384,
                 trust_domain: "cluster.local".into(),
                 ca_cert_file: None,
@@ -616,8 +622,8 @@ fn unknown_fields_are_refused_with_position_and_path() {
     assert_eq!(
         error(&base_with(&[(2, "  nodeName: node-a")], &[])),
         "mesh.yaml:2:3: agent.nodeName: unknown field `nodeName`, expected one of node, cgroup, \
-         bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, excludedPorts, \
-         excludedCidrs, \
+         bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, transparentMark, \
+         replyTable, excludedPorts, excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
          trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, drainTimeoutMs, accessLog, \
          istioMetrics, ca"
@@ -938,6 +944,41 @@ fn proxy_mark() {
 }
 
 #[test]
+fn transparent_mark_and_reply_table() {
+    assert_eq!(
+        error(&base_with(&[(2, "  transparentMark: 0")], &[])),
+        "mesh.yaml:2:20: agent.transparentMark: must be non-zero"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  transparentMark: 0x539")], &[])),
+        "mesh.yaml:2:20: agent.transparentMark: must differ from agent.proxyMark"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  proxyMark: 0x40000539")], &[])),
+        "mesh.yaml:2:14: agent.proxyMark: is the default agent.transparentMark: set another \
+         transparentMark"
+    );
+    for (line, reserved) in [
+        ("  replyTable: 0", 0),
+        ("  replyTable: 253", 253),
+        ("  replyTable: 254", 254),
+        ("  replyTable: 255", 255),
+    ] {
+        assert_eq!(
+            error(&base_with(&[(2, line)], &[])),
+            format!(
+                "mesh.yaml:2:15: agent.replyTable: {reserved} is reserved (0, 253 default, 254 \
+                 main, 255 local)"
+            )
+        );
+    }
+    let mark = ok(&base_with(&[(2, "  transparentMark: 0x10000")], &[]));
+    assert_eq!(mark.agent.startup.transparent_mark, 0x10000);
+    let table = ok(&base_with(&[(2, "  replyTable: 70000")], &[]));
+    assert_eq!(table.agent.startup.reply_table, 70000);
+}
+
+#[test]
 fn empty_vips_or_ports() {
     assert_eq!(
         error(&base_with(&[(14, "    vips: []")], &[])),
@@ -1200,8 +1241,10 @@ fn remote_ca() {
         config.agent.startup.ca,
         Some(RemoteCa {
             address: "mesh-ca.mesh-system.svc:15012".into(),
-            node_cert_file: PathBuf::from("/etc/mesh/node.crt"),
-            node_key_file: PathBuf::from("/etc/mesh/node.key"),
+            credential: CaCredential::NodeCertificate {
+                node_cert_file: PathBuf::from("/etc/mesh/node.crt"),
+                node_key_file: PathBuf::from("/etc/mesh/node.key"),
+            },
             check_interval: Duration::from_secs(30),
         })
     );
@@ -1284,12 +1327,64 @@ fn remote_ca() {
     assert_eq!(
         error(&remote_ca_with(&[(7, "    keyFile: /k")], &[])),
         "mesh.yaml:7:5: agent.ca.keyFile: unknown field `keyFile`, expected one of address, \
-         nodeCertFile, nodeKeyFile, checkIntervalMs"
+         nodeCertFile, nodeKeyFile, tokenFile, checkIntervalMs"
     );
-    let missing = error(&remote_ca_with(&[(7, "    checkIntervalMs: 1")], &[]));
-    assert!(
-        missing.starts_with("mesh.yaml:") && missing.contains("missing field `nodeKeyFile`"),
-        "{missing}"
+    assert_eq!(
+        error(&remote_ca_with(&[(7, "    checkIntervalMs: 1")], &[])),
+        "mesh.yaml:5:5: agent.ca: nodeCertFile needs nodeKeyFile"
+    );
+    assert_eq!(
+        error(&remote_ca_with(&[(6, "    checkIntervalMs: 1")], &[])),
+        "mesh.yaml:5:5: agent.ca: nodeKeyFile needs nodeCertFile"
+    );
+
+    // Kubernetes: the projected service-account token instead of a node certificate.
+    let token = ok(&remote_ca_with(
+        &[
+            (6, "    tokenFile: /var/run/secrets/mesh/token"),
+            (7, "    checkIntervalMs: 1000"),
+        ],
+        &[],
+    ));
+    let token_ca = token.agent.startup.ca.expect("ca");
+    assert_eq!(
+        token_ca.credential,
+        CaCredential::Token {
+            token_file: PathBuf::from("/var/run/secrets/mesh/token")
+        }
+    );
+    let dump = serde_json::to_value(&token_ca).expect("dump");
+    assert_eq!(dump["tokenFile"], "/var/run/secrets/mesh/token");
+    assert!(dump.get("nodeCertFile").is_none(), "{dump}");
+    let dump = serde_json::to_value(ok(&remote_ca_with(&[], &[])).agent.startup.ca).expect("dump");
+    assert_eq!(dump["nodeCertFile"], "/etc/mesh/node.crt");
+    assert_eq!(dump["nodeKeyFile"], "/etc/mesh/node.key");
+    assert_eq!(
+        error(&remote_ca_with(
+            &[],
+            &["    tokenFile: /var/run/secrets/mesh/token"]
+        )),
+        "mesh.yaml:8:16: agent.ca.tokenFile: a token and a node certificate exclude each other: \
+         keep tokenFile (Kubernetes) or nodeCertFile and nodeKeyFile"
+    );
+    assert_eq!(
+        error(&remote_ca_with(
+            &[(6, "    tokenFile: token"), (7, "    checkIntervalMs: 1")],
+            &[]
+        )),
+        "mesh.yaml:6:16: agent.ca.tokenFile: `token` is not an absolute path"
+    );
+    assert_eq!(
+        error(&[
+            "agent:",
+            "  node: node-a",
+            "  trustRootFiles: [/etc/mesh/root.pem]",
+            "  ca:",
+            "    address: mesh-ca.mesh-system.svc:15012",
+            "workloads: []",
+        ]),
+        "mesh.yaml:5:5: agent.ca: how this node authenticates to the CA: tokenFile \
+         (Kubernetes) or nodeCertFile and nodeKeyFile"
     );
     // A start-up setting: a reload changing it is refused.
     let before = ok(&remote_ca_with(&[], &[]));
@@ -1386,7 +1481,7 @@ fn startup_setting_names_are_agent_keys() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys.len(), 17, "{keys:?}");
+    assert_eq!(keys.len(), 19, "{keys:?}");
     for key in &keys {
         // Written without a value, a known key is just absent; an unknown one is refused.
         if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {

@@ -95,6 +95,7 @@ pub struct Datapath {
     excluded_cidrs: LpmTrie<MapData, [u8; 16], u8>,
     inbound_listeners: SockHash<MapData, SockAddr>,
     local_pod_ips: HashMap<MapData, SockAddr, u8>,
+    transparent_sources: Arc<TransparentSources>,
     link_dir: PathBuf,
     /// Keeps the programs loaded while the agent runs (the pinned links keep them attached
     /// after it exits) and attaches sk_lookup to pods as they are enrolled.
@@ -176,6 +177,9 @@ impl Datapath {
             excluded_cidrs: take_map(&mut ebpf, maps::EXCLUDED_CIDRS)?,
             inbound_listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
             local_pod_ips: take_map(&mut ebpf, maps::LOCAL_POD_IPS)?,
+            transparent_sources: Arc::new(TransparentSources {
+                map: parking_lot::Mutex::new(take_map(&mut ebpf, maps::TRANSPARENT_SOURCES)?),
+            }),
             link_dir,
             ebpf,
             attached,
@@ -190,6 +194,12 @@ impl Datapath {
     /// accepting a connection never waits on enrollment or on a status read.
     pub fn orig_dst(&self) -> Arc<OrigDstTable> {
         self.orig_dst.clone()
+    }
+
+    /// The sources of the proxy's transparent connects, for the hot path (a handle of its own,
+    /// like [`orig_dst`](Self::orig_dst)).
+    pub fn transparent_sources(&self) -> Arc<TransparentSources> {
+        self.transparent_sources.clone()
     }
 
     /// Steers the pod in network namespace `netns_cookie` through the proxy.
@@ -348,6 +358,43 @@ impl OrigDstTable {
         let orig = map.get(key, 0).ok()?;
         let _ = map.remove(key);
         decode_addr(&orig.dst)
+    }
+}
+
+/// The client addresses (with port) the proxy's transparent sockets are connecting from, so
+/// that sk_lookup does not hand their SYNs to the inbound listener. One lock for the insert
+/// and one for the removal per connect.
+pub struct TransparentSources {
+    map: parking_lot::Mutex<HashMap<MapData, SockAddr, u8>>,
+}
+
+impl TransparentSources {
+    /// Registers `source` until the returned guard drops (once connected, or given up).
+    pub fn hold(self: &Arc<Self>, source: SocketAddr) -> Result<SourceHeld> {
+        let key = addr::encode(SocketAddr::new(source.ip().to_canonical(), source.port()));
+        self.map
+            .lock()
+            .insert(key, 0, 0)
+            .map_err(|source| EbpfError::Map {
+                name: maps::TRANSPARENT_SOURCES,
+                source,
+            })?;
+        Ok(SourceHeld {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+/// A registered transparent source; removed on drop.
+pub struct SourceHeld {
+    table: Arc<TransparentSources>,
+    key: SockAddr,
+}
+
+impl Drop for SourceHeld {
+    fn drop(&mut self) {
+        let _ = self.table.map.lock().remove(&self.key);
     }
 }
 

@@ -4,7 +4,11 @@
 //! safe) is retried on another endpoint while the service's retry budget allows, and feeds
 //! the balancer (latency, failure streaks, ejection).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
 
@@ -21,7 +25,7 @@ use crate::{
     config::{Config, Workload},
     limit::{Shaper, SourceKey},
     tls::SpiffeId,
-    tunnel::TunnelStream,
+    tunnel::{StreamTarget, TunnelStream},
 };
 
 /// Either side of a connection.
@@ -59,6 +63,8 @@ struct Attempts<'a> {
     pod: &'a PodHandle,
     connect_timeout: Duration,
     tunnel_port: u16,
+    /// A tunnel stream's vouched-for client pod address: direct connects leave from it.
+    connect_from: Option<IpAddr>,
 }
 
 /// Why one attempt failed.
@@ -69,11 +75,13 @@ enum Failed {
     Final,
 }
 
-/// Route, admit, connect. `None`: refused, with the reason in `result`.
+/// Route, admit, connect (from `connect_from`, a tunnel client's vouched-for address, when
+/// given). `None`: refused, with the reason in `result`.
 pub(super) async fn establish(
     ctx: &ProxyContext,
     pod: &PodHandle,
     result: &mut ConnectionResult,
+    connect_from: Option<IpAddr>,
 ) -> Option<Established> {
     let Some(dst) = result.destination else {
         result.fail(
@@ -123,6 +131,7 @@ pub(super) async fn establish(
             .and_then(|t| t.connect_timeout)
             .unwrap_or(live.connect_timeout),
         tunnel_port: startup.tunnel_port,
+        connect_from,
     };
 
     // Tunnel streams count against the same node-wide limit as TCP connections, which take
@@ -309,6 +318,21 @@ impl Attempts<'_> {
         }
     }
 
+    /// What a tunnel stream to `target` says of its client, for the app on the other node to
+    /// see it: the app's pod address of the target's family, with the app's port. Only for
+    /// the pod's own connections (outbound).
+    fn forwarded_for(&self, result: &ConnectionResult, target: SocketAddr) -> Option<SocketAddr> {
+        if result.direction != Direction::Outbound {
+            return None;
+        }
+        let ipv4 = target.ip().to_canonical().is_ipv4();
+        self.pod
+            .ips
+            .iter()
+            .find(|ip| ip.to_canonical().is_ipv4() == ipv4)
+            .map(|ip| SocketAddr::new(*ip, result.client.port()))
+    }
+
     /// Registers the attempt (the connections view shows it from now on), admits it when
     /// the destination is served here, and connects to one hop.
     async fn one(
@@ -372,15 +396,23 @@ impl Attempts<'_> {
             }
         };
         let connected = match &hop.via {
-            Via::Direct => upstream::connect(self.pod, hop.addr, self.connect_timeout)
-                .await
-                .map(Stream::Tcp)
-                .map_err(|error| (Outcome::ConnectFailed, error.to_string(), true)),
+            Via::Direct => match self.connect_from {
+                Some(client) => {
+                    let timeout = self.connect_timeout;
+                    upstream::connect_as(ctx, self.pod, hop.addr, client, timeout).await
+                }
+                None => upstream::connect(self.pod, hop.addr, self.connect_timeout).await,
+            }
+            .map(Stream::Tcp)
+            .map_err(|error| (Outcome::ConnectFailed, error.to_string(), true)),
             Via::Tunnel { expected } => upstream::tunnel(
                 &ctx.mesh_tls,
                 self.pod,
                 expected,
-                hop.addr,
+                StreamTarget {
+                    authority: hop.addr,
+                    forwarded_for: self.forwarded_for(result, hop.addr),
+                },
                 self.tunnel_port,
                 self.connect_timeout,
             )

@@ -1,7 +1,11 @@
 //! What every connection handler shares, and the one admission step (register, then
 //! authorize against the snapshot in force) that every way in goes through.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};
@@ -9,13 +13,14 @@ use tokio::sync::Semaphore;
 
 use super::{
     SocketReserve,
+    client_ip::ClientIpPath,
     registry::{ConnectionInfo, Registry, Subject, Tracked},
 };
 use crate::{
     authz::{self, Decision},
     balance::Balancers,
     config::Config,
-    ebpf::{Datapath, EbpfError, OrigDstTable},
+    ebpf::{Datapath, EbpfError, OrigDstTable, TransparentSources},
     limit::Limits,
     metrics::Metrics,
     sys::{NetnsError, NetnsThread},
@@ -46,6 +51,8 @@ pub struct ProxyContext {
     pub datapath: Arc<Mutex<Datapath>>,
     /// The hot path's own handle: original destinations of captured connects.
     pub orig_dst: Arc<OrigDstTable>,
+    /// The hot path's other handle: where transparent connects come from, for sk_lookup.
+    pub transparent_sources: Arc<TransparentSources>,
     /// Per service port: endpoint state, picking, retry budgets, circuit limits.
     pub balancers: Arc<Balancers>,
     /// Node-wide rate limits.
@@ -129,6 +136,10 @@ pub struct PodHandle {
     pub netns: NetnsThread,
     /// Ready upstream sockets made in the pod's netns.
     pub sockets: Arc<SocketReserve>,
+    /// Its addresses (a change enrolls it again): what it claims as a tunnel's client.
+    pub ips: Arc<[IpAddr]>,
+    /// Whether its app can see the address of clients from other nodes.
+    pub client_ip: Arc<ClientIpPath>,
 }
 
 #[cfg(test)]

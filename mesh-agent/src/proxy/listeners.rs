@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use super::{
+    client_ip,
     context::{PodHandle, ProxyContext, ProxyError},
     direction::Direction,
     pipeline::{self, Accepted, Downstream},
@@ -67,13 +68,24 @@ impl PodListeners {
         let handler = {
             let (ctx, pod) = (ctx.clone(), pod.clone());
             move |request: ConnectRequest, stream: PendingStream| {
+                let vouched = request.forwarded_for.and_then(|claimed| {
+                    let config = ctx.config.load();
+                    let identity = &request.client_identity;
+                    let (peer, target) = (request.peer_addr, request.authority);
+                    client_ip::vouched(&config, identity, peer, claimed, target)
+                        .inspect_err(|reason| {
+                            tracing::debug!(pod = %pod.key, %peer, %claimed, %reason, "client address not believed");
+                        })
+                        .ok()
+                });
                 let accepted = Accepted {
                     direction: Direction::Tunnel,
                     pod: pod.clone(),
                     downstream: Downstream::Tunnel(stream),
-                    client: request.peer_addr,
+                    client: vouched.unwrap_or(request.peer_addr),
                     destination: Some(request.authority),
                     client_identity: Some(request.client_identity),
+                    connect_from: vouched.map(|client| client.ip()),
                 };
                 pipeline::serve(ctx.clone(), accepted)
             }
@@ -148,6 +160,7 @@ fn outbound_connection(
         downstream: Downstream::Tcp(stream),
         client,
         destination,
+        connect_from: None,
     }
 }
 
@@ -167,6 +180,7 @@ fn inbound_connection(
         downstream: Downstream::Tcp(stream),
         client,
         destination,
+        connect_from: None,
     }
 }
 

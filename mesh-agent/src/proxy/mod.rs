@@ -6,8 +6,10 @@
 //! (the steps), `connect` (admission, limits, attempts and retries), `upstream`
 //! (connecting), `outcome` (the result value: access log and metrics), `registry` (live
 //! connections for revocation), `reserve` and `socket` (sockets made in a pod's netns),
+//! `client_ip` (which client address a tunnel stream gets, and the pod's transparent path),
 //! `health` (active checks). Only `listeners` and `health` spawn tasks.
 
+mod client_ip;
 mod connect;
 mod context;
 mod direction;
@@ -22,6 +24,7 @@ mod socket;
 mod telemetry;
 mod upstream;
 
+pub use client_ip::{ClientIpPath, FamilyPath};
 pub use context::{PodHandle, ProxyContext, ProxyError, Refused};
 pub use direction::Direction;
 pub use listeners::PodListeners;

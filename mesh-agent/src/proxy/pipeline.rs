@@ -17,7 +17,10 @@
 //!
 //! A new step goes here once, for all three ways in.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::net::TcpStream;
 
@@ -48,12 +51,15 @@ pub struct Accepted {
     pub direction: Direction,
     pub pod: PodHandle,
     pub downstream: Downstream,
-    /// The app's socket (outbound), the remote client (inbound), the tunnel peer (tunnel).
+    /// The app's socket (outbound), the remote client (inbound), the client pod (tunnel: its
+    /// vouched-for address, else the tunnel connection's peer).
     pub client: SocketAddr,
     /// Where the client meant to go; `None` when the capture left no original destination.
     pub destination: Option<SocketAddr>,
     /// The pod's own identity (outbound), the tunnel peer's (tunnel), none (plaintext).
     pub client_identity: Option<SpiffeId>,
+    /// A tunnel stream's vouched-for client address, which the app is connected from.
+    pub connect_from: Option<IpAddr>,
 }
 
 /// Runs one connection to its end. Never fails: every way it can end is in its result.
@@ -65,6 +71,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         client,
         destination,
         client_identity,
+        connect_from,
     } = accepted;
     let mut result = ConnectionResult::new(
         ctx.metrics.clone(),
@@ -74,7 +81,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         client_identity,
         destination,
     );
-    let Some(established) = connect::establish(&ctx, &pod, &mut result).await else {
+    let Some(established) = connect::establish(&ctx, &pod, &mut result, connect_from).await else {
         refuse(downstream, &result);
         return;
     };

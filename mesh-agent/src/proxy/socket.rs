@@ -1,5 +1,6 @@
-//! Sockets the proxy creates. Every one carries the proxy mark, so the connect4/6 programs
-//! never capture the proxy's own traffic and the bind programs let it use the proxy ports.
+//! Sockets the proxy creates. Every one carries the proxy mark (or, connecting from a tunnel
+//! client's address, the transparent mark), so the connect4/6 programs never capture the
+//! proxy's own traffic and the bind programs let it use the proxy ports.
 //! Listeners are `SO_REUSEPORT`, so a successor agent can listen on the same ports before
 //! this one stops (the handover of a rolling update).
 
@@ -30,6 +31,26 @@ pub fn upstream(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpStream> 
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     Ok(socket.into())
+}
+
+/// Turns an unconnected upstream socket into one that connects from `client`, an address
+/// that is not the pod's (a client pod of another node): IP_TRANSPARENT (CAP_NET_ADMIN) lets
+/// it bind there, and `mark` (the transparent mark) is what the app's accepted socket
+/// inherits and the pod's reply route selects. The port is picked here, at bind, so the
+/// caller can register the source before the SYN leaves.
+pub fn transparent(
+    socket: &std::net::TcpStream,
+    client: std::net::IpAddr,
+    mark: u32,
+) -> io::Result<()> {
+    let socket = socket2::SockRef::from(socket);
+    socket.set_mark(mark)?;
+    if client.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    socket.bind(&SocketAddr::new(client, 0).into())
 }
 
 /// A listening socket on `[::]` that also accepts IPv4 (for the tunnel port).

@@ -54,6 +54,23 @@ pub struct PodSandbox {
     pub netns_inode: u64,
 }
 
+/// The kubelet's cgroup of all pods under `cgroup` (the host's cgroup2 tree, or that cgroup
+/// itself): `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver); `None` if
+/// neither is there. The agent attaches its programs there, so only pods are steered.
+pub fn kubepods_dir(cgroup: &Path) -> Option<PathBuf> {
+    if cgroup
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "kubepods.slice" || n == "kubepods")
+    {
+        return Some(cgroup.to_owned());
+    }
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|name| cgroup.join(name))
+        .find(|dir| dir.is_dir())
+}
+
 /// The pod with `uid` under the kubepods cgroup `root` (or the cgroup2 mount above it).
 pub fn find_pod(root: &Path, uid: &str) -> Result<PodSandbox, KubepodsError> {
     find_pod_in(root, uid, Path::new("/proc"))
@@ -276,6 +293,20 @@ mod tests {
                 assert_eq!(found.netns_inode, inode);
             }
         }
+    }
+
+    #[test]
+    fn the_kubepods_cgroup_is_found_under_either_driver() {
+        for name in ["kubepods.slice", "kubepods"] {
+            let tree = Tree::new();
+            let dir = tree.cgroups().join(name);
+            fs::create_dir_all(dir.join("besteffort")).expect("dirs");
+            assert_eq!(kubepods_dir(&tree.cgroups()), Some(dir.clone()));
+            assert_eq!(kubepods_dir(&dir), Some(dir.clone()));
+        }
+        let tree = Tree::new();
+        fs::create_dir_all(tree.cgroups().join("system.slice")).expect("dirs");
+        assert_eq!(kubepods_dir(&tree.cgroups()), None);
     }
 
     #[test]

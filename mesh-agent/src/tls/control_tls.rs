@@ -1,14 +1,15 @@
-//! rustls configurations of the CA's API: TLS 1.3 only, ALPN `http/1.1`, mutual
-//! authentication with [`ControlId`]s. The node presents its node certificate and accepts
-//! only a server holding the CA identity; the CA accepts only node certificates (client
+//! rustls configurations of the CA's API: TLS 1.3 only, ALPN `http/1.1`, authentication with
+//! [`ControlId`]s. The node accepts only a server holding the CA identity. Locally the node
+//! presents its node certificate and the CA accepts only node certificates (client
 //! authentication, a chain to its own roots), so a workload certificate — which the node holds
-//! the keys of — can never stand in for the node. Session resumption is off on both sides, as
+//! the keys of — can never stand in for the node; in Kubernetes the node presents none and
+//! proves who it is with its service-account token in each request instead. Session resumption is off on both sides, as
 //! for the tunnel: a resumed session would skip the certificate checks.
 
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    ClientConfig, CommonState, DistinguishedName, ServerConfig,
+    ClientConfig, DistinguishedName, ServerConfig,
     client::{
         Resumption,
         danger::{ServerCertVerified, ServerCertVerifier},
@@ -47,52 +48,57 @@ impl fmt::Display for ControlMismatch {
 
 impl std::error::Error for ControlMismatch {}
 
-/// A node agent's side: presents `chain` (its node certificate, leaf first) with `key`;
-/// accepts only a server chaining to `bundle` whose identity is exactly `expected` (the CA).
+/// A node agent's side: accepts only a server chaining to `bundle` whose identity is exactly
+/// `expected` (the CA); presents `node` (its node certificate, leaf first, and key) when it
+/// has one. Without (Kubernetes), the TLS authenticates the server only and the node proves
+/// who it is with a bearer token in each request.
 pub fn ca_client_config(
     bundle: TrustBundle,
     expected: ControlId,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    node: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<ClientConfig>, ConfigError> {
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(CaVerifier { bundle, expected }))
-        .with_client_auth_cert(chain, key)?;
+        .with_custom_certificate_verifier(Arc::new(CaVerifier { bundle, expected }));
+    let mut config = match node {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_sni = false;
     Ok(Arc::new(config))
 }
 
-/// The CA's side: presents what `resolver` gives; requires a client certificate chaining to
-/// `bundle`, for client authentication, naming a node of `trust_domain`. Read the node back
-/// with [`peer_node`].
+/// The CA's side: presents what `resolver` gives. With `node_roots`, requires a client
+/// certificate chaining to them, for client authentication, naming a node of
+/// `trust_domain` (read the node back with [`peer_node`]); without (Kubernetes), asks for no
+/// client certificate: every request then carries a token the CA checks.
 pub fn ca_server_config(
-    bundle: TrustBundle,
+    node_roots: Option<TrustBundle>,
     trust_domain: &str,
     resolver: Arc<dyn ResolvesServerCert>,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(NodeVerifier {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match node_roots {
+        Some(bundle) => builder.with_client_cert_verifier(Arc::new(NodeVerifier {
             bundle,
             trust_domain: trust_domain.to_owned(),
-        }))
-        .with_cert_resolver(resolver);
+        })),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 
-/// The verified node identity of the client of a finished handshake.
-pub fn peer_node(connection: &CommonState) -> Result<ControlId, ConfigError> {
-    let leaf = connection
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .ok_or(ConfigError::NoPeerCertificate)?;
+/// The verified node identity in the client certificate `leaf` of a finished handshake.
+pub fn peer_node(leaf: Option<&CertificateDer<'_>>) -> Result<ControlId, ConfigError> {
+    let leaf = leaf.ok_or(ConfigError::NoPeerCertificate)?;
     Ok(cert::control_id_of(leaf)?)
 }
 

@@ -42,7 +42,9 @@ pub use handshakes::{HandshakeLimits, HandshakePermit};
 pub use identity::{IdentityError, SpiffeId};
 #[cfg(test)]
 pub(crate) use remote::load_node_identity;
-pub use remote::{Answer, CaHealth, RemoteError, RemoteSigner, RemoteSignerOptions};
+pub use remote::{
+    Answer, CaHealth, NodeCredential, RemoteError, RemoteSigner, RemoteSignerOptions,
+};
 pub use store::{CertStore, StoreError, StoreOptions};
 
 /// The one crypto provider of the mesh: ring (builds without cmake or a C toolchain beyond

@@ -1,8 +1,10 @@
 //! The node's client of the CA's API: a [`Signer`] that sends public keys to the certificate
 //! authority (`mesh-agent ca serve`) and gets chains back, so the node holds no CA key.
 //!
-//! The node authenticates with its node certificate (`mesh-agent ca issue-node`) and accepts
-//! only a server holding the CA identity of the trust domain, chained to the trust bundle. One
+//! The node accepts only a server holding the CA identity of the trust domain, chained to the
+//! trust bundle, and authenticates with its node certificate (`mesh-agent ca issue-node`) or,
+//! in Kubernetes, with its pod's projected service-account token, sent as `Authorization:
+//! Bearer` and read from its file for every request (the kubelet rotates it). One
 //! TLS connection per request: requests are rare (a pod's first certificate, then one per
 //! half-life), so nothing is kept open. A request the CA answers busy is tried again a few
 //! times with backoff; one that cannot reach the CA fails, and so do the next ones for a few
@@ -32,7 +34,7 @@ use super::{
     ca_api::{self, ErrorBody, HEALTH_PATH, MAX_RESPONSE_BYTES, SIGN_PATH, SignRequest},
     cert,
     config::ConfigError,
-    control::ControlId,
+    control::{ControlId, ControlIdError},
     control_tls::ca_client_config,
     identity::SpiffeId,
 };
@@ -60,8 +62,25 @@ pub enum RemoteError {
         presented: String,
         expected: String,
     },
+    #[error("{path}: the token file is empty")]
+    EmptyToken { path: PathBuf },
+    #[error("the CA's identity: {0}")]
+    Identity(#[from] ControlIdError),
     #[error("the CA client: {0}")]
     Config(#[from] ConfigError),
+}
+
+/// How the node proves who it is to the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCredential {
+    /// The node certificate (leaf first, then intermediates) and its key, PEM.
+    Certificate {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+    /// A bearer token in a file (Kubernetes: the projected service-account token for the
+    /// CA's audience), read again for every request.
+    Token { file: PathBuf },
 }
 
 /// Where the CA is and how this node proves who it is.
@@ -72,9 +91,7 @@ pub struct RemoteSignerOptions {
     pub trust_domain: String,
     /// This node's name: its node certificate must be for it.
     pub node: String,
-    /// The node certificate (leaf first, then intermediates) and its key, PEM.
-    pub node_cert_file: PathBuf,
-    pub node_key_file: PathBuf,
+    pub credential: NodeCredential,
     /// Roots the CA's own certificate must chain to.
     pub bundle: TrustBundle,
     /// One request, connect to answer.
@@ -100,6 +117,8 @@ pub struct CaHealth {
 pub struct RemoteSigner {
     address: String,
     connector: TlsConnector,
+    /// The bearer token's file, when the node authenticates with one.
+    token_file: Option<PathBuf>,
     request_timeout: Duration,
     health: Mutex<CaHealth>,
     /// When the last exchange that could not reach the CA ended.
@@ -110,40 +129,33 @@ pub struct RemoteSigner {
 pub type Answer = (StatusCode, Bytes);
 
 impl RemoteSigner {
-    /// Loads the node certificate and key and checks they name this node. Nothing is sent.
+    /// Loads the node certificate and key and checks they name this node, or checks the
+    /// token file can be read. Nothing is sent.
     pub fn new(options: RemoteSignerOptions) -> Result<Self, RemoteError> {
-        let (chain, key) = load_node_identity(&options.node_cert_file, &options.node_key_file)?;
-        let expected = ControlId::node(&options.trust_domain, &options.node).map_err(|e| {
-            RemoteError::BadFile {
-                path: options.node_cert_file.clone(),
-                reason: e.to_string(),
+        let ca = ControlId::ca(&options.trust_domain)?;
+        let (node, token_file) = match &options.credential {
+            NodeCredential::Certificate {
+                cert_file,
+                key_file,
+            } => {
+                let identity = load_checked_identity(
+                    cert_file,
+                    key_file,
+                    &options.trust_domain,
+                    &options.node,
+                )?;
+                (Some(identity), None)
             }
-        })?;
-        let presented = chain
-            .first()
-            .map(|leaf| cert::control_id_of(leaf))
-            .ok_or_else(|| RemoteError::NoCertificate {
-                path: options.node_cert_file.clone(),
-            })?
-            .map_err(|e| RemoteError::BadFile {
-                path: options.node_cert_file.clone(),
-                reason: e.to_string(),
-            })?;
-        if presented != expected {
-            return Err(RemoteError::WrongNode {
-                path: options.node_cert_file.clone(),
-                presented: presented.to_string(),
-                expected: expected.to_string(),
-            });
-        }
-        let ca = ControlId::ca(&options.trust_domain).map_err(|e| RemoteError::BadFile {
-            path: options.node_cert_file.clone(),
-            reason: e.to_string(),
-        })?;
-        let config = ca_client_config(options.bundle, ca, chain, key)?;
+            NodeCredential::Token { file } => {
+                read_token(file)?;
+                (None, Some(file.clone()))
+            }
+        };
+        let config = ca_client_config(options.bundle, ca, node)?;
         Ok(Self {
             address: options.address,
             connector: TlsConnector::from(config),
+            token_file,
             request_timeout: options.request_timeout,
             health: Mutex::new(CaHealth::default()),
             unreached_at: Mutex::new(None),
@@ -182,6 +194,12 @@ impl RemoteSigner {
             CaError::Unavailable(format!("{what} {}: {}", self.address, with_sources(error)))
         };
         let exchange = async {
+            let token = match &self.token_file {
+                Some(file) => {
+                    Some(read_token(file).map_err(|e| unavailable("authenticating to", &e))?)
+                }
+                None => None,
+            };
             let tcp = TcpStream::connect(&self.address)
                 .await
                 .map_err(|e| unavailable("connecting to", &e))?;
@@ -196,11 +214,15 @@ impl RemoteSigner {
                 .await
                 .map_err(|e| unavailable("HTTP with", &e))?;
             let driver = tokio::spawn(connection);
-            let request = Request::builder()
+            let mut request = Request::builder()
                 .method(method)
                 .uri(path)
                 .header(header::HOST, "mesh-ca")
-                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_TYPE, "application/json");
+            if let Some(token) = token {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let request = request
                 .body(Full::new(body))
                 .map_err(|e| unavailable("building a request to", &e))?;
             let response = sender
@@ -377,6 +399,52 @@ fn with_sources(error: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     text
+}
+
+/// The node certificate and key, checked to name `node` of `trust_domain`.
+fn load_checked_identity(
+    cert_file: &Path,
+    key_file: &Path,
+    trust_domain: &str,
+    node: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), RemoteError> {
+    let bad = |reason: String| RemoteError::BadFile {
+        path: cert_file.to_owned(),
+        reason,
+    };
+    let (chain, key) = load_node_identity(cert_file, key_file)?;
+    let expected = ControlId::node(trust_domain, node).map_err(|e| bad(e.to_string()))?;
+    let presented = chain
+        .first()
+        .map(|leaf| cert::control_id_of(leaf))
+        .ok_or_else(|| RemoteError::NoCertificate {
+            path: cert_file.to_owned(),
+        })?
+        .map_err(|e| bad(e.to_string()))?;
+    if presented != expected {
+        return Err(RemoteError::WrongNode {
+            path: cert_file.to_owned(),
+            presented: presented.to_string(),
+            expected: expected.to_string(),
+        });
+    }
+    Ok((chain, key))
+}
+
+/// The token in `path`, without surrounding white space. A small file on a tmpfs the kubelet
+/// writes: read synchronously.
+fn read_token(path: &Path) -> Result<String, RemoteError> {
+    let text = fs::read_to_string(path).map_err(|source| RemoteError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(RemoteError::EmptyToken {
+            path: path.to_owned(),
+        });
+    }
+    Ok(token.to_owned())
 }
 
 /// A node certificate file (leaf first) and its private key.

@@ -1,5 +1,10 @@
 //! The CONNECT request of one tunnel stream: what a client sends, and the pure validation the
 //! server applies before anything else (fuzzed by `mesh-agent/fuzz`).
+//!
+//! A stream may carry the address of the client pod it proxies, as HBONE does, in a
+//! `Forwarded: for="ip:port"` header (RFC 7239): several pods share one tunnel connection, so
+//! the connection's own peer address does not say which one. It is only a claim: the server
+//! reads it here and decides elsewhere, against its configuration, whether to believe it.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -66,13 +71,64 @@ pub fn parse_connect<B>(request: &Request<B>) -> Result<SocketAddr, ConnectError
     Ok(addr)
 }
 
+/// Where a stream goes, and for whom: the CONNECT authority and the client pod's address the
+/// stream carries, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTarget {
+    pub authority: SocketAddr,
+    pub forwarded_for: Option<SocketAddr>,
+}
+
+impl From<SocketAddr> for StreamTarget {
+    fn from(authority: SocketAddr) -> Self {
+        Self {
+            authority,
+            forwarded_for: None,
+        }
+    }
+}
+
 /// The request a client sends to open a stream to `target`.
-pub fn connect_request(target: SocketAddr) -> Result<Request<()>, http::Error> {
-    Request::builder()
+pub fn connect_request(target: StreamTarget) -> Result<Request<()>, http::Error> {
+    let mut request = Request::builder()
         .method(Method::CONNECT)
         .version(Version::HTTP_2)
-        .uri(target.to_string())
-        .body(())
+        .uri(target.authority.to_string());
+    if let Some(client) = target.forwarded_for {
+        request = request.header(header::FORWARDED, format!("for=\"{client}\""));
+    }
+    request.body(())
+}
+
+/// The client address a stream claims in its `Forwarded: for=` header: exactly one header
+/// with one `for` element holding an IP address, with a port or not (0 then). Anything else
+/// (several headers or elements, obfuscated identifiers, garbage) is no claim at all: the
+/// server then connects as the pod itself, which is always safe.
+pub fn forwarded_for<B>(request: &Request<B>) -> Option<SocketAddr> {
+    let mut values = request.headers().get_all(header::FORWARDED).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() || value.contains([',', ';']) {
+        return None;
+    }
+    let (name, node) = value.trim().split_once('=')?;
+    if !name.eq_ignore_ascii_case("for") {
+        return None;
+    }
+    let node = node
+        .strip_prefix('"')
+        .and_then(|n| n.strip_suffix('"'))
+        .unwrap_or(node);
+    let addr = match node.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            let ip = node
+                .strip_prefix('[')
+                .and_then(|n| n.strip_suffix(']'))
+                .unwrap_or(node);
+            SocketAddr::new(ip.parse().ok()?, 0)
+        }
+    };
+    is_unicast(addr.ip()).then_some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
 fn is_unicast(ip: IpAddr) -> bool {
@@ -107,7 +163,7 @@ mod tests {
 
     use http::{Method, Request, Version};
 
-    use super::{ConnectError, connect_request, parse_connect};
+    use super::{ConnectError, StreamTarget, connect_request, forwarded_for, parse_connect};
 
     fn connect(uri: &str) -> Request<()> {
         Request::builder()
@@ -121,9 +177,73 @@ mod tests {
     #[test]
     fn accepts_ip_and_port() {
         let v4: SocketAddr = "10.1.2.3:8080".parse().expect("addr");
-        assert_eq!(parse_connect(&connect_request(v4).expect("req")), Ok(v4));
+        assert_eq!(
+            parse_connect(&connect_request(v4.into()).expect("req")),
+            Ok(v4)
+        );
         let v6: SocketAddr = "[fd00::1]:443".parse().expect("addr");
-        assert_eq!(parse_connect(&connect_request(v6).expect("req")), Ok(v6));
+        assert_eq!(
+            parse_connect(&connect_request(v6.into()).expect("req")),
+            Ok(v6)
+        );
+    }
+
+    #[test]
+    fn the_client_address_goes_in_forwarded_and_comes_back_out() {
+        let authority: SocketAddr = "10.2.0.2:8080".parse().expect("addr");
+        for client in ["10.1.0.2:40123", "[fd00:1::2]:40123"] {
+            let client: SocketAddr = client.parse().expect("addr");
+            let target = StreamTarget {
+                authority,
+                forwarded_for: Some(client),
+            };
+            let request = connect_request(target).expect("req");
+            assert_eq!(
+                parse_connect(&request),
+                Ok(authority),
+                "still a valid CONNECT"
+            );
+            assert_eq!(forwarded_for(&request), Some(client));
+        }
+        let plain = connect_request(authority.into()).expect("req");
+        assert_eq!(forwarded_for(&plain), None);
+    }
+
+    #[test]
+    fn forwarded_accepts_one_address_and_nothing_else() {
+        let with = |values: &[&str]| {
+            let mut request = connect("10.2.0.2:8080");
+            for value in values {
+                request.headers_mut().append(
+                    http::header::FORWARDED,
+                    value.parse().expect("header value"),
+                );
+            }
+            forwarded_for(&request).map(|a| a.to_string())
+        };
+        assert_eq!(with(&["for=10.1.0.2"]).as_deref(), Some("10.1.0.2:0"));
+        assert_eq!(with(&["For=\"10.1.0.2:7\""]).as_deref(), Some("10.1.0.2:7"));
+        assert_eq!(with(&["for=\"[fd00::2]\""]).as_deref(), Some("[fd00::2]:0"));
+        assert_eq!(
+            with(&["for=\"[::ffff:10.1.0.2]:9\""]).as_deref(),
+            Some("10.1.0.2:9"),
+            "a v4-mapped address is the IPv4 one"
+        );
+        for refused in [
+            &["for=10.1.0.2", "for=10.1.0.3"][..],
+            &["for=10.1.0.2, for=10.1.0.3"],
+            &["for=10.1.0.2;proto=http"],
+            &["by=10.1.0.2"],
+            &["for=unknown"],
+            &["for=_hidden"],
+            &["for=0.0.0.0"],
+            &["for=224.0.0.1"],
+            &["for=[fe80::1%eth0]"],
+            &["for=10.1.0.2:99999"],
+            &[""],
+        ] {
+            assert_eq!(with(refused), None, "{refused:?}");
+        }
     }
 
     #[test]

@@ -14,11 +14,11 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{Pool, PoolOptions, Server, ServerError, ServerOptions, StreamHandler};
 use crate::{
-    config::StartupSettings,
+    config::{CaCredential, StartupSettings},
     metrics::Metrics,
     tls::{
-        self, CaHealth, CertStore, LocalCa, RemoteSigner, RemoteSignerOptions, Signer, SpiffeId,
-        StoreOptions, TrustBundle,
+        self, CaHealth, CertStore, LocalCa, NodeCredential, RemoteSigner, RemoteSignerOptions,
+        Signer, SpiffeId, StoreOptions, TrustBundle,
     },
 };
 
@@ -99,8 +99,18 @@ impl MeshTls {
                     address: remote.address.clone(),
                     trust_domain: agent.trust_domain.clone(),
                     node: agent.node.clone(),
-                    node_cert_file: remote.node_cert_file.clone(),
-                    node_key_file: remote.node_key_file.clone(),
+                    credential: match &remote.credential {
+                        CaCredential::NodeCertificate {
+                            node_cert_file,
+                            node_key_file,
+                        } => NodeCredential::Certificate {
+                            cert_file: node_cert_file.clone(),
+                            key_file: node_key_file.clone(),
+                        },
+                        CaCredential::Token { token_file } => NodeCredential::Token {
+                            file: token_file.clone(),
+                        },
+                    },
                     bundle: bundle.clone(),
                     request_timeout: CA_REQUEST_TIMEOUT,
                 })?);

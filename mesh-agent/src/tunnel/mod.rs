@@ -16,7 +16,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub use connect::{ConnectError, connect_request, parse_connect};
+pub use connect::{ConnectError, StreamTarget, connect_request, forwarded_for, parse_connect};
 pub use mesh::{MeshTls, MeshTlsError, dev_ca_dir};
 pub use pool::{Pool, PoolError, PoolOptions};
 pub use server::{

@@ -30,7 +30,10 @@ use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
 
-use super::{connect::connect_request, stream::TunnelStream};
+use super::{
+    connect::{StreamTarget, connect_request},
+    stream::TunnelStream,
+};
 use crate::{
     metrics::{GaugeGuard, TunnelMetrics},
     tls::{CertStore, ConfigError, SpiffeId, client_config},
@@ -183,8 +186,9 @@ impl Pool {
         }
     }
 
-    /// Opens a stream from `source` to `authority` through the tunnel server at
-    /// `tunnel_addr`, which must present `expected_server`. Reuses a pooled connection when
+    /// Opens a stream from `source` to `target` (an authority, and the client pod's address it
+    /// carries, if any) through the tunnel server at `tunnel_addr`, which must present
+    /// `expected_server`. Reuses a pooled connection when
     /// there is a live one; otherwise calls `socket(tunnel_addr)` for a connected TCP socket
     /// (the caller makes it in the right network namespace, with its mark) and handshakes.
     /// `socket` is called at most once.
@@ -193,13 +197,14 @@ impl Pool {
         source: &SpiffeId,
         expected_server: &SpiffeId,
         tunnel_addr: SocketAddr,
-        authority: SocketAddr,
+        target: impl Into<StreamTarget>,
         socket: S,
     ) -> Result<TunnelStream, PoolError>
     where
         S: FnOnce(SocketAddr) -> F,
         F: Future<Output = io::Result<TcpStream>>,
     {
+        let target = target.into();
         let key: Key = (source.clone(), expected_server.clone(), tunnel_addr);
         let slot = self.slot(&key);
         let mut socket = Some(socket);
@@ -251,7 +256,7 @@ impl Pool {
                 state: conn.state.clone(),
                 _counted: TunnelMetrics::hold(&self.inner.options.metrics.streams),
             };
-            match self.open_stream(&conn, tunnel_addr, authority, guard).await {
+            match self.open_stream(&conn, tunnel_addr, target, guard).await {
                 Ok(stream) => return Ok(stream),
                 Err(OpenError::Connection(error)) if !fresh && socket.is_some() => {
                     // A pooled connection that went away under us: retire it, try a new one.
@@ -352,11 +357,12 @@ impl Pool {
         &self,
         conn: &Conn,
         addr: SocketAddr,
-        authority: SocketAddr,
+        target: StreamTarget,
         guard: StreamGuard,
     ) -> Result<TunnelStream, OpenError> {
+        let authority = target.authority;
         let after = self.inner.options.stream_timeout;
-        let request = connect_request(authority).map_err(|e| OpenError::Pool(e.into()))?;
+        let request = connect_request(target).map_err(|e| OpenError::Pool(e.into()))?;
         let opening = async {
             let mut send = conn
                 .send

@@ -22,7 +22,10 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{connect::parse_connect, stream::TunnelStream};
+use super::{
+    connect::{forwarded_for, parse_connect},
+    stream::TunnelStream,
+};
 use crate::{
     metrics::TunnelMetrics,
     tls::{
@@ -48,6 +51,9 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// The TCP peer of the tunnel connection (the source node or pod).
     pub peer_addr: SocketAddr,
+    /// The client pod's address the stream claims (`Forwarded: for=`), not verified: the
+    /// handler decides whether to believe it.
+    pub forwarded_for: Option<SocketAddr>,
 }
 
 /// Why a handler will not connect a stream; becomes the response status.
@@ -401,6 +407,7 @@ async fn stream<H: StreamHandler>(
         server_identity: identity.clone(),
         authority,
         peer_addr: peer,
+        forwarded_for: forwarded_for(&head),
     };
     let pending = PendingStream {
         respond,

@@ -8,7 +8,7 @@ use serde_saphyr::Location;
 
 use super::{Cx, Result, scalars};
 use crate::config::model::{
-    AccessLog, AgentConfig, Cidr, LiveSettings, RemoteCa, StartupSettings, defaults,
+    AccessLog, AgentConfig, CaCredential, Cidr, LiveSettings, RemoteCa, StartupSettings, defaults,
 };
 use crate::config::raw::{RawAccessLog, RawAgent, RawRemoteCa, S};
 use crate::names::Kind;
@@ -103,6 +103,61 @@ impl Cx<'_> {
                 )
             })?,
             None => defaults::PROXY_MARK,
+        };
+        let transparent_mark = match &a.transparent_mark {
+            Some(m) if m.value == 0 => {
+                return Err(self.err(m.referenced, "agent.transparentMark", "must be non-zero"));
+            }
+            Some(m) => {
+                let mark = u32::try_from(m.value).map_err(|_| {
+                    self.err(
+                        m.referenced,
+                        "agent.transparentMark",
+                        format!("{:#x} does not fit in 32 bits", m.value),
+                    )
+                })?;
+                if mark == proxy_mark {
+                    return Err(self.err(
+                        m.referenced,
+                        "agent.transparentMark",
+                        "must differ from agent.proxyMark",
+                    ));
+                }
+                mark
+            }
+            None if proxy_mark == defaults::TRANSPARENT_MARK => {
+                let at = a
+                    .proxy_mark
+                    .as_ref()
+                    .map_or(Location::UNKNOWN, |m| m.referenced);
+                return Err(self.err(
+                    at,
+                    "agent.proxyMark",
+                    "is the default agent.transparentMark: set another transparentMark",
+                ));
+            }
+            None => defaults::TRANSPARENT_MARK,
+        };
+        let reply_table = match &a.reply_table {
+            // 0 is no table; 253-255 are the kernel's default, main and local tables.
+            Some(t) if t.value == 0 || (253..=255).contains(&t.value) => {
+                return Err(self.err(
+                    t.referenced,
+                    "agent.replyTable",
+                    format!(
+                        "{} is reserved (0, 253 default, 254 main, 255 local)",
+                        t.value
+                    ),
+                ));
+            }
+            Some(t) => u32::try_from(t.value).map_err(|_| {
+                self.err(
+                    t.referenced,
+                    "agent.replyTable",
+                    format!("{} does not fit in 32 bits", t.value),
+                )
+            })?,
+            None => defaults::REPLY_TABLE,
         };
 
         let mut excluded_ports = Vec::new();
@@ -270,6 +325,8 @@ impl Cx<'_> {
                 tunnel_port,
                 admin_addr,
                 proxy_mark,
+                transparent_mark,
+                reply_table,
                 max_connections,
                 trust_domain,
                 ca_cert_file,
@@ -355,10 +412,41 @@ impl Cx<'_> {
         };
         Ok(RemoteCa {
             address,
-            node_cert_file: self.abs_path(&r.node_cert_file, "agent.ca.nodeCertFile")?,
-            node_key_file: self.abs_path(&r.node_key_file, "agent.ca.nodeKeyFile")?,
+            credential: self.ca_credential(ca)?,
             check_interval: interval,
         })
+    }
+
+    /// `agent.ca`: a node certificate and its key, or a token file; exactly one of the two.
+    fn ca_credential(&self, ca: &S<RawRemoteCa>) -> Result<CaCredential> {
+        let r = &ca.value;
+        match (&r.node_cert_file, &r.node_key_file, &r.token_file) {
+            (Some(cert), Some(key), None) => Ok(CaCredential::NodeCertificate {
+                node_cert_file: self.abs_path(cert, "agent.ca.nodeCertFile")?,
+                node_key_file: self.abs_path(key, "agent.ca.nodeKeyFile")?,
+            }),
+            (None, None, Some(token)) => Ok(CaCredential::Token {
+                token_file: self.abs_path(token, "agent.ca.tokenFile")?,
+            }),
+            (cert, key, Some(token)) if cert.is_some() || key.is_some() => Err(self.err(
+                token.referenced,
+                "agent.ca.tokenFile",
+                "a token and a node certificate exclude each other: keep tokenFile \
+                 (Kubernetes) or nodeCertFile and nodeKeyFile",
+            )),
+            (Some(_), None, None) => {
+                Err(self.err(ca.referenced, "agent.ca", "nodeCertFile needs nodeKeyFile"))
+            }
+            (None, Some(_), None) => {
+                Err(self.err(ca.referenced, "agent.ca", "nodeKeyFile needs nodeCertFile"))
+            }
+            _ => Err(self.err(
+                ca.referenced,
+                "agent.ca",
+                "how this node authenticates to the CA: tokenFile (Kubernetes) or \
+                 nodeCertFile and nodeKeyFile",
+            )),
+        }
     }
 
     /// `host:port` (a name or an address; IPv6 in brackets), port 1..=65535.
