@@ -2,7 +2,8 @@
 //! services and endpoints come from a scripted API server ([`mesh_tests::kubeapi`]) in the
 //! node's namespace, its pods are in the kubelet's cgroup layout and found by their UIDs.
 //! Traffic to a Service VIP flows; an endpoint added by a watch event gets new connections;
-//! a pod deleted from the API is unenrolled. Needs root and fails loudly without it.
+//! a pod deleted from the API is unenrolled; a restarted sandbox is enrolled again; a policy
+//! resource takes effect. Needs root and fails loudly without it.
 
 use std::time::Duration;
 
@@ -48,11 +49,22 @@ fn enrolled(agent: &Agent) -> Vec<String> {
     names
 }
 
-#[test]
-fn service_traffic_follows_the_api_server() {
+/// Node `node1` with kubelet-layout pods a (client), b and c (echo servers on :8080), the API
+/// server with namespace `test` enrolled, pods a and b, Service `echo` (VIP:80 -> 8080) with
+/// b as its endpoint, and the agent on the Kubernetes source, both pods enrolled.
+struct Cluster {
+    topo: Topology,
+    a: Pod,
+    b: Pod,
+    c: Pod,
+    api: FakeApiServer,
+    agent: Agent,
+    _servers: Vec<mesh_tests::Background>,
+}
+
+fn cluster(name: &str, driver: CgroupDriver) -> Cluster {
     assert_root();
-    let driver = CgroupDriver::Systemd;
-    let mut topo = Topology::new("kubesrc").expect("topology");
+    let mut topo = Topology::new(name).expect("topology");
     let node = topo.add_node("node1").expect("node");
     let a = topo
         .add_kubelet_pod(&node, "a", driver, Qos::BestEffort)
@@ -63,7 +75,7 @@ fn service_traffic_follows_the_api_server() {
     let c = topo
         .add_kubelet_pod(&node, "c", driver, Qos::BestEffort)
         .expect("pod c");
-    let _servers: Vec<_> = [(&b, "b"), (&c, "c")]
+    let servers: Vec<_> = [(&b, "b"), (&c, "c")]
         .into_iter()
         .map(|(pod, name)| {
             pod.spawn_ready(TOOL, ["serve", "--listen", "[::]:8080", "--name", name])
@@ -109,6 +121,30 @@ fn service_traffic_follows_the_api_server() {
         "pods a and b enrolled: {:?}",
         agent.status()
     );
+    Cluster {
+        topo,
+        a,
+        b,
+        c,
+        api,
+        agent,
+        _servers: servers,
+    }
+}
+
+#[test]
+fn service_traffic_follows_the_api_server() {
+    // Every field bound: what a `..` leaves in the temporary (the topology, the servers)
+    // would be torn down at once.
+    let Cluster {
+        topo: _topo,
+        a,
+        b,
+        c,
+        api,
+        agent,
+        _servers,
+    } = cluster("kubesrc", CgroupDriver::Systemd);
 
     // Traffic to the Service VIP reaches its endpoint.
     assert!(
@@ -137,4 +173,66 @@ fn service_traffic_follows_the_api_server() {
     for _ in 0..5 {
         assert_eq!(id(&a).as_deref(), Some("c"));
     }
+}
+
+#[test]
+fn a_restarted_sandbox_is_enrolled_again_and_a_policy_resource_takes_effect() {
+    let Cluster {
+        mut topo,
+        a,
+        b,
+        c: _c,
+        api,
+        agent,
+        _servers,
+    } = cluster("kubesrc2", CgroupDriver::Cgroupfs);
+    assert!(wait_until(WAIT, || id(&a).as_deref() == Some("b")));
+
+    // The kubelet recreates b's sandbox (new namespace, same UID and addresses) and updates
+    // the pod: the agent finds the new namespace and enrolls it.
+    let before = agent.status().expect("status");
+    let netns_of_b = |status: &Value| {
+        status["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["workload"] == "test/b")
+            .map(|w| w["netns"].clone())
+    };
+    let old = netns_of_b(&before).expect("b enrolled");
+    let b = topo.restart_sandbox(&b).expect("sandbox restart");
+    let _server = b
+        .spawn_ready(TOOL, ["serve", "--listen", "[::]:8080", "--name", "b2"])
+        .expect("server in the new sandbox");
+    api.apply(PodFixture::of(&b, "test", "b", &[("app", "echo")]).to_json())
+        .expect("pod b updated");
+    assert!(
+        wait_until(WAIT, || {
+            agent
+                .status()
+                .ok()
+                .and_then(|s| netns_of_b(&s))
+                .is_some_and(|netns| netns != old)
+        }),
+        "b enrolled again in its new namespace: {:?}",
+        agent.status()
+    );
+    assert!(wait_until(WAIT, || id(&a).as_deref() == Some("b2")));
+
+    // An AuthorizationPolicy denying a's identity: a's connections to b are refused.
+    api.apply(serde_json::json!({
+        "apiVersion": "mesh.example.dev/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-client", "namespace": "test"},
+        "spec": {
+            "selector": {"app": "echo"},
+            "action": "deny",
+            "rules": [{"from": {"identities": ["spiffe://cluster.local/ns/test/sa/a"]}}],
+        },
+    }))
+    .expect("policy");
+    assert!(
+        wait_until(WAIT, || id(&a).is_none()),
+        "the policy refuses a's connections"
+    );
 }
