@@ -55,6 +55,8 @@ pub async fn run(
         metrics: metrics.clone(),
     })
     .await?;
+    // Subscribed now: a change published while the agent sets up is applied after.
+    let mut updates = watcher.current();
     sys::ensure_bpffs()?;
     let cgroup = match cgroup_override.or_else(|| config.agent().startup.cgroup.clone()) {
         Some(cgroup) => cgroup,
@@ -143,7 +145,6 @@ pub async fn run(
     }));
     // Valid files the agent did not apply (they changed a start-up-only setting).
     let refused: Arc<Mutex<Refused>> = Arc::default();
-    let mut updates = watcher.current();
     let report = {
         let pods = pods.clone();
         let proxy = proxy.clone();
