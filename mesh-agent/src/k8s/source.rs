@@ -145,9 +145,7 @@ async fn run(
             *unlisted.lock() = controller.stores.unsynced();
         }
     }
-    for watcher in watchers {
-        watcher.abort();
-    }
+    drop(watchers);
 }
 
 struct Controller {

@@ -167,7 +167,7 @@ fn convert(
 }
 
 /// Logs and counts a refused object.
-pub fn reject(kind: ObjectKind, obj: &DynamicObject, error: &TranslateError, metrics: &Metrics) {
+fn reject(kind: ObjectKind, obj: &DynamicObject, error: &TranslateError, metrics: &Metrics) {
     let object = key(obj).map_or_else(|_| "(no name)".to_owned(), |k| k.to_string());
     tracing::warn!(%kind, %object, reason = %error, "Kubernetes object refused; skipped");
     metrics.kube_object_rejected(kind.name());

@@ -18,14 +18,20 @@ pub struct Update {
     pub event: watcher::Event<DynamicObject>,
 }
 
-/// Watchers of every kind (this node's Node only), sending into `tx`; they end when the
-/// receiver is gone or when aborted.
-pub fn spawn_all(
-    client: &kube::Client,
-    node: &str,
-    tx: &mpsc::Sender<Update>,
-) -> Vec<JoinHandle<()>> {
-    ObjectKind::ALL
+/// The running watchers; dropping this stops them (also when the source's task is aborted).
+pub struct Watchers(Vec<JoinHandle<()>>);
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for watcher in &self.0 {
+            watcher.abort();
+        }
+    }
+}
+
+/// Watchers of every kind (this node's Node only), sending into `tx`.
+pub fn spawn_all(client: &kube::Client, node: &str, tx: &mpsc::Sender<Update>) -> Watchers {
+    let handles = ObjectKind::ALL
         .iter()
         .map(|kind| {
             let mut config = watcher::Config::default();
@@ -34,7 +40,8 @@ pub fn spawn_all(
             }
             tokio::spawn(watch_kind(client.clone(), *kind, config, tx.clone()))
         })
-        .collect()
+        .collect();
+    Watchers(handles)
 }
 
 async fn watch_kind(
