@@ -8,7 +8,10 @@
 //! - one connection-limit check (`Limits::admit`) with 100,000 source buckets present;
 //! - building a whole snapshot from YAML (parse and validate) at 1,000 workloads / 10,000
 //!   services and 3,000 / 30,000: the ratio of the two shows how the build scales (about 3x
-//!   the work should take about 3x the time).
+//!   the work should take about 3x the time);
+//! - the Kubernetes source at 30,000 Services (one EndpointSlice each) and 5,000 pods: the
+//!   initial sync (every object translated, then one build) and a full rebuild from the
+//!   translated pieces (what every change costs until the build is incremental).
 //!
 //! Each is kept short (small sample sizes, short measurement times).
 
@@ -19,15 +22,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use kube::{core::DynamicObject, runtime::watcher::Event};
 use mesh_agent::{
     balance::{Balancers, Caller},
-    config::{Config, HashOn, LoadBalancer, OnLimit, PerSource, Rate, RateLimitPolicy},
+    config::{
+        AgentConfig, Config, HashOn, LoadBalancer, OnLimit, PerSource, Rate, RateLimitPolicy,
+    },
     copy::{Transferred, tcp as copy_tcp},
     ebpf::{decode_addr, flow_key},
+    k8s::{
+        ObjectKind, PodLocator,
+        build::build,
+        locate::Sandboxes,
+        store::{ApplyContext, Stores},
+    },
     limit::{Limits, SourceKey},
+    metrics::Metrics,
     proxy::route,
 };
+use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -393,9 +407,132 @@ fn config_build(c: &mut Criterion) {
     group.finish();
 }
 
+/// A cluster as the API lists it: `pods` pods in 50 enrolled namespaces (one in fifty on this
+/// node), `services` Services each with one EndpointSlice of two of those pods.
+fn kube_objects(pods: usize, services: usize) -> Vec<(ObjectKind, DynamicObject)> {
+    let ip = |i: usize| format!("10.{}.{}.{}", 1 + i / 62_500, (i / 250) % 250, i % 250 + 1);
+    let mut objects = Vec::with_capacity(50 + pods + 2 * services);
+    let mut push = |kind, value: serde_json::Value| {
+        objects.push((kind, serde_json::from_value(value).expect("object")));
+    };
+    for n in 0..50 {
+        push(
+            ObjectKind::Namespace,
+            json!({"metadata": {"name": format!("ns{n}"), "labels": {"mesh.example.dev/enrolled": "true"}}}),
+        );
+    }
+    for i in 0..pods {
+        push(
+            ObjectKind::Pod,
+            json!({
+                "metadata": {"name": format!("p{i}"), "namespace": format!("ns{}", i % 50),
+                             "uid": format!("0000-{i}"), "labels": {"app": format!("app{}", i / 2)}},
+                "spec": {"nodeName": if i % 50 == 0 { "node-a" } else { "node-b" },
+                         "serviceAccountName": "sa", "containers": []},
+                "status": {"phase": "Running", "podIPs": [{"ip": ip(i)}]},
+            }),
+        );
+    }
+    for j in 0..services {
+        let ns = format!("ns{}", j % 50);
+        let (a, b) = ((2 * j) % pods, (2 * j + 1) % pods);
+        push(
+            ObjectKind::Service,
+            json!({
+                "metadata": {"name": format!("s{j}"), "namespace": ns},
+                "spec": {"clusterIPs": [format!("10.96.{}.{}", j / 250, j % 250 + 1)],
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+                         "selector": {"app": format!("app{j}")}},
+            }),
+        );
+        push(
+            ObjectKind::EndpointSlice,
+            json!({
+                "metadata": {"name": format!("s{j}-x"), "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": format!("s{j}")}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [
+                    {"addresses": [ip(a)], "nodeName": "node-b", "conditions": {"ready": true}},
+                    {"addresses": [ip(b)], "nodeName": "node-b", "conditions": {"ready": true}},
+                ],
+            }),
+        );
+    }
+    objects
+}
+
+/// Every pod of this node has a sandbox.
+struct AnyPod;
+
+impl PodLocator for AnyPod {
+    fn netns(&self, uid: &str) -> Result<std::path::PathBuf, String> {
+        Ok(std::path::PathBuf::from(format!("/run/netns/{uid}")))
+    }
+}
+
+/// The initial sync: every object applied (translated), then one build.
+fn kube_sync(
+    objects: Vec<(ObjectKind, DynamicObject)>,
+    agent: &AgentConfig,
+    metrics: &Metrics,
+    sandboxes: &mut Sandboxes,
+) -> Stores {
+    let mut stores = Stores::default();
+    let mut cx = ApplyContext {
+        agent,
+        metrics,
+        sandboxes,
+    };
+    for kind in ObjectKind::ALL {
+        stores.apply(kind, Event::Init, &mut cx);
+    }
+    for (kind, object) in objects {
+        stores.apply(kind, Event::InitApply(object), &mut cx);
+    }
+    for kind in ObjectKind::ALL {
+        stores.apply(kind, Event::InitDone, &mut cx);
+    }
+    stores
+}
+
+fn kube_build(c: &mut Criterion) {
+    let (pods, services) = (5_000, 30_000);
+    let objects = kube_objects(pods, services);
+    let agent = Config::from_yaml_str("agent: {node: node-a}", "agent.yaml")
+        .expect("valid")
+        .agent()
+        .clone();
+    let metrics = Metrics::new();
+    let mut sandboxes = Sandboxes::new(std::sync::Arc::new(AnyPod));
+    let mut group = c.benchmark_group("k8s");
+    group.sample_size(10);
+    group.bench_function(
+        format!("initial_sync_{services}_services_{pods}_pods"),
+        |b| {
+            b.iter_batched(
+                || objects.clone(),
+                |objects| {
+                    let stores = kube_sync(objects, &agent, &metrics, &mut sandboxes);
+                    build(&stores, &agent, &mut sandboxes)
+                },
+                BatchSize::LargeInput,
+            );
+        },
+    );
+    let stores = kube_sync(objects, &agent, &metrics, &mut sandboxes);
+    let built = build(&stores, &agent, &mut sandboxes);
+    assert_eq!(built.config.services().len(), services);
+    assert_eq!(built.config.workloads().len(), pods);
+    group.bench_function(format!("rebuild_{services}_services_{pods}_pods"), |b| {
+        b.iter(|| build(black_box(&stores), &agent, &mut sandboxes));
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = hot;
     config = short();
-    targets = balancer, route_decision, flow_keys, copy_loop, limit_check, config_build
+    targets = balancer, route_decision, flow_keys, copy_loop, limit_check, config_build, kube_build
 }
 criterion_main!(hot);

@@ -29,18 +29,34 @@ use crate::{
     pods::Pods,
     proxy::{self, ProxyContext},
     shutdown::Handover,
+    source::{self, SourceKind, SourceOptions, Started},
     sys,
     tunnel::MeshTls,
 };
 
-/// `node`: the command line's node name, which wins over `agent.node` (see `cli`).
+/// `node`: the command line's node name, which wins over `agent.node` (see `cli`); `source`:
+/// where the configuration comes from.
 pub async fn run(
     config_path: &Path,
     cgroup_override: Option<PathBuf>,
     node: Option<String>,
+    source: SourceKind,
 ) -> anyhow::Result<()> {
     let building = Instant::now();
-    let config = Arc::new(Config::load_on_node(config_path, node.as_deref())?);
+    let metrics = Arc::new(Metrics::new());
+    let Started {
+        config,
+        watch: watcher,
+    } = source::start(SourceOptions {
+        kind: source,
+        path: config_path,
+        node,
+        cgroup: cgroup_override.clone(),
+        metrics: metrics.clone(),
+    })
+    .await?;
+    // Subscribed now: a change published while the agent sets up is applied after.
+    let mut updates = watcher.current();
     sys::ensure_bpffs()?;
     let cgroup = match cgroup_override.or_else(|| config.agent().startup.cgroup.clone()) {
         Some(cgroup) => cgroup,
@@ -70,7 +86,6 @@ pub async fn run(
         "eBPF programs attached"
     );
 
-    let metrics = Arc::new(Metrics::new());
     let mesh_tls = Arc::new(MeshTls::start(&agent.startup, &metrics).context("setting up mTLS")?);
     let balancers = Arc::new(Balancers::new());
     balancers.sync(&config);
@@ -122,7 +137,6 @@ pub async fn run(
         })
     };
 
-    let watcher = watch::spawn(config_path, node, config.clone());
     // The snapshot in force and its generation, for the status and /config_dump.
     let in_force = Arc::new(Mutex::new(InForce {
         generation: 1,
@@ -131,7 +145,6 @@ pub async fn run(
     }));
     // Valid files the agent did not apply (they changed a start-up-only setting).
     let refused: Arc<Mutex<Refused>> = Arc::default();
-    let mut updates = watcher.current();
     let report = {
         let pods = pods.clone();
         let proxy = proxy.clone();

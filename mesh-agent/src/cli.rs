@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use crate::source::SourceKind;
+
 /// One service-mesh proxy per node: eBPF steers the node's pod traffic into this agent, which
 /// routes it to services, and reports what it does.
 #[derive(Debug, Parser)]
@@ -40,6 +42,10 @@ pub enum Command {
         /// A DaemonSet sets it from the downward API (`spec.nodeName`).
         #[arg(long, value_name = "NAME", env = "MESH_NODE_NAME", value_parser = node_name)]
         node: Option<String>,
+        /// Where workloads, services and policies come from: the file, or the Kubernetes API
+        /// (in-cluster credentials or KUBECONFIG; the file then holds the agent block only).
+        #[arg(long, value_enum, default_value_t = SourceKind::File)]
+        source: SourceKind,
     },
     /// Is this node's mesh healthy? Asks the running agent (its admin API) and prints a
     /// first screen: a one-line verdict (`healthy`, or `degraded:` and what is wrong), eBPF

@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
             config,
             cgroup,
             node,
-        } => runtime.block_on(agent::run(&config, cgroup, node)),
+            source,
+        } => runtime.block_on(agent::run(&config, cgroup, node, source)),
         cli::Command::Status { view, admin, json } => {
             let view = match view {
                 None => View::Overview,

@@ -14,6 +14,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     config_reloads: IntCounterVec,
+    kube_rejected: IntCounterVec,
     pub enrolled_pods: IntGauge,
     pub enroll_failures: IntCounter,
     connections: IntCounterVec,
@@ -170,6 +171,16 @@ pub const ISTIO_LABELS: [&str; 17] = [
 ];
 
 impl Metrics {
+    /// The Kubernetes source refused an object of `kind` (`Pod`, `RateLimit`, ...).
+    pub fn kube_object_rejected(&self, kind: &str) {
+        self.kube_rejected.with_label_values(&[kind]).inc();
+    }
+
+    /// How many objects of `kind` the Kubernetes source refused so far.
+    pub fn kube_objects_rejected(&self, kind: &str) -> u64 {
+        self.kube_rejected.with_label_values(&[kind]).get()
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
@@ -278,6 +289,13 @@ impl Metrics {
                 "config_reloads_total",
                 "Configuration reloads by result (applied, rejected)",
                 &["result"],
+            ),
+            kube_rejected: counters(
+                r,
+                "kube_objects_rejected_total",
+                "Kubernetes objects the Kubernetes source refused and skipped (malformed, \
+                 invalid, or a second traffic policy for a service), by kind",
+                &["kind"],
             ),
             enrolled_pods: family(r, enrolled_pods),
             enroll_failures: family(r, enroll_failures),

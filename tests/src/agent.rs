@@ -202,12 +202,29 @@ pub struct Agent {
     log: Arc<Mutex<Vec<String>>>,
     /// Leave the pins and the config on drop: a successor on the node uses them.
     keep_pins: bool,
+    /// `--source kubernetes` with this KUBECONFIG (the file then holds the agent block only).
+    kubeconfig: Option<PathBuf>,
 }
 
 impl Agent {
     /// Writes `config` to a file and starts the agent on `node`, waiting until it serves.
     pub fn start(topology: &Topology, node: &Node, config: &str) -> Result<Agent> {
         Self::start_with(topology, node, config, None)
+    }
+
+    /// As [`start`](Self::start), with the Kubernetes source (`--source kubernetes`) reading
+    /// the API named by `kubeconfig`; `config` holds the agent block only. Returns once the
+    /// agent serves, which is after its initial sync.
+    pub fn start_kubernetes(
+        topology: &Topology,
+        node: &Node,
+        config: &str,
+        kubeconfig: &Path,
+    ) -> Result<Agent> {
+        let mut agent = Self::prepare(topology, node, config)?;
+        agent.kubeconfig = Some(kubeconfig.to_owned());
+        agent.spawn(None)?;
+        Ok(agent)
     }
 
     /// As [`start`](Self::start), logging JSON lines (`--log-format json`).
@@ -251,6 +268,7 @@ impl Agent {
             json_logs: false,
             log: Arc::default(),
             keep_pins: false,
+            kubeconfig: None,
         })
     }
 
@@ -290,10 +308,13 @@ impl Agent {
             command.args(["--log-format", "json"]);
         }
         let config = &self.config_path;
+        command.arg("run").arg("--config").arg(config);
+        if let Some(kubeconfig) = &self.kubeconfig {
+            command
+                .args(["--source", "kubernetes"])
+                .env("KUBECONFIG", kubeconfig);
+        }
         command
-            .arg("run")
-            .arg("--config")
-            .arg(config)
             .env("RUST_LOG", "info")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())

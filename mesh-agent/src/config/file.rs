@@ -25,13 +25,22 @@ impl Config {
     /// As [`Config::load`]; `node`, when given, is this agent's node whatever `agent.node`
     /// says (`mesh-agent run --node`, which a DaemonSet fills in from the downward API).
     pub fn load_on_node(path: impl AsRef<Path>, node: Option<&str>) -> Result<Config, ConfigError> {
+        Self::load_scoped(path, node, Scope::Everything)
+    }
+
+    /// As [`Config::load_on_node`], refusing what `scope` leaves to another source.
+    pub fn load_scoped(
+        path: impl AsRef<Path>,
+        node: Option<&str>,
+        scope: Scope,
+    ) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
             source,
         })?;
-        Self::from_yaml_str_on_node(&text, &file, node)
+        Self::from_yaml_str_scoped(&text, &file, node, scope)
     }
 
     /// As [`Config::from_yaml_str`], with `node` (when given) in place of `agent.node`. The
@@ -41,10 +50,23 @@ impl Config {
         file: &str,
         node: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        let Some(node) = node else {
-            return Self::from_yaml_str(text, file);
-        };
+        Self::from_yaml_str_scoped(text, file, node, Scope::Everything)
+    }
+
+    /// As [`Config::from_yaml_str_on_node`], refusing what `scope` leaves to another source.
+    pub fn from_yaml_str_scoped(
+        text: &str,
+        file: &str,
+        node: Option<&str>,
+        scope: Scope,
+    ) -> Result<Config, ConfigError> {
         let mut raw = parse(text, file)?;
+        if scope == Scope::AgentOnly {
+            agent_only(&raw, file)?;
+        }
+        let Some(node) = node else {
+            return validate::validate(raw, file, system_node_name);
+        };
         if let Some(agent) = raw.agent.as_mut() {
             agent.node = None;
         }
@@ -61,6 +83,70 @@ impl Config {
         let raw = parse(text, file)?;
         validate::validate(raw, file, default_node)
     }
+}
+
+/// What a configuration file may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything: the file is the only source.
+    #[default]
+    Everything,
+    /// The `agent` block only: nodes, workloads, services and policies come from the
+    /// Kubernetes API (`mesh-agent run --source kubernetes`).
+    AgentOnly,
+}
+
+/// Refuses, at its first entry, a block that another source provides: the two would
+/// disagree, and which wins would be a guess.
+fn agent_only(raw: &RawConfig, file: &str) -> Result<(), ConfigError> {
+    let policies = raw.policies.as_ref();
+    let firsts = [
+        (
+            "nodes",
+            raw.nodes.iter().flatten().next().map(|n| n.referenced),
+        ),
+        (
+            "workloads",
+            raw.workloads.iter().flatten().next().map(|w| w.referenced),
+        ),
+        (
+            "services",
+            raw.services.iter().flatten().next().map(|s| s.referenced),
+        ),
+        (
+            "policies.authorization",
+            policies
+                .and_then(|p| p.authorization.iter().flatten().next())
+                .map(|p| p.referenced),
+        ),
+        (
+            "policies.rateLimits",
+            policies
+                .and_then(|p| p.rate_limits.iter().flatten().next())
+                .map(|p| p.referenced),
+        ),
+        (
+            "policies.egressLimits",
+            policies
+                .and_then(|p| p.egress_limits.iter().flatten().next())
+                .map(|p| p.referenced),
+        ),
+    ];
+    for (block, at) in firsts {
+        if let Some(at) = at {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                line: at.line(),
+                column: at.column(),
+                path: format!("{block}[0]"),
+                message: format!(
+                    "with --source kubernetes, {block} come from the Kubernetes API: the file \
+                     holds the agent block only"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `mesh-agent config check`: reads and validates the file at `path` as the agent would at
@@ -104,6 +190,14 @@ pub fn system_node_name() -> String {
 }
 
 pub(super) fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
+    parse_as(text, file)
+}
+
+/// Strict parsing of `text` as `T`, errors as [`parse`]'s.
+pub(super) fn parse_as<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
     // The parser's default budget (250,000 nodes) refuses a cluster's worth of config (30,000
     // services are about 400,000 nodes); the other guards (depth, aliases, 256 MiB) stay.
     let options = serde_saphyr::options! {

@@ -12,6 +12,7 @@
 //!
 //! Errors are all [`ConfigError`].
 
+mod assemble;
 pub mod authorization;
 mod dump;
 mod error;
@@ -23,21 +24,23 @@ pub mod traffic;
 mod validate;
 pub mod watch;
 
+pub use assemble::Parts;
 pub use authorization::{AuthorizationAction, AuthorizationPolicy, AuthorizationRule, RuleSource};
 pub use error::ConfigError;
-pub use file::{check, system_node_name};
+pub use file::{Scope, check, system_node_name};
 pub use limits::{
     Bandwidth, EgressLimitPolicy, OnLimit, PerSource, Rate, RateLimitPolicy, SourceOverride,
 };
 pub use model::{
     AccessLog, AgentConfig, CaCredential, Cidr, Config, Endpoint, EndpointSelection, FailMode,
     LiveSettings, Node, Policies, QualifiedName, RemoteCa, Service, ServicePort, StartupSettings,
-    UnknownDestination, Workload, WorkloadId,
+    UnknownDestination, Workload, WorkloadId, WorkloadSpec,
 };
 pub use traffic::{
     CallerMatch, CallerRoute, CircuitBreaker, HashOn, HealthCheck, LoadBalancer, Locality,
     OutlierDetection, Retries, Subset, TrafficPolicy,
 };
+pub use validate::{PolicyKind, PolicyObject, policy_object};
 pub use watch::{ConfigWatch, ReloadStats, ReloadStatus};
 
 #[cfg(test)]

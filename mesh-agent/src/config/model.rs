@@ -407,7 +407,52 @@ pub struct Workload {
     pub local: bool,
 }
 
+/// What any source knows of a workload; [`Workload::new`] derives the rest the same way for
+/// all of them.
+#[derive(Debug, Clone)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// Canonical, non-empty.
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    pub netns: Option<PathBuf>,
+    pub labels: BTreeMap<String, String>,
+}
+
 impl Workload {
+    /// The workload of `spec` under `agent`: its identity in the agent's trust domain, local
+    /// when on the agent's node, the agent's access log and the default fail mode and unknown
+    /// destination (a source that sets them per workload overrides them). Its `id` is set
+    /// when the snapshot is assembled.
+    pub fn new(
+        spec: WorkloadSpec,
+        agent: &AgentConfig,
+    ) -> Result<Workload, crate::tls::IdentityError> {
+        let identity = SpiffeId::new(
+            &agent.startup.trust_domain,
+            &spec.namespace,
+            &spec.service_account,
+        )?;
+        let local = spec.node == agent.startup.node;
+        Ok(Workload {
+            id: WorkloadId(0),
+            name: spec.name,
+            namespace: spec.namespace,
+            service_account: spec.service_account,
+            identity,
+            ips: spec.ips,
+            node: spec.node,
+            netns: spec.netns,
+            labels: spec.labels,
+            fail_mode: FailMode::default(),
+            unknown_destination: UnknownDestination::default(),
+            access_log: agent.live.access_log,
+            local,
+        })
+    }
+
     /// `namespace/name`
     pub fn qualified_name(&self) -> QualifiedName<'_> {
         QualifiedName(&self.namespace, &self.name)

@@ -1867,4 +1867,5 @@ fn authorization_empty_from_and_lists() {
 }
 
 mod rate_limits;
+mod sources;
 mod traffic_policy;

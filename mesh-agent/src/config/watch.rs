@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::error::ConfigError;
+use super::file::Scope;
 use super::model::Config;
 
 /// How often the file is looked at.
@@ -42,6 +43,20 @@ pub struct ConfigWatch {
 }
 
 impl ConfigWatch {
+    /// A source's publishing side, as the file watcher's: `updates` carries the snapshots,
+    /// `task` produces them, `status` counts them.
+    pub fn new(
+        updates: watch::Receiver<Arc<Config>>,
+        status: Arc<ReloadStatus>,
+        task: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            updates,
+            status,
+            task,
+        }
+    }
+
     /// A receiver of the snapshot in force; its `changed()` fires on each published reload
     /// after this call.
     pub fn current(&self) -> watch::Receiver<Arc<Config>> {
@@ -104,7 +119,8 @@ impl ReloadStatus {
         self.inner.lock().clone()
     }
 
-    fn applied(&self, built: Duration) {
+    /// A new snapshot was published; building it took `built`.
+    pub fn applied(&self, built: Duration) {
         let mut s = self.inner.lock();
         s.applied += 1;
         s.last_build = Some(built);
@@ -116,7 +132,8 @@ impl ReloadStatus {
         self.inner.lock().last_error = None;
     }
 
-    fn rejected(&self, message: String) {
+    /// A change was refused, for `message`.
+    pub fn rejected(&self, message: String) {
         let mut s = self.inner.lock();
         s.rejected += 1;
         s.last_error = Some(message);
@@ -129,20 +146,32 @@ impl ReloadStatus {
 /// is the command line's node, which wins over the file's at every reload as it did at start.
 /// Needs a Tokio runtime.
 pub fn spawn(path: impl Into<PathBuf>, node: Option<String>, current: Arc<Config>) -> ConfigWatch {
-    spawn_with_interval(path, node, current, DEFAULT_POLL_INTERVAL)
+    spawn_scoped(path, node, Scope::Everything, current)
 }
 
-/// As [`spawn`], polling every `interval`.
+/// As [`spawn`], refusing what `scope` leaves to another source.
+pub fn spawn_scoped(
+    path: impl Into<PathBuf>,
+    node: Option<String>,
+    scope: Scope,
+    current: Arc<Config>,
+) -> ConfigWatch {
+    spawn_with_interval(path, node, scope, current, DEFAULT_POLL_INTERVAL)
+}
+
+/// As [`spawn_scoped`], polling every `interval`.
 pub fn spawn_with_interval(
     path: impl Into<PathBuf>,
     node: Option<String>,
+    scope: Scope,
     current: Arc<Config>,
     interval: Duration,
 ) -> ConfigWatch {
     let path = path.into();
     let (tx, updates) = watch::channel(current);
     let status = Arc::new(ReloadStatus::default());
-    let task = tokio::spawn(run(path, node, tx, Arc::clone(&status), interval));
+    let source = FileSource { path, node, scope };
+    let task = tokio::spawn(run(source, tx, Arc::clone(&status), interval));
     ConfigWatch {
         updates,
         status,
@@ -170,13 +199,20 @@ struct State {
     unreadable: bool,
 }
 
-async fn run(
+/// The file and how to read it.
+struct FileSource {
     path: PathBuf,
     node: Option<String>,
+    scope: Scope,
+}
+
+async fn run(
+    source: FileSource,
     tx: watch::Sender<Arc<Config>>,
     status: Arc<ReloadStatus>,
     interval: Duration,
 ) {
+    let FileSource { path, node, scope } = source;
     let file = path.display().to_string();
     let mut state = State::default();
     let mut ticker = tokio::time::interval(interval);
@@ -232,7 +268,7 @@ async fn run(
         }
         state.hash = Some(hash);
 
-        match Config::from_yaml_str_on_node(&text, &file, node.as_deref()) {
+        match Config::from_yaml_str_scoped(&text, &file, node.as_deref(), scope) {
             Ok(config) => {
                 if **tx.borrow() == config {
                     tracing::debug!(file = %file, "configuration file changed, snapshot did not");
@@ -312,7 +348,13 @@ mod tests {
         let path = dir.join("mesh.yaml");
         std::fs::write(&path, service_doc("a", 80)).expect("write");
         let config = Config::load_on_node(&path, node).unwrap_or_else(|e| panic!("{e}"));
-        let watch = spawn_with_interval(&path, node.map(str::to_owned), Arc::new(config), POLL);
+        let watch = spawn_with_interval(
+            &path,
+            node.map(str::to_owned),
+            Scope::Everything,
+            Arc::new(config),
+            POLL,
+        );
         (path, watch)
     }
 
@@ -382,6 +424,35 @@ mod tests {
         let config = next(&mut rx).await;
         assert_eq!(service_name(&config), "b");
         assert_eq!(config.agent().startup.node, "from-downward-api");
+    }
+
+    #[tokio::test]
+    async fn with_the_agent_block_only_a_change_that_lists_services_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, "agent: {node: n1}\n").expect("write");
+        let config =
+            Config::load_scoped(&path, None, Scope::AgentOnly).unwrap_or_else(|e| panic!("{e}"));
+        let watch = spawn_with_interval(&path, None, Scope::AgentOnly, Arc::new(config), POLL);
+        let mut rx = watch.current();
+        let stats = watch.stats();
+
+        std::fs::write(&path, service_doc("a", 80)).expect("write");
+        eventually("the rejection", || stats.snapshot().rejected == 1).await;
+        let error = stats.snapshot().last_error.unwrap_or_default();
+        assert!(
+            error.starts_with(&format!("{}:3:5: services[0]: ", path.display())),
+            "{error}"
+        );
+        assert!(!rx.has_changed().expect("watcher alive"));
+
+        // A live setting of the agent block applies.
+        std::fs::write(&path, "agent: {node: n1, connectTimeoutMs: 77}\n").expect("write");
+        let config = next(&mut rx).await;
+        assert_eq!(
+            config.agent().live.connect_timeout,
+            Duration::from_millis(77)
+        );
     }
 
     #[tokio::test]

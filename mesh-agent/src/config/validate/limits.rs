@@ -58,48 +58,61 @@ impl Cx<'_> {
         let mut out: Vec<RateLimitPolicy> = Vec::with_capacity(raw.len());
         let mut names = Names::default();
         for (i, item) in raw.iter().enumerate() {
-            let p = &item.value;
             let base = format!("policies.rateLimits[{i}]");
-            let c = self.common(
-                Written {
-                    name: &p.name,
-                    namespace: &p.namespace,
-                    selector: &p.selector,
-                    connections: &p.connections,
-                    bandwidth: &p.bandwidth,
-                    on_limit: &p.on_limit,
-                },
+            let policy = self.rate_limit(item, &base)?;
+            let written = &item.value.name;
+            self.unique(
+                &mut names,
+                (&policy.namespace, &policy.name),
+                written,
                 &base,
+                "rate limit",
             )?;
-            self.unique(&mut names, &c, &p.name, &base, "rate limit")?;
-            let per_source = match self.block(
-                &p.per_source,
-                &base,
-                "perSource",
-                "must set at least one of connections, bandwidth, overrides (omit `perSource` \
-                 for no limit per source)",
-            )? {
-                Some((s, at)) => Some(self.per_source(s, at, &format!("{base}.perSource"))?),
-                None => None,
-            };
-            if c.connections.is_none() && c.bandwidth.is_none() && per_source.is_none() {
-                return Err(self.err(
-                    item.referenced,
-                    base,
-                    "must set at least one of connections, bandwidth, perSource",
-                ));
-            }
-            out.push(RateLimitPolicy {
-                name: c.name,
-                namespace: c.namespace,
-                selector: c.selector,
-                connections: c.connections,
-                bandwidth: c.bandwidth,
-                per_source,
-                on_limit: c.on_limit,
-            });
+            out.push(policy);
         }
         Ok(out)
+    }
+
+    /// One rate limit, at `base`.
+    pub(super) fn rate_limit(&self, item: &S<RawRateLimit>, base: &str) -> Result<RateLimitPolicy> {
+        let p = &item.value;
+        let c = self.common(
+            Written {
+                name: &p.name,
+                namespace: &p.namespace,
+                selector: &p.selector,
+                connections: &p.connections,
+                bandwidth: &p.bandwidth,
+                on_limit: &p.on_limit,
+            },
+            base,
+        )?;
+        let per_source = match self.block(
+            &p.per_source,
+            base,
+            "perSource",
+            "must set at least one of connections, bandwidth, overrides (omit `perSource` \
+             for no limit per source)",
+        )? {
+            Some((s, at)) => Some(self.per_source(s, at, &format!("{base}.perSource"))?),
+            None => None,
+        };
+        if c.connections.is_none() && c.bandwidth.is_none() && per_source.is_none() {
+            return Err(self.err(
+                item.referenced,
+                base,
+                "must set at least one of connections, bandwidth, perSource",
+            ));
+        }
+        Ok(RateLimitPolicy {
+            name: c.name,
+            namespace: c.namespace,
+            selector: c.selector,
+            connections: c.connections,
+            bandwidth: c.bandwidth,
+            per_source,
+            on_limit: c.on_limit,
+        })
     }
 
     pub(super) fn egress_limits(
@@ -109,37 +122,54 @@ impl Cx<'_> {
         let mut out: Vec<EgressLimitPolicy> = Vec::with_capacity(raw.len());
         let mut names = Names::default();
         for (i, item) in raw.iter().enumerate() {
-            let p = &item.value;
             let base = format!("policies.egressLimits[{i}]");
-            let c = self.common(
-                Written {
-                    name: &p.name,
-                    namespace: &p.namespace,
-                    selector: &p.selector,
-                    connections: &p.connections,
-                    bandwidth: &p.bandwidth,
-                    on_limit: &p.on_limit,
-                },
+            let policy = self.egress_limit(item, &base)?;
+            let written = &item.value.name;
+            self.unique(
+                &mut names,
+                (&policy.namespace, &policy.name),
+                written,
                 &base,
+                "egress limit",
             )?;
-            self.unique(&mut names, &c, &p.name, &base, "egress limit")?;
-            if c.connections.is_none() && c.bandwidth.is_none() {
-                return Err(self.err(
-                    item.referenced,
-                    base,
-                    "must set at least one of connections, bandwidth",
-                ));
-            }
-            out.push(EgressLimitPolicy {
-                name: c.name,
-                namespace: c.namespace,
-                selector: c.selector,
-                connections: c.connections,
-                bandwidth: c.bandwidth,
-                on_limit: c.on_limit,
-            });
+            out.push(policy);
         }
         Ok(out)
+    }
+
+    /// One egress limit, at `base`.
+    pub(super) fn egress_limit(
+        &self,
+        item: &S<RawEgressLimit>,
+        base: &str,
+    ) -> Result<EgressLimitPolicy> {
+        let p = &item.value;
+        let c = self.common(
+            Written {
+                name: &p.name,
+                namespace: &p.namespace,
+                selector: &p.selector,
+                connections: &p.connections,
+                bandwidth: &p.bandwidth,
+                on_limit: &p.on_limit,
+            },
+            base,
+        )?;
+        if c.connections.is_none() && c.bandwidth.is_none() {
+            return Err(self.err(
+                item.referenced,
+                base,
+                "must set at least one of connections, bandwidth",
+            ));
+        }
+        Ok(EgressLimitPolicy {
+            name: c.name,
+            namespace: c.namespace,
+            selector: c.selector,
+            connections: c.connections,
+            bandwidth: c.bandwidth,
+            on_limit: c.on_limit,
+        })
     }
 
     fn common(&self, w: Written<'_>, base: &str) -> Result<Common> {
@@ -183,19 +213,19 @@ impl Cx<'_> {
     fn unique(
         &self,
         names: &mut Names,
-        c: &Common,
+        (namespace, name_value): (&str, &str),
         name: &S<String>,
         base: &str,
         what: &str,
     ) -> Result<()> {
-        let key = (c.namespace.clone(), c.name.clone());
+        let key = (namespace.to_owned(), name_value.to_owned());
         if let Some(line) = names.get(&key) {
             return Err(self.err(
                 name.referenced,
                 format!("{base}.name"),
                 format!(
                     "{what} {} is already defined at line {line}",
-                    QualifiedName(&c.namespace, &c.name)
+                    QualifiedName(namespace, name_value)
                 ),
             ));
         }

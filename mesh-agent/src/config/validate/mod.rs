@@ -6,6 +6,7 @@
 
 mod agent;
 mod limits;
+mod object;
 mod policies;
 mod scalars;
 mod services;
@@ -13,13 +14,16 @@ mod traffic;
 mod workloads;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use serde_saphyr::Location;
 
+use super::assemble::Parts;
 use super::error::ConfigError;
 use super::model::{Config, WorkloadId};
 use super::raw::{Present, RawConfig, S};
+
+pub use object::{PolicyKind, PolicyObject, policy_object};
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
@@ -36,57 +40,20 @@ pub(super) fn validate(
         .iter()
         .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.id)))
         .collect();
-    let local = workloads.iter().filter(|w| w.local).map(|w| w.id).collect();
     let services = cx.services(
         raw.services.as_deref().unwrap_or_default(),
         &workloads,
         &by_ip,
         &nodes,
     )?;
-    let mut by_vip = HashMap::new();
-    for (s, service) in services.iter().enumerate() {
-        for vip in &service.vips {
-            for (p, port) in service.ports.iter().enumerate() {
-                by_vip.insert(SocketAddr::new(*vip, port.port), (s, p));
-            }
-        }
-    }
-    let mut by_endpoint = HashMap::new();
-    for (s, service) in services.iter().enumerate() {
-        let workload_endpoints = service
-            .ports
-            .iter()
-            .flat_map(|port| &port.endpoints)
-            .filter(|e| e.workload.is_some());
-        for endpoint in workload_endpoints {
-            by_endpoint.entry(endpoint.addr).or_insert(s);
-        }
-    }
     let policies = cx.policies(&raw.policies.unwrap_or_default())?;
-    let authz_by_workload = workloads
-        .iter()
-        .map(|w| {
-            policies
-                .authorization
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.selects(w))
-                .map(|(i, _)| i)
-                .collect()
-        })
-        .collect();
-    Ok(Config {
+    Ok(Config::assemble(Parts {
         agent,
         workloads,
         services,
         policies,
         nodes,
-        by_vip,
-        by_ip,
-        by_endpoint,
-        local,
-        authz_by_workload,
-    })
+    }))
 }
 
 /// The validation context: the file name the errors carry.

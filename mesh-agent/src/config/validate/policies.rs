@@ -40,7 +40,7 @@ impl Cx<'_> {
         })
     }
 
-    fn authorization_policy(
+    pub(super) fn authorization_policy(
         &self,
         p: &RawAuthorizationPolicy,
         base: &str,

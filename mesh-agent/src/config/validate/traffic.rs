@@ -73,7 +73,16 @@ impl Cx<'_> {
         let Some(t) = raw else {
             return Ok(TrafficPolicy::default());
         };
-        let base = format!("{service}.trafficPolicy");
+        self.traffic_policy_at(t, &format!("{service}.trafficPolicy"))
+    }
+
+    /// A traffic policy written at `base`, defaults applied.
+    pub(super) fn traffic_policy_at(
+        &self,
+        t: &RawTrafficPolicy,
+        base: &str,
+    ) -> Result<TrafficPolicy> {
+        let base = base.to_owned();
         let defaults_hint = "must not be empty (omit it for the defaults)";
         let load_balancer =
             match self.present(&t.load_balancer, &base, "loadBalancer", defaults_hint)? {

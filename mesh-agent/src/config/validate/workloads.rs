@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::{Cx, Result};
-use crate::config::model::{AgentConfig, Node, QualifiedName, Workload, WorkloadId, defaults};
+use crate::config::model::{
+    AgentConfig, Node, QualifiedName, Workload, WorkloadId, WorkloadSpec, defaults,
+};
 use crate::config::raw::{RawNode, RawWorkload, S};
 use crate::config::traffic::defaults::ZONE_LABEL;
 use crate::names::Kind;
-use crate::tls::SpiffeId;
 
 impl Cx<'_> {
     pub(super) fn workloads(
@@ -38,16 +39,6 @@ impl Cx<'_> {
                 Kind::ServiceAccount,
                 defaults::SERVICE_ACCOUNT,
             )?;
-            // Its parts were just checked by the same rules, so this cannot fail; if it ever
-            // did, the service account is the part to look at.
-            let identity = SpiffeId::new(&agent.startup.trust_domain, &namespace, &service_account)
-                .map_err(|error| {
-                    let at = w
-                        .service_account
-                        .as_ref()
-                        .map_or(w.name.referenced, |sa| sa.referenced);
-                    self.err(at, format!("{base}.serviceAccount"), error.to_string())
-                })?;
             if let Some(line) = names.get(&(namespace.clone(), name.clone())) {
                 return Err(self.err(
                     w.name.referenced,
@@ -106,16 +97,26 @@ impl Cx<'_> {
                     ),
                 ));
             }
-            out.push(Workload {
-                id: WorkloadId(i),
+            let spec = WorkloadSpec {
                 name,
                 namespace,
                 service_account,
-                identity,
                 ips,
                 node,
                 netns,
                 labels: w.labels.clone().unwrap_or_default(),
+            };
+            // Its parts were just checked by the same rules, so this cannot fail; if it ever
+            // did, the service account is the part to look at.
+            let workload = Workload::new(spec, agent).map_err(|error| {
+                let at = w
+                    .service_account
+                    .as_ref()
+                    .map_or(w.name.referenced, |sa| sa.referenced);
+                self.err(at, format!("{base}.serviceAccount"), error.to_string())
+            })?;
+            out.push(Workload {
+                id: WorkloadId(i),
                 fail_mode: w.fail_mode.unwrap_or_default(),
                 unknown_destination: w.unknown_destination.unwrap_or_default(),
                 access_log: self.access_log(
@@ -123,7 +124,7 @@ impl Cx<'_> {
                     &format!("{base}.accessLog"),
                     agent.live.access_log,
                 )?,
-                local,
+                ..workload
             });
         }
         Ok(out)

@@ -1,0 +1,413 @@
+//! Translation and build: enrollment, identity, services and their endpoints, traffic-policy
+//! conflicts, refused objects, local pods' sandboxes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kube::core::DynamicObject;
+use kube::runtime::watcher::Event;
+use serde_json::{Value, json};
+
+use super::fixtures::*;
+use crate::config::{AgentConfig, LoadBalancer, Workload};
+use crate::k8s::build::{Built, build};
+use crate::k8s::kinds::ObjectKind;
+use crate::k8s::locate::Sandboxes;
+use crate::k8s::store::{ApplyContext, Stores};
+use crate::metrics::Metrics;
+
+struct Harness {
+    stores: Stores,
+    sandboxes: Sandboxes,
+    metrics: Metrics,
+    agent: AgentConfig,
+    locator: Arc<FakeLocator>,
+}
+
+impl Harness {
+    fn new(locator: Arc<FakeLocator>) -> Self {
+        let mut h = Self {
+            stores: Stores::default(),
+            sandboxes: Sandboxes::new(locator.clone()),
+            metrics: Metrics::new(),
+            agent: agent(),
+            locator,
+        };
+        // Every kind listed, empty: the store is synced.
+        for kind in ObjectKind::ALL {
+            h.event(kind, Event::Init);
+            h.event(kind, Event::InitDone);
+        }
+        h
+    }
+
+    fn event(&mut self, kind: ObjectKind, event: Event<DynamicObject>) -> bool {
+        let mut cx = ApplyContext {
+            agent: &self.agent,
+            metrics: &self.metrics,
+            sandboxes: &mut self.sandboxes,
+        };
+        self.stores.apply(kind, event, &mut cx)
+    }
+
+    fn apply(&mut self, kind: ObjectKind, object: Value) -> bool {
+        let object: DynamicObject = serde_json::from_value(object).expect("dynamic object");
+        self.event(kind, Event::Apply(object))
+    }
+
+    fn delete(&mut self, kind: ObjectKind, object: Value) -> bool {
+        let object: DynamicObject = serde_json::from_value(object).expect("dynamic object");
+        self.event(kind, Event::Delete(object))
+    }
+
+    fn build(&mut self) -> Built {
+        build(&self.stores, &self.agent, &mut self.sandboxes)
+    }
+
+    fn rejected(&self, kind: ObjectKind) -> u64 {
+        self.metrics.kube_objects_rejected(kind.name())
+    }
+}
+
+fn names(workloads: &[Workload]) -> Vec<String> {
+    workloads
+        .iter()
+        .map(|w| w.qualified_name().to_string())
+        .collect()
+}
+
+#[test]
+fn enrolled_namespaces_give_workloads_with_their_identity_and_opted_out_pods_stay_out() {
+    let mut h = Harness::new(FakeLocator::with(&[("uid-a", "/proc/10/ns/net")]));
+    h.apply(ObjectKind::Namespace, namespace("demo", Some("true")));
+    h.apply(ObjectKind::Namespace, namespace("other", None));
+    h.apply(ObjectKind::Namespace, namespace("off", Some("false")));
+    h.apply(
+        ObjectKind::Pod,
+        pod("demo", "a", NODE, &["10.0.1.1"], json!({"app": "a"})),
+    );
+    h.apply(
+        ObjectKind::Pod,
+        pod("demo", "b", "n2", &["10.0.2.1", "fd00::2:1"], json!({})),
+    );
+    let opted_out = json!({"mesh.example.dev/enrolled": "false"});
+    h.apply(
+        ObjectKind::Pod,
+        pod("demo", "out", "n2", &["10.0.2.2"], opted_out),
+    );
+    let mut host = pod("demo", "host", "n2", &["192.168.0.2"], json!({}));
+    host["spec"]["hostNetwork"] = json!(true);
+    h.apply(ObjectKind::Pod, host);
+    let mut done = pod("demo", "done", "n2", &["10.0.2.3"], json!({}));
+    done["status"]["phase"] = json!("Succeeded");
+    h.apply(ObjectKind::Pod, done);
+    h.apply(
+        ObjectKind::Pod,
+        pod("demo", "pending", "n2", &[], json!({})),
+    );
+    let mut default_sa = pod("demo", "plain", "n2", &["10.0.2.4"], json!({}));
+    default_sa["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("serviceAccountName");
+    h.apply(ObjectKind::Pod, default_sa);
+    h.apply(
+        ObjectKind::Pod,
+        pod("other", "c", "n2", &["10.0.3.1"], json!({})),
+    );
+    h.apply(
+        ObjectKind::Pod,
+        pod("off", "d", "n2", &["10.0.4.1"], json!({})),
+    );
+
+    let config = h.build().config;
+    assert_eq!(
+        names(config.workloads()),
+        ["demo/a", "demo/b", "demo/plain"]
+    );
+    let a = &config.workloads()[0];
+    assert_eq!(a.identity.to_string(), "spiffe://mesh.test/ns/demo/sa/a-sa");
+    assert!(a.local);
+    assert_eq!(a.netns, Some(PathBuf::from("/proc/10/ns/net")));
+    assert_eq!(a.labels.get("app").map(String::as_str), Some("a"));
+    let b = &config.workloads()[1];
+    assert!(!b.local);
+    assert_eq!(b.netns, None);
+    assert_eq!(b.ips.len(), 2);
+    assert_eq!(
+        config.workloads()[2].identity.to_string(),
+        "spiffe://mesh.test/ns/demo/sa/default"
+    );
+    assert_eq!(
+        names(&config.local_workloads().cloned().collect::<Vec<_>>()),
+        ["demo/a"]
+    );
+    assert_eq!(
+        config
+            .workload_by_ip("10.0.2.1".parse().expect("ip"))
+            .map(|w| w.name.as_str()),
+        Some("b")
+    );
+
+    // Enrolling a namespace later brings its pods in; the pod label opts one out.
+    h.apply(ObjectKind::Namespace, namespace("other", Some("true")));
+    assert_eq!(
+        names(h.build().config.workloads()),
+        ["demo/a", "demo/b", "demo/plain", "other/c"]
+    );
+    assert_eq!(h.rejected(ObjectKind::Pod), 0);
+}
+
+#[test]
+fn services_take_their_endpoints_from_slices_and_named_target_ports_resolve_per_slice() {
+    let mut h = Harness::new(FakeLocator::with(&[("uid-a", "/proc/10/ns/net")]));
+    h.apply(ObjectKind::Namespace, namespace("demo", Some("true")));
+    h.apply(ObjectKind::Node, node(NODE, "z1"));
+    h.apply(
+        ObjectKind::Pod,
+        pod("demo", "a", NODE, &["10.0.1.1"], json!({})),
+    );
+    h.apply(
+        ObjectKind::Pod,
+        pod("demo", "b", "n2", &["10.0.2.1"], json!({})),
+    );
+    h.apply(
+        ObjectKind::Service,
+        service(
+            "demo",
+            "echo",
+            "10.96.0.10",
+            &[("http", 80, json!("web")), ("metrics", 9090, json!(9090))],
+        ),
+    );
+    let a = ("10.0.1.1", NODE, "z1", true);
+    let not_ready = ("10.0.1.9", NODE, "z1", false);
+    let b = ("10.0.2.1", "n2", "z2", true);
+    let outside = ("10.0.9.9", "n3", "z3", true);
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice(
+            "demo",
+            "echo-x",
+            "echo",
+            &[("http", 8080), ("metrics", 9090)],
+            &[a, not_ready],
+        ),
+    );
+    // Another version of the pods: the same name resolves to another number.
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "echo-y", "echo", &[("http", 8081)], &[b, outside]),
+    );
+    // The same address in two slices (moved by the controller) is one endpoint.
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "echo-z", "echo", &[("http", 8080)], &[a]),
+    );
+    // A headless Service and an ExternalName give nothing.
+    h.apply(
+        ObjectKind::Service,
+        service("demo", "headless", "None", &[("tcp", 80, json!(80))]),
+    );
+    let mut external = service("demo", "ext", "10.96.0.99", &[("tcp", 80, json!(80))]);
+    external["spec"]["type"] = json!("ExternalName");
+    h.apply(ObjectKind::Service, external);
+
+    let config = h.build().config;
+    assert_eq!(config.services().len(), 1);
+    assert_eq!(config.local_zone(), Some("z1"));
+    let (svc, http) = config
+        .service_by_vip("10.96.0.10:80".parse().expect("addr"))
+        .expect("the VIP routes");
+    assert_eq!(svc.qualified_name().to_string(), "demo/echo");
+    let addrs: Vec<SocketAddr> = http.endpoints.iter().map(|e| e.addr).collect();
+    let want: Vec<SocketAddr> = ["10.0.1.1:8080", "10.0.2.1:8081", "10.0.9.9:8081"]
+        .iter()
+        .map(|a| a.parse().expect("addr"))
+        .collect();
+    assert_eq!(addrs, want);
+    let first = &http.endpoints[0];
+    assert_eq!(first.workload, Some(config.workloads()[0].id));
+    assert!(first.local);
+    assert_eq!(first.zone.as_deref(), Some("z1"));
+    let raw = &http.endpoints[2];
+    assert_eq!(
+        (raw.workload, raw.node.as_deref(), raw.local),
+        (None, Some("n3"), false)
+    );
+    // A numeric target port serves the slice that does not list the port.
+    let (_, metrics) = config
+        .service_by_vip("10.96.0.10:9090".parse().expect("addr"))
+        .expect("the metrics port routes");
+    let addrs: Vec<String> = metrics
+        .endpoints
+        .iter()
+        .map(|e| e.addr.to_string())
+        .collect();
+    assert_eq!(addrs, ["10.0.1.1:9090", "10.0.2.1:9090", "10.0.9.9:9090"]);
+    assert_eq!(
+        config
+            .service_by_endpoint("10.0.2.1:8081".parse().expect("addr"))
+            .map(|s| s.name.as_str()),
+        Some("echo")
+    );
+
+    // Deleting a slice removes its endpoints.
+    h.delete(
+        ObjectKind::EndpointSlice,
+        slice("demo", "echo-y", "echo", &[], &[]),
+    );
+    let config = h.build().config;
+    let (_, http) = config
+        .service_by_vip("10.96.0.10:80".parse().expect("addr"))
+        .expect("routes");
+    assert_eq!(http.endpoints.len(), 1);
+}
+
+#[test]
+fn of_two_traffic_policies_for_a_service_the_older_wins_and_the_other_is_refused() {
+    let mut h = Harness::new(FakeLocator::with(&[]));
+    h.apply(
+        ObjectKind::Service,
+        service("demo", "echo", "10.96.0.10", &[("http", 80, json!(8080))]),
+    );
+    let newer = policy(
+        "TrafficPolicy",
+        "demo",
+        "a-new",
+        "2026-03-01T00:00:00Z",
+        json!({"service": "echo", "loadBalancer": {"algorithm": "random"}}),
+    );
+    let older = policy(
+        "TrafficPolicy",
+        "demo",
+        "b-old",
+        "2025-03-01T00:00:00Z",
+        json!({"service": "echo", "loadBalancer": {"algorithm": "leastConnections"}}),
+    );
+    h.apply(ObjectKind::TrafficPolicy, newer);
+    h.apply(ObjectKind::TrafficPolicy, older.clone());
+    let built = h.build();
+    let echo = built.config.service("demo", "echo").expect("service");
+    assert_eq!(echo.traffic.load_balancer, LoadBalancer::LeastConnections);
+    let conflicts: Vec<String> = built.conflicts.iter().map(ToString::to_string).collect();
+    assert_eq!(conflicts, ["demo/a-new"]);
+
+    h.delete(ObjectKind::TrafficPolicy, older);
+    let built = h.build();
+    assert!(built.conflicts.is_empty());
+    let echo = built.config.service("demo", "echo").expect("service");
+    assert_eq!(echo.traffic.load_balancer, LoadBalancer::Random);
+}
+
+#[test]
+fn an_invalid_policy_is_refused_alone_and_its_earlier_version_stays() {
+    let mut h = Harness::new(FakeLocator::with(&[]));
+    let good = |name: &str, port: u16| {
+        policy(
+            "AuthorizationPolicy",
+            "demo",
+            name,
+            "2026-01-01T00:00:00Z",
+            json!({"selector": {"app": "echo"}, "rules": [{"ports": [port]}]}),
+        )
+    };
+    h.apply(ObjectKind::AuthorizationPolicy, good("first", 8080));
+    assert!(!h.apply(ObjectKind::AuthorizationPolicy, good("bad", 0)));
+    h.apply(ObjectKind::AuthorizationPolicy, good("last", 9090));
+    h.apply(
+        ObjectKind::RateLimit,
+        policy(
+            "RateLimit",
+            "demo",
+            "nothing",
+            "2026-01-01T00:00:00Z",
+            json!({}),
+        ),
+    );
+    h.apply(
+        ObjectKind::EgressLimit,
+        policy(
+            "EgressLimit",
+            "demo",
+            "client",
+            "2026-01-01T00:00:00Z",
+            json!({"connections": {"perSecond": 50}}),
+        ),
+    );
+    let config = h.build().config;
+    let authz: Vec<&str> = config
+        .policies()
+        .authorization
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(authz, ["first", "last"]);
+    assert!(config.policies().rate_limits.is_empty());
+    assert_eq!(config.policies().egress_limits.len(), 1);
+    assert_eq!(h.rejected(ObjectKind::AuthorizationPolicy), 1);
+    assert_eq!(h.rejected(ObjectKind::RateLimit), 1);
+
+    // Made invalid: the valid version in force stays, and the refusal is counted.
+    assert!(!h.apply(ObjectKind::AuthorizationPolicy, good("first", 0)));
+    let config = h.build().config;
+    assert_eq!(config.policies().authorization[0].rules[0].ports, [8080]);
+    assert_eq!(h.rejected(ObjectKind::AuthorizationPolicy), 2);
+
+    // A malformed pod (its IPs are not a list) is refused; the others stay.
+    h.apply(ObjectKind::Namespace, namespace("demo", Some("true")));
+    h.apply(
+        ObjectKind::Pod,
+        pod("demo", "b", "n2", &["10.0.2.1"], json!({})),
+    );
+    let mut malformed = pod("demo", "m", "n2", &["10.0.2.2"], json!({}));
+    malformed["status"]["podIPs"] = json!("10.0.2.2");
+    assert!(!h.apply(ObjectKind::Pod, malformed));
+    assert_eq!(names(h.build().config.workloads()), ["demo/b"]);
+    assert_eq!(h.rejected(ObjectKind::Pod), 1);
+}
+
+#[test]
+fn a_local_pod_waits_for_its_sandbox_and_follows_a_new_one() {
+    let locator = FakeLocator::with(&[]);
+    let mut h = Harness::new(locator.clone());
+    h.apply(ObjectKind::Namespace, namespace("demo", Some("true")));
+    let a = pod("demo", "a", NODE, &["10.0.1.1"], json!({}));
+    h.apply(ObjectKind::Pod, a.clone());
+    let built = h.build();
+    assert_eq!(built.unresolved, 1);
+    assert!(built.config.workloads().is_empty());
+
+    locator
+        .sandboxes
+        .lock()
+        .insert("uid-a".into(), PathBuf::from("/proc/10/ns/net"));
+    let built = h.build();
+    assert_eq!(built.unresolved, 0);
+    assert_eq!(
+        built.config.workloads()[0].netns,
+        Some(PathBuf::from("/proc/10/ns/net"))
+    );
+    // Cached: another rebuild does not look again.
+    let lookups = *h.locator.lookups.lock();
+    h.build();
+    assert_eq!(*h.locator.lookups.lock(), lookups);
+
+    // The sandbox is recreated; the pod's next event makes the source look again.
+    locator
+        .sandboxes
+        .lock()
+        .insert("uid-a".into(), PathBuf::from("/proc/20/ns/net"));
+    assert_eq!(
+        h.build().config.workloads()[0].netns,
+        Some(PathBuf::from("/proc/10/ns/net"))
+    );
+    let mut restarted = a;
+    restarted["metadata"]["resourceVersion"] = json!("2");
+    assert!(h.apply(ObjectKind::Pod, restarted));
+    assert_eq!(
+        h.build().config.workloads()[0].netns,
+        Some(PathBuf::from("/proc/20/ns/net"))
+    );
+}

@@ -1,0 +1,86 @@
+//! Where the configuration comes from, started the same way whichever it is: the agent gets
+//! the first complete snapshot and a [`ConfigWatch`] publishing the next ones, and treats
+//! both sources alike.
+//!
+//! - `file`: the YAML file holds everything and is reloaded when it changes.
+//! - `kubernetes`: the file (the mounted ConfigMap) holds the `agent` block only, still
+//!   reloaded live; nodes, workloads, services and policies come from the Kubernetes API
+//!   (in-cluster credentials, or `KUBECONFIG`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::{Config, ConfigWatch, Scope, watch};
+use crate::k8s::{self, Kubepods, SourceInputs};
+use crate::metrics::Metrics;
+use crate::sys;
+
+/// `mesh-agent run --source`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// The configuration file only.
+    #[default]
+    File,
+    /// The file's agent block, and the Kubernetes API for the rest.
+    Kubernetes,
+}
+
+/// A started source: the snapshot in force and the publisher of the next ones.
+pub struct Started {
+    pub config: Arc<Config>,
+    pub watch: ConfigWatch,
+}
+
+/// How to start one.
+pub struct SourceOptions<'a> {
+    pub kind: SourceKind,
+    pub path: &'a Path,
+    /// `--node`, which wins over `agent.node`.
+    pub node: Option<String>,
+    /// `--cgroup`, which wins over `agent.cgroup` (where the kubelet's pods are looked for).
+    pub cgroup: Option<PathBuf>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Starts the source; with Kubernetes, returns once its initial sync is complete.
+pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
+    let SourceOptions {
+        kind,
+        path,
+        node,
+        cgroup,
+        metrics,
+    } = options;
+    let scope = match kind {
+        SourceKind::File => Scope::Everything,
+        SourceKind::Kubernetes => Scope::AgentOnly,
+    };
+    let config = Arc::new(Config::load_scoped(path, node.as_deref(), scope)?);
+    let file = watch::spawn_scoped(path, node, scope, config.clone());
+    if kind == SourceKind::File {
+        return Ok(Started {
+            config,
+            watch: file,
+        });
+    }
+    // kube's TLS (in-cluster HTTPS) runs on the process's rustls provider: the agent's own.
+    let _ = (*crate::tls::provider()).clone().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let root = match cgroup.or_else(|| config.agent().startup.cgroup.clone()) {
+        Some(root) => root,
+        None => sys::cgroup2_root()?,
+    };
+    let (config, watch) = k8s::start(SourceInputs {
+        client,
+        file: file.current(),
+        status: file.stats(),
+        locator: Arc::new(Kubepods::new(&root)),
+        metrics,
+    })
+    .await?;
+    Ok(Started { config, watch })
+}
