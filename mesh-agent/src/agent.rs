@@ -58,10 +58,7 @@ pub async fn run(
     // Subscribed now: a change published while the agent sets up is applied after.
     let mut updates = watcher.current();
     sys::ensure_bpffs()?;
-    let cgroup = match cgroup_override.or_else(|| config.agent().startup.cgroup.clone()) {
-        Some(cgroup) => cgroup,
-        None => sys::cgroup2_root()?,
-    };
+    let cgroup = source::attach_cgroup(source, cgroup_override, &config)?;
     let agent = config.agent().clone();
     let (proxy_port_min, proxy_port_max) = agent.startup.proxy_port_range();
     let settings = Settings {

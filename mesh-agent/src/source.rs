@@ -70,10 +70,7 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let root = match cgroup.or_else(|| config.agent().startup.cgroup.clone()) {
-        Some(root) => root,
-        None => sys::cgroup2_root()?,
-    };
+    let root = attach_cgroup(kind, cgroup, &config)?;
     let (config, watch) = k8s::start(SourceInputs {
         client,
         file: file.current(),
@@ -83,4 +80,33 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
     })
     .await?;
     Ok(Started { config, watch })
+}
+
+/// The cgroup the programs attach to: `--cgroup`, else `agent.cgroup`, else the cgroup2 root.
+/// With Kubernetes, the kubelet's pods cgroup below it (`kubepods.slice` or `kubepods`,
+/// whichever cgroup driver the node uses), so that only pods are steered and the same
+/// ConfigMap (`cgroup: /host/sys/fs/cgroup`) serves every node; it is also where pods are
+/// looked for by UID.
+pub fn attach_cgroup(
+    kind: SourceKind,
+    cgroup: Option<PathBuf>,
+    config: &Config,
+) -> anyhow::Result<PathBuf> {
+    let base = match cgroup.or_else(|| config.agent().startup.cgroup.clone()) {
+        Some(base) => base,
+        None => sys::cgroup2_root()?,
+    };
+    if kind == SourceKind::File {
+        return Ok(base);
+    }
+    Ok(match sys::kubepods::kubepods_dir(&base) {
+        Some(kubepods) => kubepods,
+        None => {
+            tracing::warn!(
+                cgroup = %base.display(),
+                "no kubepods.slice or kubepods cgroup below it: attaching to it as it is"
+            );
+            base
+        }
+    })
 }

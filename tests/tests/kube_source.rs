@@ -112,10 +112,22 @@ fn cluster(name: &str, driver: CgroupDriver) -> Cluster {
     std::fs::create_dir_all(&dir).expect("dir");
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let config = ConfigBuilder::new(&topo, &node)
-        .cgroup(&topo.kubepods_root(driver))
-        .build();
+    // The systemd cluster names the kubepods cgroup itself; the cgroupfs one names the tree
+    // above it, as the DaemonSet's ConfigMap does, and the agent finds `kubepods` below.
+    let cgroup = match driver {
+        CgroupDriver::Systemd => topo.kubepods_root(driver),
+        CgroupDriver::Cgroupfs => topo.cgroup_root().to_owned(),
+    };
+    let config = ConfigBuilder::new(&topo, &node).cgroup(&cgroup).build();
     let agent = Agent::start_kubernetes(&topo, &node, &config, &kubeconfig).expect("agent starts");
+    let attached = agent.status().expect("status")["cgroup"]
+        .as_str()
+        .map(std::path::PathBuf::from);
+    assert_eq!(
+        attached,
+        Some(topo.kubepods_root(driver)),
+        "programs on the kubepods cgroup"
+    );
     assert!(
         wait_until(WAIT, || enrolled(&agent).len() == 2),
         "pods a and b enrolled: {:?}",
