@@ -86,7 +86,9 @@ fn balance_config(pods: usize, algorithm: LoadBalancer) -> Config {
     }
     yaml.push_str("services:\n  - {name: echo, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], endpoints: {selector: {app: echo}}}\n");
     let mut config = Config::from_yaml_str(&yaml, "bench.yaml").expect("the bench config is valid");
-    config.services[0].traffic.load_balancer = algorithm;
+    std::sync::Arc::make_mut(&mut config.services[0])
+        .traffic
+        .load_balancer = algorithm;
     config
 }
 
@@ -155,7 +157,9 @@ fn balancer(c: &mut Criterion) {
     };
     let full = balance_config(1000, maglev);
     let mut fewer = full.clone();
-    fewer.services[0].ports[0].endpoints.pop();
+    std::sync::Arc::make_mut(&mut fewer.services[0]).ports[0]
+        .endpoints
+        .pop();
     let balancers = Balancers::new();
     let mut flip = false;
     c.bench_function("balance/sync_maglev_1000", |b| {

@@ -33,7 +33,7 @@ pub(super) struct Spec {
 
 impl Spec {
     pub(super) fn new(config: &Config, service: &Service, port: &ServicePort) -> Self {
-        let workload = |e: &Endpoint| e.workload.and_then(|id| config.workload(id));
+        let workload = |e: &Endpoint| config.endpoint_workload(e);
         let subsets = service
             .traffic
             .subsets

@@ -48,7 +48,7 @@ fn config(n: usize) -> Config {
 }
 
 fn with_policy(mut config: Config, policy: TrafficPolicy) -> Config {
-    config.services[0].traffic = policy;
+    std::sync::Arc::make_mut(&mut config.services[0]).traffic = policy;
     config
 }
 
@@ -62,7 +62,7 @@ fn with_zones(mut config: Config) -> Config {
             labels: BTreeMap::from([(ZONE_LABEL.to_owned(), zone(n).to_owned())]),
         })
         .collect();
-    for e in &mut config.services[0].ports[0].endpoints {
+    for e in &mut std::sync::Arc::make_mut(&mut config.services[0]).ports[0].endpoints {
         e.zone = e.node.as_deref().map(|n| zone(n).to_owned());
     }
     config
@@ -157,7 +157,11 @@ fn random_is_uniform_within_100_of_500_each() {
 #[test]
 fn weighted_follows_endpoint_weights_within_5_points() {
     let mut config = with_policy(config(4), policy(LoadBalancer::Weighted));
-    for (i, e) in config.services[0].ports[0].endpoints.iter_mut().enumerate() {
+    for (i, e) in std::sync::Arc::make_mut(&mut config.services[0]).ports[0]
+        .endpoints
+        .iter_mut()
+        .enumerate()
+    {
         e.weight = i as u32 + 1; // 10%, 20%, 30%, 40%
     }
     let (_, b) = balancer(&config);
@@ -301,7 +305,7 @@ fn maglev_moves_about_one_nth_of_sources_when_an_endpoint_goes() {
     let (balancers, b) = balancer(&config);
     let before = assignment(&b, 10_000);
     let mut fewer = config.clone();
-    fewer.services[0].ports[0]
+    std::sync::Arc::make_mut(&mut fewer.services[0]).ports[0]
         .endpoints
         .retain(|e| e.addr != ep(3));
     balancers.sync(&fewer);
@@ -584,7 +588,10 @@ fn locality_prefers_this_node_then_its_zone_and_widens_below_min_healthy() {
     assert_eq!(picked(&b), BTreeSet::from([ep(0), ep(1)]), "back home");
 
     let mut config = locality_config();
-    config.services[0].traffic.locality.enabled = false;
+    std::sync::Arc::make_mut(&mut config.services[0])
+        .traffic
+        .locality
+        .enabled = false;
     let (_, b) = balancer(&config);
     assert_eq!(picked(&b).len(), 6);
     // Without zone labels the zone tier is this node's.
@@ -690,10 +697,12 @@ fn live_stats_carry_across_sync_by_address() {
     b.set_health(ep(2), false);
 
     let mut changed = config.clone();
-    changed.services[0].ports[0]
+    std::sync::Arc::make_mut(&mut changed.services[0]).ports[0]
         .endpoints
         .retain(|e| e.addr != ep(2));
-    changed.services[0].traffic.load_balancer = LoadBalancer::LeastConnections;
+    std::sync::Arc::make_mut(&mut changed.services[0])
+        .traffic
+        .load_balancer = LoadBalancer::LeastConnections;
     balancers.sync(&changed);
     let new = balancers.get("demo/web", 80).expect("balancer");
     assert!(!Arc::ptr_eq(&b, &new));
@@ -753,7 +762,9 @@ fn the_callers_address_family_is_preferred() {
 #[test]
 fn empty_ports_dropped_picks_and_status_serialization() {
     let mut config = config(2);
-    config.services[0].ports[0].endpoints.clear();
+    std::sync::Arc::make_mut(&mut config.services[0]).ports[0]
+        .endpoints
+        .clear();
     let (_, b) = balancer(&config);
     assert_eq!(
         b.pick(&caller("10.0.0.1"), &[]).unwrap_err(),

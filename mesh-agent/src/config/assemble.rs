@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::model::{AgentConfig, Config, Node, Policies, Service, Workload, WorkloadId};
 
@@ -14,7 +15,7 @@ use super::model::{AgentConfig, Config, Node, Policies, Service, Workload, Workl
 pub struct Parts {
     pub agent: AgentConfig,
     pub workloads: Vec<Workload>,
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     pub policies: Policies,
     pub nodes: Vec<Node>,
 }
@@ -34,7 +35,7 @@ impl Config {
         for (i, w) in workloads.iter_mut().enumerate() {
             w.id = WorkloadId(i);
         }
-        let by_ip = workloads
+        let by_ip: HashMap<std::net::IpAddr, WorkloadId> = workloads
             .iter()
             .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.id)))
             .collect();
@@ -55,7 +56,7 @@ impl Config {
                 .ports
                 .iter()
                 .flat_map(|port| &port.endpoints)
-                .filter(|e| e.workload.is_some());
+                .filter(|e| by_ip.contains_key(&e.addr.ip()));
             for endpoint in workload_endpoints {
                 by_endpoint.entry(endpoint.addr).or_insert(s);
             }

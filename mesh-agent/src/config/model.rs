@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -54,8 +55,9 @@ pub struct Config {
     pub agent: AgentConfig,
     /// In file order; `WorkloadId(i)` is `workloads[i]`.
     pub workloads: Vec<Workload>,
-    /// In file order.
-    pub services: Vec<Service>,
+    /// In file order. Shared between snapshots: a source that rebuilds only what changed
+    /// hands the others over as they were (and the balancers see them unchanged by pointer).
+    pub services: Vec<Arc<Service>>,
     pub policies: Policies,
     /// Nodes with labels (the zone, for locality); in file order. Optional.
     pub nodes: Vec<Node>,
@@ -88,7 +90,7 @@ impl Config {
     }
 
     /// All services, in file order.
-    pub fn services(&self) -> &[Service] {
+    pub fn services(&self) -> &[Arc<Service>] {
         &self.services
     }
 
@@ -116,6 +118,14 @@ impl Config {
         self.by_endpoint
             .get(&addr)
             .and_then(|s| self.services.get(*s))
+            .map(Arc::as_ref)
+    }
+
+    /// The workload owning an endpoint's IP, if any (raw `addresses` that are a known
+    /// workload's IP are that workload's too). Looked up rather than stored, so that a service
+    /// is the same value whatever else changed among the workloads: a source may keep it.
+    pub fn endpoint_workload(&self, endpoint: &Endpoint) -> Option<&Workload> {
+        self.workload_by_ip(endpoint.addr.ip())
     }
 
     /// The workload owning `ip` (IPv4-mapped IPv6 addresses are matched as IPv4).
@@ -168,6 +178,7 @@ impl Config {
         self.services
             .iter()
             .find(|s| s.namespace == namespace && s.name == name)
+            .map(Arc::as_ref)
     }
 
     /// The service and port whose VIP:port is `dst` (the original destination of an outbound
@@ -175,7 +186,7 @@ impl Config {
     pub fn service_by_vip(&self, dst: SocketAddr) -> Option<(&Service, &ServicePort)> {
         let key = SocketAddr::new(dst.ip().to_canonical(), dst.port());
         let (s, p) = *self.by_vip.get(&key)?;
-        let service = self.services.get(s)?;
+        let service: &Service = self.services.get(s)?;
         Some((service, service.ports.get(p)?))
     }
 }
@@ -533,10 +544,6 @@ pub struct Endpoint {
     /// Endpoint IP and the service port's target port.
     #[serde(rename = "address")]
     pub addr: SocketAddr,
-    /// The workload owning the IP, if any (raw `addresses` that are a known workload's IP are
-    /// attributed to that workload too).
-    #[serde(skip)]
-    pub workload: Option<WorkloadId>,
     /// That workload's node; `None` for a raw address outside the mesh.
     pub node: Option<String>,
     /// The workload is on this agent's node (connect directly from its netns).

@@ -317,7 +317,6 @@ fn full_document() {
         [
             Endpoint {
                 addr: sock("10.1.0.2:8080"),
-                workload: Some(WorkloadId(0)),
                 node: Some("node-a".into()),
                 local: true,
                 weight: 1,
@@ -325,7 +324,6 @@ fn full_document() {
             },
             Endpoint {
                 addr: sock("[fd00:1::2]:8080"),
-                workload: Some(WorkloadId(0)),
                 node: Some("node-a".into()),
                 local: true,
                 weight: 1,
@@ -333,7 +331,6 @@ fn full_document() {
             },
             Endpoint {
                 addr: sock("10.2.0.2:8080"),
-                workload: Some(WorkloadId(1)),
                 node: Some("node-b".into()),
                 local: false,
                 weight: 1,
@@ -351,7 +348,6 @@ fn full_document() {
         db.ports[0].endpoints,
         [Endpoint {
             addr: sock("192.168.7.9:5432"),
-            workload: None,
             node: None,
             local: false,
             weight: 1,
@@ -532,10 +528,7 @@ fn selector_takes_same_namespace_workloads_having_all_labels() {
         p.endpoints
             .iter()
             .map(|e| {
-                let w = e
-                    .workload
-                    .and_then(|id| config.workload(id))
-                    .expect("workload");
+                let w = config.endpoint_workload(e).expect("workload");
                 format!("{}@{}", w.name, e.addr)
             })
             .collect()
@@ -575,7 +568,7 @@ fn explicit_workloads_and_addresses() {
     let addrs: Vec<(SocketAddr, Option<WorkloadId>, bool)> = pinned.ports[0]
         .endpoints
         .iter()
-        .map(|e| (e.addr, e.workload, e.local))
+        .map(|e| (e.addr, config.endpoint_workload(e).map(|w| w.id), e.local))
         .collect();
     assert_eq!(
         addrs,
@@ -591,7 +584,6 @@ fn explicit_workloads_and_addresses() {
         [
             Endpoint {
                 addr: sock("10.1.0.3:80"),
-                workload: Some(WorkloadId(1)),
                 node: Some("node-b".into()),
                 local: false,
                 weight: 1,
@@ -599,7 +591,6 @@ fn explicit_workloads_and_addresses() {
             },
             Endpoint {
                 addr: sock("172.16.0.1:80"),
-                workload: None,
                 node: None,
                 local: false,
                 weight: 1,
@@ -607,6 +598,12 @@ fn explicit_workloads_and_addresses() {
             },
         ]
     );
+    let owners: Vec<Option<WorkloadId>> = raw.ports[0]
+        .endpoints
+        .iter()
+        .map(|e| config.endpoint_workload(e).map(|w| w.id))
+        .collect();
+    assert_eq!(owners, [Some(WorkloadId(1)), None]);
     assert_eq!(raw.vips, [IpAddr::V4(Ipv4Addr::new(10, 96, 0, 12))]);
 }
 

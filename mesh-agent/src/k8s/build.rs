@@ -77,7 +77,9 @@ pub fn build(stores: &Stores, agent: &AgentConfig, sandboxes: &mut Sandboxes) ->
         let key = (s.namespace.as_str(), s.name.as_str());
         let of_service = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
         let policy = traffic.get(&key).map(|p| (*p).clone()).unwrap_or_default();
-        services.push(service(s, of_service, &by_ip, node, policy));
+        services.push(std::sync::Arc::new(service(
+            s, of_service, &by_ip, node, policy,
+        )));
     }
 
     let mut policies = Policies::default();
@@ -191,7 +193,6 @@ fn service(
                             .or_else(|| owner.map(|(_, n)| (*n).to_owned()));
                         endpoints.push(Endpoint {
                             addr: SocketAddr::new(*ip, target),
-                            workload: owner.map(|(id, _)| *id),
                             local: endpoint_node.as_deref() == Some(node),
                             node: endpoint_node,
                             weight: WEIGHT,

@@ -50,7 +50,7 @@ pub(super) fn validate(
     Ok(Config::assemble(Parts {
         agent,
         workloads,
-        services,
+        services: services.into_iter().map(std::sync::Arc::new).collect(),
         policies,
         nodes,
     }))

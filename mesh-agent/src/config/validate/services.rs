@@ -144,7 +144,6 @@ impl Cx<'_> {
                     .iter()
                     .map(|t| Endpoint {
                         addr: SocketAddr::new(t.ip, port.target_port),
-                        workload: t.workload,
                         node: t.node.clone(),
                         local: t.local,
                         weight: t.weight,

@@ -210,7 +210,7 @@ async fn the_source_follows_the_api_from_the_initial_sync_through_events_and_a_r
         .1
         .endpoints[1];
     assert_eq!(remote.zone.as_deref(), Some("z2"));
-    assert!(remote.workload.is_some());
+    assert!(config.endpoint_workload(remote).is_some());
 
     // A bookmark changes nothing: nothing is published.
     api.bookmark("pods");

@@ -228,12 +228,19 @@ fn services_take_their_endpoints_from_slices_and_named_target_ports_resolve_per_
         .collect();
     assert_eq!(addrs, want);
     let first = &http.endpoints[0];
-    assert_eq!(first.workload, Some(config.workloads()[0].id));
+    assert_eq!(
+        config.endpoint_workload(first).map(|w| w.id),
+        Some(config.workloads()[0].id)
+    );
     assert!(first.local);
     assert_eq!(first.zone.as_deref(), Some("z1"));
     let raw = &http.endpoints[2];
     assert_eq!(
-        (raw.workload, raw.node.as_deref(), raw.local),
+        (
+            config.endpoint_workload(raw).map(|w| w.id),
+            raw.node.as_deref(),
+            raw.local
+        ),
         (None, Some("n3"), false)
     );
     // A numeric target port serves the slice that does not list the port.
