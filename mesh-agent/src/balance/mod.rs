@@ -99,16 +99,26 @@ pub enum PickError {
     CircuitOpen(&'static str),
 }
 
-/// Service name (`namespace/name`) -> its ports' balancers, in file order.
-type Map = HashMap<String, Vec<Arc<ServiceBalancer>>>;
+/// Service name (`namespace/name`) -> its ports' balancers, in file order. Shared keys and
+/// values: a sync copies the map cheaply and replaces only what changed.
+type Map = HashMap<Arc<str>, Arc<[Arc<ServiceBalancer>]>>;
 
 /// Node-wide balancing state: one [`ServiceBalancer`] per (service, service port), kept
 /// across config snapshots. Reads are lock-free (an `ArcSwap` of an immutable map).
 #[derive(Default)]
 pub struct Balancers {
     map: ArcSwap<Map>,
-    /// Serializes [`Balancers::sync`] (each builds on the map the previous one stored).
-    syncing: Mutex<()>,
+    /// What the map was last synced from; holding it also serializes [`Balancers::sync`]
+    /// (each builds on the map the previous one stored).
+    synced: Mutex<Synced>,
+}
+
+/// The services of the last sync, by the address of their shared value (the `Arc` kept
+/// here, so the address is not reused while it is listed), and this node's zone then.
+#[derive(Default)]
+struct Synced {
+    services: HashMap<usize, (Arc<crate::config::Service>, Arc<str>)>,
+    zone: Option<String>,
 }
 
 impl Balancers {
@@ -119,13 +129,33 @@ impl Balancers {
     /// Brings the state in line with `config`: a new service port gets fresh state; a
     /// changed endpoint set or policy rebuilds its picker while each endpoint's live stats
     /// carry over by address; gone ones are dropped.
+    ///
+    /// A service handed over as the same shared value as at the last sync (a source that
+    /// rebuilds only what changed does so), without subsets (whose members depend on the
+    /// workloads' labels) and with this node's zone unchanged, has the same inputs: it is
+    /// kept without a look, so a change of one service among tens of thousands costs about
+    /// one service.
     pub fn sync(&self, config: &Config) {
-        let _syncing = self.syncing.lock();
+        let mut synced = self.synced.lock();
         let current = self.map.load_full();
-        let mut next = Map::with_capacity(config.services().len());
+        let zone = select::local_zone(config).map(str::to_owned);
+        let same_zone = synced.zone == zone;
+        let mut next: Map = (*current).clone();
+        let mut listed = HashMap::with_capacity(config.services().len());
+        // Services looked at again; with those not listed any more, the names whose ports
+        // may have gone.
+        let mut looked_at: Vec<Arc<str>> = Vec::new();
         for service in config.services() {
-            let name = service.qualified_name().to_string();
-            let previous_ports = current.get(&name).map(Vec::as_slice).unwrap_or_default();
+            let address = Arc::as_ptr(service) as usize;
+            if same_zone
+                && service.traffic.subsets.is_empty()
+                && let Some(entry) = synced.services.remove(&address)
+            {
+                listed.insert(address, entry);
+                continue;
+            }
+            let name: Arc<str> = Arc::from(service.qualified_name().to_string());
+            let previous_ports = current.get(&name).map(|p| &p[..]).unwrap_or_default();
             let ports = service
                 .ports
                 .iter()
@@ -138,11 +168,22 @@ impl Balancers {
                     }
                 })
                 .collect();
-            next.insert(name, ports);
+            next.insert(name.clone(), ports);
+            looked_at.push(name.clone());
+            listed.insert(address, (service.clone(), name));
+        }
+        // What is left was replaced by a new value (its name was looked at above) or is gone.
+        let fresh: std::collections::HashSet<&str> = looked_at.iter().map(|n| &**n).collect();
+        let mut gone = Vec::new();
+        for (_, (_, name)) in synced.services.drain() {
+            if !fresh.contains(&*name) {
+                next.remove(&name);
+                gone.push(name);
+            }
         }
         // Service ports that are gone: their endpoints' late outcomes change nothing.
-        for (name, ports) in current.iter() {
-            for balancer in ports {
+        for name in looked_at.iter().chain(&gone) {
+            for balancer in current.get(name).into_iter().flat_map(|p| p.iter()) {
                 let kept = next
                     .get(name)
                     .is_some_and(|ports| ports.iter().any(|b| b.port() == balancer.port()));
@@ -151,6 +192,8 @@ impl Balancers {
                 }
             }
         }
+        synced.services = listed;
+        synced.zone = zone;
         self.map.store(Arc::new(next));
     }
 
@@ -168,13 +211,22 @@ impl Balancers {
     /// Every service port's balancer (for the active health checker, which walks them each
     /// round so it sees what a reload added).
     pub fn all(&self) -> Vec<Arc<ServiceBalancer>> {
-        self.map.load().values().flatten().cloned().collect()
+        self.map
+            .load()
+            .values()
+            .flat_map(|ports| ports.iter())
+            .cloned()
+            .collect()
     }
 
     /// Every service port, by service name then port.
     pub fn status(&self) -> Vec<ServiceStatus> {
         let map = self.map.load();
-        let mut all: Vec<ServiceStatus> = map.values().flatten().map(|b| b.status()).collect();
+        let mut all: Vec<ServiceStatus> = map
+            .values()
+            .flat_map(|ports| ports.iter())
+            .map(|b| b.status())
+            .collect();
         all.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
         all
     }

@@ -62,7 +62,7 @@ impl Spec {
 }
 
 /// The zone label of this agent's node, if the node is listed.
-fn local_zone(config: &Config) -> Option<&str> {
+pub(super) fn local_zone(config: &Config) -> Option<&str> {
     let node = &config.agent().startup.node;
     config
         .nodes

@@ -792,3 +792,53 @@ fn empty_ports_dropped_picks_and_status_serialization() {
     let back: Vec<ServiceStatus> = serde_json::from_value(json).expect("round trip");
     assert_eq!(back[0].endpoints[1], balancers.status()[0].endpoints[1]);
 }
+
+/// A snapshot that hands services over as the same shared values (as the Kubernetes source
+/// does for those it did not rebuild) keeps their balancers without looking; a replaced
+/// value is looked at again and a dropped one is gone, its balancer retired.
+#[test]
+fn shared_services_are_kept_and_replaced_or_dropped_ones_synced() {
+    let mut config = config(2);
+    let mut other = (*config.services[0]).clone();
+    other.name = "api".into();
+    other.vips = vec!["10.96.0.2".parse().expect("vip")];
+    config.services.push(Arc::new(other));
+    let balancers = Balancers::new();
+    balancers.sync(&config);
+    let web = balancers.get("demo/web", 80).expect("web");
+    let api = balancers.get("demo/api", 80).expect("api");
+
+    // The same values again: the same balancers.
+    let again = config.clone();
+    balancers.sync(&again);
+    assert!(Arc::ptr_eq(
+        &web,
+        &balancers.get("demo/web", 80).expect("web")
+    ));
+    assert!(Arc::ptr_eq(
+        &api,
+        &balancers.get("demo/api", 80).expect("api")
+    ));
+
+    // web replaced by a value with one endpoint less, api dropped.
+    let mut next = config.clone();
+    Arc::make_mut(&mut next.services[0]).ports[0]
+        .endpoints
+        .pop();
+    next.services.pop();
+    balancers.sync(&next);
+    let web2 = balancers.get("demo/web", 80).expect("web stays");
+    assert!(!Arc::ptr_eq(&web, &web2));
+    assert_eq!(web2.status().endpoints.len(), 1);
+    assert!(balancers.get("demo/api", 80).is_none(), "api is gone");
+    assert_eq!(balancers.status().len(), 1);
+
+    // A value equal to the synced one but not shared is looked at: same inputs, kept.
+    let mut copy = next.clone();
+    copy.services[0] = Arc::new((*next.services[0]).clone());
+    balancers.sync(&copy);
+    assert!(Arc::ptr_eq(
+        &web2,
+        &balancers.get("demo/web", 80).expect("web")
+    ));
+}

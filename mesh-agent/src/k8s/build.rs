@@ -1,9 +1,16 @@
 //! The stores' pieces -> one `Config`, through the config's own assembly: workloads from the
 //! pods of enrolled namespaces, services with the endpoints of their slices, the policies,
 //! and this node's labels. Linear in the pieces; nothing is parsed here.
+//!
+//! A Service is the bulk of a large cluster (30,000 of them against a few thousand pods), and
+//! one event changes one or two: the [`BuildCache`] keeps what each Service became, with the
+//! pieces it was made from, and a Service whose pieces are the same ones (by pointer: the
+//! stores replace a piece only when it changes) is handed over as the same `Arc`, which the
+//! balancers also recognize.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use super::kinds::ObjectKind;
 use super::locate::Sandboxes;
@@ -26,8 +33,55 @@ pub struct Built {
     pub conflicts: Vec<ObjectKey>,
 }
 
-/// Builds the snapshot of `stores` under `agent`.
-pub fn build(stores: &Stores, agent: &AgentConfig, sandboxes: &mut Sandboxes) -> Built {
+/// What the last build made of each Service, and from which pieces.
+#[derive(Debug, Default)]
+pub struct BuildCache {
+    services: HashMap<ObjectKey, Made>,
+}
+
+#[derive(Debug)]
+struct Made {
+    service: Arc<Piece>,
+    slices: Vec<Arc<Piece>>,
+    traffic: Option<Arc<Piece>>,
+    /// Set when an endpoint's node came from its workload (a slice without `nodeName`): the
+    /// pods' and namespaces' change counts it was made at, which it is only valid with.
+    workloads: Option<(u64, u64)>,
+    built: Arc<Service>,
+}
+
+impl Made {
+    fn still(
+        &self,
+        service: &Arc<Piece>,
+        slices: &[&Arc<Piece>],
+        traffic: Option<&Arc<Piece>>,
+        workloads: (u64, u64),
+    ) -> bool {
+        Arc::ptr_eq(&self.service, service)
+            && self.slices.len() == slices.len()
+            && self
+                .slices
+                .iter()
+                .zip(slices)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+            && match (&self.traffic, traffic) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.workloads.is_none_or(|at| at == workloads)
+    }
+}
+
+/// Builds the snapshot of `stores` under `agent`, reusing from `cache` the Services whose
+/// pieces did not change.
+pub fn build(
+    stores: &Stores,
+    agent: &AgentConfig,
+    sandboxes: &mut Sandboxes,
+    cache: &mut BuildCache,
+) -> Built {
     let enrolled: HashSet<&str> = stores
         .pieces(ObjectKind::Namespace)
         .filter(|(_, p)| matches!(p, Piece::Namespace { enrolled: true }))
@@ -59,28 +113,67 @@ pub fn build(stores: &Stores, agent: &AgentConfig, sandboxes: &mut Sandboxes) ->
         }
     }
 
-    let mut slices: HashMap<(&str, &str), Vec<&SlicePiece>> = HashMap::new();
-    for (key, piece) in stores.pieces(ObjectKind::EndpointSlice) {
-        if let Piece::EndpointSlice(slice) = piece {
+    let mut slices: HashMap<(&str, &str), Vec<&Arc<Piece>>> = HashMap::new();
+    for (key, piece) in stores.shared(ObjectKind::EndpointSlice) {
+        if let Piece::EndpointSlice(slice) = &**piece {
             slices
                 .entry((key.namespace.as_str(), slice.service.as_str()))
                 .or_default()
-                .push(slice);
+                .push(piece);
         }
     }
     let (traffic, conflicts) = traffic_policies(stores);
 
     let node = agent.startup.node.as_str();
+    let workload_changes = (
+        stores.changes(ObjectKind::Pod),
+        stores.changes(ObjectKind::Namespace),
+    );
+    let mut made = HashMap::with_capacity(cache.services.len());
     let mut services = Vec::new();
-    for (_, piece) in stores.pieces(ObjectKind::Service) {
-        let Piece::Service(s) = piece else { continue };
-        let key = (s.namespace.as_str(), s.name.as_str());
-        let of_service = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let policy = traffic.get(&key).map(|p| (*p).clone()).unwrap_or_default();
-        services.push(std::sync::Arc::new(service(
-            s, of_service, &by_ip, node, policy,
-        )));
+    for (key, shared) in stores.shared(ObjectKind::Service) {
+        let Piece::Service(s) = &**shared else {
+            continue;
+        };
+        let target = (s.namespace.as_str(), s.name.as_str());
+        let of_service = slices.get(&target).map(Vec::as_slice).unwrap_or_default();
+        let policy = traffic.get(&target).copied();
+        let (key, entry) = match cache.services.remove_entry(key) {
+            Some((key, entry)) if entry.still(shared, of_service, policy, workload_changes) => {
+                (key, entry)
+            }
+            _ => {
+                let pieces: Vec<&SlicePiece> = of_service
+                    .iter()
+                    .filter_map(|p| match &***p {
+                        Piece::EndpointSlice(slice) => Some(slice),
+                        _ => None,
+                    })
+                    .collect();
+                let traffic_policy = policy
+                    .and_then(|p| match &**p {
+                        Piece::Policy(p) => match &p.object {
+                            PolicyObject::Traffic { policy, .. } => Some(policy.clone()),
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let (built, from_workloads) = service(s, &pieces, &by_ip, node, traffic_policy);
+                let entry = Made {
+                    service: shared.clone(),
+                    slices: of_service.iter().map(|p| (*p).clone()).collect(),
+                    traffic: policy.cloned(),
+                    workloads: from_workloads.then_some(workload_changes),
+                    built: Arc::new(built),
+                };
+                (key.clone(), entry)
+            }
+        };
+        services.push(entry.built.clone());
+        made.insert(key, entry);
     }
+    cache.services = made;
 
     let mut policies = Policies::default();
     for kind in [
@@ -122,15 +215,20 @@ pub fn build(stores: &Stores, agent: &AgentConfig, sandboxes: &mut Sandboxes) ->
     }
 }
 
-/// The traffic policy of each Service `(namespace, name)`: of two naming the same Service,
-/// the older (creation time, then name) wins; the others are returned as conflicts.
-fn traffic_policies(stores: &Stores) -> (HashMap<(&str, &str), &TrafficPolicy>, Vec<ObjectKey>) {
-    let mut winners: HashMap<(&str, &str), (&ObjectKey, &PolicyPiece, &TrafficPolicy)> =
+/// A piece per Service `(namespace, name)`.
+type ByService<'a> = HashMap<(&'a str, &'a str), &'a Arc<Piece>>;
+
+/// The TrafficPolicy piece of each Service `(namespace, name)`: of two naming the same
+/// Service, the older (creation time, then name) wins; the others are returned as conflicts.
+fn traffic_policies(stores: &Stores) -> (ByService<'_>, Vec<ObjectKey>) {
+    let mut winners: HashMap<(&str, &str), (&ObjectKey, &PolicyPiece, &Arc<Piece>)> =
         HashMap::new();
     let mut conflicts = Vec::new();
-    for (key, piece) in stores.pieces(ObjectKind::TrafficPolicy) {
-        let Piece::Policy(p) = piece else { continue };
-        let PolicyObject::Traffic { service, policy } = &p.object else {
+    for (key, shared) in stores.shared(ObjectKind::TrafficPolicy) {
+        let Piece::Policy(p) = &**shared else {
+            continue;
+        };
+        let PolicyObject::Traffic { service, .. } = &p.object else {
             continue;
         };
         let target = (key.namespace.as_str(), service.as_str());
@@ -140,10 +238,10 @@ fn traffic_policies(stores: &Stores) -> (HashMap<(&str, &str), &TrafficPolicy>, 
             }
             Some((held, _, _)) => {
                 conflicts.push((*held).clone());
-                winners.insert(target, (key, p, policy));
+                winners.insert(target, (key, p, shared));
             }
             None => {
-                winners.insert(target, (key, p, policy));
+                winners.insert(target, (key, p, shared));
             }
         }
     }
@@ -153,14 +251,16 @@ fn traffic_policies(stores: &Stores) -> (HashMap<(&str, &str), &TrafficPolicy>, 
 }
 
 /// One Service with its endpoints: each ready address x the slice's port for each service
-/// port (by name; a numeric target port also serves slices that do not list the port).
+/// port (by name; a numeric target port also serves slices that do not list the port). With
+/// it, whether an endpoint's node came from its workload (the slice did not say).
 fn service(
     s: &ServicePiece,
     slices: &[&SlicePiece],
     by_ip: &HashMap<IpAddr, (WorkloadId, &str)>,
     node: &str,
     traffic: TrafficPolicy,
-) -> Service {
+) -> (Service, bool) {
+    let mut from_workloads = false;
     let ports = s
         .ports
         .iter()
@@ -187,10 +287,10 @@ fn service(
                             continue;
                         }
                         let owner = by_ip.get(ip);
-                        let endpoint_node = e
-                            .node
-                            .clone()
-                            .or_else(|| owner.map(|(_, n)| (*n).to_owned()));
+                        let endpoint_node = e.node.clone().or_else(|| {
+                            from_workloads |= owner.is_some();
+                            owner.map(|(_, n)| (*n).to_owned())
+                        });
                         endpoints.push(Endpoint {
                             addr: SocketAddr::new(*ip, target),
                             local: endpoint_node.as_deref() == Some(node),
@@ -214,12 +314,13 @@ fn service(
             }
         })
         .collect();
-    Service {
+    let service = Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         vips: s.vips.clone(),
         ports,
         selection: EndpointSelection::Selector(s.selector.clone()),
         traffic,
-    }
+    };
+    (service, from_workloads)
 }

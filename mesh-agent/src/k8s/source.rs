@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use super::build::build;
+use super::build::{BuildCache, build};
 use super::kinds::ObjectKind;
 use super::locate::{PodLocator, Sandboxes};
 use super::store::{ApplyContext, Stores};
@@ -102,6 +102,7 @@ async fn run(
         conflicts: BTreeSet::new(),
         published: false,
         unresolved: 0,
+        cache: BuildCache::default(),
     };
     let mut retry = tokio::time::interval(SANDBOX_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -156,6 +157,7 @@ struct Controller {
     published: bool,
     /// Local pods left out of the last rebuild (sandbox not found yet).
     unresolved: usize,
+    cache: BuildCache,
 }
 
 impl Controller {
@@ -167,7 +169,7 @@ impl Controller {
         metrics: &Metrics,
     ) {
         let building = Instant::now();
-        let built = build(&self.stores, agent, &mut self.sandboxes);
+        let built = build(&self.stores, agent, &mut self.sandboxes, &mut self.cache);
         self.unresolved = built.unresolved;
         let conflicts: BTreeSet<ObjectKey> = built.conflicts.into_iter().collect();
         for object in conflicts.difference(&self.conflicts) {

@@ -5,8 +5,13 @@
 //!
 //! A refused object (malformed, invalid) is logged, counted and skipped; an earlier valid
 //! version of it stays, as the previous file stays when a new one is invalid.
+//!
+//! Pieces are shared (`Arc`) and replaced only when they change, a relist keeping the ones it
+//! finds equal: the build recognizes an unchanged piece by pointer and reuses what it made
+//! from it (see `build::BuildCache`). Each kind counts its changes for the same purpose.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kube::core::DynamicObject;
 use kube::runtime::watcher::Event;
@@ -19,11 +24,13 @@ use crate::metrics::Metrics;
 
 #[derive(Debug, Default)]
 struct Store {
-    items: BTreeMap<ObjectKey, Piece>,
+    items: BTreeMap<ObjectKey, Arc<Piece>>,
     /// Filling during a (re)list.
-    relist: Option<BTreeMap<ObjectKey, Piece>>,
+    relist: Option<BTreeMap<ObjectKey, Arc<Piece>>>,
     /// A first list completed.
     synced: bool,
+    /// Changes applied to `items` so far.
+    changes: u64,
 }
 
 /// What applying an event needs besides the stores.
@@ -75,7 +82,12 @@ impl Stores {
                 let buffer = relist.get_or_insert_with(BTreeMap::new);
                 match converted {
                     Some((key, piece)) => {
-                        buffer.insert(key, piece);
+                        // An equal piece keeps its identity across the relist.
+                        let shared = match items.get(&key) {
+                            Some(old) if **old == piece => old.clone(),
+                            _ => Arc::new(piece),
+                        };
+                        buffer.insert(key, shared);
                     }
                     None => {
                         // Refused: its earlier valid version, if any, stays.
@@ -94,6 +106,7 @@ impl Stores {
                 let changed = !store.synced || store.items != listed;
                 store.items = listed;
                 store.synced = true;
+                store.changes += u64::from(changed);
                 changed
             }
             Event::Apply(obj) => {
@@ -105,18 +118,20 @@ impl Stores {
                 };
                 // A local pod's event may be the only sign of a new sandbox.
                 let local_pod = matches!(&piece, Piece::Pod(p) if p.workload.local);
-                let changed = store.items.get(&key) != Some(&piece);
-                store.items.insert(key, piece);
+                let changed = store.items.get(&key).is_none_or(|old| **old != piece);
+                if changed {
+                    store.items.insert(key, Arc::new(piece));
+                    store.changes += 1;
+                }
                 changed || local_pod
             }
             Event::Delete(obj) => {
                 if kind == ObjectKind::Pod {
                     forget_pod(&obj, cx);
                 }
-                match key(&obj) {
-                    Ok(key) => store.items.remove(&key).is_some(),
-                    Err(_) => false,
-                }
+                let removed = key(&obj).is_ok_and(|key| store.items.remove(&key).is_some());
+                store.changes += u64::from(removed);
+                removed
             }
         }
     }
@@ -137,10 +152,20 @@ impl Stores {
 
     /// The pieces of `kind`, by `namespace/name`.
     pub fn pieces(&self, kind: ObjectKind) -> impl Iterator<Item = (&ObjectKey, &Piece)> + '_ {
+        self.shared(kind).map(|(key, piece)| (key, &**piece))
+    }
+
+    /// The pieces of `kind` as shared: the same `Arc` as long as the piece is unchanged.
+    pub fn shared(&self, kind: ObjectKind) -> impl Iterator<Item = (&ObjectKey, &Arc<Piece>)> + '_ {
         self.kinds
             .get(&kind)
             .into_iter()
             .flat_map(|s| s.items.iter())
+    }
+
+    /// How many changes the pieces of `kind` have had: equal counts, same pieces.
+    pub fn changes(&self, kind: ObjectKind) -> u64 {
+        self.kinds.get(&kind).map_or(0, |s| s.changes)
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::fixtures::*;
 use crate::config::{AgentConfig, LoadBalancer, Workload};
-use crate::k8s::build::{Built, build};
+use crate::k8s::build::{BuildCache, Built, build};
 use crate::k8s::kinds::ObjectKind;
 use crate::k8s::locate::Sandboxes;
 use crate::k8s::store::{ApplyContext, Stores};
@@ -23,6 +23,8 @@ struct Harness {
     metrics: Metrics,
     agent: AgentConfig,
     locator: Arc<FakeLocator>,
+    /// Kept across builds, as the controller keeps it.
+    cache: BuildCache,
 }
 
 impl Harness {
@@ -33,6 +35,7 @@ impl Harness {
             metrics: Metrics::new(),
             agent: agent(),
             locator,
+            cache: BuildCache::default(),
         };
         // Every kind listed, empty: the store is synced.
         for kind in ObjectKind::ALL {
@@ -61,8 +64,23 @@ impl Harness {
         self.event(kind, Event::Delete(object))
     }
 
+    /// The build with the kept cache, checked against one made from nothing: whatever the
+    /// events, reusing must give the same snapshot.
     fn build(&mut self) -> Built {
-        build(&self.stores, &self.agent, &mut self.sandboxes)
+        let built = build(
+            &self.stores,
+            &self.agent,
+            &mut self.sandboxes,
+            &mut self.cache,
+        );
+        let fresh = build(
+            &self.stores,
+            &self.agent,
+            &mut self.sandboxes,
+            &mut BuildCache::default(),
+        );
+        assert_eq!(built.config, fresh.config, "the cache changed the snapshot");
+        built
     }
 
     fn rejected(&self, kind: ObjectKind) -> u64 {
