@@ -567,6 +567,7 @@ fn kube_build(c: &mut Criterion) {
     balancers.sync(&built.config);
     limits.sync(&built.config);
     let mut took = Vec::with_capacity(500);
+    let mut parts = [Duration::ZERO; 4];
     for round in 0..500 {
         let j = (round * 7919) % services;
         let event = Event::Apply(changed_slice(j, &format!("10.9.1.{}", round % 250 + 1)));
@@ -577,12 +578,27 @@ fn kube_build(c: &mut Criterion) {
             sandboxes: &mut sandboxes,
         };
         assert!(stores.apply(ObjectKind::EndpointSlice, event, &mut cx));
+        let applied = start.elapsed();
         let built = build(&stores, &agent, &mut sandboxes, &mut cache);
+        let building = start.elapsed();
         balancers.sync(&built.config);
+        let balancing = start.elapsed();
         limits.sync(&built.config);
         took.push(start.elapsed());
+        parts[0] += applied;
+        parts[1] += building - applied;
+        parts[2] += balancing - building;
+        parts[3] += took[took.len() - 1] - balancing;
         black_box(built);
     }
+    let mean = |d: Duration| d / 500;
+    println!(
+        "k8s/one_endpoint_change: mean apply {:.2?}, build {:.2?}, balancers {:.2?}, limits {:.2?}",
+        mean(parts[0]),
+        mean(parts[1]),
+        mean(parts[2]),
+        mean(parts[3])
+    );
     took.sort();
     let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
     println!(
