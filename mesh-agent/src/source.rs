@@ -84,7 +84,8 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
 
 /// The cgroup the programs attach to: `--cgroup`, else `agent.cgroup`, else the cgroup2 root.
 /// With Kubernetes, the kubelet's pods cgroup below it (`kubepods.slice` or `kubepods`,
-/// whichever cgroup driver the node uses), so that only pods are steered and the same
+/// whichever cgroup driver the node uses, or the same one level down below a kubelet cgroup
+/// root, as on kind's nodes), so that only pods are steered and the same
 /// ConfigMap (`cgroup: /host/sys/fs/cgroup`) serves every node; it is also where pods are
 /// looked for by UID.
 pub fn attach_cgroup(
