@@ -27,6 +27,16 @@ pub enum SourceKind {
     Kubernetes,
 }
 
+impl SourceKind {
+    /// What the configuration file may hold with this source.
+    pub fn config_scope(self) -> Scope {
+        match self {
+            SourceKind::File => Scope::Everything,
+            SourceKind::Kubernetes => Scope::AgentOnly,
+        }
+    }
+}
+
 /// A started source: the snapshot in force and the publisher of the next ones.
 pub struct Started {
     pub config: Arc<Config>,
@@ -53,10 +63,7 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
         cgroup,
         metrics,
     } = options;
-    let scope = match kind {
-        SourceKind::File => Scope::Everything,
-        SourceKind::Kubernetes => Scope::AgentOnly,
-    };
+    let scope = kind.config_scope();
     let config = Arc::new(Config::load_scoped(path, node.as_deref(), scope)?);
     let file = watch::spawn_scoped(path, node, scope, config.clone());
     if kind == SourceKind::File {
