@@ -18,7 +18,9 @@ xtask/src/manifests.rs:
    container's mounts.
 4. Every example custom resource validates against its CustomResourceDefinition's
    openAPIV3Schema, every kind has an example, and each example, turned into the file
-   config's form, passes `mesh-agent config check`.
+   config's form, passes `mesh-agent config check`. Each applies to the walkthrough's demo
+   (deploy/kubernetes/demo): its namespace is rendered, its selector picks pods of a
+   workload there, its TrafficPolicy names a Service there.
 5. Every CRD has the agent's fields, no more, no fewer, at every level: an unknown field put
    at that level of a resource that sets every field makes `mesh-agent config check` list
    the fields it accepts there (serde's "expected one of"), which must be the schema's.
@@ -277,6 +279,30 @@ def install_errors(objects):
     return [f"DaemonSet/{AGENT_DAEMONSET}: {e}" for e in errors]
 
 
+def demo_errors(obj, rendered):
+    """An example custom resource applies to the rendered demo (point 4 of the module doc)."""
+    ns = obj["metadata"]["namespace"]
+    objects = [o for objs in rendered.values() for o in objs]
+    if find(objects, "Namespace", ns) is None:
+        return [f"namespace {ns} is in no rendering"]
+    in_ns = [o for o in objects if (o.get("metadata") or {}).get("namespace") == ns]
+    spec = obj.get("spec") or {}
+    errors = []
+    selector = spec.get("selector")
+    if selector is not None:
+        templates = [
+            ((o["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+            for o in in_ns
+            if pod_spec(o) is not None
+        ]
+        if not any(selector.items() <= labels.items() for labels in templates):
+            errors.append(f"selector {selector} picks no pod of {ns}")
+    service = spec.get("service")
+    if service is not None and find(in_ns, "Service", service) is None:
+        errors.append(f"Service {ns}/{service} is in no rendering")
+    return errors
+
+
 def uninstall_errors(rendered):
     """The clean-up matches every install (point 6 of the module doc)."""
     found = [
@@ -465,6 +491,11 @@ def self_test(version, daemonset, validators, example, crd, mesh_agent, rendered
     if not uninstall_errors(renamed):
         missed.append("the uninstall check accepted pins of another name")
 
+    elsewhere = copy.deepcopy(example)
+    elsewhere["spec"]["selector"] = {"app": "no-such-app"}
+    if not demo_errors(elsewhere, rendered):
+        missed.append("the demo check accepted a selector that picks no pod")
+
     extra = copy.deepcopy(crd)
     spec = extra["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     spec["properties"]["connections"]["properties"]["perMinute"] = {"type": "integer"}
@@ -548,6 +579,8 @@ def main():
                 continue
             seen.add((obj.get("apiVersion"), obj.get("kind")))
             problems = custom_errors(obj, validators)
+            if not problems:
+                problems = demo_errors(obj, rendered)
             errors += [f"{label}: {p}" for p in problems]
             if not problems:
                 text = yaml.safe_dump(as_file_config(obj))
