@@ -17,7 +17,8 @@
 //! cgroup v2 keeps processes in leaves only, so a pod's processes sit in its containers'
 //! child cgroups (`cri-containerd-<id>.scope`, `<id>`); every container of a pod shares the
 //! pod's network namespace, so any of them leads to it (`/proc/<pid>/ns/net`, which needs the
-//! host's PID namespace: the DaemonSet sets `hostPID`). The path is only a way to open the
+//! host's PID namespace: the DaemonSet sets `hostPID`; and, the process being another user's,
+//! `CAP_SYS_PTRACE` for the kernel's ptrace read check). The path is only a way to open the
 //! namespace; what identifies it is the inode, which changes when the pod's sandbox is
 //! recreated.
 
@@ -44,6 +45,10 @@ pub enum KubepodsError {
     NoProcess(PathBuf),
     #[error("pod cgroup {0} runs in the node's network namespace (hostNetwork)")]
     HostNetwork(PathBuf),
+    #[error(
+        "opening {0}: permission denied (another user's process: the agent needs CAP_SYS_PTRACE)"
+    )]
+    Denied(PathBuf),
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
 }
@@ -127,11 +132,18 @@ fn find_pod_in(root: &Path, uid: &str, proc: &Path) -> Result<PodSandbox, Kubepo
     // same from one look to the next while it lives.
     pids.sort_unstable();
     let mut host_network = false;
+    let mut denied = None;
     for pid in pids {
         let netns = proc.join(pid.to_string()).join("ns/net");
-        // A process that exited since cgroup.procs was read is simply skipped.
-        let Ok(meta) = fs::metadata(&netns) else {
-            continue;
+        let meta = match fs::metadata(&netns) {
+            Ok(meta) => meta,
+            // The kernel's ptrace read check: another user's process, and no CAP_SYS_PTRACE.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                denied.get_or_insert(netns);
+                continue;
+            }
+            // A process that exited since cgroup.procs was read is simply skipped.
+            Err(_) => continue,
         };
         if meta.ino() == own {
             host_network = true;
@@ -143,10 +155,10 @@ fn find_pod_in(root: &Path, uid: &str, proc: &Path) -> Result<PodSandbox, Kubepo
             netns_inode: meta.ino(),
         });
     }
-    Err(if host_network {
-        KubepodsError::HostNetwork(cgroup)
-    } else {
-        KubepodsError::NoProcess(cgroup)
+    Err(match (host_network, denied) {
+        (true, _) => KubepodsError::HostNetwork(cgroup),
+        (false, Some(netns)) => KubepodsError::Denied(netns),
+        (false, None) => KubepodsError::NoProcess(cgroup),
     })
 }
 
