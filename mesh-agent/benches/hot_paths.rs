@@ -470,7 +470,7 @@ fn kube_objects(pods: usize, services: usize) -> Vec<(ObjectKind, DynamicObject)
 struct AnyPod;
 
 impl PodLocator for AnyPod {
-    fn netns(&self, uid: &str) -> Result<std::path::PathBuf, String> {
+    fn netns(&self, uid: &str) -> Result<std::path::PathBuf, mesh_agent::k8s::Unresolved> {
         Ok(std::path::PathBuf::from(format!("/run/netns/{uid}")))
     }
 }

@@ -156,12 +156,17 @@ pub enum ConfigCommand {
     /// root needed, no eBPF, namespace or network is touched (like `nginx -t`).
     ///
     /// Valid: prints `FILE: ok (N workloads, N services, N authorization policies, N rate
-    /// limits, N egress limits)` and exits 0. Invalid or unreadable: prints
+    /// limits, N egress limits)`, or `FILE: ok (agent block only)` with `--source
+    /// kubernetes`, and exits 0. Invalid or unreadable: prints
     /// `FILE:LINE:COLUMN: field.path: message` on stderr and exits 1.
     Check {
         /// The YAML configuration to check.
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// The source `run` will use: with `kubernetes` the file must hold the agent block
+        /// only (what a DaemonSet's ConfigMap holds).
+        #[arg(long, value_enum, default_value_t = SourceKind::File)]
+        source: SourceKind,
     },
 }
 

@@ -22,10 +22,10 @@ fn main() -> anyhow::Result<()> {
     }
     // Checking a file needs nothing else: no runtime, no privilege.
     if let cli::Command::Config {
-        command: cli::ConfigCommand::Check { file },
+        command: cli::ConfigCommand::Check { file, source },
     } = &cli.command
     {
-        match config::check(file) {
+        match config::check(file, source.config_scope()) {
             Ok(summary) => {
                 println!("{summary}");
                 return Ok(());

@@ -27,6 +27,16 @@ pub enum SourceKind {
     Kubernetes,
 }
 
+impl SourceKind {
+    /// What the configuration file may hold with this source.
+    pub fn config_scope(self) -> Scope {
+        match self {
+            SourceKind::File => Scope::Everything,
+            SourceKind::Kubernetes => Scope::AgentOnly,
+        }
+    }
+}
+
 /// A started source: the snapshot in force and the publisher of the next ones.
 pub struct Started {
     pub config: Arc<Config>,
@@ -53,10 +63,7 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
         cgroup,
         metrics,
     } = options;
-    let scope = match kind {
-        SourceKind::File => Scope::Everything,
-        SourceKind::Kubernetes => Scope::AgentOnly,
-    };
+    let scope = kind.config_scope();
     let config = Arc::new(Config::load_scoped(path, node.as_deref(), scope)?);
     let file = watch::spawn_scoped(path, node, scope, config.clone());
     if kind == SourceKind::File {
@@ -84,7 +91,8 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
 
 /// The cgroup the programs attach to: `--cgroup`, else `agent.cgroup`, else the cgroup2 root.
 /// With Kubernetes, the kubelet's pods cgroup below it (`kubepods.slice` or `kubepods`,
-/// whichever cgroup driver the node uses), so that only pods are steered and the same
+/// whichever cgroup driver the node uses, or the same one level down below a kubelet cgroup
+/// root, as on kind's nodes), so that only pods are steered and the same
 /// ConfigMap (`cgroup: /host/sys/fs/cgroup`) serves every node; it is also where pods are
 /// looked for by UID.
 pub fn attach_cgroup(

@@ -12,13 +12,21 @@ xtask/src/manifests.rs:
    rendering and namespace (kustomize renames generated objects; a stale reference would
    only fail on a cluster), but for the objects an installer makes by hand (MADE_AT_INSTALL).
 3. The agent configuration in every rendering's mesh-agent-config ConfigMap passes
-   `mesh-agent config check`.
+   `mesh-agent config check --source kubernetes` (the agent block only), and agrees with the
+   DaemonSet beside it: the agent runs `--source=kubernetes` with an API token and the host's
+   PID namespace, and every file or directory the configuration names is under one of the
+   container's mounts.
 4. Every example custom resource validates against its CustomResourceDefinition's
    openAPIV3Schema, every kind has an example, and each example, turned into the file
-   config's form, passes `mesh-agent config check`.
+   config's form, passes `mesh-agent config check`. Each applies to the walkthrough's demo
+   (deploy/kubernetes/demo): its namespace is rendered, its selector picks pods of a
+   workload there, its TrafficPolicy names a Service there.
 5. Every CRD has the agent's fields, no more, no fewer, at every level: an unknown field put
    at that level of a resource that sets every field makes `mesh-agent config check` list
    the fields it accepts there (serde's "expected one of"), which must be the schema's.
+6. The node clean-up (deploy/kubernetes/uninstall) removes the pins the installs make: its
+   `mesh-agent uninstall --name` is every rendering's agent.bpfName, with the same image, and
+   it mounts the host's bpffs and runtime state where the agent has them.
 
 And the checks must refuse deliberately broken copies of the real objects (an unknown
 field, a wrong type, a CRD with a field too many or too few), so a check that silently
@@ -40,6 +48,12 @@ import yaml
 
 GROUP = "mesh.example.dev"
 AGENT_CONFIG = "mesh-agent-config"
+AGENT_DAEMONSET = "mesh-agent"
+UNINSTALL_DAEMONSET = "mesh-uninstall"
+KUBERNETES_SOURCE = "--source=kubernetes"
+# Where the agent keeps what `mesh-agent uninstall` removes (mesh-agent/src/ebpf/mod.rs
+# pin_root, tunnel/mesh.rs dev_ca_dir).
+NODE_STATE = ["/sys/fs/bpf", "/run/mesh-agent"]
 # A field no config has, and how the agent refuses it: `... unknown field `X`, expected one
 # of a, b, c` (or `expected `a`` when a block has one field).
 PROBE_FIELD = "zzzNotAField"
@@ -165,21 +179,171 @@ def reference_errors(obj, objects):
     ]
 
 
-def config_check(mesh_agent, text):
+def config_check(mesh_agent, text, source="file"):
     """`mesh-agent config check` on a configuration text: None if valid, else its message."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mesh-") as f:
         f.write(text)
         f.flush()
         run = subprocess.run(
-            [mesh_agent, "config", "check", f.name], capture_output=True, text=True
+            [mesh_agent, "config", "check", "--source", source, f.name],
+            capture_output=True,
+            text=True,
         )
     return None if run.returncode == 0 else run.stderr.strip()
 
 
-def agent_check(mesh_agent, text, label):
+def agent_check(mesh_agent, text, label, source="file"):
     """`mesh-agent config check` on a configuration text; returns its error, if any."""
-    error = config_check(mesh_agent, text)
+    error = config_check(mesh_agent, text, source)
     return [] if error is None else [f"{label}: mesh-agent config check: {error}"]
+
+
+def find(objects, kind, name):
+    return next(
+        (o for o in objects if o.get("kind") == kind and o["metadata"].get("name") == name),
+        None,
+    )
+
+
+def container(obj, name):
+    pod = pod_spec(obj) or {}
+    return next((c for c in pod.get("containers") or [] if c.get("name") == name), None)
+
+
+def command_line(c):
+    """A container's command and args as one string (a shell script included)."""
+    return " ".join(str(a) for a in (c.get("command") or []) + (c.get("args") or []))
+
+
+def config_paths(agent):
+    """(field, path) of every file or directory the agent block names."""
+    out = []
+    for field in ("cgroup", "caCertFile", "caKeyFile"):
+        if agent.get(field):
+            out.append((field, agent[field]))
+    for i, path in enumerate(agent.get("trustRootFiles") or []):
+        out.append((f"trustRootFiles[{i}]", path))
+    for field in ("tokenFile", "nodeCertFile", "nodeKeyFile"):
+        if (agent.get("ca") or {}).get(field):
+            out.append((f"ca.{field}", agent["ca"][field]))
+    return out
+
+
+def host_mounts(obj, containers):
+    """mountPath -> the host path behind it (None if not a hostPath) in `containers`."""
+    host = {
+        v["name"]: v["hostPath"]["path"]
+        for v in pod_spec(obj).get("volumes") or []
+        if "hostPath" in v
+    }
+    return {
+        m["mountPath"]: host.get(m["name"])
+        for c in containers
+        for m in c.get("volumeMounts") or []
+    }
+
+
+def under(path, mounts):
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def install_errors(objects):
+    """The agent's DaemonSet and its ConfigMap agree (point 3 of the module doc)."""
+    ds = find(objects, "DaemonSet", AGENT_DAEMONSET)
+    cm = find(objects, "ConfigMap", AGENT_CONFIG)
+    if ds is None and cm is None:
+        return []
+    if ds is None or cm is None:
+        return [f"DaemonSet {AGENT_DAEMONSET} and ConfigMap {AGENT_CONFIG} come together"]
+    agent = container(ds, "mesh-agent")
+    if agent is None:
+        return [f"DaemonSet {AGENT_DAEMONSET} has no container mesh-agent"]
+    pod = pod_spec(ds)
+    config = yaml.safe_load(cm["data"]["mesh.yaml"]) or {}
+    errors = []
+    if KUBERNETES_SOURCE not in (agent.get("args") or []):
+        errors.append(f"the agent does not run {KUBERNETES_SOURCE}")
+    others = sorted(set(config) - {"agent"})
+    if others:
+        errors.append(
+            f"mesh.yaml holds {others}: with {KUBERNETES_SOURCE} the agent block only"
+        )
+    if pod.get("automountServiceAccountToken") is not True:
+        errors.append("no API token (automountServiceAccountToken: true) for the source")
+    if pod.get("hostPID") is not True:
+        errors.append("no hostPID: pods' network namespaces are /proc/<pid>/ns/net")
+    mounts = [m["mountPath"] for m in agent.get("volumeMounts") or []]
+    for field, path in config_paths(config.get("agent") or {}):
+        if not under(path, mounts):
+            errors.append(f"mesh.yaml agent.{field} {path} is under none of the agent's mounts")
+    return [f"DaemonSet/{AGENT_DAEMONSET}: {e}" for e in errors]
+
+
+def demo_errors(obj, rendered):
+    """An example custom resource applies to the rendered demo (point 4 of the module doc)."""
+    ns = obj["metadata"]["namespace"]
+    objects = [o for objs in rendered.values() for o in objs]
+    if find(objects, "Namespace", ns) is None:
+        return [f"namespace {ns} is in no rendering"]
+    in_ns = [o for o in objects if (o.get("metadata") or {}).get("namespace") == ns]
+    spec = obj.get("spec") or {}
+    errors = []
+    selector = spec.get("selector")
+    if selector is not None:
+        templates = [
+            ((o["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+            for o in in_ns
+            if pod_spec(o) is not None
+        ]
+        if not any(selector.items() <= labels.items() for labels in templates):
+            errors.append(f"selector {selector} picks no pod of {ns}")
+    service = spec.get("service")
+    if service is not None and find(in_ns, "Service", service) is None:
+        errors.append(f"Service {ns}/{service} is in no rendering")
+    return errors
+
+
+def uninstall_errors(rendered):
+    """The clean-up matches every install (point 6 of the module doc)."""
+    found = [
+        (path, ds)
+        for path, objects in rendered.items()
+        for ds in [find(objects, "DaemonSet", UNINSTALL_DAEMONSET)]
+        if ds is not None
+    ]
+    if len(found) != 1:
+        return [f"{len(found)} renderings hold DaemonSet {UNINSTALL_DAEMONSET}, not one"]
+    where, ds = found[0]
+    pod = pod_spec(ds)
+    steps = pod.get("initContainers") or []
+    script = " ".join(command_line(c) for c in steps)
+    names = re.findall(r"mesh-agent uninstall --name[= ](\S+)", script)
+    errors = []
+    if len(names) != 1:
+        errors.append(f"runs `mesh-agent uninstall --name NAME` {len(names)} times, not once")
+    mounts = host_mounts(ds, steps)
+    for state in NODE_STATE:
+        if mounts.get(state) != state:
+            errors.append(f"does not mount the host's {state} at {state}")
+    images = {c.get("image") for c in steps}
+    for path, objects in rendered.items():
+        ds_agent = find(objects, "DaemonSet", AGENT_DAEMONSET)
+        cm = find(objects, "ConfigMap", AGENT_CONFIG)
+        if ds_agent is None or cm is None:
+            continue
+        bpf_name = ((yaml.safe_load(cm["data"]["mesh.yaml"]) or {}).get("agent") or {}).get(
+            "bpfName", "mesh"
+        )
+        if names and names[0] != bpf_name:
+            errors.append(f"removes pins {names[0]!r}; {path} pins {bpf_name!r}")
+        image = (container(ds_agent, "mesh-agent") or {}).get("image")
+        if images != {image}:
+            errors.append(f"runs {sorted(images)}; {path} runs {image}")
+        agent_mounts = host_mounts(ds_agent, [container(ds_agent, "mesh-agent") or {}])
+        for state in NODE_STATE:
+            if agent_mounts.get(state) != state:
+                errors.append(f"{path}: the agent does not keep {state} on the host's {state}")
+    return [f"{where}: DaemonSet/{UNINSTALL_DAEMONSET}: {e}" for e in errors]
 
 
 def sample(schema):
@@ -287,9 +451,50 @@ def as_file_config(obj):
     return {"policies": {block: [{**named, **spec}]}}
 
 
-def self_test(version, daemonset, validators, example, crd, mesh_agent):
+def self_test(version, daemonset, validators, example, crd, mesh_agent, rendered):
     """The validators refuse broken copies of real objects; returns what they let through."""
     missed = []
+
+    install = next(
+        objs for objs in rendered.values() if find(objs, "DaemonSet", AGENT_DAEMONSET)
+    )
+    ds = find(install, "DaemonSet", AGENT_DAEMONSET)
+    cm = find(install, "ConfigMap", AGENT_CONFIG)
+    listed = copy.deepcopy(cm)
+    listed["data"]["mesh.yaml"] += "workloads: []\n"
+    file_source = copy.deepcopy(ds)
+    agent = container(file_source, "mesh-agent")
+    agent["args"] = [a for a in agent["args"] if a != KUBERNETES_SOURCE]
+    unmounted = copy.deepcopy(ds)
+    agent = container(unmounted, "mesh-agent")
+    agent["volumeMounts"] = [m for m in agent["volumeMounts"] if m["name"] != "trust-bundle"]
+    for what, objects in [
+        ("a mesh.yaml listing workloads", [ds, listed]),
+        (f"an agent without {KUBERNETES_SOURCE}", [file_source, cm]),
+        ("a trust bundle not mounted", [unmounted, cm]),
+    ]:
+        if not install_errors(objects):
+            missed.append(f"the install check accepted {what}")
+    workload = cm["data"]["mesh.yaml"] + "workloads: [{name: w, ips: [10.0.0.1]}]\n"
+    if config_check(mesh_agent, workload, "kubernetes") is None:
+        missed.append("config check --source kubernetes accepted a mesh.yaml with a workload")
+
+    renamed = copy.deepcopy(rendered)
+    for objects in renamed.values():
+        cleanup = find(objects, "DaemonSet", UNINSTALL_DAEMONSET)
+        if cleanup is not None:
+            for step in pod_spec(cleanup)["initContainers"]:
+                step["command"] = [
+                    str(a).replace("uninstall --name mesh", "uninstall --name other")
+                    for a in step.get("command") or []
+                ]
+    if not uninstall_errors(renamed):
+        missed.append("the uninstall check accepted pins of another name")
+
+    elsewhere = copy.deepcopy(example)
+    elsewhere["spec"]["selector"] = {"app": "no-such-app"}
+    if not demo_errors(elsewhere, rendered):
+        missed.append("the demo check accepted a selector that picks no pod")
 
     extra = copy.deepcopy(crd)
     spec = extra["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
@@ -351,9 +556,12 @@ def main():
             problems += reference_errors(obj, objects)
             errors += [f"{label}: {p}" for p in problems]
             if obj.get("kind") == "ConfigMap" and obj["metadata"]["name"] == AGENT_CONFIG:
-                errors += agent_check(args.mesh_agent, obj["data"]["mesh.yaml"], label)
+                text = obj["data"]["mesh.yaml"]
+                errors += agent_check(args.mesh_agent, text, label, "kubernetes")
+        errors += [f"{path}: {e}" for e in install_errors(objects)]
     if not validators:
         errors.append("no CustomResourceDefinition in any rendering")
+    errors += uninstall_errors(rendered)
     for crd in crds.values():
         errors += field_errors(crd, args.mesh_agent)
 
@@ -371,6 +579,8 @@ def main():
                 continue
             seen.add((obj.get("apiVersion"), obj.get("kind")))
             problems = custom_errors(obj, validators)
+            if not problems:
+                problems = demo_errors(obj, rendered)
             errors += [f"{label}: {p}" for p in problems]
             if not problems:
                 text = yaml.safe_dump(as_file_config(obj))
@@ -392,6 +602,7 @@ def main():
             rate_limits[0],
             rate_limit_crd,
             args.mesh_agent,
+            rendered,
         )
         errors += [f"self-test: {m}" for m in missed]
     else:

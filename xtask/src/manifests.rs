@@ -1,7 +1,9 @@
-//! `cargo xtask check-manifests`: renders `deploy/kubernetes` (the base and every overlay) with
-//! kustomize and checks every object offline with `xtask/manifests/check.py`: strict schemas
-//! of Kubernetes [`KUBERNETES_VERSION`], references between the objects, the agent's config
-//! through `mesh-agent config check`, and the example custom resources against their CRDs.
+//! `cargo xtask check-manifests`: renders `deploy/kubernetes` (the base, every overlay, the
+//! node clean-up of `uninstall/` and the walkthrough's `demo/`) with kustomize and checks
+//! every object offline with `xtask/manifests/check.py`: strict schemas of Kubernetes
+//! [`KUBERNETES_VERSION`], references between the objects, the agent's config through
+//! `mesh-agent config check --source kubernetes` and against the DaemonSet, the clean-up
+//! against every install, and the example custom resources against their CRDs and the demo.
 
 use std::{
     fs,
@@ -70,7 +72,11 @@ pub fn check() -> anyhow::Result<()> {
     fs::copy(root.join("ca.crt"), tree.join(CA_FILES).join("root.crt"))
         .context("copying the root's certificate into the ca overlay")?;
 
-    let mut kustomizations = vec![PathBuf::from("base")];
+    let mut kustomizations = vec![
+        PathBuf::from("base"),
+        PathBuf::from("uninstall"),
+        PathBuf::from("demo"),
+    ];
     for entry in fs::read_dir(tree.join("overlays")).context("reading overlays/")? {
         kustomizations.push(Path::new("overlays").join(entry?.file_name()));
     }

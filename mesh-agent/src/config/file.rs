@@ -150,11 +150,15 @@ fn agent_only(raw: &RawConfig, file: &str) -> Result<(), ConfigError> {
 }
 
 /// `mesh-agent config check`: reads and validates the file at `path` as the agent would at
-/// start, touching nothing else, and returns the one-line summary
-/// `FILE: ok (3 workloads, 1 service, 2 authorization policies, 1 rate limit, 0 egress limits)`.
-pub fn check(path: impl AsRef<Path>) -> Result<String, ConfigError> {
+/// start with `scope`, touching nothing else, and returns the one-line summary
+/// `FILE: ok (3 workloads, 1 service, 2 authorization policies, 1 rate limit, 0 egress limits)`
+/// (`FILE: ok (agent block only)` when the rest comes from the Kubernetes API).
+pub fn check(path: impl AsRef<Path>, scope: Scope) -> Result<String, ConfigError> {
     let path = path.as_ref();
-    let config = Config::load(path)?;
+    let config = Config::load_scoped(path, None, scope)?;
+    if scope == Scope::AgentOnly {
+        return Ok(format!("{}: ok (agent block only)", path.display()));
+    }
     let count =
         |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     Ok(format!(

@@ -22,7 +22,7 @@ pub mod stream;
 pub mod translate;
 
 pub use kinds::ObjectKind;
-pub use locate::{Kubepods, PodLocator};
+pub use locate::{Kubepods, PodLocator, Unresolved};
 pub use source::{SourceError, SourceInputs, start};
 
 #[cfg(test)]

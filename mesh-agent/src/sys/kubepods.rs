@@ -9,10 +9,16 @@
 //!   UID's `-` written `_` (guaranteed pods: `kubepods.slice/kubepods-pod<uid>.slice`);
 //! - cgroupfs: `kubepods/<qos>/pod<uid>` (guaranteed pods: `kubepods/pod<uid>`).
 //!
+//! A kubelet given a cgroup root (`cgroupRoot`, `--cgroup-root`) puts that tree one level
+//! down and, under systemd, prefixes every name with it: kind's nodes (`cgroupRoot:
+//! /kubelet`, systemd) keep pods in `kubelet.slice/kubelet-kubepods.slice/
+//! kubelet-kubepods-<qos>.slice/kubelet-kubepods-<qos>-pod<uid>.slice`.
+//!
 //! cgroup v2 keeps processes in leaves only, so a pod's processes sit in its containers'
 //! child cgroups (`cri-containerd-<id>.scope`, `<id>`); every container of a pod shares the
 //! pod's network namespace, so any of them leads to it (`/proc/<pid>/ns/net`, which needs the
-//! host's PID namespace: the DaemonSet sets `hostPID`). The path is only a way to open the
+//! host's PID namespace: the DaemonSet sets `hostPID`; and, the process being another user's,
+//! `CAP_SYS_PTRACE` for the kernel's ptrace read check). The path is only a way to open the
 //! namespace; what identifies it is the inode, which changes when the pod's sandbox is
 //! recreated.
 
@@ -39,6 +45,10 @@ pub enum KubepodsError {
     NoProcess(PathBuf),
     #[error("pod cgroup {0} runs in the node's network namespace (hostNetwork)")]
     HostNetwork(PathBuf),
+    #[error(
+        "opening {0}: permission denied (another user's process: the agent needs CAP_SYS_PTRACE)"
+    )]
+    Denied(PathBuf),
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
 }
@@ -55,23 +65,45 @@ pub struct PodSandbox {
 }
 
 /// The kubelet's cgroup of all pods under `cgroup` (the host's cgroup2 tree, or that cgroup
-/// itself): `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver); `None` if
-/// neither is there. The agent attaches its programs there, so only pods are steered.
+/// itself): `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver), or one level
+/// down below a kubelet cgroup root (`<root>.slice/<root>-kubepods.slice`, `<root>/kubepods`);
+/// `None` if there is none. The agent attaches its programs there, so only pods are steered.
 pub fn kubepods_dir(cgroup: &Path) -> Option<PathBuf> {
     if cgroup
         .file_name()
         .and_then(|n| n.to_str())
-        .is_some_and(|n| n == "kubepods.slice" || n == "kubepods")
+        .is_some_and(is_kubepods_name)
     {
         return Some(cgroup.to_owned());
     }
-    ["kubepods.slice", "kubepods"]
+    if let Some(dir) = ["kubepods.slice", "kubepods"]
         .iter()
         .map(|name| cgroup.join(name))
         .find(|dir| dir.is_dir())
+    {
+        return Some(dir);
+    }
+    // Below a cgroup root: one look per child, no walk of the host's other cgroups.
+    let children = subdirs(cgroup).ok()?;
+    children.into_iter().find_map(|(name, path)| {
+        if is_kubepods_name(&name) {
+            return Some(path);
+        }
+        let kubepods = match name.strip_suffix(".slice") {
+            Some(root) => path.join(format!("{root}-kubepods.slice")),
+            None => path.join("kubepods"),
+        };
+        kubepods.is_dir().then_some(kubepods)
+    })
 }
 
-/// The pod with `uid` under the kubepods cgroup `root` (or the cgroup2 mount above it).
+/// The name of a kubepods cgroup: `kubepods.slice`, `kubepods`, or `<root>-kubepods.slice`.
+fn is_kubepods_name(name: &str) -> bool {
+    name == "kubepods.slice" || name == "kubepods" || name.ends_with("-kubepods.slice")
+}
+
+/// The pod with `uid` under the kubepods cgroup `root` (or the cgroup directly above
+/// `kubepods.slice` or `kubepods`).
 pub fn find_pod(root: &Path, uid: &str) -> Result<PodSandbox, KubepodsError> {
     find_pod_in(root, uid, Path::new("/proc"))
 }
@@ -100,11 +132,18 @@ fn find_pod_in(root: &Path, uid: &str, proc: &Path) -> Result<PodSandbox, Kubepo
     // same from one look to the next while it lives.
     pids.sort_unstable();
     let mut host_network = false;
+    let mut denied = None;
     for pid in pids {
         let netns = proc.join(pid.to_string()).join("ns/net");
-        // A process that exited since cgroup.procs was read is simply skipped.
-        let Ok(meta) = fs::metadata(&netns) else {
-            continue;
+        let meta = match fs::metadata(&netns) {
+            Ok(meta) => meta,
+            // The kernel's ptrace read check: another user's process, and no CAP_SYS_PTRACE.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                denied.get_or_insert(netns);
+                continue;
+            }
+            // A process that exited since cgroup.procs was read is simply skipped.
+            Err(_) => continue,
         };
         if meta.ino() == own {
             host_network = true;
@@ -116,10 +155,10 @@ fn find_pod_in(root: &Path, uid: &str, proc: &Path) -> Result<PodSandbox, Kubepo
             netns_inode: meta.ino(),
         });
     }
-    Err(if host_network {
-        KubepodsError::HostNetwork(cgroup)
-    } else {
-        KubepodsError::NoProcess(cgroup)
+    Err(match (host_network, denied) {
+        (true, _) => KubepodsError::HostNetwork(cgroup),
+        (false, Some(netns)) => KubepodsError::Denied(netns),
+        (false, None) => KubepodsError::NoProcess(cgroup),
     })
 }
 
@@ -127,7 +166,7 @@ fn find_pod_in(root: &Path, uid: &str, proc: &Path) -> Result<PodSandbox, Kubepo
 struct PodCgroupNames {
     /// cgroupfs: `pod<uid>`
     cgroupfs: String,
-    /// systemd: `-pod<uid with _>.slice`, after the `kubepods[-<qos>]` prefix.
+    /// systemd: `-pod<uid with _>.slice`, after the `[<root>-]kubepods[-<qos>]` prefix.
     systemd_suffix: String,
 }
 
@@ -140,14 +179,13 @@ impl PodCgroupNames {
     }
 
     fn matches(&self, name: &str) -> bool {
-        name == self.cgroupfs
-            || (name.starts_with("kubepods") && name.ends_with(&self.systemd_suffix))
+        name == self.cgroupfs || (name.contains("kubepods") && name.ends_with(&self.systemd_suffix))
     }
 }
 
 /// Breadth first below `dir`, down to `depth` levels: the first directory whose name
-/// `wanted` accepts. Only the kubelet's own levels are entered (`kubepods*`, the QoS
-/// classes), so a host with many other cgroups costs no more than one with none.
+/// `wanted` accepts. Only the kubelet's own levels are entered (`[<root>-]kubepods*`, the
+/// QoS classes), so a host with many other cgroups costs no more than one with none.
 fn find_dir(
     dir: &Path,
     depth: usize,
@@ -161,7 +199,7 @@ fn find_dir(
                 if wanted(&name) {
                     return Ok(Some(path));
                 }
-                if name.starts_with("kubepods") || name == "besteffort" || name == "burstable" {
+                if name.contains("kubepods") || name == "besteffort" || name == "burstable" {
                     next.push(path);
                 }
             }
@@ -305,8 +343,48 @@ mod tests {
             assert_eq!(kubepods_dir(&dir), Some(dir.clone()));
         }
         let tree = Tree::new();
-        fs::create_dir_all(tree.cgroups().join("system.slice")).expect("dirs");
+        fs::create_dir_all(tree.cgroups().join("system.slice/containerd.service")).expect("dirs");
+        fs::create_dir_all(tree.cgroups().join("init.scope")).expect("dirs");
         assert_eq!(kubepods_dir(&tree.cgroups()), None);
+    }
+
+    #[test]
+    fn pods_are_found_below_a_kubelet_cgroup_root() {
+        // kind's nodes: `cgroupRoot: /kubelet` with the systemd driver; and the same root with
+        // cgroupfs.
+        let systemd_uid = UID.replace('-', "_");
+        let layouts = [
+            (
+                "kubelet.slice/kubelet-kubepods.slice",
+                format!(
+                    "kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{systemd_uid}.slice"
+                ),
+            ),
+            (
+                "kubelet.slice/kubelet-kubepods.slice",
+                format!("kubelet-kubepods-pod{systemd_uid}.slice"),
+            ),
+            ("kubelet/kubepods", format!("burstable/pod{UID}")),
+        ];
+        for (kubepods, pod_dir) in layouts {
+            let tree = Tree::new();
+            fs::create_dir_all(tree.cgroups().join("system.slice/containerd.service"))
+                .expect("dirs");
+            let pod = tree.pod(&format!("{kubepods}/{pod_dir}"), "c1", "12\n");
+            let netns = tree.process(12);
+            let dir = tree.cgroups().join(kubepods);
+            assert_eq!(
+                kubepods_dir(&tree.cgroups()),
+                Some(dir.clone()),
+                "{kubepods}"
+            );
+            assert_eq!(kubepods_dir(&dir), Some(dir.clone()), "{kubepods}");
+            let above = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+            assert_eq!(kubepods_dir(&above), Some(dir.clone()), "{kubepods}");
+            let found = find_pod_in(&dir, UID, &tree.proc()).expect(&pod_dir);
+            assert_eq!(found.cgroup, pod);
+            assert_eq!(found.netns, netns);
+        }
     }
 
     #[test]

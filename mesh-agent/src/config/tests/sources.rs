@@ -1,8 +1,8 @@
 //! What other sources use of the config: one policy object validated alone, and a file that
-//! holds the agent block only.
+//! holds the agent block only (as `run` and `config check` read it).
 
 use crate::config::{
-    AuthorizationAction, Config, ConfigError, PolicyKind, PolicyObject, Scope, policy_object,
+    AuthorizationAction, Config, ConfigError, PolicyKind, PolicyObject, Scope, check, policy_object,
 };
 
 #[test]
@@ -112,4 +112,28 @@ fn with_the_kubernetes_source_the_file_holds_the_agent_block_only() {
     // What is refused is the block, not the file: the file source takes it.
     let services = "agent: {node: n1}\nservices:\n  - name: a\n    vips: [10.96.0.1]\n    ports: [{port: 80}]\n    endpoints: {addresses: [10.0.0.1]}\n";
     assert!(Config::from_yaml_str_scoped(services, "mesh.yaml", None, Scope::Everything).is_ok());
+}
+
+#[test]
+fn config_check_takes_the_source_scope() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let agent = dir.path().join("agent.yaml");
+    std::fs::write(&agent, "agent: {node: n1}\n").unwrap_or_else(|e| panic!("{e}"));
+    let summary = check(&agent, Scope::AgentOnly).unwrap_or_else(|e| panic!("{e}"));
+    assert!(summary.ends_with(": ok (agent block only)"), "{summary}");
+    let summary = check(&agent, Scope::Everything).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        summary.contains(": ok (0 workloads, 0 services"),
+        "{summary}"
+    );
+
+    // A ConfigMap still listing workloads is caught before a DaemonSet runs it.
+    let full = dir.path().join("full.yaml");
+    std::fs::write(
+        &full,
+        "agent: {node: n1}\nworkloads:\n  - name: w\n    namespace: demo\n    ips: [10.0.0.5]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let err = check(&full, Scope::AgentOnly).expect_err("refused");
+    assert!(err.to_string().contains("workloads[0]"), "{err}");
 }

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use crate::config::{AgentConfig, Config, Scope};
-use crate::k8s::locate::PodLocator;
+use crate::k8s::locate::{PodLocator, Unresolved};
 
 pub const NODE: &str = "n1";
 
@@ -147,12 +147,12 @@ impl FakeLocator {
 }
 
 impl PodLocator for FakeLocator {
-    fn netns(&self, uid: &str) -> Result<PathBuf, String> {
+    fn netns(&self, uid: &str) -> Result<PathBuf, Unresolved> {
         *self.lookups.lock() += 1;
         self.sandboxes
             .lock()
             .get(uid)
             .cloned()
-            .ok_or_else(|| format!("no pod {uid}"))
+            .ok_or_else(|| Unresolved::pending(format!("no pod {uid}")))
     }
 }
