@@ -500,6 +500,14 @@ fn kube_sync(
     stores
 }
 
+/// This process's resident memory (`/proc/self/statm`, pages of 4 KiB).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
 /// A slice of Service `s{j}` whose second endpoint is `ip`: one endpoint changed.
 fn changed_slice(j: usize, ip: &str) -> DynamicObject {
     serde_json::from_value(json!({
@@ -601,6 +609,34 @@ fn kube_build(c: &mut Criterion) {
     );
     took.sort();
     let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    // What the source holds for this cluster: the stores, the build cache and a snapshot,
+    // measured as the process's resident memory before and after (free memory given back
+    // first, as the agent does after bursts).
+    drop((stores, cache, built, balancers, limits));
+    mesh_agent::sys::memory::release_free_memory();
+    let before = resident_bytes();
+    let mut cache = BuildCache::default();
+    let stores = kube_sync(
+        kube_objects(pods, services),
+        &agent,
+        &metrics,
+        &mut sandboxes,
+    );
+    let built = build(&stores, &agent, &mut sandboxes, &mut cache);
+    mesh_agent::sys::memory::release_free_memory();
+    let source = resident_bytes().saturating_sub(before);
+    let balancers = Balancers::new();
+    balancers.sync(&built.config);
+    mesh_agent::sys::memory::release_free_memory();
+    let held = resident_bytes().saturating_sub(before);
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "k8s/memory_{services}_services_{pods}_pods: {:.1} MiB (stores, build cache and snapshot {:.1} MiB; balancers {:.1} MiB)",
+        mib(held),
+        mib(source),
+        mib(held.saturating_sub(source))
+    );
+    black_box((stores, cache, built, balancers));
     println!(
         "k8s/one_endpoint_change_{services}_services_{pods}_pods: p50 {:.2?} p99 {:.2?} max {:.2?} (500 events: apply, build, balancers and limits synced)",
         at(0.50),

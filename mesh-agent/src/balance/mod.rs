@@ -101,7 +101,7 @@ pub enum PickError {
 
 /// Service name (`namespace/name`) -> its ports' balancers, in file order. Shared keys and
 /// values: a sync copies the map cheaply and replaces only what changed.
-type Map = HashMap<Arc<str>, Arc<[Arc<ServiceBalancer>]>>;
+type Map = foldhash::HashMap<Arc<str>, Arc<[Arc<ServiceBalancer>]>>;
 
 /// Node-wide balancing state: one [`ServiceBalancer`] per (service, service port), kept
 /// across config snapshots. Reads are lock-free (an `ArcSwap` of an immutable map).
@@ -117,7 +117,7 @@ pub struct Balancers {
 /// here, so the address is not reused while it is listed), and this node's zone then.
 #[derive(Default)]
 struct Synced {
-    services: HashMap<usize, (Arc<crate::config::Service>, Arc<str>)>,
+    services: foldhash::HashMap<usize, (Arc<crate::config::Service>, Arc<str>)>,
     zone: Option<String>,
 }
 
@@ -141,7 +141,10 @@ impl Balancers {
         let zone = select::local_zone(config).map(str::to_owned);
         let same_zone = synced.zone == zone;
         let mut next: Map = (*current).clone();
-        let mut listed = HashMap::with_capacity(config.services().len());
+        let mut listed = foldhash::HashMap::with_capacity_and_hasher(
+            config.services().len(),
+            foldhash::fast::RandomState::default(),
+        );
         // Services looked at again; with those not listed any more, the names whose ports
         // may have gone.
         let mut looked_at: Vec<Arc<str>> = Vec::new();

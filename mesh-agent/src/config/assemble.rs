@@ -3,7 +3,7 @@
 //! authorization policies per workload) are computed here, in time linear in the parts (the
 //! authorization lookup: workloads x policies of their namespace).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -40,7 +40,7 @@ impl Config {
             .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.id)))
             .collect();
         let local = workloads.iter().filter(|w| w.local).map(|w| w.id).collect();
-        let mut by_vip = HashMap::new();
+        let mut by_vip = HashMap::with_capacity(services.len());
         for (s, service) in services.iter().enumerate() {
             for vip in &service.vips {
                 for (p, port) in service.ports.iter().enumerate() {
@@ -50,7 +50,7 @@ impl Config {
                 }
             }
         }
-        let mut by_endpoint = HashMap::new();
+        let mut by_endpoint = HashMap::with_capacity(services.len());
         for (s, service) in services.iter().enumerate() {
             let workload_endpoints = service
                 .ports

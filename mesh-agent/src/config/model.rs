@@ -2,13 +2,14 @@
 //! plane needs precomputed. Built only by [`Config::from_yaml_str`] / [`Config::load`] (and
 //! later by other sources producing the same model); shared as `Arc<Config>` and never mutated.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::dump;

@@ -8,7 +8,7 @@
 //! stores replace a piece only when it changes) is handed over as the same `Arc`, which the
 //! balancers also recognize.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -36,7 +36,8 @@ pub struct Built {
 /// What the last build made of each Service, and from which pieces.
 #[derive(Debug, Default)]
 pub struct BuildCache {
-    services: HashMap<ObjectKey, Made>,
+    /// By the address of the Service's piece (held in [`Made`], so not reused meanwhile).
+    services: HashMap<usize, Made>,
 }
 
 #[derive(Debug)]
@@ -131,17 +132,16 @@ pub fn build(
     );
     let mut made = HashMap::with_capacity(cache.services.len());
     let mut services = Vec::new();
-    for (key, shared) in stores.shared(ObjectKind::Service) {
+    for (_, shared) in stores.shared(ObjectKind::Service) {
         let Piece::Service(s) = &**shared else {
             continue;
         };
         let target = (s.namespace.as_str(), s.name.as_str());
         let of_service = slices.get(&target).map(Vec::as_slice).unwrap_or_default();
         let policy = traffic.get(&target).copied();
-        let (key, entry) = match cache.services.remove_entry(key) {
-            Some((key, entry)) if entry.still(shared, of_service, policy, workload_changes) => {
-                (key, entry)
-            }
+        let address = Arc::as_ptr(shared) as usize;
+        let entry = match cache.services.remove(&address) {
+            Some(entry) if entry.still(shared, of_service, policy, workload_changes) => entry,
             _ => {
                 let pieces: Vec<&SlicePiece> = of_service
                     .iter()
@@ -160,18 +160,17 @@ pub fn build(
                     })
                     .unwrap_or_default();
                 let (built, from_workloads) = service(s, &pieces, &by_ip, node, traffic_policy);
-                let entry = Made {
+                Made {
                     service: shared.clone(),
                     slices: of_service.iter().map(|p| (*p).clone()).collect(),
                     traffic: policy.cloned(),
                     workloads: from_workloads.then_some(workload_changes),
                     built: Arc::new(built),
-                };
-                (key.clone(), entry)
+                }
             }
         };
         services.push(entry.built.clone());
-        made.insert(key, entry);
+        made.insert(address, entry);
     }
     cache.services = made;
 
