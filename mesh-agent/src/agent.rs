@@ -66,6 +66,7 @@ pub async fn run(
         proxy_port_min,
         proxy_port_max,
         transparent_mark: agent.startup.transparent_mark,
+        fast_path: u32::from(agent.startup.fast_path),
     };
     let datapath = Datapath::load(&agent.startup.bpf_name, &cgroup, settings)
         .with_context(|| format!("loading eBPF programs on cgroup {}", cgroup.display()))?;

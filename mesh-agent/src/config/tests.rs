@@ -156,6 +156,7 @@ fn full_document() {
         "  drainTimeoutMs: 0",
         "  accessLog: {samplePercent: 25}",
         "  istioMetrics: false",
+        "  fastPath: true",
         "workloads:",
         "  - name: web-1",
         "    namespace: shop",
@@ -218,6 +219,7 @@ fn full_document() {
                 tunnel_idle_timeout: Duration::from_millis(2500),
                 drain_timeout: Duration::ZERO,
                 ca: None,
+                fast_path: true,
             },
             live: LiveSettings {
                 excluded_ports: vec![22, 443],
@@ -398,6 +400,7 @@ fn defaults() {
                 tunnel_idle_timeout: Duration::from_secs(60),
                 drain_timeout: Duration::from_secs(25),
                 ca: None,
+                fast_path: false,
             },
             live: LiveSettings {
                 excluded_ports: vec![],
@@ -626,7 +629,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
          replyTable, excludedPorts, excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
          trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, drainTimeoutMs, accessLog, \
-         istioMetrics, ca"
+         istioMetrics, ca, fastPath"
     );
     assert_eq!(
         error(&base_with(&[], &["        tagetPort: 8080"])),
