@@ -268,9 +268,14 @@ fn sock_addr(family: u32, ip4: u32, ip6: [u32; 4], port: u16) -> SockAddr {
         port,
         ..Default::default()
     };
-    if family == u32::from(FAMILY_V6) {
+    let v4_mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::from_be(0xffff);
+    if family == u32::from(FAMILY_V6) && !v4_mapped {
         addr.family = FAMILY_V6;
         addr.ip = ip6;
+    } else if family == u32::from(FAMILY_V6) {
+        // A dual-stack socket's IPv4 peer: keyed as IPv4, as the peer keys itself.
+        addr.family = mesh_common::FAMILY_V4;
+        addr.ip[0] = ip6[3];
     } else {
         addr.family = mesh_common::FAMILY_V4;
         addr.ip[0] = ip4;
