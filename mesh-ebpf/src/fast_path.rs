@@ -28,15 +28,16 @@
 //! An app socket in a sockhash reads through the kernel's sk_msg receive path, which returns
 //! EAGAIN to a *blocking* read woken without data (by a state change, or by its own TCP sends
 //! being acknowledged) instead of waiting on. So an app socket stays in the map only while it
-//! may still redirect: it leaves as soon as it stops being established (half-close, reset,
-//! close) and once its data goes through TCP (at the first acknowledgement of it). Its
-//! ingress queue is always empty (nothing is redirected to an app), so leaving drops nothing.
+//! may still redirect and such wake-ups cannot come: it leaves when it shuts down its sending
+//! side, when it is reset, and once its data goes through TCP (at the first acknowledgement
+//! of it). Its ingress queue is always empty (nothing is redirected to an app), so leaving
+//! drops nothing.
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1, bpf_sock_ops,
         sk_action, sk_msg_md,
     },
     helpers::{bpf_get_netns_cookie, bpf_map_delete_elem},
@@ -54,8 +55,6 @@ use crate::{ENROLLED, LOOPBACK4_BE, SETTINGS, Stat, count};
 /// docs): what the agent's ingress queue holds at most for it, about a loopback socket's
 /// buffers.
 const BUDGET: u64 = 4 << 20;
-/// TCP_ESTABLISHED in sock_ops' state numbering.
-const TCP_ESTABLISHED: u32 = 1;
 
 /// Both ends of every fast-path hop, keyed by their own view of the connection.
 #[map]
@@ -125,17 +124,21 @@ pub fn on_passive_established(ctx: &SockOpsContext) {
     }
 }
 
-/// An app socket that is no longer established leaves the map (see the module docs); a
-/// closed socket's state goes (the kernel takes any socket out of the sockhash on close).
+/// An app socket leaves the map when it shuts down its sending side (its reads may still
+/// block, and the acknowledgement of its FIN wakes them) or is reset (see the module docs);
+/// a closed socket's state goes (the kernel takes any socket out of the sockhash on close).
+/// One whose peer half-closed stays: its reads return EOF at once, and its reply may still
+/// take the fast path.
 #[inline(always)]
 pub fn on_state_change(ctx: &SockOpsContext) {
     // args[1] is the new state.
     let state = ctx.arg(1);
     let key = ops_key(ctx);
+    if state == BPF_TCP_FIN_WAIT1 || state == BPF_TCP_CLOSE {
+        app_leaves(ctx, &key);
+    }
     if state == BPF_TCP_CLOSE {
         let _ = FAST_FLOWS.remove(key);
-    } else if state != TCP_ESTABLISHED {
-        app_leaves(ctx, &key);
     }
 }
 
