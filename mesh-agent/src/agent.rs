@@ -93,6 +93,7 @@ pub async fn run(
         config: Arc::new(ArcSwap::new(config.clone())),
         orig_dst: datapath.orig_dst(),
         transparent_sources: datapath.transparent_sources(),
+        fast_path: datapath.fast_path(),
         datapath: Arc::new(Mutex::new(datapath)),
         balancers: balancers.clone(),
         limits: limits.clone(),

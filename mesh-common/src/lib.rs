@@ -24,6 +24,7 @@ pub mod maps {
     pub const TRANSPARENT_SOURCES: &str = "TRANSPARENT_SOURCES";
     pub const FAST_PATH: &str = "FAST_PATH";
     pub const FAST_FLOWS: &str = "FAST_FLOWS";
+    pub const FAST_CONSUMED: &str = "FAST_CONSUMED";
 }
 
 /// Names of the programs in the object.
@@ -160,7 +161,8 @@ pub const FAST_PLAIN: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FastFlow {
-    /// Bytes this socket redirected so far: at most what its peer's ingress queue holds.
+    /// Bytes this socket redirected so far. Less what the agent has read of them
+    /// (`FAST_CONSUMED`), that is what the agent socket's ingress queue holds.
     pub redirected: u64,
     /// [`FAST_UNDECIDED`], [`FAST_REDIRECT`] or [`FAST_PLAIN`].
     pub state: u32,

@@ -18,9 +18,9 @@
 //!   redirected earlier is read before data sent later through TCP (including the FIN).
 //! - A receiver's ingress queue is not bounded by its receive buffer (the kernel charges it as
 //!   send memory), and a redirecting sender never waits for the receiver. So a sender may
-//!   redirect at most [`BUDGET`] bytes over its life; a send that would exceed it falls back
-//!   to TCP for good, where flow control makes the sender wait for a receiver that stops
-//!   reading. (Giving the budget back as the agent reads is the next step.)
+//!   have at most [`BUDGET`] bytes redirected and not yet read by the agent (which writes
+//!   what it read into `FAST_CONSUMED`); a send that would exceed it falls back to TCP for
+//!   good, where flow control makes the sender wait for an agent that stops reading.
 //! - Sockets leave the sockhash when they are closed (and their ingress queue stays readable
 //!   until then, also after a FIN or a reset); nothing removes an agent socket earlier, which
 //!   would drop its queue. A sender whose peer is gone falls back to TCP.
@@ -51,7 +51,7 @@ use mesh_common::{
 
 use crate::{ENROLLED, LOOPBACK4_BE, SETTINGS, Stat, count};
 
-/// Bytes a sending socket may have redirected and not yet read by its peer (see the module
+/// Bytes a sending socket may have redirected and not yet read by the agent (see the module
 /// docs): what the agent's ingress queue holds at most for it, about a loopback socket's
 /// buffers.
 const BUDGET: u64 = 4 << 20;
@@ -63,6 +63,10 @@ static FAST_PATH: SockHash<FastKey> = SockHash::pinned(65536, 0);
 /// was added and is not closed (sock_ops removes it on close).
 #[map]
 static FAST_FLOWS: HashMap<FastKey, FastFlow> = HashMap::pinned(65536, 0);
+/// How much of what an app socket (the key) redirected the agent has read, written by the
+/// agent as it reads; removed by the agent when the connection ends, and here on close.
+#[map]
+static FAST_CONSUMED: HashMap<FastKey, u64> = HashMap::pinned(65536, 0);
 /// The app's captured connection (the agent accepts it on the outbound listener): it may
 /// redirect to the agent once the agent's socket is in the map.
 #[inline(always)]
@@ -139,6 +143,7 @@ pub fn on_state_change(ctx: &SockOpsContext) {
     }
     if state == BPF_TCP_CLOSE {
         let _ = FAST_FLOWS.remove(key);
+        let _ = FAST_CONSUMED.remove(key);
     }
 }
 
@@ -189,9 +194,17 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     }
     let mut peer = peer_of(&key);
     let size = u64::from(ctx.size());
-    // SAFETY: only the presence of the entry is used.
-    let peer_there = unsafe { FAST_FLOWS.get(peer) }.is_some();
-    if !peer_there || redirected + size > BUDGET {
+    // The helper finds the peer only while it is in the sockhash (a closing socket leaves it
+    // before its state goes); without it, this message and all later ones go through TCP,
+    // where the kernel reports what the peer did.
+    // SAFETY: copied out at once; only the agent writes it.
+    let consumed = unsafe { FAST_CONSUMED.get(key) }.copied().unwrap_or(0);
+    let verdict = if redirected.saturating_sub(consumed) + size > BUDGET {
+        sk_action::SK_DROP
+    } else {
+        FAST_PATH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32
+    };
+    if verdict != pass {
         // SAFETY: as above.
         unsafe { (*flow).state = FAST_PLAIN };
         return pass;
@@ -204,7 +217,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     if state == FAST_UNDECIDED {
         count(key.netns_cookie, Stat::FastPath);
     }
-    FAST_PATH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32
+    pass
 }
 
 fn enabled() -> bool {

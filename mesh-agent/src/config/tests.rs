@@ -1444,6 +1444,7 @@ fn startup_changes_are_named_by_their_yaml_names() {
     };
     assert!(changes(&[]).is_empty());
     assert_eq!(changes(&["  tunnelPort: 15009"]), ["tunnelPort"]);
+    assert_eq!(changes(&["  fastPath: true"]), ["fastPath"]);
     // The YAML names, also where they are not the field names; in name order.
     assert_eq!(
         changes(&[
@@ -1484,7 +1485,7 @@ fn startup_setting_names_are_agent_keys() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys.len(), 19, "{keys:?}");
+    assert_eq!(keys.len(), 20, "{keys:?}");
     for key in &keys {
         // Written without a value, a known key is just absent; an unknown one is refused.
         if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {

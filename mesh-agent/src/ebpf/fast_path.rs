@@ -1,11 +1,64 @@
-//! Where the agent's own sockets live, for the eBPF fast path: sock_ops must run for the
-//! agent's accepted and upstream sockets inside pods, and those belong to the cgroup of the
-//! process that created them, the agent's, which need not be below the pods' cgroup.
+//! The agent's part in the eBPF fast path: where its own sockets live (sock_ops must run for
+//! the agent's accepted and upstream sockets inside pods, and those belong to the cgroup of
+//! the process that created them, the agent's, which need not be below the pods' cgroup),
+//! and how much of what each app socket redirected the agent has read (the app may redirect
+//! a budget beyond it; past that its data goes through TCP).
 
 use std::{
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
+
+use aya::maps::{HashMap, MapData};
+use mesh_common::{FastKey, maps};
+
+use super::{EbpfError, addr};
+
+/// What the agent has read of each app socket's redirected data, by the app socket's key.
+/// Its lock is held for one map write, once per [`REPORT_EVERY`] bytes of a connection.
+pub struct FastPathCredits {
+    map: parking_lot::Mutex<HashMap<MapData, FastKey, u64>>,
+}
+
+impl FastPathCredits {
+    pub(super) fn new(map: HashMap<MapData, FastKey, u64>) -> Self {
+        Self {
+            map: parking_lot::Mutex::new(map),
+        }
+    }
+
+    /// The key of the app socket at the other end of the agent socket whose addresses are
+    /// `local` and `peer`, in the pod's network namespace.
+    pub fn app_key(netns_cookie: u64, local: SocketAddr, peer: SocketAddr) -> FastKey {
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        FastKey {
+            netns_cookie,
+            local: addr::encode(canonical(peer)),
+            remote: addr::encode(canonical(local)),
+        }
+    }
+
+    /// Records that the agent has read `total` bytes from the app socket `key`.
+    pub fn consumed(&self, key: &FastKey, total: u64) -> Result<(), EbpfError> {
+        self.map
+            .lock()
+            .insert(key, total, 0)
+            .map_err(|source| EbpfError::Map {
+                name: maps::FAST_CONSUMED,
+                source,
+            })
+    }
+
+    /// Forgets the app socket `key` (its connection ended).
+    pub fn forget(&self, key: &FastKey) {
+        let _ = self.map.lock().remove(key);
+    }
+}
+
+/// How many bytes read from an app socket are reported at once: a small part of the
+/// redirect budget (4 MiB), so an app that the agent keeps up with never runs out of it.
+pub const REPORT_EVERY: u64 = 256 << 10;
 
 /// File name, in the link directory, of the sock_ops link on the agent's own cgroup.
 pub const OWN_CGROUP_LINK: &str = "mesh_sock_ops-agent";

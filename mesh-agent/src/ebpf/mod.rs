@@ -27,6 +27,7 @@ mod fast_path;
 
 use crate::config::Cidr;
 pub use addr::{decode as decode_addr, flow_key};
+pub use fast_path::{FastPathCredits, REPORT_EVERY as FAST_PATH_REPORT_EVERY};
 use mesh_common::{
     EnrolledPod, FastKey, FlowKey, OrigDst, PodStats, SCHEMA_VERSION, Settings, SockAddr, maps,
     programs,
@@ -98,6 +99,8 @@ pub struct Datapath {
     inbound_listeners: SockHash<MapData, SockAddr>,
     local_pod_ips: HashMap<MapData, SockAddr, u8>,
     transparent_sources: Arc<TransparentSources>,
+    /// Present when the fast path is on.
+    fast_path: Option<Arc<FastPathCredits>>,
     link_dir: PathBuf,
     /// Keeps the programs loaded while the agent runs (the pinned links keep them attached
     /// after it exits) and attaches sk_lookup to pods as they are enrolled.
@@ -150,6 +153,7 @@ impl Datapath {
             }};
         }
         let mut attached = Vec::new();
+        let mut fast_path_credits = None;
         for name in SOCK_ADDR_PROGRAMS {
             attached.push(attach_to_cgroup!(CgroupSockAddr, name));
         }
@@ -161,6 +165,10 @@ impl Datapath {
             let error = |source| EbpfError::Program { name, source };
             program.load().map_err(error)?;
             program.attach(fast_path.fd()).map_err(error)?;
+            fast_path_credits = Some(Arc::new(FastPathCredits::new(take_map(
+                &mut ebpf,
+                maps::FAST_CONSUMED,
+            )?)));
             attached.push(AttachedProgram {
                 name,
                 cgroup: cgroup.to_owned(),
@@ -221,6 +229,7 @@ impl Datapath {
             transparent_sources: Arc::new(TransparentSources {
                 map: parking_lot::Mutex::new(take_map(&mut ebpf, maps::TRANSPARENT_SOURCES)?),
             }),
+            fast_path: fast_path_credits,
             link_dir,
             ebpf,
             attached,
@@ -241,6 +250,12 @@ impl Datapath {
     /// like [`orig_dst`](Self::orig_dst)).
     pub fn transparent_sources(&self) -> Arc<TransparentSources> {
         self.transparent_sources.clone()
+    }
+
+    /// What the agent has read of the fast path's redirected data, for the hot path; `None`
+    /// when the fast path is off.
+    pub fn fast_path(&self) -> Option<Arc<FastPathCredits>> {
+        self.fast_path.clone()
     }
 
     /// Steers the pod in network namespace `netns_cookie` through the proxy.
