@@ -85,7 +85,7 @@ fn connect_hook_sees_enrolled_pod_only_and_cleanup_leaves_nothing() {
         "the restarted agent steers with the same maps"
     );
     let relinked = kernel::pinned_link_ids(&pin_name).expect("pinned links");
-    assert_eq!(relinked.len(), 6);
+    assert_eq!(relinked.len(), expected);
     let live = kernel::live_link_ids().expect("links");
     assert!(
         links
