@@ -28,17 +28,18 @@
 //! An app socket in a sockhash reads through the kernel's sk_msg receive path, which returns
 //! EAGAIN to a *blocking* read woken without data (by a state change, or by its own TCP sends
 //! being acknowledged) instead of waiting on. So an app socket stays in the map only while it
-//! may still redirect and such wake-ups cannot come: it leaves when it shuts down its sending
-//! side, when it is reset, and once its data goes through TCP (at the first acknowledgement
-//! of it). Its ingress queue is always empty (nothing is redirected to an app), so leaving
-//! drops nothing.
+//! may still redirect: it leaves when it shuts down its sending side, when it is reset, and
+//! once its data goes through TCP (at the first acknowledgement of it). Its ingress queue is
+//! always empty (nothing is redirected to an app), so leaving drops nothing. This does not
+//! cover every wake-up: a blocking reader on one thread of an app that writes on another can
+//! still get EAGAIN while its socket redirects (kernel 6.18, cross-node echo tests), which is
+//! why `agent.fastPath` is off by default.
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1, bpf_sock_ops,
-        sk_action, sk_msg_md,
+        BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1, bpf_sock_ops, sk_action, sk_msg_md,
     },
     helpers::{bpf_get_netns_cookie, bpf_map_delete_elem},
     macros::{map, sk_msg},
@@ -221,7 +222,9 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 }
 
 fn enabled() -> bool {
-    SETTINGS.get(0).is_some_and(|settings| settings.fast_path != 0)
+    SETTINGS
+        .get(0)
+        .is_some_and(|settings| settings.fast_path != 0)
 }
 
 /// Adds the context's socket to the sockhash, then its state; without the sockhash entry
@@ -231,7 +234,10 @@ fn add(ctx: &SockOpsContext, state: u32) {
     let mut key = ops_key(ctx);
     // SAFETY: the context pointer is the program's own, valid for its run.
     let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
-    if FAST_PATH.update(&mut key, ops, u64::from(BPF_NOEXIST)).is_err() {
+    if FAST_PATH
+        .update(&mut key, ops, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         return;
     }
     // State changes: to forget its state when the socket closes (and for an app socket, to
