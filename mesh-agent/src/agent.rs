@@ -66,6 +66,7 @@ pub async fn run(
         proxy_port_min,
         proxy_port_max,
         transparent_mark: agent.startup.transparent_mark,
+        fast_path: u32::from(agent.startup.fast_path),
     };
     let datapath = Datapath::load(&agent.startup.bpf_name, &cgroup, settings)
         .with_context(|| format!("loading eBPF programs on cgroup {}", cgroup.display()))?;
@@ -92,6 +93,7 @@ pub async fn run(
         config: Arc::new(ArcSwap::new(config.clone())),
         orig_dst: datapath.orig_dst(),
         transparent_sources: datapath.transparent_sources(),
+        fast_path: datapath.fast_path(),
         datapath: Arc::new(Mutex::new(datapath)),
         balancers: balancers.clone(),
         limits: limits.clone(),

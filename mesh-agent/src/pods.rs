@@ -96,6 +96,9 @@ pub struct PodStatus {
     pub skipped: u64,
     /// Connects that found no proxy listener (fail-open: passed, fail-closed: refused).
     pub no_listener: u64,
+    /// Connections whose app-to-agent data took the eBPF fast path (sk_msg redirect).
+    #[serde(default)]
+    pub fast_path: u64,
     /// Why the app sees its own pod's address instead of some clients' from other nodes
     /// (the kernel refused the reply route); absent when it sees theirs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -338,6 +341,7 @@ impl Pods {
                     captured: stats.captured,
                     skipped: stats.skipped,
                     no_listener: stats.no_listener,
+                    fast_path: stats.fast_path,
                     client_ip_refused: pod.handle.client_ip.refused(),
                     client_ip_fallbacks: pod.handle.client_ip.fallbacks(),
                 }

@@ -8,13 +8,20 @@
 //! - `mesh_sk_lookup` (attached to each enrolled pod's netns): hands new inbound connections
 //!   to the pod's inbound listener, keeping the client address and original destination;
 //!   leaves alone the proxy's own connections from a tunnel client's address.
+//! - `mesh_sk_msg` (attached to the `FAST_PATH` sockhash, see the `fast_path` module): the
+//!   eBPF fast path between an app and the agent's socket in the same pod.
 #![no_std]
 #![no_main]
 
 use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
+mod fast_path;
+
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_tuple, sk_action},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_STATE_CB, bpf_sock_addr, bpf_sock_tuple, sk_action,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash, lpm_trie::Key},
@@ -71,6 +78,7 @@ enum Stat {
     Captured,
     Skipped,
     NoListener,
+    FastPath,
 }
 
 fn count(netns: u64, stat: Stat) {
@@ -81,6 +89,7 @@ fn count(netns: u64, stat: Stat) {
                 Stat::Captured => (*stats).captured += 1,
                 Stat::Skipped => (*stats).skipped += 1,
                 Stat::NoListener => (*stats).no_listener += 1,
+                Stat::FastPath => (*stats).fast_path += 1,
             }
         }
     } else {
@@ -95,6 +104,10 @@ fn count(netns: u64, stat: Stat) {
             },
             Stat::NoListener => PodStats {
                 no_listener: 1,
+                ..Default::default()
+            },
+            Stat::FastPath => PodStats {
+                fast_path: 1,
                 ..Default::default()
             },
         };
@@ -260,19 +273,31 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
 
 #[sock_ops]
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        on_active_established(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            if on_active_established(&ctx) {
+                fast_path::add_app_socket(&ctx);
+            } else {
+                fast_path::add_agent_upstream(&ctx);
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => fast_path::on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => fast_path::on_state_change(&ctx),
+        BPF_SOCK_OPS_RTT_CB => fast_path::on_rtt(&ctx),
+        _ => {}
     }
     0
 }
 
+/// Moves a captured connection's original destination to its flow key; true when the socket
+/// was a captured one.
 #[inline(always)]
-fn on_active_established(ctx: &SockOpsContext) {
+fn on_active_established(ctx: &SockOpsContext) -> bool {
     // SAFETY: the helper is given the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: the value is copied out at once, before this program removes the entry.
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
-        return;
+        return false;
     };
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
     // Read every context field up front with plain loads: branching between the IPv4 and
@@ -311,6 +336,7 @@ fn on_active_established(ctx: &SockOpsContext) {
         _pad: 0,
     };
     let _ = ORIG_DST_BY_FLOW.insert(key, orig, 0);
+    true
 }
 
 #[cgroup_sock_addr(bind4)]

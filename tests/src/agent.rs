@@ -168,7 +168,11 @@ impl ConfigBuilder {
             self.cgroup.display()
         );
         let workloads_at = out.len() - "workloads:\n".len();
-        out.insert_str(workloads_at, &self.agent_extra.concat());
+        let mut extra = self.agent_extra.concat();
+        if fast_path_from_env() && !self.agent_extra.iter().any(|l| l.contains("fastPath:")) {
+            extra.push_str("  fastPath: true\n");
+        }
+        out.insert_str(workloads_at, &extra);
         if self.workloads.is_empty() {
             out.push_str("  []\n");
         }
@@ -188,6 +192,12 @@ impl ConfigBuilder {
         }
         out
     }
+}
+
+/// `MESH_TEST_FAST_PATH=1` runs every suite with the eBPF fast path on (`agent.fastPath`),
+/// unless a test sets it itself.
+pub fn fast_path_from_env() -> bool {
+    std::env::var("MESH_TEST_FAST_PATH").is_ok_and(|v| v == "1")
 }
 
 /// A running agent; stopped (SIGTERM, then SIGKILL) and uninstalled on drop.

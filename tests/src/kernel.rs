@@ -58,6 +58,7 @@ pub fn pod_stats(pin_name: &str, netns_cookie: u64) -> Result<Option<PodStats>> 
                 captured: sum.captured + cpu.captured,
                 skipped: sum.skipped + cpu.skipped,
                 no_listener: sum.no_listener + cpu.no_listener,
+                fast_path: sum.fast_path + cpu.fast_path,
             },
         ))),
         Err(aya::maps::MapError::KeyNotFound) => Ok(None),

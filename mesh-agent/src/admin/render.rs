@@ -38,10 +38,18 @@ pub fn overview(report: &StatusReport, now: u64) -> String {
     let (captured, skipped, no_listener) = report.workloads.iter().fold((0, 0, 0), |t, w| {
         (t.0 + w.captured, t.1 + w.skipped, t.2 + w.no_listener)
     });
-    let programs = format!(
+    let mut programs = format!(
         "{} attached; captured {captured}, skipped {skipped}, no listener {no_listener}",
         counted(report.programs.len(), "program")
     );
+    if report
+        .programs
+        .iter()
+        .any(|p| p.name == mesh_common::programs::SK_MSG)
+    {
+        let fast_path: u64 = report.workloads.iter().map(|w| w.fast_path).sum();
+        programs.push_str(&format!("; fast path on, {fast_path} redirected"));
+    }
     labelled(&mut out, "eBPF", &programs);
 
     let pods = format!(

@@ -31,6 +31,7 @@ fn report() -> StatusReport {
         captured,
         skipped: 2,
         no_listener: 1,
+        fast_path: 0,
         client_ip_refused: None,
         client_ip_fallbacks: 0,
     };

@@ -255,6 +255,9 @@ pub struct StartupSettings {
     /// The certificate authority off the node (`mesh-agent ca serve`); `None`: the built-in
     /// signer with a CA key on the node (the development shortcut).
     pub ca: Option<RemoteCa>,
+    /// The eBPF fast path: what an app sends to the agent inside its pod is redirected
+    /// (sk_msg) instead of crossing loopback TCP. Off by default.
+    pub fast_path: bool,
 }
 
 /// `agent.ca`: where the CA is and how this node authenticates to it.

@@ -63,6 +63,7 @@ pub(super) struct RawAgent {
     pub access_log: Option<RawAccessLog>,
     pub istio_metrics: Option<bool>,
     pub ca: Option<S<RawRemoteCa>>,
+    pub fast_path: Option<bool>,
 }
 
 /// The access log, for all pods (`agent.accessLog`) or one workload (`workloads[].accessLog`,

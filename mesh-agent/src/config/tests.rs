@@ -156,6 +156,7 @@ fn full_document() {
         "  drainTimeoutMs: 0",
         "  accessLog: {samplePercent: 25}",
         "  istioMetrics: false",
+        "  fastPath: true",
         "workloads:",
         "  - name: web-1",
         "    namespace: shop",
@@ -218,6 +219,7 @@ fn full_document() {
                 tunnel_idle_timeout: Duration::from_millis(2500),
                 drain_timeout: Duration::ZERO,
                 ca: None,
+                fast_path: true,
             },
             live: LiveSettings {
                 excluded_ports: vec![22, 443],
@@ -394,6 +396,7 @@ fn defaults() {
                 tunnel_idle_timeout: Duration::from_secs(60),
                 drain_timeout: Duration::from_secs(25),
                 ca: None,
+                fast_path: false,
             },
             live: LiveSettings {
                 excluded_ports: vec![],
@@ -623,7 +626,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
          replyTable, excludedPorts, excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
          trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, drainTimeoutMs, accessLog, \
-         istioMetrics, ca"
+         istioMetrics, ca, fastPath"
     );
     assert_eq!(
         error(&base_with(&[], &["        tagetPort: 8080"])),
@@ -1438,6 +1441,7 @@ fn startup_changes_are_named_by_their_yaml_names() {
     };
     assert!(changes(&[]).is_empty());
     assert_eq!(changes(&["  tunnelPort: 15009"]), ["tunnelPort"]);
+    assert_eq!(changes(&["  fastPath: true"]), ["fastPath"]);
     // The YAML names, also where they are not the field names; in name order.
     assert_eq!(
         changes(&[
@@ -1478,7 +1482,7 @@ fn startup_setting_names_are_agent_keys() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys.len(), 19, "{keys:?}");
+    assert_eq!(keys.len(), 20, "{keys:?}");
     for key in &keys {
         // Written without a value, a known key is just absent; an unknown one is refused.
         if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {

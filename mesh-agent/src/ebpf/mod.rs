@@ -18,16 +18,19 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 mod addr;
+mod fast_path;
 
 use crate::config::Cidr;
 pub use addr::{decode as decode_addr, flow_key};
+pub use fast_path::{FastPathCredits, REPORT_EVERY as FAST_PATH_REPORT_EVERY};
 use mesh_common::{
-    EnrolledPod, FlowKey, OrigDst, PodStats, SCHEMA_VERSION, Settings, SockAddr, maps, programs,
+    EnrolledPod, FastKey, FlowKey, OrigDst, PodStats, SCHEMA_VERSION, Settings, SockAddr, maps,
+    programs,
 };
 
 /// The object built by `cargo xtask build-ebpf`, embedded at build time (see build.rs).
@@ -96,6 +99,8 @@ pub struct Datapath {
     inbound_listeners: SockHash<MapData, SockAddr>,
     local_pod_ips: HashMap<MapData, SockAddr, u8>,
     transparent_sources: Arc<TransparentSources>,
+    /// Present when the fast path is on.
+    fast_path: Option<Arc<FastPathCredits>>,
     link_dir: PathBuf,
     /// Keeps the programs loaded while the agent runs (the pinned links keep them attached
     /// after it exits) and attaches sk_lookup to pods as they are enrolled.
@@ -148,10 +153,54 @@ impl Datapath {
             }};
         }
         let mut attached = Vec::new();
+        let mut fast_path_credits = None;
         for name in SOCK_ADDR_PROGRAMS {
             attached.push(attach_to_cgroup!(CgroupSockAddr, name));
         }
         attached.push(attach_to_cgroup!(SockOps, programs::SOCK_OPS));
+        if settings.fast_path != 0 {
+            let fast_path: SockHash<MapData, FastKey> = take_map(&mut ebpf, maps::FAST_PATH)?;
+            let name = programs::SK_MSG;
+            let program: &mut SkMsg = program_mut(&mut ebpf, name)?;
+            let error = |source| EbpfError::Program { name, source };
+            program.load().map_err(error)?;
+            program.attach(fast_path.fd()).map_err(error)?;
+            fast_path_credits = Some(Arc::new(FastPathCredits::new(take_map(
+                &mut ebpf,
+                maps::FAST_CONSUMED,
+            )?)));
+            attached.push(AttachedProgram {
+                name,
+                cgroup: cgroup.to_owned(),
+                pin: map_dir.join(maps::FAST_PATH),
+            });
+        }
+        // The agent's own sockets of the fast path's hops (its accepted and upstream sockets in
+        // a pod) belong to the agent's cgroup: sock_ops must see them there too.
+        let own_link = link_dir.join(fast_path::OWN_CGROUP_LINK);
+        match fast_path::own_cgroup(cgroup) {
+            Some(own) if settings.fast_path != 0 => {
+                let own_file = fs::File::open(&own).map_err(|source| EbpfError::Cgroup {
+                    path: own.clone(),
+                    source,
+                })?;
+                let name = programs::SOCK_OPS;
+                let program: &mut SockOps = program_mut(&mut ebpf, name)?;
+                let error = |source| EbpfError::Program { name, source };
+                let id = program.attach(&own_file, LINK_MODE).map_err(error)?;
+                let link = program.take_link(id).map_err(error)?;
+                let link =
+                    FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
+                attached.push(pin_link_at(name, link, &own_link, &own)?);
+            }
+            _ => {
+                // Off (or not needed): a link an earlier agent left goes.
+                if let Ok(old) = PinnedLink::from_pin(&own_link) {
+                    let _ = old.unpin();
+                }
+                let _ = fs::remove_file(&own_link);
+            }
+        }
 
         // sk_lookup attaches per pod network namespace, at enrollment.
         let name = programs::SK_LOOKUP;
@@ -180,6 +229,7 @@ impl Datapath {
             transparent_sources: Arc::new(TransparentSources {
                 map: parking_lot::Mutex::new(take_map(&mut ebpf, maps::TRANSPARENT_SOURCES)?),
             }),
+            fast_path: fast_path_credits,
             link_dir,
             ebpf,
             attached,
@@ -200,6 +250,12 @@ impl Datapath {
     /// like [`orig_dst`](Self::orig_dst)).
     pub fn transparent_sources(&self) -> Arc<TransparentSources> {
         self.transparent_sources.clone()
+    }
+
+    /// What the agent has read of the fast path's redirected data, for the hot path; `None`
+    /// when the fast path is off.
+    pub fn fast_path(&self) -> Option<Arc<FastPathCredits>> {
+        self.fast_path.clone()
     }
 
     /// Steers the pod in network namespace `netns_cookie` through the proxy.
@@ -295,6 +351,7 @@ impl Datapath {
                 captured: sum.captured + cpu.captured,
                 skipped: sum.skipped + cpu.skipped,
                 no_listener: sum.no_listener + cpu.no_listener,
+                fast_path: sum.fast_path + cpu.fast_path,
             })
     }
 
@@ -440,7 +497,17 @@ fn pin_link(
     link_dir: &Path,
     cgroup: &Path,
 ) -> Result<AttachedProgram> {
-    let path = link_dir.join(name);
+    pin_link_at(name, link, &link_dir.join(name), cgroup)
+}
+
+/// As [`pin_link`], at `path`.
+fn pin_link_at(
+    name: &'static str,
+    link: FdLink,
+    path: &Path,
+    cgroup: &Path,
+) -> Result<AttachedProgram> {
+    let path = path.to_owned();
     if let Ok(old) = PinnedLink::from_pin(&path) {
         // Unpinning drops the last reference to the old link, which detaches it.
         let _ = old.unpin();

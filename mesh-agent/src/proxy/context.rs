@@ -20,7 +20,7 @@ use crate::{
     authz::{self, Decision},
     balance::Balancers,
     config::Config,
-    ebpf::{Datapath, EbpfError, OrigDstTable, TransparentSources},
+    ebpf::{Datapath, EbpfError, FastPathCredits, OrigDstTable, TransparentSources},
     limit::Limits,
     metrics::Metrics,
     sys::{NetnsError, NetnsThread},
@@ -53,6 +53,8 @@ pub struct ProxyContext {
     pub orig_dst: Arc<OrigDstTable>,
     /// The hot path's other handle: where transparent connects come from, for sk_lookup.
     pub transparent_sources: Arc<TransparentSources>,
+    /// The eBPF fast path's read counts (present when `agent.fastPath` is on).
+    pub fast_path: Option<Arc<FastPathCredits>>,
     /// Per service port: endpoint state, picking, retry budgets, circuit limits.
     pub balancers: Arc<Balancers>,
     /// Node-wide rate limits.

@@ -7,12 +7,14 @@
 //! (connecting), `outcome` (the result value: access log and metrics), `registry` (live
 //! connections for revocation), `reserve` and `socket` (sockets made in a pod's netns),
 //! `client_ip` (which client address a tunnel stream gets, and the pod's transparent path),
-//! `health` (active checks). Only `listeners` and `health` spawn tasks.
+//! `health` (active checks), `fast_path` (the agent's reads reported to the eBPF fast
+//! path). Only `listeners` and `health` spawn tasks.
 
 mod client_ip;
 mod connect;
 mod context;
 mod direction;
+mod fast_path;
 pub mod health;
 mod listeners;
 mod outcome;

@@ -28,6 +28,7 @@ use super::{
     connect::{self, CopySettings, Established, Stream},
     context::{PodHandle, ProxyContext},
     direction::Direction,
+    fast_path::{Credit, Credited},
     outcome::{ConnectionResult, Outcome},
     upstream,
 };
@@ -112,8 +113,9 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
     };
     let revoked = tracked.revoked();
     let mut istio = result.take_istio();
+    let credits = fast_path_credits(&ctx, direction, &pod, &downstream, &upstream);
     let ended = {
-        let copied = pump(downstream, upstream, copy, &shaper, &result.moved);
+        let copied = pump(downstream, upstream, copy, &shaper, &result.moved, credits);
         tokio::pin!(copied, revoked, lifetime);
         let mut flush =
             tokio::time::interval_at(tokio::time::Instant::now() + BYTES_FLUSH, BYTES_FLUSH);
@@ -183,12 +185,35 @@ fn refuse(downstream: Downstream, result: &ConnectionResult) {
     }
 }
 
+/// The read counts of the agent's sockets on the fast path's hop, (downstream, upstream): the
+/// accepted socket of an outbound connection (its peer is the app), the upstream socket of a
+/// connection into the pod (its peer is the app, in the same netns). An outbound connection's
+/// upstream is in the source pod and its app elsewhere: no hop of the fast path.
+fn fast_path_credits(
+    ctx: &ProxyContext,
+    direction: Direction,
+    pod: &PodHandle,
+    downstream: &Stream,
+    upstream: &Stream,
+) -> (Option<Credit>, Option<Credit>) {
+    let table = ctx.fast_path.as_ref();
+    let cookie = pod.netns.cookie();
+    let credit =
+        |stream: &TcpStream| Credit::new(table, cookie, stream.local_addr(), stream.peer_addr());
+    match (direction, downstream, upstream) {
+        (Direction::Outbound, Stream::Tcp(down), _) => (credit(down), None),
+        (Direction::Inbound | Direction::Tunnel, _, Stream::Tcp(up)) => (None, credit(up)),
+        _ => (None, None),
+    }
+}
+
 async fn pump(
     downstream: Stream,
     upstream: Stream,
     settings: CopySettings,
     shaper: &Shaper,
     moved: &Transferred,
+    (down_credit, up_credit): (Option<Credit>, Option<Credit>),
 ) -> Result<(), CopyError> {
     use Stream::{Tcp, Tunnel};
     let CopySettings {
@@ -199,15 +224,43 @@ async fn pump(
     let pace = (shaper.to_server(), shaper.to_client());
     match (downstream, upstream) {
         (Tcp(mut down), Tcp(mut up)) => {
-            copy::tcp(&mut down, &mut up, buffer_bytes, idle_timeout, moved, pace).await
+            let (down_read, down_write) = down.split();
+            let (up_read, up_write) = up.split();
+            copy::halves(
+                (Credited::new(down_read, down_credit), down_write),
+                (Credited::new(up_read, up_credit), up_write),
+                buffer_bytes,
+                idle_timeout,
+                moved,
+                pace,
+            )
+            .await
         }
         (Tcp(mut down), Tunnel(up)) => {
-            let up = up.into_split();
-            copy::halves(down.split(), up, buffer_bytes, idle_timeout, moved, pace).await
+            let (down_read, down_write) = down.split();
+            let down = (Credited::new(down_read, down_credit), down_write);
+            copy::halves(
+                down,
+                up.into_split(),
+                buffer_bytes,
+                idle_timeout,
+                moved,
+                pace,
+            )
+            .await
         }
         (Tunnel(down), Tcp(mut up)) => {
-            let down = down.into_split();
-            copy::halves(down, up.split(), buffer_bytes, idle_timeout, moved, pace).await
+            let (up_read, up_write) = up.split();
+            let up = (Credited::new(up_read, up_credit), up_write);
+            copy::halves(
+                down.into_split(),
+                up,
+                buffer_bytes,
+                idle_timeout,
+                moved,
+                pace,
+            )
+            .await
         }
         (Tunnel(down), Tunnel(up)) => {
             let (down, up) = (down.into_split(), up.into_split());

@@ -336,6 +336,7 @@ impl Cx<'_> {
                 tunnel_idle_timeout,
                 drain_timeout,
                 ca,
+                fast_path: a.fast_path.unwrap_or(false),
             },
             live: LiveSettings {
                 excluded_ports,

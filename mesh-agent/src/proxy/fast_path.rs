@@ -1,0 +1,89 @@
+//! The agent's reads of an app's redirected data, reported to the eBPF fast path: an app
+//! socket may redirect a budget beyond what the agent has read (mesh-ebpf's `fast_path`), so
+//! an agent that keeps up gives the budget back and the app's data never has to fall back to
+//! TCP. Wraps the read half of the agent's socket on the fast-path hop: the accepted socket of
+//! an outbound connection, the upstream socket of a connection into the pod.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use mesh_common::FastKey;
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::ebpf::{FAST_PATH_REPORT_EVERY, FastPathCredits};
+
+/// The read count of one agent socket on the fast-path hop; its entry goes with it.
+pub struct Credit {
+    table: Arc<FastPathCredits>,
+    key: FastKey,
+    read: u64,
+    reported: u64,
+}
+
+impl Credit {
+    /// For the agent socket with addresses `local` and `peer` in the pod's netns; `None` when
+    /// the fast path is off.
+    pub fn new(
+        table: Option<&Arc<FastPathCredits>>,
+        netns_cookie: u64,
+        local: io::Result<SocketAddr>,
+        peer: io::Result<SocketAddr>,
+    ) -> Option<Credit> {
+        let (table, local, peer) = (table?, local.ok()?, peer.ok()?);
+        Some(Credit {
+            table: table.clone(),
+            key: FastPathCredits::app_key(netns_cookie, local, peer),
+            read: 0,
+            reported: 0,
+        })
+    }
+
+    fn add(&mut self, bytes: u64) {
+        self.read += bytes;
+        if self.read - self.reported >= FAST_PATH_REPORT_EVERY {
+            // A failed write only keeps the budget smaller: the app falls back to TCP sooner.
+            if self.table.consumed(&self.key, self.read).is_ok() {
+                self.reported = self.read;
+            }
+        }
+    }
+}
+
+impl Drop for Credit {
+    fn drop(&mut self) {
+        self.table.forget(&self.key);
+    }
+}
+
+/// A read half that reports what it read to a [`Credit`] (when there is one).
+pub struct Credited<R> {
+    inner: R,
+    credit: Option<Credit>,
+}
+
+impl<R> Credited<R> {
+    pub fn new(inner: R, credit: Option<Credit>) -> Self {
+        Self { inner, credit }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Credited<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let read = (buf.filled().len() - before) as u64;
+        if let Some(credit) = &mut self.credit {
+            credit.add(read);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
