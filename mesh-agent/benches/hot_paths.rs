@@ -508,6 +508,15 @@ fn resident_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// Bytes the allocator has handed out and not taken back (glibc's `mallinfo2().uordblks`):
+/// what is really held, without the free memory it cannot return (fragmentation).
+#[allow(unsafe_code)]
+fn allocated_bytes() -> u64 {
+    // SAFETY: mallinfo2 takes no argument and returns a plain struct by value.
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks as u64
+}
+
 /// A slice of Service `s{j}` whose second endpoint is `ip`: one endpoint changed.
 fn changed_slice(j: usize, ip: &str) -> DynamicObject {
     serde_json::from_value(json!({
@@ -615,6 +624,7 @@ fn kube_build(c: &mut Criterion) {
     drop((stores, cache, built, balancers, limits));
     mesh_agent::sys::memory::release_free_memory();
     let before = resident_bytes();
+    let allocated_before = allocated_bytes();
     let mut cache = BuildCache::default();
     let stores = kube_sync(
         kube_objects(pods, services),
@@ -625,16 +635,21 @@ fn kube_build(c: &mut Criterion) {
     let built = build(&stores, &agent, &mut sandboxes, &mut cache);
     mesh_agent::sys::memory::release_free_memory();
     let source = resident_bytes().saturating_sub(before);
+    let source_allocated = allocated_bytes().saturating_sub(allocated_before);
     let balancers = Balancers::new();
     balancers.sync(&built.config);
     mesh_agent::sys::memory::release_free_memory();
     let held = resident_bytes().saturating_sub(before);
+    let allocated = allocated_bytes().saturating_sub(allocated_before);
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     println!(
-        "k8s/memory_{services}_services_{pods}_pods: {:.1} MiB (stores, build cache and snapshot {:.1} MiB; balancers {:.1} MiB)",
+        "k8s/memory_{services}_services_{pods}_pods: resident {:.1} MiB (stores, build cache and snapshot {:.1} MiB; balancers {:.1} MiB); allocated {:.1} MiB (source {:.1} MiB; balancers {:.1} MiB)",
         mib(held),
         mib(source),
-        mib(held.saturating_sub(source))
+        mib(held.saturating_sub(source)),
+        mib(allocated),
+        mib(source_allocated),
+        mib(allocated.saturating_sub(source_allocated))
     );
     black_box((stores, cache, built, balancers));
     println!(
