@@ -7,7 +7,8 @@ use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::model::{AgentConfig, Config, Node, Policies, Service, Workload, WorkloadId};
+use super::model::{Config, Node, Policies, Service, Workload, WorkloadId};
+use super::settings::AgentConfig;
 
 /// What a source hands over. `workloads[i].id` is set to `WorkloadId(i)` here; endpoints'
 /// `workload` must already use those indices.

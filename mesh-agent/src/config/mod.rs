@@ -1,7 +1,8 @@
 //! Configuration: one model, several sources (today the local YAML file), all producing the same
 //! immutable snapshot, shared as `Arc<Config>`.
 //!
-//! - [`model`]: the resolved snapshot [`Config`] and its parts; [`traffic`] (a service's
+//! - [`model`]: the resolved snapshot [`Config`] and its parts; [`settings`] (the `agent`
+//!   block), [`traffic`] (a service's
 //!   traffic policy), [`authorization`] (authorization policies) and [`limits`] (rate limits)
 //!   are parts of it.
 //! - the file source: [`Config::from_yaml_str`], [`Config::load`] (strict parsing with
@@ -20,6 +21,7 @@ mod file;
 pub mod limits;
 pub mod model;
 mod raw;
+pub mod settings;
 pub mod traffic;
 mod validate;
 pub mod watch;
@@ -32,9 +34,11 @@ pub use limits::{
     Bandwidth, EgressLimitPolicy, OnLimit, PerSource, Rate, RateLimitPolicy, SourceOverride,
 };
 pub use model::{
-    AccessLog, AgentConfig, CaCredential, Cidr, Config, Endpoint, EndpointSelection, FailMode,
-    LiveSettings, Node, Policies, QualifiedName, RemoteCa, Service, ServicePort, StartupSettings,
-    UnknownDestination, Workload, WorkloadId, WorkloadSpec,
+    Config, Endpoint, EndpointSelection, FailMode, Node, Policies, QualifiedName, Service,
+    ServicePort, UnknownDestination, Workload, WorkloadId, WorkloadSpec,
+};
+pub use settings::{
+    AccessLog, AgentConfig, CaCredential, Cidr, LiveSettings, RemoteCa, StartupSettings, defaults,
 };
 pub use traffic::{
     CallerMatch, CallerRoute, CircuitBreaker, HashOn, HealthCheck, LoadBalancer, Locality,

@@ -7,10 +7,10 @@ use std::time::Duration;
 use serde_saphyr::Location;
 
 use super::{Cx, Result, scalars};
-use crate::config::model::{
+use crate::config::raw::{RawAccessLog, RawAgent, RawRemoteCa, S};
+use crate::config::settings::{
     AccessLog, AgentConfig, CaCredential, Cidr, LiveSettings, RemoteCa, StartupSettings, defaults,
 };
-use crate::config::raw::{RawAccessLog, RawAgent, RawRemoteCa, S};
 use crate::names::Kind;
 
 impl Cx<'_> {

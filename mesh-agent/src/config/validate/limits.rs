@@ -15,11 +15,12 @@ use super::{Cx, Result};
 use crate::config::limits::{
     Bandwidth, EgressLimitPolicy, OnLimit, PerSource, Rate, RateLimitPolicy, SourceOverride,
 };
-use crate::config::model::{QualifiedName, defaults};
+use crate::config::model::QualifiedName;
 use crate::config::raw::{
     Present, RawBandwidth, RawEgressLimit, RawLimitAction, RawOnLimit, RawPerSource, RawRate,
     RawRateLimit, S,
 };
+use crate::config::settings::defaults;
 use crate::names::Kind;
 
 const CONNECTIONS_PER_SECOND: (u32, u32) = (1, 1_000_000);

@@ -8,8 +8,9 @@ use serde_saphyr::Location;
 use super::{Cx, Result};
 use crate::config::authorization::{AuthorizationPolicy, AuthorizationRule, RuleSource};
 use crate::config::error::ConfigError;
-use crate::config::model::{Policies, defaults};
+use crate::config::model::Policies;
 use crate::config::raw::{RawAuthorizationPolicy, RawFrom, RawPolicies, RawRule, S};
+use crate::config::settings::defaults;
 use crate::names::Kind;
 
 impl Cx<'_> {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{Cx, Result};
-use crate::config::model::Cidr;
 use crate::config::raw::S;
+use crate::config::settings::Cidr;
 use crate::names::Kind;
 use crate::tls::{IdentityError, SpiffeId};
 

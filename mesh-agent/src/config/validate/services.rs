@@ -7,9 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use super::{Cx, Result};
 use crate::config::model::{
     Endpoint, EndpointSelection, Node, QualifiedName, Service, ServicePort, Workload, WorkloadId,
-    defaults,
 };
 use crate::config::raw::{RawEndpoints, RawService, S};
+use crate::config::settings::defaults;
 use crate::names::Kind;
 
 impl Cx<'_> {

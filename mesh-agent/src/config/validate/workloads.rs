@@ -5,10 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::{Cx, Result};
-use crate::config::model::{
-    AgentConfig, Node, QualifiedName, Workload, WorkloadId, WorkloadSpec, defaults,
-};
+use crate::config::model::{Node, QualifiedName, Workload, WorkloadId, WorkloadSpec};
 use crate::config::raw::{RawNode, RawWorkload, S};
+use crate::config::settings::{AgentConfig, defaults};
 use crate::config::traffic::defaults::ZONE_LABEL;
 use crate::names::Kind;
 

@@ -8,8 +8,7 @@
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{ENROLLED_LABEL, TranslateError, ip};
-use crate::config::model::defaults;
-use crate::config::{AgentConfig, Workload, WorkloadSpec};
+use crate::config::{AgentConfig, Workload, WorkloadSpec, defaults};
 
 /// A candidate workload; its `netns` is found at rebuild for a local pod (from `uid`).
 #[derive(Debug, Clone, PartialEq)]
