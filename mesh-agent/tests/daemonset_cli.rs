@@ -90,33 +90,13 @@ fn ready_probe_with_an_agent_pid_passes_only_for_that_process() {
     let body = format!("ok started={started}\n");
     let pid = std::process::id().to_string();
     let (addr, _requests) = admin_api_saying(Some("200 OK"), body.clone());
-    let out = agent()
-        .args([
-            "probe",
-            "ready",
-            "--admin",
-            &addr.to_string(),
-            "--agent-pid",
-            &pid,
-        ])
-        .output()
-        .expect("run mesh-agent probe");
+    let out = probe_with("ready", addr, &["--agent-pid", &pid]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert_eq!(text(&out.stdout), format!("/ready: ok (PID {pid})\n"));
 
     // The same answer is not PID 1's (init started long before this test).
     let (addr, _requests) = admin_api_saying(Some("200 OK"), body);
-    let out = agent()
-        .args([
-            "probe",
-            "ready",
-            "--admin",
-            &addr.to_string(),
-            "--agent-pid",
-            "1",
-        ])
-        .output()
-        .expect("run mesh-agent probe");
+    let out = probe_with("ready", addr, &["--agent-pid", "1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stdout).starts_with("/ready: failed: another agent answered, not PID 1"),
