@@ -47,18 +47,18 @@ pub async fn run(
     let Started {
         config,
         watch: watcher,
+        cgroup,
     } = source::start(SourceOptions {
         kind: source,
         path: config_path,
         node,
-        cgroup: cgroup_override.clone(),
+        cgroup: cgroup_override,
         metrics: metrics.clone(),
     })
     .await?;
     // Subscribed now: a change published while the agent sets up is applied after.
     let mut updates = watcher.current();
     sys::ensure_bpffs()?;
-    let cgroup = source::attach_cgroup(source, cgroup_override, &config)?;
     let agent = config.agent().clone();
     let (proxy_port_min, proxy_port_max) = agent.startup.proxy_port_range();
     let settings = Settings {

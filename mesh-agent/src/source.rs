@@ -41,6 +41,8 @@ impl SourceKind {
 pub struct Started {
     pub config: Arc<Config>,
     pub watch: ConfigWatch,
+    /// Where the programs attach (`attach_cgroup`), found once.
+    pub cgroup: PathBuf,
 }
 
 /// How to start one.
@@ -66,10 +68,12 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
     let scope = kind.config_scope();
     let config = Arc::new(Config::load_scoped(path, node.as_deref(), scope)?);
     let file = watch::spawn_scoped(path, node, scope, config.clone());
+    let root = attach_cgroup(kind, cgroup, &config)?;
     if kind == SourceKind::File {
         return Ok(Started {
             config,
             watch: file,
+            cgroup: root,
         });
     }
     // kube's TLS (in-cluster HTTPS) runs on the process's rustls provider: the agent's own.
@@ -77,7 +81,6 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let root = attach_cgroup(kind, cgroup, &config)?;
     let (config, watch) = k8s::start(SourceInputs {
         client,
         file: file.current(),
@@ -86,7 +89,11 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
         metrics,
     })
     .await?;
-    Ok(Started { config, watch })
+    Ok(Started {
+        config,
+        watch,
+        cgroup: root,
+    })
 }
 
 /// The cgroup the programs attach to: `--cgroup`, else `agent.cgroup`, else the cgroup2 root.
@@ -95,7 +102,7 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
 /// root, as on kind's nodes), so that only pods are steered and the same
 /// ConfigMap (`cgroup: /host/sys/fs/cgroup`) serves every node; it is also where pods are
 /// looked for by UID.
-pub fn attach_cgroup(
+fn attach_cgroup(
     kind: SourceKind,
     cgroup: Option<PathBuf>,
     config: &Config,
