@@ -20,6 +20,8 @@ use nix::{
 use crate::{Node, Pod, Topology, exec::output_timeout};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `mesh-agent status` may take in a test.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where the agent serves its admin API (`/metrics` among others): loopback inside its
 /// node's netns, the default `agent.adminAddr`.
@@ -393,7 +395,9 @@ impl Agent {
         command
             .args(["status", "--json"])
             .env_remove("RUST_BACKTRACE");
-        let output = output_timeout(&mut command, Duration::from_secs(5))?;
+        // Generous: suites run their tests in parallel on a 2-core machine, one of them
+        // flooding a CA; a status that takes long is not what these tests are about.
+        let output = output_timeout(&mut command, STATUS_TIMEOUT)?;
         if !output.status.success() {
             bail!(
                 "mesh-agent status: {}",

@@ -255,9 +255,9 @@ fn sign(node: &Node, client: &RemoteSigner, identity: &SpiffeId) -> Result<(), C
 /// An oversize request is refused: answered `413`, or, when the CA closes the connection
 /// before the client has written its whole body (a race the client can lose), the write fails
 /// with the connection closed under it. Never anything else.
-fn refused_as_too_large(result: Result<Answer, CaError>) -> bool {
+fn refused_as_too_large(result: &Result<Answer, CaError>) -> bool {
     match result {
-        Ok((status, _)) => status == StatusCode::PAYLOAD_TOO_LARGE,
+        Ok((status, _)) => *status == StatusCode::PAYLOAD_TOO_LARGE,
         Err(CaError::Unavailable(reason)) => {
             reason.contains("Broken pipe") || reason.contains("reset by peer")
         }
@@ -501,7 +501,11 @@ fn garbage_oversize_and_a_flood_from_one_node_do_not_starve_another() {
                     for size in [20 << 10, 1 << 20] {
                         let oversize = Bytes::from(vec![b' '; size]);
                         let result = c1.exchange(Method::POST, ca_api::SIGN_PATH, oversize).await;
-                        assert!(refused_as_too_large(result), "{size} bytes");
+                        assert!(
+                            refused_as_too_large(&result),
+                            "{size} bytes: {:?}",
+                            result.as_ref().map(|(status, _)| status)
+                        );
                     }
                     let tasks: Vec<_> = (0..8)
                         .map(|_| {
