@@ -42,6 +42,8 @@ pub enum ProxyError {
     Ebpf(#[from] Box<EbpfError>),
     #[error(transparent)]
     MeshTls(#[from] MeshTlsError),
+    #[error("no certificate within {0:?} (the CA is slow or unreachable); tried again later")]
+    CertificateWait(std::time::Duration),
 }
 
 pub struct ProxyContext {

@@ -26,6 +26,10 @@ use crate::{
     tunnel::{ConnectRequest, PendingStream},
 };
 
+/// How long enrolling a pod waits for its first certificate. Issuing takes milliseconds; the
+/// wait is for a CA that is far, loaded or down.
+const CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The listeners of one pod; dropping it closes them (established connections go on).
 pub struct PodListeners {
     tasks: Vec<JoinHandle<()>>,
@@ -58,12 +62,18 @@ impl PodListeners {
                 tracing::warn!(pod = %pod.key, %error, "net.ipv4.tcp_migrate_req not set")
             }
         }
-        // The pod's certificate, then its tunnel server for other nodes' pods. Issuing is
-        // quick local signing; enrollment runs outside the proxy's hot path.
+        // The pod's certificate, then its tunnel server for other nodes' pods. Enrollment
+        // runs outside the proxy's hot path but holds the pods' lock, which the admin API
+        // reads too: a CA that is slow or unreachable fails the enrollment after a bounded
+        // wait (it is tried again later) rather than stalling `mesh-agent status`.
         let mesh = ctx.mesh_tls.clone();
         tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(mesh.ensure(&pod.identity))
-        })?;
+            tokio::runtime::Handle::current().block_on(async {
+                tokio::time::timeout(CERTIFICATE_WAIT, mesh.ensure(&pod.identity))
+                    .await
+                    .map_err(|_| ProxyError::CertificateWait(CERTIFICATE_WAIT))
+            })
+        })??;
         let tunnel = tunnel_listener(pod, agent.tunnel_port, agent.proxy_mark)?;
         let handler = {
             let (ctx, pod) = (ctx.clone(), pod.clone());
