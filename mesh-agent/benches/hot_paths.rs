@@ -414,7 +414,7 @@ fn config_build(c: &mut Criterion) {
 /// A cluster as the API lists it: `pods` pods in 50 enrolled namespaces (one in fifty on this
 /// node), `services` Services each with one EndpointSlice of two of those pods.
 fn kube_objects(pods: usize, services: usize) -> Vec<(ObjectKind, DynamicObject)> {
-    let ip = |i: usize| format!("10.{}.{}.{}", 1 + i / 62_500, (i / 250) % 250, i % 250 + 1);
+    let ip = pod_ip;
     let mut objects = Vec::with_capacity(50 + pods + 2 * services);
     let mut push = |kind, value: serde_json::Value| {
         objects.push((kind, serde_json::from_value(value).expect("object")));
@@ -464,6 +464,11 @@ fn kube_objects(pods: usize, services: usize) -> Vec<(ObjectKind, DynamicObject)
         );
     }
     objects
+}
+
+/// The IP of pod `p{i}`.
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 1 + i / 62_500, (i / 250) % 250, i % 250 + 1)
 }
 
 /// Every pod of this node has a sandbox.
@@ -517,6 +522,20 @@ fn allocated_bytes() -> u64 {
     info.uordblks as u64
 }
 
+/// Pod `p{i}` of [`kube_objects`] with a `version` label of `round`: one pod changed.
+fn changed_pod(i: usize, round: usize) -> DynamicObject {
+    let ip = pod_ip(i);
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("p{i}"), "namespace": format!("ns{}", i % 50),
+                     "uid": format!("0000-{i}"),
+                     "labels": {"app": format!("app{}", i / 2), "version": format!("v{round}")}},
+        "spec": {"nodeName": if i.is_multiple_of(50) { "node-a" } else { "node-b" },
+                 "serviceAccountName": "sa", "containers": []},
+        "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+    }))
+    .expect("pod")
+}
+
 /// A slice of Service `s{j}` whose second endpoint is `ip`: one endpoint changed.
 fn changed_slice(j: usize, ip: &str) -> DynamicObject {
     serde_json::from_value(json!({
@@ -549,8 +568,13 @@ fn kube_build(c: &mut Criterion) {
             b.iter_batched(
                 || objects.clone(),
                 |objects| {
-                    let stores = kube_sync(objects, &agent, &metrics, &mut sandboxes);
-                    build(&stores, &agent, &mut sandboxes, &mut BuildCache::default())
+                    let mut stores = kube_sync(objects, &agent, &metrics, &mut sandboxes);
+                    build(
+                        &mut stores,
+                        &agent,
+                        &mut sandboxes,
+                        &mut BuildCache::default(),
+                    )
                 },
                 BatchSize::LargeInput,
             );
@@ -558,7 +582,7 @@ fn kube_build(c: &mut Criterion) {
     );
     let mut stores = kube_sync(objects, &agent, &metrics, &mut sandboxes);
     let mut cache = BuildCache::default();
-    let built = build(&stores, &agent, &mut sandboxes, &mut cache);
+    let built = build(&mut stores, &agent, &mut sandboxes, &mut cache);
     assert_eq!(built.config.services().len(), services);
     assert_eq!(built.config.workloads().len(), pods);
     group.bench_function(
@@ -566,7 +590,7 @@ fn kube_build(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 build(
-                    black_box(&stores),
+                    black_box(&mut stores),
                     &agent,
                     &mut sandboxes,
                     &mut BuildCache::default(),
@@ -583,41 +607,30 @@ fn kube_build(c: &mut Criterion) {
     let limits = Limits::new();
     balancers.sync(&built.config);
     limits.sync(&built.config);
-    let mut took = Vec::with_capacity(500);
-    let mut parts = [Duration::ZERO; 4];
-    for round in 0..500 {
+    let mut state = Changing {
+        stores,
+        cache,
+        sandboxes,
+        previous: built.config.clone(),
+        balancers,
+        limits,
+    };
+    let endpoint_change = state.changes("one_endpoint_change", &agent, &metrics, |round| {
         let j = (round * 7919) % services;
-        let event = Event::Apply(changed_slice(j, &format!("10.9.1.{}", round % 250 + 1)));
-        let start = Instant::now();
-        let mut cx = ApplyContext {
-            agent: &agent,
-            metrics: &metrics,
-            sandboxes: &mut sandboxes,
-        };
-        assert!(stores.apply(ObjectKind::EndpointSlice, event, &mut cx));
-        let applied = start.elapsed();
-        let built = build(&stores, &agent, &mut sandboxes, &mut cache);
-        let building = start.elapsed();
-        balancers.sync(&built.config);
-        let balancing = start.elapsed();
-        limits.sync(&built.config);
-        took.push(start.elapsed());
-        parts[0] += applied;
-        parts[1] += building - applied;
-        parts[2] += balancing - building;
-        parts[3] += took[took.len() - 1] - balancing;
-        black_box(built);
-    }
-    let mean = |d: Duration| d / 500;
-    println!(
-        "k8s/one_endpoint_change: mean apply {:.2?}, build {:.2?}, balancers {:.2?}, limits {:.2?}",
-        mean(parts[0]),
-        mean(parts[1]),
-        mean(parts[2]),
-        mean(parts[3])
-    );
-    took.sort();
-    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+        let ip = format!("10.9.1.{}", round % 250 + 1);
+        (ObjectKind::EndpointSlice, changed_slice(j, &ip))
+    });
+    let pod_change = state.changes("one_pod_change", &agent, &metrics, |round| {
+        (ObjectKind::Pod, changed_pod((round * 7919) % pods, round))
+    });
+    let Changing {
+        stores,
+        cache,
+        mut sandboxes,
+        balancers,
+        limits,
+        ..
+    } = state;
     // What the source holds for this cluster: the stores, the build cache and a snapshot,
     // measured as the process's resident memory before and after (free memory given back
     // first, as the agent does after bursts).
@@ -626,13 +639,14 @@ fn kube_build(c: &mut Criterion) {
     let before = resident_bytes();
     let allocated_before = allocated_bytes();
     let mut cache = BuildCache::default();
-    let stores = kube_sync(
+    let mut stores = kube_sync(
         kube_objects(pods, services),
         &agent,
         &metrics,
         &mut sandboxes,
     );
-    let built = build(&stores, &agent, &mut sandboxes, &mut cache);
+    let stores_allocated = allocated_bytes().saturating_sub(allocated_before);
+    let built = build(&mut stores, &agent, &mut sandboxes, &mut cache);
     mesh_agent::sys::memory::release_free_memory();
     let source = resident_bytes().saturating_sub(before);
     let source_allocated = allocated_bytes().saturating_sub(allocated_before);
@@ -643,21 +657,94 @@ fn kube_build(c: &mut Criterion) {
     let allocated = allocated_bytes().saturating_sub(allocated_before);
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     println!(
-        "k8s/memory_{services}_services_{pods}_pods: resident {:.1} MiB (stores, build cache and snapshot {:.1} MiB; balancers {:.1} MiB); allocated {:.1} MiB (source {:.1} MiB; balancers {:.1} MiB)",
+        "k8s/memory_{services}_services_{pods}_pods: resident {:.1} MiB (stores, build cache and snapshot {:.1} MiB; balancers {:.1} MiB); allocated {:.1} MiB (stores {:.1} MiB, build cache and snapshot {:.1} MiB; balancers {:.1} MiB)",
         mib(held),
         mib(source),
         mib(held.saturating_sub(source)),
         mib(allocated),
-        mib(source_allocated),
+        mib(stores_allocated),
+        mib(source_allocated.saturating_sub(stores_allocated)),
         mib(allocated.saturating_sub(source_allocated))
     );
     black_box((stores, cache, built, balancers));
-    println!(
-        "k8s/one_endpoint_change_{services}_services_{pods}_pods: p50 {:.2?} p99 {:.2?} max {:.2?} (500 events: apply, build, balancers and limits synced)",
-        at(0.50),
-        at(0.99),
-        at(1.0)
-    );
+    for (name, took) in [
+        ("one_endpoint_change", endpoint_change),
+        ("one_pod_change", pod_change),
+    ] {
+        let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+        println!(
+            "k8s/{name}_{services}_services_{pods}_pods: p50 {:.2?} p99 {:.2?} max {:.2?} (500 events: apply, build, compare, balancers and limits synced)",
+            at(0.50),
+            at(0.99),
+            at(1.0)
+        );
+    }
+}
+
+/// The source's state between changes, and what the agent syncs from each snapshot.
+struct Changing {
+    stores: Stores,
+    cache: BuildCache,
+    sandboxes: Sandboxes,
+    previous: std::sync::Arc<Config>,
+    balancers: Balancers,
+    limits: Limits,
+}
+
+impl Changing {
+    /// 500 changes, each from the watch event to the snapshot new connections route by: the
+    /// event applied, the snapshot built and compared with the last (as the controller does
+    /// before it publishes), the balancers and limits synced (what the agent does before it
+    /// stores the snapshot). Prints the mean by step; returns the times, sorted (the issue's
+    /// figure being their p99).
+    fn changes(
+        &mut self,
+        name: &str,
+        agent: &AgentConfig,
+        metrics: &Metrics,
+        event: impl Fn(usize) -> (ObjectKind, DynamicObject),
+    ) -> Vec<Duration> {
+        let mut took = Vec::with_capacity(500);
+        let mut parts = [Duration::ZERO; 4];
+        for round in 0..500 {
+            let (kind, object) = event(round);
+            let start = Instant::now();
+            let mut cx = ApplyContext {
+                agent,
+                metrics,
+                sandboxes: &mut self.sandboxes,
+            };
+            assert!(self.stores.apply(kind, Event::Apply(object), &mut cx));
+            let applied = start.elapsed();
+            let built = build(
+                &mut self.stores,
+                agent,
+                &mut self.sandboxes,
+                &mut self.cache,
+            );
+            assert!(*built.config != *self.previous, "{name}: a change");
+            let building = start.elapsed();
+            self.balancers.sync(&built.config);
+            let balancing = start.elapsed();
+            self.limits.sync(&built.config);
+            took.push(start.elapsed());
+            parts[0] += applied;
+            parts[1] += building - applied;
+            parts[2] += balancing - building;
+            parts[3] += took[took.len() - 1] - balancing;
+            self.previous = built.config;
+        }
+        let mean = |d: Duration| d / 500;
+        println!(
+            "k8s/{name}: mean apply {:.2?}, build and compare {:.2?}, balancers {:.2?}, limits {:.2?}",
+            mean(parts[0]),
+            mean(parts[1]),
+            mean(parts[2]),
+            mean(parts[3])
+        );
+        took.sort();
+        took
+    }
 }
 
 criterion_group! {

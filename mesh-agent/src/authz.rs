@@ -194,7 +194,7 @@ mod tests {
 
     fn workload<'a>(config: &'a Config, qualified: &str) -> &'a Workload {
         config
-            .workloads
+            .workloads()
             .iter()
             .find(|w| w.qualified_name().to_string() == qualified)
             .unwrap_or_else(|| panic!("no workload {qualified}"))
@@ -224,14 +224,14 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            authorize(&c, None, &c.workloads[0], 80),
+            authorize(&c, None, &c.workloads()[0], 80),
             Decision {
                 allowed: true,
                 policy: None,
                 reason: reason::NO_POLICY,
             }
         );
-        assert!(authorize(&c, Some(&id(CLIENT)), &c.workloads[0], 80).allowed);
+        assert!(authorize(&c, Some(&id(CLIENT)), &c.workloads()[0], 80).allowed);
     }
 
     #[test]
@@ -543,8 +543,8 @@ mod tests {
             "t.yaml",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert!(authorize(&c, Some(&id(FOREIGN)), &c.workloads[0], 1).allowed);
-        assert!(!authorize(&c, Some(&id(CLIENT)), &c.workloads[0], 1).allowed);
+        assert!(authorize(&c, Some(&id(FOREIGN)), &c.workloads()[0], 1).allowed);
+        assert!(!authorize(&c, Some(&id(CLIENT)), &c.workloads()[0], 1).allowed);
     }
 
     /// The commented example of deploy/examples/local.yaml, uncommented, does what it says.

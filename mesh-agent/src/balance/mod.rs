@@ -113,11 +113,11 @@ pub struct Balancers {
     synced: Mutex<Synced>,
 }
 
-/// The services of the last sync, by the address of their shared value (the `Arc` kept
-/// here, so the address is not reused while it is listed), and this node's zone then.
+/// The services of the last sync, in the snapshot's order, with their names (the `Arc`s kept
+/// here, so an address is not reused while it is listed), and this node's zone then.
 #[derive(Default)]
 struct Synced {
-    services: foldhash::HashMap<usize, (Arc<crate::config::Service>, Arc<str>)>,
+    services: Vec<(Arc<crate::config::Service>, Arc<str>)>,
     zone: Option<String>,
 }
 
@@ -140,22 +140,42 @@ impl Balancers {
         let current = self.map.load_full();
         let zone = select::local_zone(config).map(str::to_owned);
         let same_zone = synced.zone == zone;
-        let mut next: Map = (*current).clone();
-        let mut listed = foldhash::HashMap::with_capacity_and_hasher(
-            config.services().len(),
-            foldhash::fast::RandomState::default(),
-        );
+        // The last sync's services, taken one by one as they are found again: at the same
+        // index (a source keeps the order), else by address (looked up once something moved).
+        let mut old: Vec<Option<(Arc<crate::config::Service>, Arc<str>)>> =
+            std::mem::take(&mut synced.services)
+                .into_iter()
+                .map(Some)
+                .collect();
+        let mut by_address: Option<foldhash::HashMap<usize, usize>> = None;
+        let mut next: Option<Map> = None;
+        let mut listed = Vec::with_capacity(config.services().len());
         // Services looked at again; with those not listed any more, the names whose ports
         // may have gone.
         let mut looked_at: Vec<Arc<str>> = Vec::new();
-        for service in config.services() {
-            let address = Arc::as_ptr(service) as usize;
-            if same_zone
-                && service.traffic.subsets.is_empty()
-                && let Some(entry) = synced.services.remove(&address)
-            {
-                listed.insert(address, entry);
-                continue;
+        for (i, service) in config.services().iter().enumerate() {
+            if same_zone && service.traffic.subsets.is_empty() {
+                let same = |j: &usize| {
+                    old.get(*j)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|(s, _)| Arc::ptr_eq(s, service))
+                };
+                let found = Some(i).filter(same).or_else(|| {
+                    let index = by_address.get_or_insert_with(|| {
+                        old.iter()
+                            .enumerate()
+                            .filter_map(|(j, e)| Some((Arc::as_ptr(&e.as_ref()?.0) as usize, j)))
+                            .collect()
+                    });
+                    index
+                        .get(&(Arc::as_ptr(service) as usize))
+                        .copied()
+                        .filter(same)
+                });
+                if let Some(entry) = found.and_then(|j| old.get_mut(j)?.take()) {
+                    listed.push(entry);
+                    continue;
+                }
             }
             let name: Arc<str> = Arc::from(service.qualified_name().to_string());
             let previous_ports = current.get(&name).map(|p| &p[..]).unwrap_or_default();
@@ -171,19 +191,26 @@ impl Balancers {
                     }
                 })
                 .collect();
-            next.insert(name.clone(), ports);
+            next.get_or_insert_with(|| (*current).clone())
+                .insert(name.clone(), ports);
             looked_at.push(name.clone());
-            listed.insert(address, (service.clone(), name));
+            listed.push((service.clone(), name));
         }
         // What is left was replaced by a new value (its name was looked at above) or is gone.
         let fresh: std::collections::HashSet<&str> = looked_at.iter().map(|n| &**n).collect();
         let mut gone = Vec::new();
-        for (_, (_, name)) in synced.services.drain() {
+        for (_, name) in old.into_iter().flatten() {
             if !fresh.contains(&*name) {
-                next.remove(&name);
+                next.get_or_insert_with(|| (*current).clone()).remove(&name);
                 gone.push(name);
             }
         }
+        synced.services = listed;
+        synced.zone = zone;
+        let Some(next) = next else {
+            // Every service kept as it was: the map stands.
+            return;
+        };
         // Service ports that are gone: their endpoints' late outcomes change nothing.
         for name in looked_at.iter().chain(&gone) {
             for balancer in current.get(name).into_iter().flat_map(|p| p.iter()) {
@@ -195,8 +222,6 @@ impl Balancers {
                 }
             }
         }
-        synced.services = listed;
-        synced.zone = zone;
         self.map.store(Arc::new(next));
     }
 

@@ -58,7 +58,7 @@ impl Placement for ConfigPlacement {
 
 fn placed(config: &Config, node: &str, identity: &SpiffeId) -> bool {
     config
-        .workloads
+        .workloads()
         .iter()
         .any(|w| w.node == node && &w.identity == identity)
 }

@@ -164,7 +164,7 @@ pub fn check(path: impl AsRef<Path>, scope: Scope) -> Result<String, ConfigError
     Ok(format!(
         "{}: ok ({}, {}, {}, {}, {})",
         path.display(),
-        count(config.workloads.len(), "workload", "workloads"),
+        count(config.workloads().len(), "workload", "workloads"),
         count(config.services.len(), "service", "services"),
         count(
             config.policies.authorization.len(),

@@ -22,11 +22,12 @@ pub mod limits;
 pub mod model;
 mod raw;
 pub mod settings;
+mod sharded;
 pub mod traffic;
 mod validate;
 pub mod watch;
 
-pub use assemble::Parts;
+pub use assemble::{Parts, Workloads};
 pub use authorization::{AuthorizationAction, AuthorizationPolicy, AuthorizationRule, RuleSource};
 pub use error::ConfigError;
 pub use file::{Scope, check, system_node_name};

@@ -9,20 +9,23 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
+use super::assemble::{Owners, Workloads};
 use super::settings::{AccessLog, AgentConfig};
+use super::sharded::ShardedMap;
 use crate::tls::SpiffeId;
 
 /// One immutable configuration snapshot. The data fields are public for reading; a `Config`
 /// can only be built by this module (the lookups are private), so it is always validated.
 /// Serialized (the lookups left out) for `/config_dump`, under the YAML's names.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub agent: AgentConfig,
-    /// In file order; `WorkloadId(i)` is `workloads[i]`.
-    pub workloads: Vec<Workload>,
+    /// In source order; `WorkloadId(i)` is the `i`-th. Shared between snapshots while the
+    /// workloads are the same.
+    #[serde(serialize_with = "workload_list")]
+    pub(super) workloads: Arc<Workloads>,
     /// In file order. Shared between snapshots: a source that rebuilds only what changed
     /// hands the others over as they were (and the balancers see them unchanged by pointer).
     pub services: Vec<Arc<Service>>,
@@ -31,20 +34,37 @@ pub struct Config {
     pub nodes: Vec<Node>,
     /// (canonical VIP, service port) -> (service index, port index)
     #[serde(skip)]
-    pub(super) by_vip: HashMap<SocketAddr, (usize, usize)>,
-    /// canonical workload IP -> workload
+    pub(super) by_vip: ShardedMap<SocketAddr, (usize, usize)>,
+    /// An endpoint address -> the indices of the services that have it, ascending: the first
+    /// is what the server side of a connection to a workload names as its service.
     #[serde(skip)]
-    pub(super) by_ip: HashMap<IpAddr, WorkloadId>,
-    /// A workload endpoint (pod IP, target port) -> the index of the first service, in file
-    /// order, that has it: what the server side of a connection names as its service.
-    #[serde(skip)]
-    pub(super) by_endpoint: HashMap<SocketAddr, usize>,
-    #[serde(skip)]
-    pub(super) local: Vec<WorkloadId>,
+    pub(super) by_endpoint: ShardedMap<SocketAddr, Owners>,
     /// `WorkloadId(i)` -> indices into `policies.authorization` of the policies selecting
-    /// workload `i`, in file order.
+    /// workload `i`, in file order (empty when there are no such policies).
     #[serde(skip)]
     pub(super) authz_by_workload: Vec<Vec<usize>>,
+}
+
+fn workload_list<S: serde::Serializer>(w: &Arc<Workloads>, s: S) -> Result<S::Ok, S::Error> {
+    w.list().serialize(s)
+}
+
+/// Two snapshots are equal when their data are: the lookups are computed from it. Parts
+/// shared by pointer compare at once.
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        self.agent == other.agent
+            && (Arc::ptr_eq(&self.workloads, &other.workloads)
+                || self.workloads.list == other.workloads.list)
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+            && self.policies == other.policies
+            && self.nodes == other.nodes
+    }
 }
 
 impl Config {
@@ -54,6 +74,11 @@ impl Config {
 
     /// All workloads, in file order; `WorkloadId(i)` is `workloads()[i]`.
     pub fn workloads(&self) -> &[Workload] {
+        self.workloads.list()
+    }
+
+    /// The workloads with their lookups, to hand to the next snapshot when they stay.
+    pub fn workload_table(&self) -> &Arc<Workloads> {
         &self.workloads
     }
 
@@ -76,16 +101,17 @@ impl Config {
     }
 
     pub fn workload(&self, id: WorkloadId) -> Option<&Workload> {
-        self.workloads.get(id.0)
+        self.workloads.list.get(id.0)
     }
 
     /// The first service (in file order) with the workload endpoint `addr`: on the server
     /// side, which knows only the pod address a connection came to, the service it was for.
     pub fn service_by_endpoint(&self, addr: SocketAddr) -> Option<&Service> {
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        self.workload_by_ip(addr.ip())?;
         self.by_endpoint
             .get(&addr)
-            .and_then(|s| self.services.get(*s))
+            .and_then(|owners| self.services.get(*owners.first()?))
             .map(Arc::as_ref)
     }
 
@@ -98,9 +124,7 @@ impl Config {
 
     /// The workload owning `ip` (IPv4-mapped IPv6 addresses are matched as IPv4).
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_ip
-            .get(&ip.to_canonical())
-            .and_then(|id| self.workload(*id))
+        self.workloads.by_ip(ip.to_canonical())
     }
 
     /// The local workload named `namespace/name` (how the data plane keys pods), without
@@ -113,7 +137,10 @@ impl Config {
 
     /// Workloads on this agent's node (`workload.node == agent.node`), in file order.
     pub fn local_workloads(&self) -> impl Iterator<Item = &Workload> + '_ {
-        self.local.iter().filter_map(|id| self.workload(*id))
+        self.workloads
+            .local
+            .iter()
+            .filter_map(|id| self.workload(*id))
     }
 
     /// The authorization policies that select `workload` (same namespace, selector included

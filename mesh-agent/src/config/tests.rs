@@ -98,11 +98,11 @@ fn example_file_parses() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.agent.startup.node, "node-a");
-    let names: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
+    let names: Vec<&str> = config.workloads().iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["client", "server-1", "server-2"]);
     assert!(
         config
-            .workloads
+            .workloads()
             .iter()
             .all(|w| w.namespace == "demo" && w.local)
     );
@@ -246,7 +246,7 @@ fn full_document() {
     );
     assert_eq!(a.startup.proxy_port_range(), (16001, 16008));
 
-    let web1 = &config.workloads[0];
+    let web1 = &config.workloads()[0];
     assert_eq!(
         *web1,
         Workload {
@@ -269,7 +269,7 @@ fn full_document() {
             local: true,
         }
     );
-    let web2 = &config.workloads[1];
+    let web2 = &config.workloads()[1];
     assert!(!web2.local);
     assert_eq!(
         web2.access_log,
@@ -372,7 +372,7 @@ fn defaults() {
         "    ports: [{port: 80}]",
         "    endpoints: {workloads: [w]}",
     ]);
-    let w = &config.workloads[0];
+    let w = &config.workloads()[0];
     assert_eq!(
         config.agent,
         AgentConfig {
@@ -436,7 +436,7 @@ fn empty_documents_are_empty_configs() {
         "agent:\nworkloads:\nservices:\npolicies:\n",
     ] {
         let config = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
-        assert!(config.workloads.is_empty() && config.services.is_empty());
+        assert!(config.workloads().is_empty() && config.services.is_empty());
         assert_eq!(config.agent.startup.node, "host-node");
     }
 }
@@ -461,7 +461,7 @@ fn the_node_given_on_the_command_line_wins_over_the_file() {
     // Workloads without a node of their own follow the overriding node.
     let config = on(Some("node-c")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.agent.startup.node, "node-c");
-    assert_eq!(config.workloads[0].node, "node-c");
+    assert_eq!(config.workloads()[0].node, "node-c");
     assert_eq!(config.local_workloads().count(), 1);
     // With no agent block at all, the override is still the node.
     let config = Config::from_yaml_str_on_node("", "mesh.yaml", Some("node-d"))
@@ -879,7 +879,7 @@ fn local_workload_needs_netns() {
          (node-a)"
     );
     // A remote workload does not.
-    assert!(ok(BASE).workloads[1].netns.is_none());
+    assert!(ok(BASE).workloads()[1].netns.is_none());
     assert_eq!(
         error(&base_with(&[(6, "    netns: run/netns/web-1")], &[])),
         "mesh.yaml:6:12: workloads[0].netns: `run/netns/web-1` is not an absolute path"
@@ -1075,7 +1075,7 @@ fn names_are_dns_names() {
     let long = format!("    serviceAccount: {}.v2", "a".repeat(70));
     let config = ok(&base_with(&[(7, Box::leak(long.into_boxed_str()))], &[]));
     assert_eq!(
-        config.workloads[0].identity.service_account(),
+        config.workloads()[0].identity.service_account(),
         format!("{}.v2", "a".repeat(70))
     );
 }
@@ -1128,7 +1128,7 @@ fn a_namespace_is_a_dns_label_everywhere() {
     // 63 is the limit; the workload's identity carries the namespace.
     let longest = format!("    namespace: {}", "a".repeat(63));
     let config = ok(&base_with(&[(7, Box::leak(longest.into_boxed_str()))], &[]));
-    assert_eq!(config.workloads[0].identity.namespace(), "a".repeat(63));
+    assert_eq!(config.workloads()[0].identity.namespace(), "a".repeat(63));
 }
 
 // ---- mTLS settings ------------------------------------------------------------------------
@@ -1153,7 +1153,7 @@ fn mtls_agent_fields() {
         let line = format!("  trustDomain: {good}");
         let config = ok(&base_with(&[(2, Box::leak(line.into_boxed_str()))], &[]));
         assert_eq!(config.agent.startup.trust_domain, good);
-        assert_eq!(config.workloads[0].identity.trust_domain(), good);
+        assert_eq!(config.workloads()[0].identity.trust_domain(), good);
     }
     assert_eq!(
         error(&base_with(&[(2, "  caCertFile: ca.pem")], &[])),
@@ -1402,11 +1402,11 @@ fn spiffe_id_of_a_workload() {
         &[],
     ));
     assert_eq!(
-        config.workloads[0].identity,
+        config.workloads()[0].identity,
         spiffe("spiffe://cluster.local/ns/default/sa/web")
     );
     assert_eq!(
-        config.workloads[1].identity,
+        config.workloads()[1].identity,
         spiffe("spiffe://cluster.local/ns/default/sa/default")
     );
     let other = ok(&base_with(
@@ -1417,7 +1417,7 @@ fn spiffe_id_of_a_workload() {
         &[],
     ));
     assert_eq!(
-        other.workloads[0].identity.to_string(),
+        other.workloads()[0].identity.to_string(),
         "spiffe://example.org/ns/shop/sa/default"
     );
 }
@@ -1585,7 +1585,7 @@ fn authorization_policies_resolve() {
         "other/web-allow"
     );
     // Precomputed per workload: both web workloads are selected by policies 0 and 2.
-    for w in &config.workloads {
+    for w in config.workloads() {
         let names: Vec<String> = config
             .authorization_policies_for(w)
             .map(|p| p.qualified_name().to_string())

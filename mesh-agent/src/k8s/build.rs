@@ -1,15 +1,17 @@
 //! The stores' pieces -> one `Config`, through the config's own assembly: workloads from the
 //! pods of enrolled namespaces, services with the endpoints of their slices, the policies,
-//! and this node's labels. Linear in the pieces; nothing is parsed here.
+//! and this node's labels. Nothing is parsed here.
 //!
 //! A Service is the bulk of a large cluster (30,000 of them against a few thousand pods), and
-//! one event changes one or two: the [`BuildCache`] keeps what each Service became, with the
-//! pieces it was made from, and a Service whose pieces are the same ones (by pointer: the
-//! stores replace a piece only when it changes) is handed over as the same `Arc`, which the
-//! balancers also recognize.
+//! one event changes one or two: the [`BuildCache`] keeps what each Service became and builds
+//! again only those the stores saw touched (itself, a slice, its TrafficPolicy), handing the
+//! others over as the same `Arc`, which the assembly and the balancers recognize. The
+//! workloads are kept as one shared table while no pod or namespace changed, and the last
+//! snapshot is handed to the assembly, which patches its lookups.
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::kinds::ObjectKind;
@@ -18,7 +20,7 @@ use super::store::Stores;
 use super::translate::{ObjectKey, Piece, PolicyPiece, ServicePiece, SlicePiece, TargetPort};
 use crate::config::{
     AgentConfig, Config, Endpoint, EndpointSelection, Node, Parts, Policies, PolicyObject, Service,
-    ServicePort, TrafficPolicy, WorkloadId,
+    ServicePort, TrafficPolicy, Workloads,
 };
 
 /// The weight of every endpoint (the API has no per-endpoint weight).
@@ -26,153 +28,132 @@ const WEIGHT: u32 = 1;
 
 /// A rebuilt snapshot and what it could not settle.
 pub struct Built {
-    pub config: Config,
+    pub config: Arc<Config>,
     /// Local pods left out because their sandbox is not found yet.
     pub unresolved: usize,
     /// TrafficPolicies refused because an older one names the same Service.
     pub conflicts: Vec<ObjectKey>,
 }
 
-/// What the last build made of each Service, and from which pieces.
+/// What the last build made, to make the next from.
 #[derive(Debug, Default)]
 pub struct BuildCache {
-    /// By the address of the Service's piece (held in [`Made`], so not reused meanwhile).
-    services: HashMap<usize, Made>,
+    /// Each Service as built, in the order of `keys`.
+    services: Vec<Arc<Service>>,
+    /// Their `namespace/name`s, ascending (the stores' order).
+    keys: Vec<ObjectKey>,
+    /// Services with an endpoint whose node came from its workload (a slice without
+    /// `nodeName`): built again when the workloads change.
+    from_workloads: BTreeSet<ObjectKey>,
+    workloads: Option<KeptWorkloads>,
+    /// The node the services were built for (their endpoints' `local`); `None`: nothing built.
+    node: Option<String>,
+    /// The last snapshot, whose lookups the next one patches.
+    previous: Option<Arc<Config>>,
 }
 
 #[derive(Debug)]
-struct Made {
-    service: Arc<Piece>,
-    slices: Vec<Arc<Piece>>,
-    traffic: Option<Arc<Piece>>,
-    /// Set when an endpoint's node came from its workload (a slice without `nodeName`): the
-    /// pods' and namespaces' change counts it was made at, which it is only valid with.
-    workloads: Option<(u64, u64)>,
-    built: Arc<Service>,
+struct KeptWorkloads {
+    table: Arc<Workloads>,
+    /// The pods' and namespaces' change counts it was made at.
+    at: (u64, u64),
+    /// Local pods it left out (looked for again at the next build).
+    unresolved: usize,
 }
 
-impl Made {
-    fn still(
-        &self,
-        service: &Arc<Piece>,
-        slices: &[&Arc<Piece>],
-        traffic: Option<&Arc<Piece>>,
-        workloads: (u64, u64),
-    ) -> bool {
-        Arc::ptr_eq(&self.service, service)
-            && self.slices.len() == slices.len()
-            && self
-                .slices
-                .iter()
-                .zip(slices)
-                .all(|(a, b)| Arc::ptr_eq(a, b))
-            && match (&self.traffic, traffic) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }
-            && self.workloads.is_none_or(|at| at == workloads)
-    }
-}
-
-/// Builds the snapshot of `stores` under `agent`, reusing from `cache` the Services whose
-/// pieces did not change.
+/// Builds the snapshot of `stores` under `agent`, from what `cache` kept of the last one:
+/// only the Services touched since are built again.
 pub fn build(
-    stores: &Stores,
+    stores: &mut Stores,
     agent: &AgentConfig,
     sandboxes: &mut Sandboxes,
     cache: &mut BuildCache,
 ) -> Built {
-    let enrolled: HashSet<&str> = stores
-        .pieces(ObjectKind::Namespace)
-        .filter(|(_, p)| matches!(p, Piece::Namespace { enrolled: true }))
-        .map(|(k, _)| k.name.as_str())
-        .collect();
-    let mut workloads = Vec::new();
-    let mut unresolved = 0;
-    for (key, piece) in stores.pieces(ObjectKind::Pod) {
-        let Piece::Pod(pod) = piece else { continue };
-        if !enrolled.contains(key.namespace.as_str()) {
-            continue;
-        }
-        let mut workload = pod.workload.clone();
-        if workload.local {
-            match sandboxes.netns(&pod.uid) {
-                Some(netns) => workload.netns = Some(netns),
-                None => {
-                    unresolved += 1;
-                    continue;
-                }
-            }
-        }
-        workloads.push(workload);
-    }
-    let mut by_ip: HashMap<IpAddr, (WorkloadId, &str)> = HashMap::new();
-    for (i, w) in workloads.iter().enumerate() {
-        for ip in &w.ips {
-            by_ip.entry(*ip).or_insert((WorkloadId(i), w.node.as_str()));
-        }
-    }
-
-    let mut slices: HashMap<(&str, &str), Vec<&Arc<Piece>>> = HashMap::new();
-    for (key, piece) in stores.shared(ObjectKind::EndpointSlice) {
-        if let Piece::EndpointSlice(slice) = &**piece {
-            slices
-                .entry((key.namespace.as_str(), slice.service.as_str()))
-                .or_default()
-                .push(piece);
-        }
-    }
-    let (traffic, conflicts) = traffic_policies(stores);
-
-    let node = agent.startup.node.as_str();
-    let workload_changes = (
+    let touched = stores.take_touched();
+    let at = (
         stores.changes(ObjectKind::Pod),
         stores.changes(ObjectKind::Namespace),
     );
-    let mut made = HashMap::with_capacity(cache.services.len());
-    let mut services = Vec::new();
-    for (_, shared) in stores.shared(ObjectKind::Service) {
-        let Piece::Service(s) = &**shared else {
-            continue;
-        };
-        let target = (s.namespace.as_str(), s.name.as_str());
-        let of_service = slices.get(&target).map(Vec::as_slice).unwrap_or_default();
-        let policy = traffic.get(&target).copied();
-        let address = Arc::as_ptr(shared) as usize;
-        let entry = match cache.services.remove(&address) {
-            Some(entry) if entry.still(shared, of_service, policy, workload_changes) => entry,
-            _ => {
-                let pieces: Vec<&SlicePiece> = of_service
-                    .iter()
-                    .filter_map(|p| match &***p {
+    let kept = cache
+        .workloads
+        .as_ref()
+        .filter(|k| k.at == at && k.unresolved == 0)
+        .map(|k| k.table.clone());
+    let workloads_changed = kept.is_none();
+    let (workloads, unresolved) = match kept {
+        Some(table) => (table, 0),
+        None => workloads(stores, sandboxes),
+    };
+    cache.workloads = Some(KeptWorkloads {
+        table: workloads.clone(),
+        at,
+        unresolved,
+    });
+
+    let node = agent.startup.node.as_str();
+    let (traffic, conflicts) = traffic_policies(stores);
+    let redo: Vec<ObjectKey> = if touched.all || cache.node.as_deref() != Some(node) {
+        cache.services.clear();
+        cache.keys.clear();
+        cache.from_workloads.clear();
+        stores
+            .shared(ObjectKind::Service)
+            .map(|(key, _)| key.clone())
+            .collect()
+    } else {
+        let mut redo = touched.services;
+        if workloads_changed {
+            redo.extend(cache.from_workloads.iter().cloned());
+        }
+        redo.into_iter().collect()
+    };
+    cache.node = Some(node.to_owned());
+    for key in redo {
+        let made = match stores.get(ObjectKind::Service, &key).map(|p| &**p) {
+            Some(Piece::Service(s)) => {
+                let slices: Vec<&SlicePiece> = stores
+                    .slices_of(&key)
+                    .filter_map(|p| match &**p {
                         Piece::EndpointSlice(slice) => Some(slice),
                         _ => None,
                     })
                     .collect();
-                let traffic_policy = policy
-                    .and_then(|p| match &**p {
-                        Piece::Policy(p) => match &p.object {
-                            PolicyObject::Traffic { policy, .. } => Some(policy.clone()),
-                            _ => None,
-                        },
+                let policy = traffic
+                    .get(&(key.namespace.as_str(), key.name.as_str()))
+                    .and_then(|p| match &p.object {
+                        PolicyObject::Traffic { policy, .. } => Some(policy.clone()),
                         _ => None,
                     })
                     .unwrap_or_default();
-                let (built, from_workloads) = service(s, &pieces, &by_ip, node, traffic_policy);
-                Made {
-                    service: shared.clone(),
-                    slices: of_service.iter().map(|p| (*p).clone()).collect(),
-                    traffic: policy.cloned(),
-                    workloads: from_workloads.then_some(workload_changes),
-                    built: Arc::new(built),
+                Some(service(s, &slices, &workloads, node, policy))
+            }
+            _ => None,
+        };
+        match (made, cache.keys.binary_search(&key)) {
+            (Some((built, from_workloads)), at) => {
+                if from_workloads {
+                    cache.from_workloads.insert(key.clone());
+                } else {
+                    cache.from_workloads.remove(&key);
+                }
+                match at {
+                    Ok(i) => cache.services[i] = Arc::new(built),
+                    Err(i) => {
+                        cache.keys.insert(i, key);
+                        cache.services.insert(i, Arc::new(built));
+                    }
                 }
             }
-        };
-        services.push(entry.built.clone());
-        made.insert(address, entry);
+            (None, at) => {
+                cache.from_workloads.remove(&key);
+                if let Ok(i) = at {
+                    cache.keys.remove(i);
+                    cache.services.remove(i);
+                }
+            }
+        }
     }
-    cache.services = made;
+    let services = cache.services.clone();
 
     let mut policies = Policies::default();
     for kind in [
@@ -200,13 +181,17 @@ pub fn build(
             _ => None,
         })
         .collect();
-    let config = Config::assemble(Parts {
-        agent: agent.clone(),
-        workloads,
-        services,
-        policies,
-        nodes,
-    });
+    let config = Arc::new(Config::assemble(
+        Parts {
+            agent: agent.clone(),
+            workloads,
+            services,
+            policies,
+            nodes,
+        },
+        cache.previous.as_deref(),
+    ));
+    cache.previous = Some(config.clone());
     Built {
         config,
         unresolved,
@@ -214,8 +199,38 @@ pub fn build(
     }
 }
 
-/// A piece per Service `(namespace, name)`.
-type ByService<'a> = HashMap<(&'a str, &'a str), &'a Arc<Piece>>;
+/// The workloads: pods of enrolled namespaces, local ones with their sandbox's netns (those
+/// not found yet left out and counted).
+fn workloads(stores: &Stores, sandboxes: &mut Sandboxes) -> (Arc<Workloads>, usize) {
+    let enrolled: HashSet<&str> = stores
+        .pieces(ObjectKind::Namespace)
+        .filter(|(_, p)| matches!(p, Piece::Namespace { enrolled: true }))
+        .map(|(k, _)| k.name.as_str())
+        .collect();
+    let mut list = Vec::new();
+    let mut unresolved = 0;
+    for (key, piece) in stores.pieces(ObjectKind::Pod) {
+        let Piece::Pod(pod) = piece else { continue };
+        if !enrolled.contains(key.namespace.as_str()) {
+            continue;
+        }
+        let mut workload = pod.workload.clone();
+        if workload.local {
+            match sandboxes.netns(&pod.uid) {
+                Some(netns) => workload.netns = Some(netns),
+                None => {
+                    unresolved += 1;
+                    continue;
+                }
+            }
+        }
+        list.push(workload);
+    }
+    (Workloads::new(list), unresolved)
+}
+
+/// A TrafficPolicy per Service `(namespace, name)`.
+type ByService<'a> = HashMap<(&'a str, &'a str), &'a PolicyPiece>;
 
 /// The TrafficPolicy piece of each Service `(namespace, name)`: of two naming the same
 /// Service, the older (creation time, then name) wins; the others are returned as conflicts.
@@ -245,7 +260,7 @@ fn traffic_policies(stores: &Stores) -> (ByService<'_>, Vec<ObjectKey>) {
         }
     }
     conflicts.sort();
-    let winners = winners.into_iter().map(|(k, (_, _, p))| (k, p)).collect();
+    let winners = winners.into_iter().map(|(k, (_, p, _))| (k, p)).collect();
     (winners, conflicts)
 }
 
@@ -255,7 +270,7 @@ fn traffic_policies(stores: &Stores) -> (ByService<'_>, Vec<ObjectKey>) {
 fn service(
     s: &ServicePiece,
     slices: &[&SlicePiece],
-    by_ip: &HashMap<IpAddr, (WorkloadId, &str)>,
+    workloads: &Workloads,
     node: &str,
     traffic: TrafficPolicy,
 ) -> (Service, bool) {
@@ -285,10 +300,10 @@ fn service(
                         if !seen.insert(SocketAddr::new(*ip, target)) {
                             continue;
                         }
-                        let owner = by_ip.get(ip);
                         let endpoint_node = e.node.clone().or_else(|| {
+                            let owner = workloads.by_ip(*ip);
                             from_workloads |= owner.is_some();
-                            owner.map(|(_, n)| (*n).to_owned())
+                            owner.map(|w| w.node.clone())
                         });
                         endpoints.push(Endpoint {
                             addr: SocketAddr::new(*ip, target),

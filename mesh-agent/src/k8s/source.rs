@@ -169,7 +169,12 @@ impl Controller {
         metrics: &Metrics,
     ) {
         let building = Instant::now();
-        let built = build(&self.stores, agent, &mut self.sandboxes, &mut self.cache);
+        let built = build(
+            &mut self.stores,
+            agent,
+            &mut self.sandboxes,
+            &mut self.cache,
+        );
         self.unresolved = built.unresolved;
         let conflicts: BTreeSet<ObjectKey> = built.conflicts.into_iter().collect();
         for object in conflicts.difference(&self.conflicts) {
@@ -182,12 +187,12 @@ impl Controller {
             metrics.kube_object_rejected(ObjectKind::TrafficPolicy.name());
         }
         self.conflicts = conflicts;
-        if self.published && **tx.borrow() == built.config {
+        if self.published && **tx.borrow() == *built.config {
             return;
         }
         // The first snapshot is the start's, not a reload.
         let reload = std::mem::replace(&mut self.published, true);
-        tx.send_replace(Arc::new(built.config));
+        tx.send_replace(built.config);
         if let Some(status) = status.filter(|_| reload) {
             status.applied(building.elapsed());
         }

@@ -7,10 +7,11 @@
 //! version of it stays, as the previous file stays when a new one is invalid.
 //!
 //! Pieces are shared (`Arc`) and replaced only when they change, a relist keeping the ones it
-//! finds equal: the build recognizes an unchanged piece by pointer and reuses what it made
-//! from it (see `build::BuildCache`). Each kind counts its changes for the same purpose.
+//! finds equal. For the build to redo only what changed (see `build::BuildCache`), the stores
+//! keep the slices of each Service, note which Services a change touches (its own, a slice's,
+//! a TrafficPolicy's target) and count each kind's changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kube::core::DynamicObject;
@@ -19,7 +20,7 @@ use kube::runtime::watcher::Event;
 use super::kinds::ObjectKind;
 use super::locate::Sandboxes;
 use super::translate::{ObjectKey, Piece, TranslateError, key, translate};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, PolicyObject};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Default)]
@@ -40,10 +41,36 @@ pub struct ApplyContext<'a> {
     pub sandboxes: &'a mut Sandboxes,
 }
 
+/// What an event did to a kind's pieces.
+enum Outcome {
+    Unchanged,
+    /// The piece of `key` went from `old` to `new` (`None`: absent).
+    Changed {
+        key: ObjectKey,
+        old: Option<Arc<Piece>>,
+        new: Option<Arc<Piece>>,
+    },
+    /// A relist replaced the kind's pieces with different ones.
+    Relisted,
+    /// An unchanged local pod: its event may be the only sign of a new sandbox.
+    LocalPod,
+}
+
+/// The Services whose built form may be out of date, since the build last took them.
+#[derive(Debug, Default)]
+pub struct Touched {
+    pub services: BTreeSet<ObjectKey>,
+    /// A relist of Services, slices or TrafficPolicies: any of them.
+    pub all: bool,
+}
+
 /// Every kind's pieces.
 #[derive(Debug)]
 pub struct Stores {
     kinds: BTreeMap<ObjectKind, Store>,
+    /// Service (`namespace/name`) -> the keys of its EndpointSlices.
+    slices: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    touched: Touched,
 }
 
 impl Default for Stores {
@@ -53,8 +80,27 @@ impl Default for Stores {
                 .iter()
                 .map(|k| (*k, Store::default()))
                 .collect(),
+            slices: BTreeMap::new(),
+            touched: Touched::default(),
         }
     }
+}
+
+/// The Service a piece is about: itself, a slice's, a TrafficPolicy's target.
+fn service_of(key: &ObjectKey, piece: &Piece) -> Option<ObjectKey> {
+    let name = match piece {
+        Piece::Service(_) => &key.name,
+        Piece::EndpointSlice(slice) => &slice.service,
+        Piece::Policy(p) => match &p.object {
+            PolicyObject::Traffic { service, .. } => service,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(ObjectKey {
+        namespace: key.namespace.clone(),
+        name: name.clone(),
+    })
 }
 
 impl Stores {
@@ -68,72 +114,69 @@ impl Stores {
         let Some(store) = self.kinds.get_mut(&kind) else {
             return false;
         };
-        match event {
-            Event::Init => {
-                store.relist = Some(BTreeMap::new());
-                false
-            }
-            Event::InitApply(obj) => {
-                if kind == ObjectKind::Pod {
-                    forget_pod(&obj, cx);
-                }
-                let converted = convert(kind, &obj, cx);
-                let Store { items, relist, .. } = store;
-                let buffer = relist.get_or_insert_with(BTreeMap::new);
-                match converted {
-                    Some((key, piece)) => {
-                        // An equal piece keeps its identity across the relist.
-                        let shared = match items.get(&key) {
-                            Some(old) if **old == piece => old.clone(),
-                            _ => Arc::new(piece),
-                        };
-                        buffer.insert(key, shared);
-                    }
-                    None => {
-                        // Refused: its earlier valid version, if any, stays.
-                        if let Some((key, old)) = key(&obj)
-                            .ok()
-                            .and_then(|k| items.get(&k).map(|old| (k, old.clone())))
-                        {
-                            buffer.insert(key, old);
+        match store.apply(kind, event, cx) {
+            Outcome::Unchanged => false,
+            Outcome::LocalPod => true,
+            Outcome::Changed { key, old, new } => {
+                let old = old.and_then(|p| service_of(&key, &p));
+                let new = new.and_then(|p| service_of(&key, &p));
+                if kind == ObjectKind::EndpointSlice {
+                    if let Some(service) = &old
+                        && let Some(slices) = self.slices.get_mut(service)
+                    {
+                        slices.remove(&key);
+                        if slices.is_empty() {
+                            self.slices.remove(service);
                         }
                     }
+                    if let Some(service) = &new {
+                        self.slices.entry(service.clone()).or_default().insert(key);
+                    }
                 }
-                false
+                self.touched.services.extend(old.into_iter().chain(new));
+                true
             }
-            Event::InitDone => {
-                let listed = store.relist.take().unwrap_or_default();
-                let changed = !store.synced || store.items != listed;
-                store.items = listed;
-                store.synced = true;
-                store.changes += u64::from(changed);
-                changed
-            }
-            Event::Apply(obj) => {
-                if kind == ObjectKind::Pod {
-                    forget_pod(&obj, cx);
+            Outcome::Relisted => {
+                if kind == ObjectKind::EndpointSlice {
+                    self.index_slices();
                 }
-                let Some((key, piece)) = convert(kind, &obj, cx) else {
-                    return false;
-                };
-                // A local pod's event may be the only sign of a new sandbox.
-                let local_pod = matches!(&piece, Piece::Pod(p) if p.workload.local);
-                let changed = store.items.get(&key).is_none_or(|old| **old != piece);
-                if changed {
-                    store.items.insert(key, Arc::new(piece));
-                    store.changes += 1;
-                }
-                changed || local_pod
-            }
-            Event::Delete(obj) => {
-                if kind == ObjectKind::Pod {
-                    forget_pod(&obj, cx);
-                }
-                let removed = key(&obj).is_ok_and(|key| store.items.remove(&key).is_some());
-                store.changes += u64::from(removed);
-                removed
+                self.touched.all |= matches!(
+                    kind,
+                    ObjectKind::Service | ObjectKind::EndpointSlice | ObjectKind::TrafficPolicy
+                );
+                true
             }
         }
+    }
+
+    /// The slice index made again from the slices (after a relist).
+    fn index_slices(&mut self) {
+        let mut index: BTreeMap<ObjectKey, BTreeSet<ObjectKey>> = BTreeMap::new();
+        for (key, piece) in self.shared(ObjectKind::EndpointSlice) {
+            if let Some(service) = service_of(key, piece) {
+                index.entry(service).or_default().insert(key.clone());
+            }
+        }
+        self.slices = index;
+    }
+
+    /// The Services touched since the last call.
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// The piece of `key`, of `kind`.
+    pub fn get(&self, kind: ObjectKind, key: &ObjectKey) -> Option<&Arc<Piece>> {
+        self.kinds.get(&kind).and_then(|s| s.items.get(key))
+    }
+
+    /// The EndpointSlices of Service `service`.
+    pub fn slices_of(&self, service: &ObjectKey) -> impl Iterator<Item = &Arc<Piece>> + '_ {
+        self.slices
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.get(ObjectKind::EndpointSlice, key))
     }
 
     /// Every kind has completed a first list.
@@ -163,9 +206,109 @@ impl Stores {
             .flat_map(|s| s.items.iter())
     }
 
-    /// How many changes the pieces of `kind` have had: equal counts, same pieces.
+    /// How many changes the pieces of `kind` have had (a local pod's event counts, its
+    /// sandbox being looked up again): equal counts, same pieces.
     pub fn changes(&self, kind: ObjectKind) -> u64 {
         self.kinds.get(&kind).map_or(0, |s| s.changes)
+    }
+}
+
+impl Store {
+    fn apply(
+        &mut self,
+        kind: ObjectKind,
+        event: Event<DynamicObject>,
+        cx: &mut ApplyContext<'_>,
+    ) -> Outcome {
+        match event {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Outcome::Unchanged
+            }
+            Event::InitApply(obj) => {
+                if kind == ObjectKind::Pod {
+                    forget_pod(&obj, cx);
+                }
+                let converted = convert(kind, &obj, cx);
+                let Store { items, relist, .. } = self;
+                let buffer = relist.get_or_insert_with(BTreeMap::new);
+                match converted {
+                    Some((key, piece)) => {
+                        // An equal piece keeps its identity across the relist.
+                        let shared = match items.get(&key) {
+                            Some(old) if **old == piece => old.clone(),
+                            _ => Arc::new(piece),
+                        };
+                        buffer.insert(key, shared);
+                    }
+                    None => {
+                        // Refused: its earlier valid version, if any, stays.
+                        if let Some((key, old)) = key(&obj)
+                            .ok()
+                            .and_then(|k| items.get(&k).map(|old| (k, old.clone())))
+                        {
+                            buffer.insert(key, old);
+                        }
+                    }
+                }
+                Outcome::Unchanged
+            }
+            Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                let changed = !self.synced || self.items != listed;
+                self.items = listed;
+                self.synced = true;
+                if changed {
+                    self.changes += 1;
+                    Outcome::Relisted
+                } else {
+                    Outcome::Unchanged
+                }
+            }
+            Event::Apply(obj) => {
+                if kind == ObjectKind::Pod {
+                    forget_pod(&obj, cx);
+                }
+                let Some((key, piece)) = convert(kind, &obj, cx) else {
+                    return Outcome::Unchanged;
+                };
+                if self.items.get(&key).is_some_and(|old| **old == piece) {
+                    return match piece {
+                        Piece::Pod(p) if p.workload.local => {
+                            // Counted: the build looks the sandbox up again.
+                            self.changes += 1;
+                            Outcome::LocalPod
+                        }
+                        _ => Outcome::Unchanged,
+                    };
+                }
+                let new = Arc::new(piece);
+                let old = self.items.insert(key.clone(), new.clone());
+                self.changes += 1;
+                Outcome::Changed {
+                    key,
+                    old,
+                    new: Some(new),
+                }
+            }
+            Event::Delete(obj) => {
+                if kind == ObjectKind::Pod {
+                    forget_pod(&obj, cx);
+                }
+                let Some((key, old)) = key(&obj)
+                    .ok()
+                    .and_then(|key| self.items.remove(&key).map(|old| (key, old)))
+                else {
+                    return Outcome::Unchanged;
+                };
+                self.changes += 1;
+                Outcome::Changed {
+                    key,
+                    old: Some(old),
+                    new: None,
+                }
+            }
+        }
     }
 }
 

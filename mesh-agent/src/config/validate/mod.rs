@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use serde_saphyr::Location;
 
-use super::assemble::Parts;
+use super::assemble::{Parts, Workloads};
 use super::error::ConfigError;
 use super::model::{Config, WorkloadId};
 use super::raw::{Present, RawConfig, S};
@@ -47,13 +47,16 @@ pub(super) fn validate(
         &nodes,
     )?;
     let policies = cx.policies(&raw.policies.unwrap_or_default())?;
-    Ok(Config::assemble(Parts {
-        agent,
-        workloads,
-        services: services.into_iter().map(std::sync::Arc::new).collect(),
-        policies,
-        nodes,
-    }))
+    Ok(Config::assemble(
+        Parts {
+            agent,
+            workloads: Workloads::new(workloads),
+            services: services.into_iter().map(std::sync::Arc::new).collect(),
+            policies,
+            nodes,
+        },
+        None,
+    ))
 }
 
 /// The validation context: the file name the errors carry.

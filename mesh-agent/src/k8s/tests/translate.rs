@@ -10,7 +10,7 @@ use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
 use super::fixtures::*;
-use crate::config::{AgentConfig, LoadBalancer, Workload};
+use crate::config::{AgentConfig, Config, LoadBalancer, Service, Workload};
 use crate::k8s::build::{BuildCache, Built, build};
 use crate::k8s::kinds::ObjectKind;
 use crate::k8s::locate::Sandboxes;
@@ -25,6 +25,8 @@ struct Harness {
     locator: Arc<FakeLocator>,
     /// Kept across builds, as the controller keeps it.
     cache: BuildCache,
+    /// The last build's snapshot: its endpoints may have left, and their lookups with them.
+    last: Option<Arc<Config>>,
 }
 
 impl Harness {
@@ -36,6 +38,7 @@ impl Harness {
             agent: agent(),
             locator,
             cache: BuildCache::default(),
+            last: None,
         };
         // Every kind listed, empty: the store is synced.
         for kind in ObjectKind::ALL {
@@ -68,23 +71,60 @@ impl Harness {
     /// events, reusing must give the same snapshot.
     fn build(&mut self) -> Built {
         let built = build(
-            &self.stores,
+            &mut self.stores,
             &self.agent,
             &mut self.sandboxes,
             &mut self.cache,
         );
         let fresh = build(
-            &self.stores,
+            &mut self.stores,
             &self.agent,
             &mut self.sandboxes,
             &mut BuildCache::default(),
         );
         assert_eq!(built.config, fresh.config, "the cache changed the snapshot");
+        let earlier = self.last.replace(built.config.clone());
+        same_lookups(&built.config, &fresh.config, earlier.as_deref());
         built
     }
 
     fn rejected(&self, kind: ObjectKind) -> u64 {
         self.metrics.kube_objects_rejected(kind.name())
+    }
+}
+
+/// The lookups kept or patched from the last snapshot answer as those computed afresh.
+fn same_lookups(kept: &Config, fresh: &Config, earlier: Option<&Config>) {
+    let qualified = |s: Option<&Service>| s.map(|s| s.qualified_name().to_string());
+    let earlier = earlier.map(Config::services).unwrap_or_default();
+    for service in fresh.services().iter().chain(earlier) {
+        for port in &service.ports {
+            for vip in &service.vips {
+                let dst = std::net::SocketAddr::new(*vip, port.port);
+                assert_eq!(
+                    qualified(kept.service_by_vip(dst).map(|(s, _)| s)),
+                    qualified(fresh.service_by_vip(dst).map(|(s, _)| s)),
+                    "VIP lookup of {dst}"
+                );
+            }
+            for endpoint in &port.endpoints {
+                assert_eq!(
+                    qualified(kept.service_by_endpoint(endpoint.addr)),
+                    qualified(fresh.service_by_endpoint(endpoint.addr)),
+                    "endpoint lookup of {}",
+                    endpoint.addr
+                );
+            }
+        }
+    }
+    for w in fresh.workloads() {
+        for ip in &w.ips {
+            assert_eq!(
+                kept.workload_by_ip(*ip).map(|w| &w.name),
+                Some(&w.name),
+                "workload of {ip}"
+            );
+        }
     }
 }
 
@@ -435,4 +475,112 @@ fn a_local_pod_waits_for_its_sandbox_and_follows_a_new_one() {
         h.build().config.workloads()[0].netns,
         Some(PathBuf::from("/proc/20/ns/net"))
     );
+}
+
+/// Each step builds from the kept cache and checks the snapshot and its lookups against one
+/// built from nothing (the harness does): services sharing a pod, a slice moving between
+/// them, an endpoint leaving, a Service going and coming back, a TrafficPolicy, a pod leaving
+/// and a relist.
+#[test]
+fn changes_one_at_a_time_build_what_a_full_build_would() {
+    let mut h = Harness::new(FakeLocator::with(&[]));
+    h.apply(ObjectKind::Namespace, namespace("demo", Some("true")));
+    for (name, ip) in [("a", "10.0.2.1"), ("b", "10.0.2.2")] {
+        h.apply(ObjectKind::Pod, pod("demo", name, "n2", &[ip], json!({})));
+    }
+    let a = ("10.0.2.1", "n2", "z2", true);
+    let b = ("10.0.2.2", "n2", "z2", true);
+    for (name, vip) in [("one", "10.96.0.1"), ("two", "10.96.0.2")] {
+        h.apply(
+            ObjectKind::Service,
+            service("demo", name, vip, &[("http", 80, json!(8080))]),
+        );
+    }
+    let port = [("http", 8080)];
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "one-x", "one", &port, &[a, b]),
+    );
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "two-x", "two", &port, &[a]),
+    );
+    let owner = |h: &mut Harness, ip: &str| {
+        let config = h.build().config;
+        let addr = SocketAddr::new(ip.parse().expect("ip"), 8080);
+        config.service_by_endpoint(addr).map(|s| s.name.clone())
+    };
+    assert_eq!(owner(&mut h, "10.0.2.1").as_deref(), Some("one"));
+
+    // a leaves "one": "two" owns it now; then b leaves too.
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "one-x", "one", &port, &[b]),
+    );
+    assert_eq!(owner(&mut h, "10.0.2.1").as_deref(), Some("two"));
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "one-x", "one", &port, &[]),
+    );
+    assert_eq!(owner(&mut h, "10.0.2.2"), None);
+
+    // The slice moves to "two" (another service label), and comes back.
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "one-x", "two", &port, &[b]),
+    );
+    assert_eq!(owner(&mut h, "10.0.2.2").as_deref(), Some("two"));
+    h.apply(
+        ObjectKind::EndpointSlice,
+        slice("demo", "one-x", "one", &port, &[a, b]),
+    );
+    assert_eq!(owner(&mut h, "10.0.2.1").as_deref(), Some("one"));
+
+    // "one" goes: its VIP with it, and "two" owns a; back, with its slice still there.
+    let one = service("demo", "one", "10.96.0.1", &[("http", 80, json!(8080))]);
+    h.delete(ObjectKind::Service, one.clone());
+    let config = h.build().config;
+    let vip = SocketAddr::new("10.96.0.1".parse().expect("ip"), 80);
+    assert!(config.service_by_vip(vip).is_none());
+    assert_eq!(owner(&mut h, "10.0.2.1").as_deref(), Some("two"));
+    h.apply(ObjectKind::Service, one);
+    assert_eq!(owner(&mut h, "10.0.2.2").as_deref(), Some("one"));
+
+    // A TrafficPolicy for "two" only rebuilds "two".
+    let before = h.build().config;
+    h.apply(
+        ObjectKind::TrafficPolicy,
+        policy(
+            "TrafficPolicy",
+            "demo",
+            "tp",
+            "2026-01-01T00:00:00Z",
+            json!({"service": "two", "loadBalancer": {"algorithm": "random"}}),
+        ),
+    );
+    let after = h.build().config;
+    assert!(Arc::ptr_eq(&before.services()[0], &after.services()[0]));
+    assert!(!Arc::ptr_eq(&before.services()[1], &after.services()[1]));
+    assert_eq!(
+        after.services()[1].traffic.load_balancer,
+        LoadBalancer::Random
+    );
+
+    // A pod leaves: its address is no workload endpoint any more.
+    h.delete(
+        ObjectKind::Pod,
+        pod("demo", "b", "n2", &["10.0.2.2"], json!({})),
+    );
+    assert_eq!(owner(&mut h, "10.0.2.2"), None);
+
+    // A relist of slices without "two-x": a is "one"'s only.
+    h.event(ObjectKind::EndpointSlice, Event::Init);
+    let object: DynamicObject =
+        serde_json::from_value(slice("demo", "one-x", "one", &port, &[a])).expect("slice");
+    h.event(ObjectKind::EndpointSlice, Event::InitApply(object));
+    h.event(ObjectKind::EndpointSlice, Event::InitDone);
+    let config = h.build().config;
+    let two = config.service("demo", "two").expect("two");
+    assert!(two.ports[0].endpoints.is_empty());
+    assert_eq!(owner(&mut h, "10.0.2.1").as_deref(), Some("one"));
 }
