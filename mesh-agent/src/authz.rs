@@ -522,9 +522,9 @@ mod tests {
         let mut relabelled = workload(&c, "demo/echo-2").clone();
         relabelled.labels.insert("v".into(), "v1".into());
         assert!(!authorize(&c, Some(&id(CLIENT)), &relabelled, 80).allowed);
-        // A copy with an id out of range.
+        // A copy with an IP of no workload of the snapshot.
         let mut stray = workload(&c, "demo/echo-1").clone();
-        stray.id = crate::config::WorkloadId(99);
+        stray.ips = vec!["10.99.0.1".parse().expect("ip")];
         assert!(!authorize(&c, Some(&id(CLIENT)), &stray, 80).allowed);
         stray.namespace = "prod".into();
         assert!(authorize(&c, Some(&id(CLIENT)), &stray, 80).allowed);

@@ -40,33 +40,41 @@ pub struct Parts {
 /// same.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Workloads {
-    pub(super) list: Vec<Workload>,
+    pub(super) list: Vec<Arc<Workload>>,
     /// canonical workload IP -> workload
     pub(super) by_ip: HashMap<IpAddr, WorkloadId>,
     pub(super) local: Vec<WorkloadId>,
 }
 
 impl Workloads {
-    /// `list` with its lookups; each workload's `id` is set to its index.
-    pub fn new(mut list: Vec<Workload>) -> Arc<Self> {
-        for (i, w) in list.iter_mut().enumerate() {
-            w.id = WorkloadId(i);
-        }
+    /// `list` with its lookups. A workload is shared (`Arc`) with the source, which hands
+    /// the unchanged ones over to the next table without copying them.
+    pub fn new(list: Vec<Arc<Workload>>) -> Arc<Self> {
+        let ids = (0..list.len()).map(WorkloadId);
         let by_ip = list
             .iter()
-            .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.id)))
+            .zip(ids.clone())
+            .flat_map(|(w, id)| w.ips.iter().map(move |ip| (*ip, id)))
             .collect();
-        let local = list.iter().filter(|w| w.local).map(|w| w.id).collect();
+        let local = list
+            .iter()
+            .zip(ids)
+            .filter(|(w, _)| w.local)
+            .map(|(_, id)| id)
+            .collect();
         Arc::new(Self { list, by_ip, local })
     }
 
-    pub fn list(&self) -> &[Workload] {
+    pub fn list(&self) -> &[Arc<Workload>] {
         &self.list
     }
 
     /// The workload owning `ip` (canonical).
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_ip.get(&ip).and_then(|id| self.list.get(id.0))
+        self.by_ip
+            .get(&ip)
+            .and_then(|id| self.list.get(id.0))
+            .map(Arc::as_ref)
     }
 }
 

@@ -73,7 +73,7 @@ impl Config {
     }
 
     /// All workloads, in file order; `WorkloadId(i)` is `workloads()[i]`.
-    pub fn workloads(&self) -> &[Workload] {
+    pub fn workloads(&self) -> &[Arc<Workload>] {
         self.workloads.list()
     }
 
@@ -101,7 +101,7 @@ impl Config {
     }
 
     pub fn workload(&self, id: WorkloadId) -> Option<&Workload> {
-        self.workloads.list.get(id.0)
+        self.workloads.list.get(id.0).map(Arc::as_ref)
     }
 
     /// The first service (in file order) with the workload endpoint `addr`: on the server
@@ -150,14 +150,19 @@ impl Config {
         &'a self,
         workload: &'a Workload,
     ) -> impl Iterator<Item = &'a super::authorization::AuthorizationPolicy> + 'a {
-        // The selection depends only on the namespace and the labels.
-        let precomputed = self
-            .workload(workload.id)
-            .filter(|w| {
-                std::ptr::eq(*w, workload)
-                    || (w.namespace == workload.namespace && w.labels == workload.labels)
+        // The selection depends only on the namespace and the labels. A workload is found in
+        // this snapshot by its first IP (IPs are unique among workloads).
+        let precomputed = workload
+            .ips
+            .first()
+            .and_then(|ip| self.workloads.by_ip.get(ip))
+            .filter(|id| {
+                self.workload(**id).is_some_and(|w| {
+                    std::ptr::eq(w, workload)
+                        || (w.namespace == workload.namespace && w.labels == workload.labels)
+                })
             })
-            .and_then(|_| self.authz_by_workload.get(workload.id.0));
+            .and_then(|id| self.authz_by_workload.get(id.0));
         let all = &self.policies.authorization;
         let (listed, scanned) = match precomputed {
             Some(indices) => (indices.as_slice(), None),
@@ -194,8 +199,6 @@ pub struct WorkloadId(pub usize);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
-    #[serde(skip)]
-    pub id: WorkloadId,
     pub name: String,
     pub namespace: String,
     pub service_account: String,
@@ -233,8 +236,7 @@ pub struct WorkloadSpec {
 impl Workload {
     /// The workload of `spec` under `agent`: its identity in the agent's trust domain, local
     /// when on the agent's node, the agent's access log and the default fail mode and unknown
-    /// destination (a source that sets them per workload overrides them). Its `id` is set
-    /// when the snapshot is assembled.
+    /// destination (a source that sets them per workload overrides them).
     pub fn new(
         spec: WorkloadSpec,
         agent: &AgentConfig,
@@ -246,7 +248,6 @@ impl Workload {
         )?;
         let local = spec.node == agent.startup.node;
         Ok(Workload {
-            id: WorkloadId(0),
             name: spec.name,
             namespace: spec.namespace,
             service_account: spec.service_account,

@@ -248,9 +248,8 @@ fn full_document() {
 
     let web1 = &config.workloads()[0];
     assert_eq!(
-        *web1,
+        **web1,
         Workload {
-            id: WorkloadId(0),
             name: "web-1".into(),
             namespace: "shop".into(),
             service_account: "web".into(),
@@ -283,20 +282,24 @@ fn full_document() {
 
     // Lookups.
     assert_eq!(
-        config.workload_by_ip(ip("fd00:1::2")).map(|w| w.id),
-        Some(WorkloadId(0))
+        config
+            .workload_by_ip(ip("fd00:1::2"))
+            .map(|w| w.name.as_str()),
+        Some("web-1")
     );
     assert_eq!(
-        config.workload_by_ip(ip("::ffff:10.2.0.2")).map(|w| w.id),
-        Some(WorkloadId(1))
+        config
+            .workload_by_ip(ip("::ffff:10.2.0.2"))
+            .map(|w| w.name.as_str()),
+        Some("web-2")
     );
     assert!(config.workload_by_ip(ip("10.9.9.9")).is_none());
     assert_eq!(
         config.workload(WorkloadId(1)).map(|w| w.name.as_str()),
         Some("web-2")
     );
-    let local: Vec<WorkloadId> = config.local_workloads().map(|w| w.id).collect();
-    assert_eq!(local, [WorkloadId(0)]);
+    let local: Vec<&str> = config.local_workloads().map(|w| w.name.as_str()).collect();
+    assert_eq!(local, ["web-1"]);
 
     let (svc, port) = config
         .service_by_vip(sock("[fd00:96::10]:443"))
@@ -568,16 +571,19 @@ fn explicit_workloads_and_addresses() {
         pinned.selection,
         EndpointSelection::Workloads(vec!["web-2".into(), "web-1".into()])
     );
-    let addrs: Vec<(SocketAddr, Option<WorkloadId>, bool)> = pinned.ports[0]
+    let addrs: Vec<(SocketAddr, Option<&str>, bool)> = pinned.ports[0]
         .endpoints
         .iter()
-        .map(|e| (e.addr, config.endpoint_workload(e).map(|w| w.id), e.local))
+        .map(|e| {
+            let owner = config.endpoint_workload(e).map(|w| w.name.as_str());
+            (e.addr, owner, e.local)
+        })
         .collect();
     assert_eq!(
         addrs,
         [
-            (sock("10.1.0.3:8080"), Some(WorkloadId(1)), false),
-            (sock("10.1.0.2:8080"), Some(WorkloadId(0)), true),
+            (sock("10.1.0.3:8080"), Some("web-2"), false),
+            (sock("10.1.0.2:8080"), Some("web-1"), true),
         ]
     );
     // A raw address that is a workload's IP is attributed to it.
@@ -601,12 +607,12 @@ fn explicit_workloads_and_addresses() {
             },
         ]
     );
-    let owners: Vec<Option<WorkloadId>> = raw.ports[0]
+    let owners: Vec<Option<&str>> = raw.ports[0]
         .endpoints
         .iter()
-        .map(|e| config.endpoint_workload(e).map(|w| w.id))
+        .map(|e| config.endpoint_workload(e).map(|w| w.name.as_str()))
         .collect();
-    assert_eq!(owners, [Some(WorkloadId(1)), None]);
+    assert_eq!(owners, [Some("web-2"), None]);
     assert_eq!(raw.vips, [IpAddr::V4(Ipv4Addr::new(10, 96, 0, 12))]);
 }
 

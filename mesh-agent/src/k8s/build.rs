@@ -20,7 +20,7 @@ use super::store::Stores;
 use super::translate::{ObjectKey, Piece, PolicyPiece, ServicePiece, SlicePiece, TargetPort};
 use crate::config::{
     AgentConfig, Config, Endpoint, EndpointSelection, Node, Parts, Policies, PolicyObject, Service,
-    ServicePort, TrafficPolicy, Workloads,
+    ServicePort, TrafficPolicy, Workload, Workloads,
 };
 
 /// The weight of every endpoint (the API has no per-endpoint weight).
@@ -214,16 +214,18 @@ fn workloads(stores: &Stores, sandboxes: &mut Sandboxes) -> (Arc<Workloads>, usi
         if !enrolled.contains(key.namespace.as_str()) {
             continue;
         }
-        let mut workload = pod.workload.clone();
-        if workload.local {
-            match sandboxes.netns(&pod.uid) {
-                Some(netns) => workload.netns = Some(netns),
-                None => {
-                    unresolved += 1;
-                    continue;
-                }
-            }
-        }
+        let workload = if pod.workload.local {
+            let Some(netns) = sandboxes.netns(&pod.uid) else {
+                unresolved += 1;
+                continue;
+            };
+            Arc::new(Workload {
+                netns: Some(netns),
+                ..(*pod.workload).clone()
+            })
+        } else {
+            pod.workload.clone()
+        };
         list.push(workload);
     }
     (Workloads::new(list), unresolved)

@@ -15,6 +15,7 @@ mod workloads;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde_saphyr::Location;
 
@@ -38,7 +39,8 @@ pub(super) fn validate(
     let workloads = cx.workloads(raw.workloads.as_deref().unwrap_or_default(), &agent)?;
     let by_ip: HashMap<IpAddr, WorkloadId> = workloads
         .iter()
-        .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.id)))
+        .enumerate()
+        .flat_map(|(i, w)| w.ips.iter().map(move |ip| (*ip, WorkloadId(i))))
         .collect();
     let services = cx.services(
         raw.services.as_deref().unwrap_or_default(),
@@ -50,8 +52,8 @@ pub(super) fn validate(
     Ok(Config::assemble(
         Parts {
             agent,
-            workloads: Workloads::new(workloads),
-            services: services.into_iter().map(std::sync::Arc::new).collect(),
+            workloads: Workloads::new(workloads.into_iter().map(Arc::new).collect()),
+            services: services.into_iter().map(Arc::new).collect(),
             policies,
             nodes,
         },

@@ -138,7 +138,7 @@ impl Cx<'_> {
 
             let (selection, mut targets) =
                 self.endpoints(&s.endpoints, &base, &namespace, &index, by_ip)?;
-            self.weights(&s.endpoints.value, &base, &mut targets, workloads)?;
+            self.weights(&s.endpoints.value, &base, &mut targets)?;
             for port in &mut ports {
                 port.endpoints = targets
                     .iter()
@@ -170,14 +170,14 @@ impl Cx<'_> {
     }
 
     /// The endpoint selection and the IPs it resolves to (port-independent).
-    fn endpoints(
+    fn endpoints<'w>(
         &self,
         e: &S<RawEndpoints>,
         base: &str,
         namespace: &str,
-        index: &WorkloadIndex<'_>,
+        index: &WorkloadIndex<'w>,
         by_ip: &HashMap<IpAddr, WorkloadId>,
-    ) -> Result<(EndpointSelection, Vec<Target>)> {
+    ) -> Result<(EndpointSelection, Vec<Target<'w>>)> {
         let workloads = index.workloads;
         let base = format!("{base}.endpoints");
         let RawEndpoints {
@@ -209,12 +209,12 @@ impl Cx<'_> {
             ));
         }
 
-        let of_workload = |w: &Workload| -> Vec<Target> {
+        let of_workload = |w: &'w Workload| -> Vec<Target<'w>> {
             w.ips
                 .iter()
                 .map(|ip| Target {
                     ip: *ip,
-                    workload: Some(w.id),
+                    workload: Some(w),
                     node: Some(w.node.clone()),
                     local: w.local,
                     weight: DEFAULT_WEIGHT,
@@ -294,7 +294,7 @@ impl Cx<'_> {
             let owner = by_ip.get(&ip).and_then(|id| workloads.get(id.0));
             targets.push(Target {
                 ip,
-                workload: owner.map(|w| w.id),
+                workload: owner,
                 node: owner.map(|w| w.node.clone()),
                 local: owner.is_some_and(|w| w.local),
                 weight: DEFAULT_WEIGHT,
@@ -305,13 +305,7 @@ impl Cx<'_> {
 
     /// `endpoints.weights`: each key names an endpoint of the service (a workload it selects,
     /// or one of its `addresses`), whose every IP gets the weight.
-    fn weights(
-        &self,
-        e: &RawEndpoints,
-        base: &str,
-        targets: &mut [Target],
-        workloads: &[Workload],
-    ) -> Result<()> {
+    fn weights(&self, e: &RawEndpoints, base: &str, targets: &mut [Target<'_>]) -> Result<()> {
         let base = format!("{base}.endpoints");
         let message = "must not be empty (omit it: every endpoint then weighs 1)";
         let Some((weights, at)) = self.block(&e.weights, &base, "weights", message)? else {
@@ -330,9 +324,7 @@ impl Cx<'_> {
                     key.parse::<IpAddr>()
                         .is_ok_and(|ip| ip.to_canonical() == t.ip)
                 } else {
-                    t.workload
-                        .and_then(|id| workloads.get(id.0))
-                        .is_some_and(|w| w.name == *key)
+                    t.workload.is_some_and(|w| w.name == *key)
                 };
                 if hit {
                     t.weight = weight;
@@ -362,9 +354,9 @@ const DEFAULT_WEIGHT: u32 = 1;
 const MAX_ENDPOINT_WEIGHT: u32 = 10_000;
 
 /// One resolved endpoint IP, before the target port is known.
-struct Target {
+struct Target<'w> {
     ip: IpAddr,
-    workload: Option<WorkloadId>,
+    workload: Option<&'w Workload>,
     node: Option<String>,
     local: bool,
     weight: u32,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::{Cx, Result};
-use crate::config::model::{Node, QualifiedName, Workload, WorkloadId, WorkloadSpec};
+use crate::config::model::{Node, QualifiedName, Workload, WorkloadSpec};
 use crate::config::raw::{RawNode, RawWorkload, S};
 use crate::config::settings::{AgentConfig, defaults};
 use crate::config::traffic::defaults::ZONE_LABEL;
@@ -115,7 +115,6 @@ impl Cx<'_> {
                 self.err(at, format!("{base}.serviceAccount"), error.to_string())
             })?;
             out.push(Workload {
-                id: WorkloadId(i),
                 fail_mode: w.fail_mode.unwrap_or_default(),
                 unknown_destination: w.unknown_destination.unwrap_or_default(),
                 access_log: self.access_log(

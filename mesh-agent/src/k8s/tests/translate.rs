@@ -128,9 +128,9 @@ fn same_lookups(kept: &Config, fresh: &Config, earlier: Option<&Config>) {
     }
 }
 
-fn names(workloads: &[Workload]) -> Vec<String> {
+fn names<'a>(workloads: impl IntoIterator<Item = &'a Workload>) -> Vec<String> {
     workloads
-        .iter()
+        .into_iter()
         .map(|w| w.qualified_name().to_string())
         .collect()
 }
@@ -181,7 +181,7 @@ fn enrolled_namespaces_give_workloads_with_their_identity_and_opted_out_pods_sta
 
     let config = h.build().config;
     assert_eq!(
-        names(config.workloads()),
+        names(config.workloads().iter().map(Arc::as_ref)),
         ["demo/a", "demo/b", "demo/plain"]
     );
     let a = &config.workloads()[0];
@@ -197,10 +197,7 @@ fn enrolled_namespaces_give_workloads_with_their_identity_and_opted_out_pods_sta
         config.workloads()[2].identity.to_string(),
         "spiffe://mesh.test/ns/demo/sa/default"
     );
-    assert_eq!(
-        names(&config.local_workloads().cloned().collect::<Vec<_>>()),
-        ["demo/a"]
-    );
+    assert_eq!(names(config.local_workloads()), ["demo/a"]);
     assert_eq!(
         config
             .workload_by_ip("10.0.2.1".parse().expect("ip"))
@@ -211,7 +208,7 @@ fn enrolled_namespaces_give_workloads_with_their_identity_and_opted_out_pods_sta
     // Enrolling a namespace later brings its pods in; the pod label opts one out.
     h.apply(ObjectKind::Namespace, namespace("other", Some("true")));
     assert_eq!(
-        names(h.build().config.workloads()),
+        names(h.build().config.workloads().iter().map(Arc::as_ref)),
         ["demo/a", "demo/b", "demo/plain", "other/c"]
     );
     assert_eq!(h.rejected(ObjectKind::Pod), 0);
@@ -287,15 +284,15 @@ fn services_take_their_endpoints_from_slices_and_named_target_ports_resolve_per_
     assert_eq!(addrs, want);
     let first = &http.endpoints[0];
     assert_eq!(
-        config.endpoint_workload(first).map(|w| w.id),
-        Some(config.workloads()[0].id)
+        config.endpoint_workload(first).map(|w| w.name.as_str()),
+        Some(config.workloads()[0].name.as_str())
     );
     assert!(first.local);
     assert_eq!(first.zone.as_deref(), Some("z1"));
     let raw = &http.endpoints[2];
     assert_eq!(
         (
-            config.endpoint_workload(raw).map(|w| w.id),
+            config.endpoint_workload(raw).map(|w| w.name.as_str()),
             raw.node.as_deref(),
             raw.local
         ),
@@ -429,7 +426,10 @@ fn an_invalid_policy_is_refused_alone_and_its_earlier_version_stays() {
     let mut malformed = pod("demo", "m", "n2", &["10.0.2.2"], json!({}));
     malformed["status"]["podIPs"] = json!("10.0.2.2");
     assert!(!h.apply(ObjectKind::Pod, malformed));
-    assert_eq!(names(h.build().config.workloads()), ["demo/b"]);
+    assert_eq!(
+        names(h.build().config.workloads().iter().map(Arc::as_ref)),
+        ["demo/b"]
+    );
     assert_eq!(h.rejected(ObjectKind::Pod), 1);
 }
 

@@ -5,6 +5,8 @@
 //! identity is its service account's in the agent's trust domain, built by the same
 //! [`Workload::new`] as the file's workloads.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{ENROLLED_LABEL, TranslateError, ip};
@@ -14,7 +16,8 @@ use crate::config::{AgentConfig, Workload, WorkloadSpec, defaults};
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodPiece {
     pub uid: String,
-    pub workload: Workload,
+    /// Shared with the snapshots, which take it as it is (a remote pod) without a copy.
+    pub workload: Arc<Workload>,
 }
 
 /// The candidate workload of `pod`, or `None` when it cannot be one.
@@ -82,5 +85,8 @@ pub fn pod(pod: &Pod, agent: &AgentConfig) -> Result<Option<PodPiece>, Translate
             "metadata.uid is missing (a pod of this node is found by its UID)".to_owned(),
         ));
     }
-    Ok(Some(PodPiece { uid, workload }))
+    Ok(Some(PodPiece {
+        uid,
+        workload: Arc::new(workload),
+    }))
 }
