@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kube::core::DynamicObject;
+use smallvec::SmallVec;
 use kube::runtime::watcher::Event;
 
 use super::kinds::ObjectKind;
@@ -69,7 +70,7 @@ pub struct Touched {
 pub struct Stores {
     kinds: BTreeMap<ObjectKind, Store>,
     /// Service (`namespace/name`) -> the keys of its EndpointSlices.
-    slices: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    slices: foldhash::HashMap<ObjectKey, SliceKeys>,
     touched: Touched,
 }
 
@@ -80,9 +81,18 @@ impl Default for Stores {
                 .iter()
                 .map(|k| (*k, Store::default()))
                 .collect(),
-            slices: BTreeMap::new(),
+            slices: foldhash::HashMap::default(),
             touched: Touched::default(),
         }
+    }
+}
+
+/// The keys of a Service's EndpointSlices, ascending (most Services have one: kept inline).
+type SliceKeys = SmallVec<[ObjectKey; 1]>;
+
+fn insert_sorted(keys: &mut SliceKeys, key: ObjectKey) {
+    if let Err(at) = keys.binary_search(&key) {
+        keys.insert(at, key);
     }
 }
 
@@ -124,13 +134,13 @@ impl Stores {
                     if let Some(service) = &old
                         && let Some(slices) = self.slices.get_mut(service)
                     {
-                        slices.remove(&key);
+                        slices.retain(|k| *k != key);
                         if slices.is_empty() {
                             self.slices.remove(service);
                         }
                     }
                     if let Some(service) = &new {
-                        self.slices.entry(service.clone()).or_default().insert(key);
+                        insert_sorted(self.slices.entry(service.clone()).or_default(), key);
                     }
                 }
                 self.touched.services.extend(old.into_iter().chain(new));
@@ -151,10 +161,10 @@ impl Stores {
 
     /// The slice index made again from the slices (after a relist).
     fn index_slices(&mut self) {
-        let mut index: BTreeMap<ObjectKey, BTreeSet<ObjectKey>> = BTreeMap::new();
+        let mut index: foldhash::HashMap<ObjectKey, SliceKeys> = foldhash::HashMap::default();
         for (key, piece) in self.shared(ObjectKind::EndpointSlice) {
             if let Some(service) = service_of(key, piece) {
-                index.entry(service).or_default().insert(key.clone());
+                insert_sorted(index.entry(service).or_default(), key.clone());
             }
         }
         self.slices = index;
