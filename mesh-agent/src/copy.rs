@@ -1,9 +1,14 @@
 //! The copy loop between the two sides of a proxied connection: both directions at once,
-//! each with one buffer sized by use (2 KiB while a connection is idle or trades small
-//! messages, doubled by reads that fill it up to the configured `bufferBytes`, shrunk back
-//! after a run of small reads; never more than `bufferBytes` per direction), backpressure
-//! by awaiting each write before reading more, half-close passed on (EOF on one side shuts
-//! down the write side of the other), and an idle timeout covering both directions.
+//! each with one buffer sized by use (2 KiB for small messages, doubled by reads that fill it
+//! up to the configured `bufferBytes`, shrunk back after a run of small reads; never more
+//! than `bufferBytes` per direction), backpressure by awaiting each write before reading
+//! more, half-close passed on (EOF on one side shuts down the write side of the other), and
+//! an idle timeout covering both directions.
+//!
+//! A direction with nothing to read holds no buffer: when a read would wait, the buffer is
+//! freed and the loop waits for the reader to become readable ([`Readable`]) before taking
+//! one again. Most proxied connections are idle most of the time (pools, keep-alives), and
+//! their buffers were most of the agent's memory per connection.
 //!
 //! It knows nothing of routing or policy: the connection pipeline (`crate::proxy`) and the
 //! tunnel share it, and stop it from outside by dropping the future (revocation). Bytes are
@@ -14,15 +19,17 @@
 //! never drops. `()` is the pacer that never waits, for unshaped connections.
 
 use std::{
-    future::Future,
+    future::{Future, poll_fn},
     io,
     sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll},
     time::Duration,
 };
 
+use bytes::BufMut;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpStream, tcp},
     time::{Instant, sleep_until},
 };
 
@@ -56,6 +63,26 @@ pub trait Pace: Sync {
 impl Pace for () {
     fn pace(&self, _bytes: usize) -> impl Future<Output = ()> + Send {
         std::future::ready(())
+    }
+}
+
+/// A read side that can wait for data without a buffer to read into, so an idle direction
+/// holds none.
+pub trait Readable: AsyncRead + Unpin {
+    /// Ready once a read may find data, EOF or an error (spurious readiness is allowed: the
+    /// read that follows simply waits again).
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Readable for tcp::ReadHalf<'_> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
+    }
+}
+
+impl Readable for tcp::OwnedReadHalf {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
     }
 }
 
@@ -98,9 +125,9 @@ pub async fn halves<DR, DW, UR, UW>(
     (to_upstream, to_downstream): (&impl Pace, &impl Pace),
 ) -> Result<(), CopyError>
 where
-    DR: AsyncRead + Unpin,
+    DR: Readable,
     DW: AsyncWrite + Unpin,
-    UR: AsyncRead + Unpin,
+    UR: Readable,
     UW: AsyncWrite + Unpin,
 {
     let start = Instant::now();
@@ -145,9 +172,9 @@ where
     }
 }
 
-/// The first read buffer of each direction: what an idle or request/response connection
-/// holds. A read that fills the buffer doubles it (up to the configured size: bulk gets big
-/// reads in a few steps); a run of small reads shrinks it back.
+/// The first read buffer of each direction: what a request/response connection uses. A read
+/// that fills the buffer doubles it (up to the configured size: bulk gets big reads in a few
+/// steps); a run of small reads shrinks it back.
 const INITIAL_BUFFER: usize = 2 * 1024;
 /// Reads using at most a quarter of the buffer, in a row, before it shrinks back.
 const SMALL_READS_TO_SHRINK: u32 = 64;
@@ -161,14 +188,28 @@ async fn pipe<R, W>(
     pace: &impl Pace,
 ) -> io::Result<()>
 where
-    R: AsyncRead + Unpin,
+    R: Readable,
     W: AsyncWrite + Unpin,
 {
     let max = buffer_bytes.max(1);
-    let mut buffer = vec![0u8; INITIAL_BUFFER.min(max)];
+    // The size the next buffer gets; the buffer itself exists only while data flows.
+    let mut size = INITIAL_BUFFER.min(max);
+    let mut buffer: Vec<u8> = Vec::new();
     let mut small_reads = 0u32;
     loop {
-        let read = reader.read(&mut buffer).await?;
+        if buffer.capacity() != size {
+            buffer = Vec::with_capacity(size);
+        }
+        buffer.clear();
+        let read = match try_read(reader, &mut buffer, size).await {
+            Some(read) => read?,
+            None => {
+                // Nothing to read now: wait without a buffer.
+                buffer = Vec::new();
+                poll_fn(|cx| reader.poll_readable(cx)).await?;
+                continue;
+            }
+        };
         if read == 0 {
             // Half-close: the peer finished sending; tell the other side, keep reading it.
             writer.shutdown().await?;
@@ -178,22 +219,38 @@ where
         writer.write_all(&buffer[..read]).await?;
         total.fetch_add(read as u64, Ordering::Relaxed);
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        resize(&mut buffer, read, max, &mut small_reads);
+        resize(&mut size, read, max, &mut small_reads);
     }
 }
 
-/// Sizes the buffer by use after a read of `read` bytes: doubled when the read filled it,
-/// back to the initial size after a run of small reads.
-fn resize(buffer: &mut Vec<u8>, read: usize, max: usize, small_reads: &mut u32) {
-    let len = buffer.len();
+/// One read of at most `limit` bytes into `buffer`'s spare capacity (no zeroing), if it
+/// completes without waiting; `None` when the reader has nothing now.
+async fn try_read<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buffer: &mut Vec<u8>,
+    limit: usize,
+) -> Option<io::Result<usize>> {
+    let mut limited = (&mut *buffer).limit(limit);
+    let mut read = std::pin::pin!(reader.read_buf(&mut limited));
+    poll_fn(|cx| match read.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(Some(result)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// Sizes the next buffer by use after a read of `read` bytes: doubled when the read filled
+/// it, back to the initial size after a run of small reads.
+fn resize(size: &mut usize, read: usize, max: usize, small_reads: &mut u32) {
+    let len = *size;
     if read == len && len < max {
         *small_reads = 0;
-        *buffer = vec![0u8; (len * 2).min(max)];
+        *size = (len * 2).min(max);
     } else if read <= len / 4 && len > INITIAL_BUFFER {
         *small_reads += 1;
         if *small_reads >= SMALL_READS_TO_SHRINK {
             *small_reads = 0;
-            *buffer = vec![0u8; INITIAL_BUFFER.min(max)];
+            *size = INITIAL_BUFFER.min(max);
         }
     } else {
         *small_reads = 0;
@@ -212,39 +269,42 @@ mod tests {
         net::{TcpListener, TcpStream},
     };
 
-    use super::{CopyError, INITIAL_BUFFER, Pace, SMALL_READS_TO_SHRINK, Transferred, resize, tcp};
+    use super::{
+        CopyError, INITIAL_BUFFER, Pace, Readable, SMALL_READS_TO_SHRINK, Transferred, halves,
+        resize, tcp,
+    };
 
     #[test]
     fn buffers_grow_with_full_reads_up_to_the_limit_and_shrink_after_small_ones() {
         let max = 64 * 1024;
-        let mut buffer = vec![0u8; INITIAL_BUFFER];
+        let mut size = INITIAL_BUFFER;
         let mut small = 0;
         // Bulk: every read fills the buffer, which doubles up to the limit.
         let mut sizes = Vec::new();
         for _ in 0..8 {
-            let read = buffer.len();
-            resize(&mut buffer, read, max, &mut small);
-            sizes.push(buffer.len() / 1024);
+            let read = size;
+            resize(&mut size, read, max, &mut small);
+            sizes.push(size / 1024);
         }
         assert_eq!(sizes, [4, 8, 16, 32, 64, 64, 64, 64]);
         // Request/response after it: small reads, then back to the initial size.
         for _ in 0..SMALL_READS_TO_SHRINK - 1 {
-            resize(&mut buffer, 100, max, &mut small);
+            resize(&mut size, 100, max, &mut small);
         }
-        assert_eq!(buffer.len(), max, "not before a run of small reads");
-        resize(&mut buffer, 100, max, &mut small);
-        assert_eq!(buffer.len(), INITIAL_BUFFER);
+        assert_eq!(size, max, "not before a run of small reads");
+        resize(&mut size, 100, max, &mut small);
+        assert_eq!(size, INITIAL_BUFFER);
         // A medium read breaks a run of small ones.
-        let mut buffer = vec![0u8; max];
+        let mut size = max;
         for i in 0..SMALL_READS_TO_SHRINK * 2 {
             let read = if i % 10 == 9 { max / 2 } else { 100 };
-            resize(&mut buffer, read, max, &mut small);
+            resize(&mut size, read, max, &mut small);
         }
-        assert_eq!(buffer.len(), max);
+        assert_eq!(size, max);
         // Never above a small configured limit.
-        let mut buffer = vec![0u8; 1024];
-        resize(&mut buffer, 1024, 1024, &mut small);
-        assert_eq!(buffer.len(), 1024);
+        let mut size = 1024;
+        resize(&mut size, 1024, 1024, &mut small);
+        assert_eq!(size, 1024);
     }
 
     /// A connected pair of loopback sockets.
@@ -311,6 +371,70 @@ mod tests {
         });
         assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
         assert_eq!(moved.get(), (5, 2));
+    }
+
+    /// A read half that counts the waits the copy made on it without a buffer.
+    struct Watched<'a> {
+        inner: tokio::net::tcp::ReadHalf<'a>,
+        waits: &'a AtomicUsize,
+    }
+
+    impl tokio::io::AsyncRead for Watched<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl Readable for Watched<'_> {
+        fn poll_readable(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            self.inner.poll_readable(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_direction_waits_for_data_without_a_buffer() {
+        let (mut app, mut proxy_down) = pair().await;
+        let (mut proxy_up, mut server) = pair().await;
+        let waits = AtomicUsize::new(0);
+        let moved = Transferred::default();
+        let (down_read, down_write) = proxy_down.split();
+        let copy = halves(
+            (
+                Watched {
+                    inner: down_read,
+                    waits: &waits,
+                },
+                down_write,
+            ),
+            proxy_up.split(),
+            64 * 1024,
+            Duration::from_secs(5),
+            &moved,
+            (&(), &()),
+        );
+        let peers = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let idle_waits = waits.load(Ordering::Relaxed);
+            app.write_all(b"after a pause").await.expect("write");
+            let mut got = [0u8; 13];
+            server.read_exact(&mut got).await.expect("read");
+            assert_eq!(&got, b"after a pause");
+            app.shutdown().await.expect("half-close");
+            server.shutdown().await.expect("server half-close");
+            idle_waits
+        };
+        let (result, idle_waits) = tokio::join!(copy, peers);
+        result.expect("copy");
+        assert!(idle_waits >= 1, "the idle direction waited in a read");
+        assert_eq!(moved.get(), (13, 0));
     }
 
     /// Counts what it is asked for, and the largest single request.

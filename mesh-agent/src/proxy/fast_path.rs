@@ -15,7 +15,10 @@ use std::{
 use mesh_common::FastKey;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::ebpf::{FAST_PATH_REPORT_EVERY, FastPathCredits};
+use crate::{
+    copy::Readable,
+    ebpf::{FAST_PATH_REPORT_EVERY, FastPathCredits},
+};
 
 /// The read count of one agent socket on the fast-path hop; its entry goes with it.
 pub struct Credit {
@@ -69,6 +72,12 @@ pub struct Credited<R> {
 impl<R> Credited<R> {
     pub fn new(inner: R, credit: Option<Credit>) -> Self {
         Self { inner, credit }
+    }
+}
+
+impl<R: Readable> Readable for Credited<R> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_readable(cx)
     }
 }
 

@@ -82,7 +82,10 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         client_identity,
         destination,
     );
-    let Some(established) = connect::establish(&ctx, &pod, &mut result, connect_from).await else {
+    // Boxed: routing and connecting (retries, the tunnel pool) take far more state than the
+    // copy, and an inline future would keep that size for the connection's whole life.
+    let establishing = Box::pin(connect::establish(&ctx, &pod, &mut result, connect_from));
+    let Some(established) = establishing.await else {
         refuse(downstream, &result);
         return;
     };

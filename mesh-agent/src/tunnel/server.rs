@@ -14,7 +14,6 @@ use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
     task::JoinHandle,
@@ -162,11 +161,10 @@ impl<F> Forward<F> {
     }
 }
 
-impl<F, Fut, U> StreamHandler for Forward<F>
+impl<F, Fut> StreamHandler for Forward<F>
 where
     F: Fn(ConnectRequest) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<U, Refusal>> + Send,
-    U: AsyncRead + AsyncWrite + Send + 'static,
+    Fut: Future<Output = Result<TcpStream, Refusal>> + Send,
 {
     async fn handle(&self, request: ConnectRequest, stream: PendingStream) {
         let options = &self.options;
@@ -181,7 +179,7 @@ where
         let moved = crate::copy::Transferred::default();
         let _ = crate::copy::halves(
             tunnel.into_split(),
-            tokio::io::split(upstream),
+            upstream.into_split(),
             options.buffer_bytes,
             options.idle_timeout,
             &moved,

@@ -17,6 +17,8 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::copy::Readable;
+
 /// Something kept alive as long as either half is (the pool's per-connection stream count).
 pub(crate) type Guard = Option<Arc<dyn Send + Sync>>;
 
@@ -112,6 +114,20 @@ impl AsyncRead for TunnelReadHalf {
                 Some(Err(error)) => return Poll::Ready(Err(h2_to_io(error))),
             }
         }
+    }
+}
+
+/// Readable once a DATA frame is held (or the stream ended): the copy loop waits here
+/// without a buffer of its own.
+impl Readable for TunnelReadHalf {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.pending.is_empty()
+            && let Some(Ok(data)) = ready!(self.recv.poll_data(cx))
+        {
+            self.pending = data;
+        }
+        // An end or an error is for the read that follows to report.
+        Poll::Ready(Ok(()))
     }
 }
 
