@@ -6,7 +6,10 @@
 //!
 //! [`Balancers`] holds one [`ServiceBalancer`] per (service, service port) in an immutable
 //! map behind an `ArcSwap`: the connection path reads it without a lock, and
-//! [`Balancers::sync`] swaps in a new map on each config snapshot. A service port whose
+//! [`Balancers::sync`] swaps in a new map on each config snapshot. A service port's balancer
+//! is built on its first pick (most of a large cluster's services are never called from a
+//! given node; see `slot`), or at once when it has subsets, an active health check or live
+//! state to carry over. A service port whose
 //! inputs (endpoints, policy, subset membership, this node's zone) are unchanged keeps its
 //! balancer; a changed one gets a new picker (subsets, locality tiers, Maglev tables are
 //! precomputed, so a pick does no allocation in the common case) that takes over the live
@@ -57,6 +60,7 @@ mod endpoint;
 mod maglev;
 mod select;
 mod service;
+mod slot;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -75,6 +79,7 @@ pub use service::{ActiveGuard, Pick, ServiceBalancer};
 pub use status::{CircuitStatus, EndpointState, EndpointStatus, ServiceStatus};
 
 use crate::{config::Config, tls::SpiffeId};
+use slot::Slot;
 
 /// Who is calling (for Maglev, caller routes, and the address family).
 #[derive(Clone, Copy, Debug)]
@@ -99,9 +104,9 @@ pub enum PickError {
     CircuitOpen(&'static str),
 }
 
-/// Service name (`namespace/name`) -> its ports' balancers, in file order. Shared keys and
+/// Service name (`namespace/name`) -> its ports' slots, in file order. Shared keys and
 /// values: a sync copies the map cheaply and replaces only what changed.
-type Map = foldhash::HashMap<Arc<str>, Arc<[Arc<ServiceBalancer>]>>;
+type Map = foldhash::HashMap<Arc<str>, Arc<[Arc<Slot>]>>;
 
 /// Node-wide balancing state: one [`ServiceBalancer`] per (service, service port), kept
 /// across config snapshots. Reads are lock-free (an `ArcSwap` of an immutable map).
@@ -140,6 +145,7 @@ impl Balancers {
         let current = self.map.load_full();
         let zone = select::local_zone(config).map(str::to_owned);
         let same_zone = synced.zone == zone;
+        let zone_name: Option<Arc<str>> = zone.as_deref().map(Arc::from);
         // The last sync's services, taken one by one as they are found again: at the same
         // index (a source keeps the order), else by address (looked up once something moved).
         let mut old: Vec<Option<(Arc<crate::config::Service>, Arc<str>)>> =
@@ -179,16 +185,24 @@ impl Balancers {
             }
             let name: Arc<str> = Arc::from(service.qualified_name().to_string());
             let previous_ports = current.get(&name).map(|p| &p[..]).unwrap_or_default();
-            let ports = service
-                .ports
-                .iter()
-                .map(|port| {
+            let ports = (0..service.ports.len())
+                .zip(&service.ports)
+                .map(|(index, port)| {
+                    let previous = previous_ports
+                        .iter()
+                        .find(|s| s.port() == port.port)
+                        .and_then(|s| s.existing());
+                    let now = previous.is_some()
+                        || !service.traffic.subsets.is_empty()
+                        || service.traffic.health_check.is_some();
+                    if !now {
+                        return Arc::new(Slot::deferred(service.clone(), index, zone_name.clone()));
+                    }
                     let spec = select::Spec::new(config, service, port);
-                    let previous = previous_ports.iter().find(|b| b.port() == port.port);
-                    match previous {
+                    Arc::new(Slot::built(match previous {
                         Some(previous) if previous.spec == spec => previous.clone(),
                         _ => Arc::new(ServiceBalancer::build(spec, previous.map(Arc::as_ref))),
-                    }
+                    }))
                 })
                 .collect();
             next.get_or_insert_with(|| (*current).clone())
@@ -213,7 +227,8 @@ impl Balancers {
         };
         // Service ports that are gone: their endpoints' late outcomes change nothing.
         for name in looked_at.iter().chain(&gone) {
-            for balancer in current.get(name).into_iter().flat_map(|p| p.iter()) {
+            let existing = current.get(name).into_iter().flat_map(|p| p.iter());
+            for balancer in existing.filter_map(|slot| slot.existing()) {
                 let kept = next
                     .get(name)
                     .is_some_and(|ports| ports.iter().any(|b| b.port() == balancer.port()));
@@ -227,23 +242,26 @@ impl Balancers {
 
     /// The balancer of `service` (`namespace/name`) port `port` (the service port, not the
     /// target port).
+    /// Built on first use (see `slot`).
     pub fn get(&self, service: &str, port: u16) -> Option<Arc<ServiceBalancer>> {
         self.map
             .load()
             .get(service)?
             .iter()
-            .find(|b| b.port() == port)
+            .find(|s| s.port() == port)?
+            .balancer()
             .cloned()
     }
 
-    /// Every service port's balancer (for the active health checker, which walks them each
-    /// round so it sees what a reload added).
+    /// Every service port's balancer that exists (for the active health checker, which walks
+    /// them each round so it sees what a reload added: ports with a health check are built
+    /// at once).
     pub fn all(&self) -> Vec<Arc<ServiceBalancer>> {
         self.map
             .load()
             .values()
             .flat_map(|ports| ports.iter())
-            .cloned()
+            .filter_map(|slot| slot.existing().cloned())
             .collect()
     }
 
@@ -253,7 +271,7 @@ impl Balancers {
         let mut all: Vec<ServiceStatus> = map
             .values()
             .flat_map(|ports| ports.iter())
-            .map(|b| b.status())
+            .filter_map(|slot| slot.status())
             .collect();
         all.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
         all

@@ -34,7 +34,8 @@ pub(super) struct Spec {
 impl Spec {
     pub(super) fn new(config: &Config, service: &Service, port: &ServicePort) -> Self {
         let workload = |e: &Endpoint| config.endpoint_workload(e);
-        let subsets = service
+        let mut spec = Self::plain(service, port, local_zone(config));
+        spec.subsets = service
             .traffic
             .subsets
             .iter()
@@ -50,13 +51,19 @@ impl Spec {
                     .collect()
             })
             .collect();
+        spec
+    }
+
+    /// The spec of a port whose service has no subsets (nothing in it depends on the
+    /// workloads), in zone `local_zone`.
+    pub(super) fn plain(service: &Service, port: &ServicePort, local_zone: Option<&str>) -> Self {
         Self {
             service: service.qualified_name().to_string(),
             port: port.port,
             policy: service.traffic.clone(),
             endpoints: port.endpoints.clone(),
-            subsets,
-            local_zone: local_zone(config).map(str::to_owned),
+            subsets: Vec::new(),
+            local_zone: local_zone.map(str::to_owned),
         }
     }
 }

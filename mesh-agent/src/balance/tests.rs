@@ -842,3 +842,60 @@ fn shared_services_are_kept_and_replaced_or_dropped_ones_synced() {
         &balancers.get("demo/web", 80).expect("web")
     ));
 }
+
+/// A port's balancer is built on its first pick, not at the sync: until then the health
+/// checker does not see it and status shows it as it would start; a port with a health
+/// check is built at once, and one that was used keeps its live state when its service
+/// changes.
+#[test]
+fn a_balancer_is_built_on_first_use_unless_it_must_exist_before() {
+    let config = config(2);
+    let balancers = Balancers::new();
+    balancers.sync(&config);
+    assert!(balancers.all().is_empty(), "nothing built at the sync");
+    let status = balancers.status();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].endpoints.len(), 2);
+    assert!(balancers.all().is_empty(), "status builds nothing it keeps");
+
+    let b = balancers.get("demo/web", 80).expect("built on use");
+    assert_eq!(balancers.all().len(), 1);
+    assert!(Arc::ptr_eq(
+        &b,
+        &balancers.get("demo/web", 80).expect("same")
+    ));
+    // Used: its live state (here an ejection) carries over to the changed service.
+    let addr = pick(&b, &caller("10.0.0.1"));
+    for _ in 0..5 {
+        if fail(&b, addr) {
+            break;
+        }
+    }
+    let mut changed = config.clone();
+    Arc::make_mut(&mut changed.services[0]).ports[0]
+        .endpoints
+        .push(crate::config::Endpoint {
+            addr: "10.1.0.9:8080".parse().expect("addr"),
+            node: Some("b".into()),
+            local: false,
+            weight: 1,
+            zone: None,
+        });
+    balancers.sync(&changed);
+    assert_eq!(
+        balancers.all().len(),
+        1,
+        "a used port is built again at once"
+    );
+    let again = balancers.get("demo/web", 80).expect("web");
+    assert!(!Arc::ptr_eq(&b, &again));
+    assert!(matches!(state(&again, addr), EndpointState::Ejected { .. }));
+
+    // A health check needs the balancer before any pick.
+    let mut policy = policy(LoadBalancer::RoundRobin);
+    policy.health_check = Some(crate::config::HealthCheck::default());
+    let checked = with_policy(config, policy);
+    let fresh = Balancers::new();
+    fresh.sync(&checked);
+    assert_eq!(fresh.all().len(), 1);
+}

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kube::core::DynamicObject;
-use smallvec::SmallVec;
 use kube::runtime::watcher::Event;
+use smallvec::SmallVec;
 
 use super::kinds::ObjectKind;
 use super::locate::Sandboxes;
