@@ -86,8 +86,7 @@ fn balance_config(pods: usize, algorithm: LoadBalancer) -> Config {
     }
     yaml.push_str("services:\n  - {name: echo, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], endpoints: {selector: {app: echo}}}\n");
     let mut config = Config::from_yaml_str(&yaml, "bench.yaml").expect("the bench config is valid");
-    std::sync::Arc::make_mut(&mut config.services[0])
-        .traffic
+    std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(&mut config.services[0]).traffic)
         .load_balancer = algorithm;
     config
 }

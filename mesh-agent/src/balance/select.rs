@@ -23,7 +23,7 @@ pub(super) struct Spec {
     /// `namespace/name`
     pub(super) service: String,
     pub(super) port: u16,
-    pub(super) policy: TrafficPolicy,
+    pub(super) policy: Arc<TrafficPolicy>,
     pub(super) endpoints: Vec<Endpoint>,
     /// Per subset of the policy, the indices of its endpoints.
     pub(super) subsets: Vec<Vec<u32>>,

@@ -48,7 +48,7 @@ fn config(n: usize) -> Config {
 }
 
 fn with_policy(mut config: Config, policy: TrafficPolicy) -> Config {
-    std::sync::Arc::make_mut(&mut config.services[0]).traffic = policy;
+    std::sync::Arc::make_mut(&mut config.services[0]).traffic = Arc::new(policy);
     config
 }
 
@@ -588,8 +588,7 @@ fn locality_prefers_this_node_then_its_zone_and_widens_below_min_healthy() {
     assert_eq!(picked(&b), BTreeSet::from([ep(0), ep(1)]), "back home");
 
     let mut config = locality_config();
-    std::sync::Arc::make_mut(&mut config.services[0])
-        .traffic
+    std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(&mut config.services[0]).traffic)
         .locality
         .enabled = false;
     let (_, b) = balancer(&config);
@@ -700,8 +699,7 @@ fn live_stats_carry_across_sync_by_address() {
     std::sync::Arc::make_mut(&mut changed.services[0]).ports[0]
         .endpoints
         .retain(|e| e.addr != ep(2));
-    std::sync::Arc::make_mut(&mut changed.services[0])
-        .traffic
+    std::sync::Arc::make_mut(&mut std::sync::Arc::make_mut(&mut changed.services[0]).traffic)
         .load_balancer = LoadBalancer::LeastConnections;
     balancers.sync(&changed);
     let new = balancers.get("demo/web", 80).expect("balancer");

@@ -315,7 +315,8 @@ pub struct Service {
     pub selection: EndpointSelection,
     /// What callers do: balancing, health, retries, limits, split.
     #[serde(rename = "trafficPolicy")]
-    pub traffic: super::traffic::TrafficPolicy,
+    /// Shared: most services of a cluster have the default one.
+    pub traffic: Arc<super::traffic::TrafficPolicy>,
 }
 
 impl Service {
@@ -358,7 +359,8 @@ pub struct Endpoint {
 #[serde(rename_all = "camelCase")]
 pub enum EndpointSelection {
     /// Workloads of the service's namespace whose labels include all of these.
-    Selector(BTreeMap<String, String>),
+    /// Shared with the source's own copy (a Kubernetes Service's selector).
+    Selector(Arc<BTreeMap<String, String>>),
     /// Workloads of the service's namespace, by name.
     Workloads(Vec<String>),
     /// Raw IPs.

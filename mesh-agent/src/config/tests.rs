@@ -528,7 +528,7 @@ fn selector_takes_same_namespace_workloads_having_all_labels() {
     let s = &config.services[0];
     assert_eq!(
         s.selection,
-        EndpointSelection::Selector(labels(&[("app", "web"), ("v", "1")]))
+        EndpointSelection::Selector(std::sync::Arc::new(labels(&[("app", "web"), ("v", "1")])))
     );
     let names = |p: &ServicePort| -> Vec<String> {
         p.endpoints

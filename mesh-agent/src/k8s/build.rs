@@ -50,6 +50,8 @@ pub struct BuildCache {
     node: Option<String>,
     /// The last snapshot, whose lookups the next one patches.
     previous: Option<Arc<Config>>,
+    /// The policy of every Service without a TrafficPolicy, one shared value.
+    default_traffic: Arc<TrafficPolicy>,
 }
 
 #[derive(Debug)]
@@ -124,7 +126,7 @@ pub fn build(
                         PolicyObject::Traffic { policy, .. } => Some(policy.clone()),
                         _ => None,
                     })
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| cache.default_traffic.clone());
                 Some(service(s, &slices, &workloads, node, policy))
             }
             _ => None,
@@ -274,7 +276,7 @@ fn service(
     slices: &[&SlicePiece],
     workloads: &Workloads,
     node: &str,
-    traffic: TrafficPolicy,
+    traffic: Arc<TrafficPolicy>,
 ) -> (Service, bool) {
     let mut from_workloads = false;
     let ports = s

@@ -55,7 +55,7 @@ fn a_traffic_policy_object_names_its_service() {
         panic!("not a traffic policy: {object:?}");
     };
     assert_eq!(service, "echo");
-    assert_ne!(policy, Default::default());
+    assert_ne!(*policy, Default::default());
 
     let err =
         policy_object(PolicyKind::TrafficPolicy, "demo", "echo", "{}").expect_err("no service");

@@ -13,7 +13,7 @@ fn with_traffic(lines: &[&'static str]) -> Vec<&'static str> {
 /// The traffic policy of the only service of BASE + `trafficPolicy:` + `lines`.
 #[track_caller]
 fn policy(lines: &[&'static str]) -> TrafficPolicy {
-    ok(&with_traffic(lines)).services[0].traffic.clone()
+    (*ok(&with_traffic(lines)).services[0].traffic).clone()
 }
 
 #[test]
@@ -39,7 +39,7 @@ fn the_example_file_parses_to_its_values() {
     assert_eq!(config.local_zone(), Some("zone-1"));
     let echo = config.service("demo", "echo").expect("echo");
     assert_eq!(
-        echo.traffic,
+        *echo.traffic,
         TrafficPolicy {
             load_balancer: LoadBalancer::PeakEwma,
             locality: Locality {
@@ -281,9 +281,9 @@ fn every_field_of_a_traffic_policy() {
 fn traffic_policy_defaults() {
     let config = ok(BASE);
     let service = &config.services[0];
-    assert_eq!(service.traffic, TrafficPolicy::default());
+    assert_eq!(*service.traffic, TrafficPolicy::default());
     assert_eq!(
-        service.traffic,
+        *service.traffic,
         TrafficPolicy {
             load_balancer: LoadBalancer::PeakEwma,
             locality: Locality {

@@ -48,7 +48,8 @@ pub enum PolicyObject {
     /// The traffic policy of the service `service` of the object's namespace.
     Traffic {
         service: String,
-        policy: TrafficPolicy,
+        /// Shared with the service it applies to.
+        policy: std::sync::Arc<TrafficPolicy>,
     },
 }
 
@@ -106,7 +107,10 @@ pub fn policy_object(
                 .map_err(|e| invalid("spec.service", format!("`{service}`: {e}")))?;
             let raw: RawTrafficPolicy = parse_fields(fields, &origin)?;
             cx.traffic_policy_at(&raw, "spec")
-                .map(|policy| PolicyObject::Traffic { service, policy })
+                .map(|policy| PolicyObject::Traffic {
+                    service,
+                    policy: std::sync::Arc::new(policy),
+                })
         }
         PolicyKind::AuthorizationPolicy => {
             let raw: RawAuthorizationPolicy = parse_fields(named(fields)?, &origin)?;

@@ -163,7 +163,7 @@ impl Cx<'_> {
                 vips,
                 ports,
                 selection,
-                traffic,
+                traffic: std::sync::Arc::new(traffic),
             });
         }
         Ok(out)
@@ -234,7 +234,10 @@ impl Cx<'_> {
                 .selected(namespace, &sel.value)
                 .flat_map(of_workload)
                 .collect();
-            return Ok((EndpointSelection::Selector(sel.value.clone()), targets));
+            return Ok((
+                EndpointSelection::Selector(std::sync::Arc::new(sel.value.clone())),
+                targets,
+            ));
         }
 
         if let Some(list) = names {

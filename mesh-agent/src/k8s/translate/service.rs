@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -25,7 +26,8 @@ pub struct ServicePiece {
     /// Canonical, in the API's order.
     pub vips: Vec<IpAddr>,
     pub ports: Vec<PortPiece>,
-    pub selector: BTreeMap<String, String>,
+    /// Shared with the Service built from it.
+    pub selector: Arc<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +134,7 @@ pub fn service(svc: &Service, key: &ObjectKey) -> Result<Option<ServicePiece>, T
         namespace: key.namespace.clone(),
         vips,
         ports,
-        selector: spec.selector.clone().unwrap_or_default(),
+        selector: Arc::new(spec.selector.clone().unwrap_or_default()),
     }))
 }
 
