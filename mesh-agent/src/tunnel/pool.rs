@@ -32,6 +32,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     connect::{StreamTarget, connect_request},
+    read_ahead::ReadAhead,
     stream::TunnelStream,
 };
 use crate::{
@@ -311,7 +312,7 @@ impl Pool {
         // The name is not checked (the verifier checks the SPIFFE identity) and, being an IP,
         // is not sent as SNI.
         let tls = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .connect(ServerName::IpAddress(addr.ip().into()), ReadAhead::new(tcp))
             .await
             .map_err(|error| PoolError::Tls {
                 addr,
@@ -326,6 +327,7 @@ impl Pool {
             .initial_connection_window_size(options.connection_window)
             .max_send_buffer_size(options.buffer_bytes)
             .max_header_list_size(options.max_header_list_size)
+            .max_frame_size(super::MAX_FRAME_BYTES)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
