@@ -288,10 +288,7 @@ fn peak_ewma_steers_away_from_a_slow_endpoint() {
     eprintln!("connect latency estimates: c (slow) {slow} ms, b {fast} ms");
     // b's estimate holds the peak of its first connects (neighbour resolution; on a loaded CI
     // machine a scheduling stall), a few ms here, so the margin asked is a modest one.
-    assert!(
-        slow > 3.0 * fast,
-        "c measured slow: {slow} ms vs {fast} ms"
-    );
+    assert!(slow > 3.0 * fast, "c measured slow: {slow} ms vs {fast} ms");
     agent
         .reload(&mesh.config(
             &[("app", "echo")],
