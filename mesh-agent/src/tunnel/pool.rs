@@ -131,7 +131,18 @@ type Slot = Arc<tokio::sync::Mutex<Conns>>;
 struct Conns {
     list: Vec<Conn>,
     /// A stream is opening another connection outside the lock: no second one meanwhile.
-    growing: bool,
+    /// Set under the lock; cleared by the [`Growing`] guard, also when that stream is
+    /// dropped (cancelled) before its connection is made.
+    growing: Arc<AtomicBool>,
+}
+
+/// Clears `Conns::growing` when dropped.
+struct Growing(Arc<AtomicBool>);
+
+impl Drop for Growing {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Where a stream goes, decided under the key's lock.
@@ -139,7 +150,11 @@ enum Choice<S> {
     /// On this connection; `fresh` when it was opened for this stream.
     Use { conn: Conn, fresh: bool },
     /// Open another connection (outside the lock); if that fails, go on `fallback`.
-    Grow { fallback: Conn, socket: S },
+    Grow {
+        fallback: Conn,
+        socket: S,
+        growing: Growing,
+    },
 }
 
 #[derive(Clone)]
@@ -258,17 +273,18 @@ impl Pool {
                     })
                     .min_by_key(|conn| conn.state.active.load(Ordering::Acquire))
                     .cloned();
-                let grow = !current.growing
+                let grow = !current.growing.load(Ordering::Acquire)
                     && current.list.len() < self.inner.options.connections_per_peer
                     && least
                         .as_ref()
                         .is_some_and(|conn| conn.state.active.load(Ordering::Acquire) > 0);
                 match (least, socket.take()) {
                     (Some(fallback), Some(make_socket)) if grow => {
-                        current.growing = true;
+                        current.growing.store(true, Ordering::Release);
                         Choice::Grow {
                             fallback,
                             socket: make_socket,
+                            growing: Growing(current.growing.clone()),
                         }
                     }
                     (Some(conn), socket_back) => {
@@ -302,10 +318,11 @@ impl Pool {
                 Choice::Grow {
                     fallback,
                     socket: make_socket,
+                    growing,
                 } => {
                     let opened = self.open_within(&key, &slot, make_socket).await;
                     let mut current = slot.lock().await;
-                    current.growing = false;
+                    drop(growing);
                     match opened {
                         Ok(opened) => {
                             current.list.push(opened.clone());
@@ -561,9 +578,7 @@ async fn drive<T>(
         // Drop the key when nobody holds or waits on its slot and it is empty.
         let unused = slots.get(&key).is_some_and(|slot| {
             Arc::strong_count(slot) == 1
-                && slot
-                    .try_lock()
-                    .is_ok_and(|current| current.list.is_empty() && !current.growing)
+                && slot.try_lock().is_ok_and(|current| current.list.is_empty())
         });
         if unused {
             slots.remove(&key);

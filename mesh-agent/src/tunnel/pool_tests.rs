@@ -215,3 +215,28 @@ async fn a_dead_connection_among_them_is_dropped_and_the_others_carry_on() {
         assert!(exchange(stream, data.clone()).await == data, "stream {i}");
     }
 }
+
+/// A stream dropped while it opens another connection (its caller's timeout) does not stop
+/// the next one from opening it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_growth_lets_the_next_stream_grow() {
+    let setup = setup(2).await;
+    let sockets = Arc::new(AtomicUsize::new(0));
+    let _first = setup.open(&sockets).await;
+    let stalled = setup.pool.connect(
+        &setup.client,
+        &setup.server,
+        setup.tunnel,
+        setup.upstream,
+        |_| std::future::pending::<std::io::Result<TcpStream>>(),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), stalled)
+            .await
+            .is_err(),
+        "the socket never comes"
+    );
+    let _second = setup.open(&sockets).await;
+    assert_eq!(setup.pool.opened_connections(), 2, "grown after all");
+    assert_eq!(sockets.load(Ordering::SeqCst), 2);
+}
