@@ -59,6 +59,7 @@ pub(super) struct RawAgent {
     pub trust_root_files: Option<Vec<S<String>>>,
     pub cert_lifetime_minutes: Option<S<u64>>,
     pub tunnel_idle_timeout_ms: Option<S<u64>>,
+    pub tunnel_connections_per_peer: Option<S<u64>>,
     pub drain_timeout_ms: Option<S<u64>>,
     pub access_log: Option<RawAccessLog>,
     pub istio_metrics: Option<bool>,

@@ -42,6 +42,8 @@ pub mod defaults {
     /// Under Kubernetes' default termination grace period (30 s).
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
     pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
+    /// Upper bound of `tunnelConnectionsPerPeer`.
+    pub const MAX_TUNNEL_CONNECTIONS_PER_PEER: usize = 64;
     pub const CA_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 }
 
@@ -101,6 +103,10 @@ pub struct StartupSettings {
     /// An HBONE tunnel (node-to-node connection) with no stream is closed after this long.
     #[serde(rename = "tunnelIdleTimeoutMs", serialize_with = "dump::millis")]
     pub tunnel_idle_timeout: Duration,
+    /// Tunnel connections to one peer (source pod, destination pod) that concurrent streams
+    /// are spread over; `None`: one per CPU, at most 8 (`tunnel::default_connections_per_peer`).
+    #[serde(rename = "tunnelConnectionsPerPeer")]
+    pub tunnel_connections_per_peer: Option<usize>,
     /// On SIGTERM, how long established connections may go on after the listeners close
     /// (keep it under the pod's termination grace period); zero closes them at once.
     #[serde(rename = "drainTimeoutMs", serialize_with = "dump::millis")]

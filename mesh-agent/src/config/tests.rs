@@ -153,6 +153,7 @@ fn full_document() {
         "  trustRootFiles: [/etc/mesh/old-root.pem, /etc/mesh/new-root.pem]",
         "  certLifetimeMinutes: 90",
         "  tunnelIdleTimeoutMs: 2500",
+        "  tunnelConnectionsPerPeer: 3",
         "  drainTimeoutMs: 0",
         "  accessLog: {samplePercent: 25}",
         "  istioMetrics: false",
@@ -217,6 +218,7 @@ fn full_document() {
                 ],
                 cert_lifetime: Duration::from_secs(90 * 60),
                 tunnel_idle_timeout: Duration::from_millis(2500),
+                tunnel_connections_per_peer: Some(3),
                 drain_timeout: Duration::ZERO,
                 ca: None,
                 fast_path: true,
@@ -397,6 +399,7 @@ fn defaults() {
                 trust_root_files: vec![],
                 cert_lifetime: Duration::from_secs(24 * 3600),
                 tunnel_idle_timeout: Duration::from_secs(60),
+                tunnel_connections_per_peer: None,
                 drain_timeout: Duration::from_secs(25),
                 ca: None,
                 fast_path: false,
@@ -631,7 +634,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
          bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, transparentMark, \
          replyTable, excludedPorts, excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
-         trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, drainTimeoutMs, accessLog, \
+         trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, tunnelConnectionsPerPeer, drainTimeoutMs, accessLog, \
          istioMetrics, ca, fastPath"
     );
     assert_eq!(
@@ -1214,6 +1217,10 @@ fn mtls_agent_fields() {
         "mesh.yaml:2:24: agent.tunnelIdleTimeoutMs: must be at least 1"
     );
     assert_eq!(
+        error(&base_with(&[(2, "  tunnelConnectionsPerPeer: 0")], &[])),
+        "mesh.yaml:2:29: agent.tunnelConnectionsPerPeer: 0 is out of range 1..=64"
+    );
+    assert_eq!(
         error(&base_with(&[(2, "  certLifetimeMinutes: 1h")], &[])),
         "mesh.yaml:2:24: agent.certLifetimeMinutes: invalid u64"
     );
@@ -1448,6 +1455,10 @@ fn startup_changes_are_named_by_their_yaml_names() {
     assert!(changes(&[]).is_empty());
     assert_eq!(changes(&["  tunnelPort: 15009"]), ["tunnelPort"]);
     assert_eq!(changes(&["  fastPath: true"]), ["fastPath"]);
+    assert_eq!(
+        changes(&["  tunnelConnectionsPerPeer: 1"]),
+        ["tunnelConnectionsPerPeer"]
+    );
     // The YAML names, also where they are not the field names; in name order.
     assert_eq!(
         changes(&[
@@ -1488,7 +1499,7 @@ fn startup_setting_names_are_agent_keys() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys.len(), 20, "{keys:?}");
+    assert_eq!(keys.len(), 21, "{keys:?}");
     for key in &keys {
         // Written without a value, a known key is just absent; an unknown one is refused.
         if let Err(e) = parse(&format!("agent:\n  {key}:\n")) {

@@ -137,6 +137,9 @@ impl MeshTls {
             store.clone(),
             PoolOptions {
                 idle_timeout: agent.tunnel_idle_timeout,
+                connections_per_peer: agent
+                    .tunnel_connections_per_peer
+                    .unwrap_or_else(super::default_connections_per_peer),
                 metrics: metrics.tunnel("client"),
                 ..PoolOptions::default()
             },

@@ -10,20 +10,29 @@
 mod connect;
 mod mesh;
 mod pool;
+mod read_ahead;
 mod server;
 mod stream;
 
+#[cfg(test)]
+mod pool_tests;
 #[cfg(test)]
 mod tests;
 
 pub use connect::{ConnectError, StreamTarget, connect_request, forwarded_for, parse_connect};
 pub use mesh::{MeshTls, MeshTlsError, dev_ca_dir};
-pub use pool::{Pool, PoolError, PoolOptions};
+pub use pool::{Pool, PoolError, PoolOptions, default_connections_per_peer};
 pub use server::{
     ConnectRequest, Forward, ForwardOptions, PendingStream, Refusal, Server, ServerError,
     ServerOptions, StreamHandler,
 };
 pub use stream::{TunnelReadHalf, TunnelStream, TunnelWriteHalf};
+
+/// The largest HTTP/2 frame either end accepts (h2's default is the protocol's minimum, 16
+/// KiB). A whole write of the copy loop (`bufferBytes`, 64 KiB by default) then goes out as
+/// one DATA frame: one frame header, one wake-up of the stream and one vectored write (of
+/// four TLS records) instead of four of each.
+const MAX_FRAME_BYTES: u32 = 64 * 1024;
 
 /// A readable reason for a failed TLS handshake: the rustls error inside the io::Error, with
 /// our own verifier errors (carried as `Other`) shown by their Display rather than Debug.

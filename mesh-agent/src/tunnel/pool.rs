@@ -5,10 +5,19 @@
 //! verified for exactly one server identity, and must not be reused for a caller that expects
 //! another one at the same address.
 //!
-//! New connections for one key are made one at a time (the key's async lock is held over the
-//! handshake), so a burst of streams shares one connection instead of racing to open many. A
-//! key holds more than one connection when the streams outgrow what the server allows on one
-//! (its `SETTINGS_MAX_CONCURRENT_STREAMS`): the next connection is opened then, not queued.
+//! A key holds up to `connections_per_peer` connections and each new stream goes on the one
+//! carrying the fewest: one HTTP/2 connection is driven by one task, so all its streams' TLS
+//! and framing run on one core at a time, and 8 streams on one connection moved less than one
+//! stream alone. Another connection is opened only when every connection there is already
+//! carries a stream (a single stream, or one stream at a time, keeps one connection), by the
+//! stream that asks for it and outside the key's lock, so the streams arriving meanwhile go on
+//! the connections there are; if it fails, that stream goes on one of them too.
+//!
+//! The first connection of a key is made under the key's async lock (held over the
+//! handshake), so a burst of streams shares it instead of racing to open many. Beyond
+//! `connections_per_peer`, a key opens another connection only when the streams outgrow what
+//! the server allows on each (its `SETTINGS_MAX_CONCURRENT_STREAMS`): the next connection is
+//! opened then, not queued.
 
 use std::{
     collections::HashMap,
@@ -32,6 +41,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     connect::{StreamTarget, connect_request},
+    read_ahead::ReadAhead,
     stream::TunnelStream,
 };
 use crate::{
@@ -82,8 +92,16 @@ pub struct PoolOptions {
     /// The most queued for sending per stream, and the largest single write.
     pub buffer_bytes: usize,
     pub max_header_list_size: u32,
+    /// Connections per key that streams are spread over (at least 1).
+    pub connections_per_peer: usize,
     /// Handshakes, open tunnels and streams, counted as they happen.
     pub metrics: TunnelMetrics,
+}
+
+/// The default `connections_per_peer`: one per core the runtime's worker threads can use,
+/// at most 8 (each costs a handshake and its buffers, and is opened only under concurrency).
+pub fn default_connections_per_peer() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 impl Default for PoolOptions {
@@ -99,14 +117,45 @@ impl Default for PoolOptions {
             connection_window: 4 * 1024 * 1024,
             buffer_bytes: 64 * 1024,
             max_header_list_size: 8 * 1024,
+            connections_per_peer: default_connections_per_peer(),
             metrics: TunnelMetrics::unregistered(),
         }
     }
 }
 
 type Key = (SpiffeId, SpiffeId, SocketAddr);
+type Slot = Arc<tokio::sync::Mutex<Conns>>;
+
 /// The connections of one key, oldest first.
-type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
+#[derive(Default)]
+struct Conns {
+    list: Vec<Conn>,
+    /// A stream is opening another connection outside the lock: no second one meanwhile.
+    /// Set under the lock; cleared by the [`Growing`] guard, also when that stream is
+    /// dropped (cancelled) before its connection is made.
+    growing: Arc<AtomicBool>,
+}
+
+/// Clears `Conns::growing` when dropped.
+struct Growing(Arc<AtomicBool>);
+
+impl Drop for Growing {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Where a stream goes, decided under the key's lock.
+enum Choice<S> {
+    /// On this connection; `fresh` when it was opened for this stream.
+    Use { conn: Conn, fresh: bool },
+    /// Open another connection (outside the lock); if that fails, go on `fallback`.
+    Grow {
+        fallback: Conn,
+        socket: S,
+        growing: Growing,
+    },
+}
 
 #[derive(Clone)]
 struct Conn {
@@ -209,34 +258,50 @@ impl Pool {
         let slot = self.slot(&key);
         let mut socket = Some(socket);
         loop {
-            let (conn, fresh) = {
+            let choice = {
                 let mut current = slot.lock().await;
-                current.retain(|conn| !conn.state.closed.load(Ordering::Acquire));
-                // The first with room for one more stream.
-                let reusable = current
+                current
+                    .list
+                    .retain(|conn| !conn.state.closed.load(Ordering::Acquire));
+                // The connection with the fewest streams among those with room for one more.
+                let least = current
+                    .list
                     .iter()
-                    .find(|conn| {
+                    .filter(|conn| {
                         conn.state.active.load(Ordering::Acquire)
                             < conn.send.current_max_send_streams()
                     })
+                    .min_by_key(|conn| conn.state.active.load(Ordering::Acquire))
                     .cloned();
-                let (conn, fresh) = match (reusable, socket.take()) {
+                let grow = !current.growing.load(Ordering::Acquire)
+                    && current.list.len() < self.inner.options.connections_per_peer
+                    && least
+                        .as_ref()
+                        .is_some_and(|conn| conn.state.active.load(Ordering::Acquire) > 0);
+                match (least, socket.take()) {
+                    (Some(fallback), Some(make_socket)) if grow => {
+                        current.growing.store(true, Ordering::Release);
+                        Choice::Grow {
+                            fallback,
+                            socket: make_socket,
+                            growing: Growing(current.growing.clone()),
+                        }
+                    }
                     (Some(conn), socket_back) => {
                         socket = socket_back;
-                        (conn, false)
+                        // Counted under the slot lock, so the idle closer never sees 0 for a
+                        // connection a stream is about to use.
+                        conn.state.active.fetch_add(1, Ordering::AcqRel);
+                        Choice::Use { conn, fresh: false }
                     }
                     (None, Some(make_socket)) => {
-                        let after = self.inner.options.connect_timeout;
-                        let opened =
-                            tokio::time::timeout(after, self.open(&key, slot.clone(), make_socket))
-                                .await
-                                .map_err(|_| PoolError::Timeout {
-                                    what: "tunnel connection",
-                                    addr: tunnel_addr,
-                                    after,
-                                })??;
-                        current.push(opened.clone());
-                        (opened, true)
+                        let opened = self.open_within(&key, &slot, make_socket).await?;
+                        current.list.push(opened.clone());
+                        opened.state.active.fetch_add(1, Ordering::AcqRel);
+                        Choice::Use {
+                            conn: opened,
+                            fresh: true,
+                        }
                     }
                     // Unreachable in practice: only a failed reuse loops, and it leaves the
                     // socket factory unused.
@@ -246,11 +311,36 @@ impl Pool {
                             source: h2::Error::from(h2::Reason::REFUSED_STREAM),
                         });
                     }
-                };
-                // Counted under the slot lock, so the idle closer never sees 0 for a
-                // connection a stream is about to use.
-                conn.state.active.fetch_add(1, Ordering::AcqRel);
-                (conn, fresh)
+                }
+            };
+            let (conn, fresh) = match choice {
+                Choice::Use { conn, fresh } => (conn, fresh),
+                Choice::Grow {
+                    fallback,
+                    socket: make_socket,
+                    growing,
+                } => {
+                    let opened = self.open_within(&key, &slot, make_socket).await;
+                    let mut current = slot.lock().await;
+                    drop(growing);
+                    match opened {
+                        Ok(opened) => {
+                            current.list.push(opened.clone());
+                            opened.state.active.fetch_add(1, Ordering::AcqRel);
+                            (opened, true)
+                        }
+                        Err(error)
+                            if !fallback.state.closed.load(Ordering::Acquire)
+                                && fallback.state.active.load(Ordering::Acquire)
+                                    < fallback.send.current_max_send_streams() =>
+                        {
+                            tracing::debug!(%tunnel_addr, %error, "another tunnel connection failed; using an open one");
+                            fallback.state.active.fetch_add(1, Ordering::AcqRel);
+                            (fallback, false)
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
             };
             let guard = StreamGuard {
                 state: conn.state.clone(),
@@ -285,6 +375,22 @@ impl Pool {
         self.inner.opened.load(Ordering::Relaxed)
     }
 
+    /// [`Pool::open`] within the connect timeout.
+    async fn open_within<S, F>(&self, key: &Key, slot: &Slot, socket: S) -> Result<Conn, PoolError>
+    where
+        S: FnOnce(SocketAddr) -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let after = self.inner.options.connect_timeout;
+        tokio::time::timeout(after, self.open(key, slot.clone(), socket))
+            .await
+            .map_err(|_| PoolError::Timeout {
+                what: "tunnel connection",
+                addr: key.2,
+                after,
+            })?
+    }
+
     fn slot(&self, key: &Key) -> Slot {
         self.inner
             .slots
@@ -311,7 +417,7 @@ impl Pool {
         // The name is not checked (the verifier checks the SPIFFE identity) and, being an IP,
         // is not sent as SNI.
         let tls = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .connect(ServerName::IpAddress(addr.ip().into()), ReadAhead::new(tcp))
             .await
             .map_err(|error| PoolError::Tls {
                 addr,
@@ -326,6 +432,7 @@ impl Pool {
             .initial_connection_window_size(options.connection_window)
             .max_send_buffer_size(options.buffer_bytes)
             .max_header_list_size(options.max_header_list_size)
+            .max_frame_size(super::MAX_FRAME_BYTES)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
@@ -454,7 +561,7 @@ async fn drive<T>(
                     continue;
                 }
                 state.closed.store(true, Ordering::Release);
-                current.retain(|conn| conn.id != id);
+                current.list.retain(|conn| conn.id != id);
                 closing = true;
                 tracing::debug!(addr = %key.2, "closing idle tunnel connection");
             }
@@ -462,7 +569,7 @@ async fn drive<T>(
     }
     state.closed.store(true, Ordering::Release);
     if let Ok(mut current) = slot.try_lock() {
-        current.retain(|conn| conn.id != id);
+        current.list.retain(|conn| conn.id != id);
     }
     drop(slot);
     if let Some(pool) = pool.upgrade() {
@@ -470,7 +577,8 @@ async fn drive<T>(
         let mut slots = pool.slots.lock();
         // Drop the key when nobody holds or waits on its slot and it is empty.
         let unused = slots.get(&key).is_some_and(|slot| {
-            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|current| current.is_empty())
+            Arc::strong_count(slot) == 1
+                && slot.try_lock().is_ok_and(|current| current.list.is_empty())
         });
         if unused {
             slots.remove(&key);

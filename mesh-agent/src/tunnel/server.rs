@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     connect::{forwarded_for, parse_connect},
+    read_ahead::ReadAhead,
     stream::TunnelStream,
 };
 use crate::{
@@ -316,7 +317,7 @@ async fn connection<H: StreamHandler>(
     let _ = tcp.set_nodelay(true);
     let counted = shared.options.metrics.handshake();
     let deadline = Instant::now() + shared.options.handshake_timeout;
-    let tls = match timeout_at(deadline, shared.acceptor.accept(tcp)).await {
+    let tls = match timeout_at(deadline, shared.acceptor.accept(ReadAhead::new(tcp))).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             tracing::info!(%peer, %identity, reason = %super::tls_reason(&error), "tunnel handshake refused");
@@ -346,6 +347,7 @@ async fn connection<H: StreamHandler>(
         .max_header_list_size(options.max_header_list_size)
         .initial_window_size(options.stream_window)
         .initial_connection_window_size(options.connection_window)
+        .max_frame_size(super::MAX_FRAME_BYTES)
         .max_send_buffer_size(options.buffer_bytes);
     let mut h2 = match timeout_at(deadline, builder.handshake::<_, Bytes>(tls)).await {
         Ok(Ok(h2)) => h2,

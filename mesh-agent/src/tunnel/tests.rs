@@ -31,25 +31,25 @@ use crate::tls::{
     cert_info, client_config, init_dev_ca,
 };
 
-fn init_logs() {
+pub(super) fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("mesh_agent=info")
         .try_init();
 }
 
-fn id(sa: &str) -> SpiffeId {
+pub(super) fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "default", sa).expect("identity")
 }
 
 /// A dev CA on disk.
-struct Ca {
+pub(super) struct Ca {
     _dir: tempfile::TempDir,
     cert: std::path::PathBuf,
-    ca: Arc<LocalCa>,
+    pub(super) ca: Arc<LocalCa>,
 }
 
-fn new_ca() -> Ca {
+pub(super) fn new_ca() -> Ca {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, _) = init_dev_ca(dir.path(), "cluster.local", 1, false).expect("init");
     let ca = Arc::new(LocalCa::load_dir(dir.path()).expect("load"));
@@ -60,7 +60,7 @@ fn new_ca() -> Ca {
     }
 }
 
-fn store(signer: Arc<dyn Signer>, roots: &[&Ca]) -> Arc<CertStore> {
+pub(super) fn store(signer: Arc<dyn Signer>, roots: &[&Ca]) -> Arc<CertStore> {
     let paths: Vec<_> = roots.iter().map(|ca| ca.cert.clone()).collect();
     let bundle = TrustBundle::from_pem_files(&paths).expect("bundle");
     CertStore::new(signer, bundle, StoreOptions::default())
@@ -95,7 +95,7 @@ impl Signer for Skewed {
 }
 
 /// Echoes every connection (copy until EOF, then half-close).
-async fn echo_upstream() -> SocketAddr {
+pub(super) async fn echo_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -110,10 +110,10 @@ async fn echo_upstream() -> SocketAddr {
     addr
 }
 
-type Seen = Arc<Mutex<Vec<ConnectRequest>>>;
+pub(super) type Seen = Arc<Mutex<Vec<ConnectRequest>>>;
 
 /// A tunnel server for `identity` connecting streams to their authority, recording requests.
-async fn start_server(
+pub(super) async fn start_server(
     store: &Arc<CertStore>,
     identity: &SpiffeId,
     options: ServerOptions,
@@ -142,7 +142,7 @@ async fn start_server(
 }
 
 /// A socket factory counting the TCP connections it makes.
-fn counting(
+pub(super) fn counting(
     count: &Arc<AtomicUsize>,
 ) -> impl FnOnce(SocketAddr) -> std::pin::Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>
 {
@@ -153,12 +153,12 @@ fn counting(
     }
 }
 
-async fn plain(addr: SocketAddr) -> io::Result<TcpStream> {
+pub(super) async fn plain(addr: SocketAddr) -> io::Result<TcpStream> {
     TcpStream::connect(addr).await
 }
 
 /// Writes `data` then half-closes, while reading everything back; returns what was read.
-async fn exchange(stream: TunnelStream, data: Vec<u8>) -> Vec<u8> {
+pub(super) async fn exchange(stream: TunnelStream, data: Vec<u8>) -> Vec<u8> {
     let (mut read, mut write) = stream.into_split();
     let writer = tokio::spawn(async move {
         write.write_all(&data).await.expect("write");
@@ -171,7 +171,7 @@ async fn exchange(stream: TunnelStream, data: Vec<u8>) -> Vec<u8> {
     received
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
+pub(super) fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..len).map(|_| rng.u8(..)).collect()
 }
@@ -262,7 +262,7 @@ async fn ten_megabytes_each_way_with_half_close_and_the_client_identity() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_streams_share_one_connection_and_idle_ones_close() {
+async fn with_one_connection_per_peer_concurrent_streams_share_it_and_idle_ones_close() {
     init_logs();
     let ca = new_ca();
     let store = store(ca.ca.clone(), &[&ca]);
@@ -274,6 +274,7 @@ async fn concurrent_streams_share_one_connection_and_idle_ones_close() {
         store.clone(),
         PoolOptions {
             idle_timeout: Duration::from_millis(300),
+            connections_per_peer: 1,
             ..PoolOptions::default()
         },
     );
@@ -568,7 +569,15 @@ async fn rotation_keeps_live_streams_and_new_connections_get_the_new_certificate
     let upstream = echo_upstream().await;
     let before = server_serial(&store, &client_id, &server_id, tunnel).await;
 
-    let pool = Pool::new(store.clone(), PoolOptions::default());
+    // One connection per peer: the second stream, opened while the first is held, must ride
+    // the connection made before the rotation.
+    let pool = Pool::new(
+        store.clone(),
+        PoolOptions {
+            connections_per_peer: 1,
+            ..PoolOptions::default()
+        },
+    );
     let stream = pool
         .connect(&client_id, &server_id, tunnel, upstream, plain)
         .await

@@ -297,6 +297,19 @@ impl Cx<'_> {
             "agent.tunnelIdleTimeoutMs",
             defaults::TUNNEL_IDLE_TIMEOUT,
         )?;
+        let tunnel_connections_per_peer = a
+            .tunnel_connections_per_peer
+            .as_ref()
+            .map(|n| {
+                self.ranged(
+                    n,
+                    "agent.tunnelConnectionsPerPeer",
+                    1,
+                    defaults::MAX_TUNNEL_CONNECTIONS_PER_PEER,
+                    "",
+                )
+            })
+            .transpose()?;
 
         let drain_timeout = match &a.drain_timeout_ms {
             Some(ms) => Duration::from_millis(self.ranged(
@@ -334,6 +347,7 @@ impl Cx<'_> {
                 trust_root_files,
                 cert_lifetime,
                 tunnel_idle_timeout,
+                tunnel_connections_per_peer,
                 drain_timeout,
                 ca,
                 fast_path: a.fast_path.unwrap_or(false),
