@@ -155,13 +155,16 @@ fn transfers_past_the_budget_stay_intact_with_half_close() {
     let _agent = mesh.agent(true);
     let bytes = 64 << 20;
     assert!(bytes > 4 * BUDGET);
-    // Upload, half-close, the hash back: far past the budget, yet all of it redirected, since
-    // the agent reports what it reads and so gives the budget back.
+    // Upload, half-close, the hash back: far past the budget, yet most of it redirected, since
+    // the agent reports what it reads and so gives the budget back. Without that, all but one
+    // budget (over three quarters) would cross loopback; with it, what crosses is what was sent
+    // while the agent had not read yet (a little here, more on a loaded machine).
     let before = loopback_rx_bytes(&mesh.a);
     mesh.send(&mesh.a, &mesh.sink(), bytes);
     let crossed = loopback_rx_bytes(&mesh.a) - before;
+    eprintln!("{crossed} of {bytes} bytes crossed pod a's loopback");
     assert!(
-        crossed < bytes / 8,
+        crossed < bytes / 2,
         "{crossed} of {bytes} bytes crossed pod a's loopback"
     );
     // Not tried here: both directions at once with a blocking reader on one thread and a
