@@ -15,8 +15,6 @@ mod server;
 mod stream;
 
 #[cfg(test)]
-mod pool_tests;
-#[cfg(test)]
 mod tests;
 
 pub use connect::{ConnectError, StreamTarget, connect_request, forwarded_for, parse_connect};

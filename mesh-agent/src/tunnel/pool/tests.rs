@@ -17,14 +17,14 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{
+use crate::tls::SpiffeId;
+use crate::tunnel::{
     Pool, PoolOptions, ServerOptions, TunnelStream,
     tests::{
         Seen, counting, echo_upstream, exchange, id, init_logs, new_ca, pattern, start_server,
         store,
     },
 };
-use crate::tls::SpiffeId;
 
 /// A server, an echo upstream, a pool with `per_peer` connections per peer and the
 /// identities to use it.
@@ -36,7 +36,7 @@ struct Setup {
     client: SpiffeId,
     server: SpiffeId,
     _server_task: JoinHandle<()>,
-    _ca: super::tests::Ca,
+    _ca: crate::tunnel::tests::Ca,
 }
 
 async fn setup(per_peer: usize) -> Setup {

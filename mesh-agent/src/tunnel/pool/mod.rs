@@ -25,7 +25,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc, Weak,
+        Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -38,6 +38,12 @@ use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsConnector;
+
+mod drive;
+#[cfg(test)]
+mod tests;
+
+use drive::drive;
 
 use super::{
     connect::{StreamTarget, connect_request},
@@ -510,78 +516,5 @@ impl Pool {
             self.inner.options.buffer_bytes,
             Some(guard),
         ))
-    }
-}
-
-/// Runs one connection until it ends or has been idle for the idle timeout. Idle closing
-/// clears the pool slot (under its lock, where streams are counted) which drops the last
-/// `SendRequest`, so h2 ends the connection cleanly.
-async fn drive<T>(
-    pool: Weak<Inner>,
-    key: Key,
-    slot: Slot,
-    id: u64,
-    state: Arc<ConnState>,
-    connection: h2::client::Connection<T, Bytes>,
-    _open: GaugeGuard,
-) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let idle_timeout = match pool.upgrade() {
-        Some(pool) => pool.options.idle_timeout,
-        None => return,
-    };
-    tokio::pin!(connection);
-    let mut closing = false;
-    // While streams are open (or the slot is busy) look again a little later: last_used is
-    // only refreshed when a stream ends.
-    let recheck = idle_timeout.min(Duration::from_secs(1));
-    let mut wake = state.last_used() + idle_timeout;
-    loop {
-        tokio::select! {
-            result = &mut connection => {
-                if let Err(error) = result {
-                    tracing::debug!(addr = %key.2, %error, "tunnel connection ended");
-                }
-                break;
-            }
-            _ = tokio::time::sleep_until(wake), if !closing => {
-                let now = Instant::now();
-                let idle_until = state.last_used() + idle_timeout;
-                if idle_until > now {
-                    wake = idle_until;
-                    continue;
-                }
-                let Ok(mut current) = slot.try_lock() else {
-                    wake = now + recheck;
-                    continue;
-                };
-                if state.active.load(Ordering::Acquire) != 0 {
-                    wake = now + recheck;
-                    continue;
-                }
-                state.closed.store(true, Ordering::Release);
-                current.list.retain(|conn| conn.id != id);
-                closing = true;
-                tracing::debug!(addr = %key.2, "closing idle tunnel connection");
-            }
-        }
-    }
-    state.closed.store(true, Ordering::Release);
-    if let Ok(mut current) = slot.try_lock() {
-        current.list.retain(|conn| conn.id != id);
-    }
-    drop(slot);
-    if let Some(pool) = pool.upgrade() {
-        pool.live.fetch_sub(1, Ordering::Relaxed);
-        let mut slots = pool.slots.lock();
-        // Drop the key when nobody holds or waits on its slot and it is empty.
-        let unused = slots.get(&key).is_some_and(|slot| {
-            Arc::strong_count(slot) == 1
-                && slot.try_lock().is_ok_and(|current| current.list.is_empty())
-        });
-        if unused {
-            slots.remove(&key);
-        }
     }
 }
