@@ -102,6 +102,11 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
             "proxy_rss_idle_mib",
             idle_rss.iter().sum::<u64>() as f64 / 1024.0,
         );
+        let anon: u64 = pids
+            .iter()
+            .filter_map(|pid| procstat::anon_kib(*pid).ok())
+            .sum();
+        result.set("proxy_anon_idle_mib", anon as f64 / 1024.0);
     }
     let mut max_rss = 0u64;
 

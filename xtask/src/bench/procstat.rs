@@ -6,14 +6,24 @@ use anyhow::{Context, Result, bail};
 
 /// VmRSS of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// RssAnon of `pid` in KiB: the resident memory that is the process's own (heap, stacks),
+/// without the pages of its binary and libraries (file-backed, shared with the page cache).
+pub fn anon_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "RssAnon")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// utime + stime of `pid` (all its threads) in seconds.
@@ -60,7 +70,8 @@ mod tests {
     #[test]
     fn reads_this_process() {
         let pid = std::process::id();
-        assert!(rss_kib(pid).expect("rss") > 0);
+        let (rss, anon) = (rss_kib(pid).expect("rss"), anon_kib(pid).expect("anon"));
+        assert!(rss > 0 && anon > 0 && anon < rss, "{anon} of {rss} KiB");
         assert!(cpu_seconds(pid).expect("cpu") >= 0.0);
     }
 }

@@ -31,6 +31,11 @@ const METRICS: &[(&str, &str, usize)] = &[
     ),
     ("cps_p99_us", "new connection + exchange p99 (µs)", 1),
     ("proxy_rss_idle_mib", "proxy RSS idle (MiB)", 1),
+    (
+        "proxy_anon_idle_mib",
+        "of which anonymous: heap, stacks (the rest is the binary's code) (MiB)",
+        1,
+    ),
     ("proxy_rss_load_mib", "proxy RSS under load, max (MiB)", 1),
     (
         "idle_conn_kib",
