@@ -151,9 +151,13 @@ fn endpoints(service: &Service) -> HashSet<SocketAddr> {
 fn by_endpoint(services: &[Arc<Service>]) -> ShardedMap<SocketAddr, Owners> {
     let mut by_endpoint: Patch<SocketAddr, Owners> = ShardedMap::default().patch();
     for (s, service) in services.iter().enumerate() {
-        for addr in endpoints(service) {
-            // In index order: each list stays sorted.
-            by_endpoint.shard(&addr).entry(addr).or_default().push(s);
+        let addrs = service.ports.iter().flat_map(|port| &port.endpoints);
+        for addr in addrs.map(|e| e.addr) {
+            // In index order: each list stays sorted, and a service already listed is last.
+            let owners = by_endpoint.shard(&addr).entry(addr).or_default();
+            if owners.last() != Some(&s) {
+                owners.push(s);
+            }
         }
     }
     by_endpoint.done()
