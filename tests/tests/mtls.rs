@@ -104,17 +104,20 @@ fn cross_node_traffic_is_mutual_tls_and_the_server_side_knows_the_client_identit
         .a
         .spawn_ready(TOOL, ["hold", "--connect", VIP, "--seconds", "2"])
         .expect("hold");
-    let status = two.status().expect("status of agent 2");
-    let connections = status["connections"]
-        .as_array()
-        .expect("connections")
-        .clone();
-    assert!(
+    // The client is connected to agent 1 once `hold` is ready; its stream reaches agent 2
+    // a moment later.
+    let mut connections = Vec::new();
+    let seen = wait_until(Duration::from_secs(5), || {
+        let status = two.status().expect("status of agent 2");
+        connections = status["connections"]
+            .as_array()
+            .expect("connections")
+            .clone();
         connections
             .iter()
-            .any(|c| c["source"] == ID_A && c["destination"] == "test/b" && c["port"] == 8080),
-        "agent 2 sees a's identity: {connections:?}"
-    );
+            .any(|c| c["source"] == ID_A && c["destination"] == "test/b" && c["port"] == 8080)
+    });
+    assert!(seen, "agent 2 sees a's identity: {connections:?}");
     assert!(
         wait_timeout(held.child_mut(), Duration::from_secs(10))
             .expect("wait")
