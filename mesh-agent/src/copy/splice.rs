@@ -1,0 +1,205 @@
+//! One copy direction between two TCP sockets with `splice(2)`: socket -> pipe -> socket, so
+//! the bytes stay in the kernel (no copy into the agent and back out, no buffer of ours).
+//!
+//! The same contract as the buffered loop: the pipe is filled only once it is empty again, so
+//! at most one pipe's worth (64 KiB by default, never more than `bufferBytes`) is in flight
+//! and a reader that stops reading stops the copy (backpressure); each run is paced before it
+//! is passed on; bytes are counted from what `splice` says it moved; EOF shuts down the write
+//! side of the other socket.
+//!
+//! A pipe is two file descriptors and kernel pages, and most connections are idle: a
+//! direction takes a pipe only when its socket has data and gives it back when a read would
+//! wait (with the pipe empty, which is always the case then). Pipes given back wait in a small
+//! pool per thread, so a request/response connection does not create and close one per
+//! message; beyond the pool they are closed. An idle direction therefore holds no pipe, and
+//! the agent's open files grow with bursts in progress, not with connections.
+//!
+//! A socket the kernel will not splice (`EINVAL`, `ENOSYS`, `EOPNOTSUPP`), or a pipe that
+//! cannot be had (`EMFILE`...), sends the direction back to the buffered loop, logged once
+//! per process.
+
+use std::{
+    cell::RefCell,
+    io,
+    os::fd::OwnedFd,
+    sync::{
+        Once,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{OFlag, SpliceFFlags, splice},
+};
+use tokio::{
+    io::{AsyncWriteExt, Interest},
+    net::tcp,
+};
+
+use super::{Activity, Pace, pipe};
+
+/// Pipes kept per thread for the next burst; more are closed when given back.
+const POOL_PER_THREAD: usize = 8;
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe, both ends.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+/// A pipe taken from the pool for one burst, and what is in it. Dropped empty, the pipe goes
+/// back to the pool; with bytes still in it (an error, the copy dropped), it is closed.
+struct Lease {
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+}
+
+impl Lease {
+    fn take() -> io::Result<Lease> {
+        let pipe = match POOL.with_borrow_mut(Vec::pop) {
+            Some(pipe) => pipe,
+            None => {
+                let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+                Pipe { read, write }
+            }
+        };
+        #[cfg(test)]
+        tests_support::LEASED.with(|n| n.set(n.get() + 1));
+        Ok(Lease {
+            pipe: Some(pipe),
+            in_pipe: 0,
+        })
+    }
+
+    fn pipe(&self) -> io::Result<&Pipe> {
+        self.pipe
+            .as_ref()
+            .ok_or_else(|| io::Error::other("splice pipe already given back"))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        #[cfg(test)]
+        tests_support::LEASED.with(|n| n.set(n.get() - 1));
+        if let Some(pipe) = self.pipe.take()
+            && self.in_pipe == 0
+        {
+            POOL.with_borrow_mut(|pool| {
+                if pool.len() < POOL_PER_THREAD {
+                    pool.push(pipe);
+                }
+            });
+        }
+    }
+}
+
+const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
+/// Copies `reader` to `writer` until EOF (then shuts `writer` down) or an error; falls back
+/// to the buffered loop where splicing is not possible.
+pub(super) async fn direction(
+    (reader, writer): (&mut tcp::ReadHalf<'_>, &mut tcp::WriteHalf<'_>),
+    buffer_bytes: usize,
+    activity: &Activity,
+    total: &AtomicU64,
+    pace: &impl Pace,
+) -> io::Result<()> {
+    match spliced(reader, writer, buffer_bytes.max(1), activity, total, pace).await? {
+        Ended::Eof => Ok(()),
+        Ended::Unsupported(error) => {
+            static WARNED: Once = Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(%error, "splice unavailable, copying through buffers instead");
+            });
+            pipe(reader, writer, buffer_bytes, activity, total, pace).await
+        }
+    }
+}
+
+enum Ended {
+    Eof,
+    /// Nothing of the direction is in a pipe; the buffered loop can take over.
+    Unsupported(io::Error),
+}
+
+async fn spliced(
+    reader: &mut tcp::ReadHalf<'_>,
+    writer: &mut tcp::WriteHalf<'_>,
+    limit: usize,
+    activity: &Activity,
+    total: &AtomicU64,
+    pace: &impl Pace,
+) -> io::Result<Ended> {
+    let (from, to) = (reader.as_ref(), writer.as_ref());
+    loop {
+        // Idle: no pipe while waiting.
+        from.readable().await?;
+        let mut lease = match Lease::take() {
+            Ok(lease) => lease,
+            Err(error) => return Ok(Ended::Unsupported(error)),
+        };
+        loop {
+            let read = from.try_io(Interest::READABLE, || {
+                splice(from, None, &lease.pipe()?.write, None, limit, FLAGS)
+                    .map_err(io::Error::from)
+            });
+            let read = match read {
+                Ok(0) => {
+                    drop(lease);
+                    writer.shutdown().await?;
+                    return Ok(Ended::Eof);
+                }
+                Ok(read) => read,
+                // Drained for now: the pipe is empty, back to the pool.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if unsupported(&error) => return Ok(Ended::Unsupported(error)),
+                Err(error) => return Err(error),
+            };
+            lease.in_pipe = read;
+            pace.pace(read).await;
+            while lease.in_pipe > 0 {
+                let written = to.try_io(Interest::WRITABLE, || {
+                    let pipe = lease.pipe()?;
+                    splice(&pipe.read, None, to, None, lease.in_pipe, FLAGS)
+                        .map_err(io::Error::from)
+                });
+                match written {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(written) => {
+                        lease.in_pipe -= written;
+                        total.fetch_add(written as u64, Ordering::Relaxed);
+                        activity.touch();
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        to.writable().await?;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+    }
+}
+
+/// The errors that mean "this kernel or socket does not splice", not "the connection failed".
+fn unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP)
+    )
+}
+
+#[cfg(test)]
+pub(super) mod tests_support {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Pipes leased on this thread and not given back yet.
+        pub static LEASED: Cell<usize> = const { Cell::new(0) };
+    }
+}
