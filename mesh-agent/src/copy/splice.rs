@@ -1,5 +1,10 @@
 //! One copy direction between two TCP sockets with `splice(2)`: socket -> pipe -> socket, so
-//! the bytes stay in the kernel (no copy into the agent and back out, no buffer of ours).
+//! bulk bytes stay in the kernel (no copy into the agent and back out, no buffer of ours).
+//!
+//! Each burst still starts with one small buffered read (2 KiB): a message that fits, the
+//! usual request/response or a new connection's exchange, goes through as in the buffered
+//! loop (splicing one would cost the same syscalls plus a pipe); only a read that fills it
+//! turns the rest of the burst into splices.
 //!
 //! The same contract as the buffered loop: the pipe is filled only once it is empty again, so
 //! at most one pipe's worth (64 KiB by default, never more than `bufferBytes`) is in flight
@@ -34,10 +39,10 @@ use nix::{
 };
 use tokio::{
     io::{AsyncWriteExt, Interest},
-    net::tcp,
+    net::{TcpStream, tcp},
 };
 
-use super::{Activity, Pace, pipe};
+use super::{Activity, INITIAL_BUFFER, Pace, pipe, try_read};
 
 /// Pipes kept per thread for the next burst; more are closed when given back.
 const POOL_PER_THREAD: usize = 8;
@@ -61,7 +66,9 @@ struct Lease {
 
 impl Lease {
     fn take() -> io::Result<Lease> {
-        let pipe = match POOL.with_borrow_mut(Vec::pop) {
+        // `try_with`: a copy dropped while its thread shuts down finds no pool, not a panic.
+        let pooled = POOL.try_with(|pool| pool.borrow_mut().pop()).ok().flatten();
+        let pipe = match pooled {
             Some(pipe) => pipe,
             None => {
                 let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
@@ -90,7 +97,8 @@ impl Drop for Lease {
         if let Some(pipe) = self.pipe.take()
             && self.in_pipe == 0
         {
-            POOL.with_borrow_mut(|pool| {
+            let _ = POOL.try_with(|pool| {
+                let mut pool = pool.borrow_mut();
                 if pool.len() < POOL_PER_THREAD {
                     pool.push(pipe);
                 }
@@ -136,51 +144,101 @@ async fn spliced(
     total: &AtomicU64,
     pace: &impl Pace,
 ) -> io::Result<Ended> {
-    let (from, to) = (reader.as_ref(), writer.as_ref());
+    let first = INITIAL_BUFFER.min(limit);
     loop {
-        // Idle: no pipe while waiting.
-        from.readable().await?;
-        let mut lease = match Lease::take() {
-            Ok(lease) => lease,
-            Err(error) => return Ok(Ended::Unsupported(error)),
+        // Each burst starts as the buffered loop would, with one small read: a message that
+        // fits (request/response, a new connection's exchange) costs the same syscalls as
+        // before and takes no pipe; a read that fills it is bulk, spliced from there on.
+        let mut buffer = Vec::with_capacity(first);
+        let read = match try_read(reader, &mut buffer, first).await {
+            Some(read) => read?,
+            None => {
+                // Idle: neither buffer nor pipe while waiting.
+                drop(buffer);
+                reader.as_ref().readable().await?;
+                continue;
+            }
         };
-        loop {
-            let read = from.try_io(Interest::READABLE, || {
-                splice(from, None, &lease.pipe()?.write, None, limit, FLAGS)
-                    .map_err(io::Error::from)
+        if read == 0 {
+            writer.shutdown().await?;
+            return Ok(Ended::Eof);
+        }
+        pace.pace(read).await;
+        writer.write_all(&buffer[..read]).await?;
+        total.fetch_add(read as u64, Ordering::Relaxed);
+        activity.touch();
+        drop(buffer);
+        if read < first {
+            continue;
+        }
+        match burst(
+            (reader.as_ref(), writer.as_ref()),
+            limit,
+            activity,
+            total,
+            pace,
+        )
+        .await?
+        {
+            Burst::Drained => {}
+            Burst::Eof => {
+                writer.shutdown().await?;
+                return Ok(Ended::Eof);
+            }
+            Burst::Unsupported(error) => return Ok(Ended::Unsupported(error)),
+        }
+    }
+}
+
+/// How a run of splices ended.
+enum Burst {
+    /// The socket has nothing more for now; the pipe is back in the pool.
+    Drained,
+    Eof,
+    Unsupported(io::Error),
+}
+
+/// Splices `from` to `to` through a pipe until `from` has nothing more for now.
+async fn burst(
+    (from, to): (&TcpStream, &TcpStream),
+    limit: usize,
+    activity: &Activity,
+    total: &AtomicU64,
+    pace: &impl Pace,
+) -> io::Result<Burst> {
+    let mut lease = match Lease::take() {
+        Ok(lease) => lease,
+        Err(error) => return Ok(Burst::Unsupported(error)),
+    };
+    loop {
+        let read = from.try_io(Interest::READABLE, || {
+            splice(from, None, &lease.pipe()?.write, None, limit, FLAGS).map_err(io::Error::from)
+        });
+        let read = match read {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(error) if unsupported(&error) => return Ok(Burst::Unsupported(error)),
+            Err(error) => return Err(error),
+        };
+        lease.in_pipe = read;
+        pace.pace(read).await;
+        while lease.in_pipe > 0 {
+            let written = to.try_io(Interest::WRITABLE, || {
+                let pipe = lease.pipe()?;
+                splice(&pipe.read, None, to, None, lease.in_pipe, FLAGS).map_err(io::Error::from)
             });
-            let read = match read {
-                Ok(0) => {
-                    drop(lease);
-                    writer.shutdown().await?;
-                    return Ok(Ended::Eof);
+            match written {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => {
+                    lease.in_pipe -= written;
+                    total.fetch_add(written as u64, Ordering::Relaxed);
+                    activity.touch();
                 }
-                Ok(read) => read,
-                // Drained for now: the pipe is empty, back to the pool.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if unsupported(&error) => return Ok(Ended::Unsupported(error)),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    to.writable().await?;
+                }
                 Err(error) => return Err(error),
-            };
-            lease.in_pipe = read;
-            pace.pace(read).await;
-            while lease.in_pipe > 0 {
-                let written = to.try_io(Interest::WRITABLE, || {
-                    let pipe = lease.pipe()?;
-                    splice(&pipe.read, None, to, None, lease.in_pipe, FLAGS)
-                        .map_err(io::Error::from)
-                });
-                match written {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(written) => {
-                        lease.in_pipe -= written;
-                        total.fetch_add(written as u64, Ordering::Relaxed);
-                        activity.touch();
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        to.writable().await?;
-                    }
-                    Err(error) => return Err(error),
-                }
             }
         }
     }

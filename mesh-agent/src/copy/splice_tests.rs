@@ -193,14 +193,16 @@ async fn idle_connections_hold_no_pipe() {
         });
         peers.push((app, server));
     }
-    // One exchange each way on every connection, then nothing.
+    // One burst each way on every connection, large enough to be spliced, then nothing.
+    let burst = pattern(100_000, 5);
+    let mut got = vec![0u8; burst.len()];
     for (app, server) in &mut peers {
-        app.write_all(b"ping").await.expect("ping");
-        let mut got = [0u8; 4];
-        server.read_exact(&mut got).await.expect("read ping");
-        server.write_all(b"pong").await.expect("pong");
-        app.read_exact(&mut got).await.expect("read pong");
-        assert_eq!(&got, b"pong");
+        app.write_all(&burst).await.expect("write");
+        server.read_exact(&mut got).await.expect("read");
+        assert!(got == burst);
+        server.write_all(&burst).await.expect("reply");
+        app.read_exact(&mut got).await.expect("read reply");
+        assert!(got == burst);
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(leased(), 0, "an idle direction holds no pipe");
