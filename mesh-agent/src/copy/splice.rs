@@ -42,7 +42,7 @@ use tokio::{
     net::{TcpStream, tcp},
 };
 
-use super::{Activity, INITIAL_BUFFER, Pace, pipe, try_read};
+use super::{Activity, INITIAL_BUFFER, Pace, Readable, pipe, try_read};
 
 /// Pipes kept per thread for the next burst; more are closed when given back.
 const POOL_PER_THREAD: usize = 8;
@@ -125,7 +125,9 @@ pub(super) async fn direction(
             WARNED.call_once(|| {
                 tracing::warn!(%error, "splice unavailable, copying through buffers instead");
             });
-            pipe(reader, writer, buffer_bytes, activity, total, pace).await
+            // Boxed, like the burst below: a connection's task keeps the size of what it
+            // awaits while idle, not of the rarely taken ways.
+            Box::pin(pipe(reader, writer, buffer_bytes, activity, total, pace)).await
         }
     }
 }
@@ -155,7 +157,7 @@ async fn spliced(
             None => {
                 // Idle: neither buffer nor pipe while waiting.
                 drop(buffer);
-                reader.as_ref().readable().await?;
+                std::future::poll_fn(|cx| reader.poll_readable(cx)).await?;
                 continue;
             }
         };
@@ -171,15 +173,14 @@ async fn spliced(
         if read < first {
             continue;
         }
-        match burst(
+        let spliced = Box::pin(burst(
             (reader.as_ref(), writer.as_ref()),
             limit,
             activity,
             total,
             pace,
-        )
-        .await?
-        {
+        ));
+        match spliced.await? {
             Burst::Drained => {}
             Burst::Eof => {
                 writer.shutdown().await?;
