@@ -63,6 +63,7 @@ pub(super) struct RawAgent {
     pub drain_timeout_ms: Option<S<u64>>,
     pub access_log: Option<RawAccessLog>,
     pub istio_metrics: Option<bool>,
+    pub splice: Option<bool>,
     pub ca: Option<S<RawRemoteCa>>,
     pub fast_path: Option<bool>,
 }

@@ -157,6 +157,7 @@ fn full_document() {
         "  drainTimeoutMs: 0",
         "  accessLog: {samplePercent: 25}",
         "  istioMetrics: false",
+        "  splice: false",
         "  fastPath: true",
         "workloads:",
         "  - name: web-1",
@@ -243,6 +244,7 @@ fn full_document() {
                     sample_percent: 25,
                 },
                 istio_metrics: false,
+                splice: false,
             },
         }
     );
@@ -412,6 +414,7 @@ fn defaults() {
                 buffer_bytes: 65536,
                 access_log: AccessLog::default(),
                 istio_metrics: true,
+                splice: true,
             },
         }
     );
@@ -635,7 +638,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
          replyTable, excludedPorts, excludedCidrs, \
          connectTimeoutMs, idleTimeoutMs, bufferBytes, maxConnections, trustDomain, caCertFile, caKeyFile, \
          trustRootFiles, certLifetimeMinutes, tunnelIdleTimeoutMs, tunnelConnectionsPerPeer, drainTimeoutMs, accessLog, \
-         istioMetrics, ca, fastPath"
+         istioMetrics, splice, ca, fastPath"
     );
     assert_eq!(
         error(&base_with(&[], &["        tagetPort: 8080"])),
@@ -1017,6 +1020,10 @@ fn other_agent_fields() {
     assert_eq!(
         error(&base_with(&[(2, "  bufferBytes: 0")], &[])),
         "mesh.yaml:2:16: agent.bufferBytes: 0 is out of range 1..=16777216"
+    );
+    assert_eq!(
+        error(&base_with(&[(2, "  splice: sometimes")], &[])),
+        "mesh.yaml:2:11: agent.splice: invalid boolean (true or false expected)"
     );
     assert_eq!(
         error(&base_with(&[(2, "  excludedPorts: [22, 22]")], &[])),

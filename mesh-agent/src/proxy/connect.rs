@@ -40,6 +40,8 @@ pub(super) struct CopySettings {
     pub buffer_bytes: usize,
     pub idle_timeout: Duration,
     pub max_lifetime: Option<Duration>,
+    /// TCP-to-TCP copies use `splice(2)` (`agent.splice`).
+    pub splice: bool,
 }
 
 /// What [`establish`] hands the copy.
@@ -123,6 +125,7 @@ pub(super) async fn establish(
             .and_then(|t| t.idle_timeout)
             .unwrap_or(live.idle_timeout),
         max_lifetime: traffic.and_then(|t| t.max_connection_lifetime),
+        splice: live.splice,
     };
     let attempts = Attempts {
         ctx,

@@ -222,10 +222,23 @@ async fn pump(
     let CopySettings {
         buffer_bytes,
         idle_timeout,
+        splice,
         ..
     } = settings;
     let pace = (shaper.to_server(), shaper.to_client());
     match (downstream, upstream) {
+        // Neither socket on the fast path's hop: what sk_msg redirects is only seen by reads.
+        (Tcp(mut down), Tcp(mut up)) if splice && down_credit.is_none() && up_credit.is_none() => {
+            copy::spliced(
+                down.split(),
+                up.split(),
+                buffer_bytes,
+                idle_timeout,
+                moved,
+                pace,
+            )
+            .await
+        }
         (Tcp(mut down), Tcp(mut up)) => {
             let (down_read, down_write) = down.split();
             let (up_read, up_write) = up.split();

@@ -360,6 +360,7 @@ impl Cx<'_> {
                 buffer_bytes,
                 access_log,
                 istio_metrics: a.istio_metrics.unwrap_or(true),
+                splice: a.splice.unwrap_or(defaults::SPLICE),
             },
         })
     }

@@ -1,0 +1,278 @@
+use std::{sync::atomic::Ordering, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{CopyError, Transferred, splice::tests_support::LEASED, spliced, tests::Counting};
+
+/// A connected pair of loopback sockets.
+async fn pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (client.expect("connect"), server.expect("accept").0)
+}
+
+/// Bytes that differ by position, so a reordered or lost run shows.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ (i >> 13) as u8 ^ seed)
+        .collect()
+}
+
+/// The pipes this (test) thread holds for copies right now.
+fn leased() -> usize {
+    LEASED.with(|n| n.get())
+}
+
+/// Pipe file descriptors open in the process.
+fn open_pipes() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+#[tokio::test]
+async fn bytes_arrive_intact_both_ways_and_half_close_passes_through() {
+    let (mut app, mut proxy_down) = pair().await;
+    let (mut proxy_up, mut server) = pair().await;
+    let moved = Transferred::default();
+    let copy = spliced(
+        proxy_down.split(),
+        proxy_up.split(),
+        64 * 1024,
+        Duration::from_secs(10),
+        &moved,
+        (&(), &()),
+    );
+    let request = pattern(3_000_001, 1);
+    let response = pattern(700_003, 2);
+    let peers = async {
+        let send = async {
+            app.write_all(&request).await.expect("write");
+            app.shutdown().await.expect("half-close");
+        };
+        let serve = async {
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.expect("server EOF");
+            // The reply only after the client's EOF: the other direction still flows.
+            server.write_all(&response).await.expect("reply");
+            server.shutdown().await.expect("server half-close");
+            received
+        };
+        let ((), received) = tokio::join!(send, serve);
+        let mut reply = Vec::new();
+        app.read_to_end(&mut reply).await.expect("client EOF");
+        (received, reply)
+    };
+    let (result, (received, reply)) = tokio::join!(copy, peers);
+    result.expect("copy");
+    assert!(received == request, "request corrupted");
+    assert!(reply == response, "response corrupted");
+    assert_eq!(moved.get(), (3_000_001, 700_003));
+    assert_eq!(leased(), 0, "pipes given back");
+}
+
+#[tokio::test]
+async fn a_large_transfer_is_counted_to_the_byte() {
+    let (mut app, mut proxy_down) = pair().await;
+    let (mut proxy_up, mut server) = pair().await;
+    let moved = Transferred::default();
+    let copy = spliced(
+        proxy_down.split(),
+        proxy_up.split(),
+        64 * 1024,
+        Duration::from_secs(30),
+        &moved,
+        (&(), &()),
+    );
+    let block = pattern(1 << 20, 3);
+    const BLOCKS: usize = 256;
+    let peers = async {
+        let send = async {
+            for _ in 0..BLOCKS {
+                app.write_all(&block).await.expect("write");
+            }
+            app.shutdown().await.expect("half-close");
+        };
+        let receive = async {
+            let mut got = vec![0u8; block.len()];
+            for i in 0..BLOCKS {
+                server.read_exact(&mut got).await.expect("read");
+                assert!(got == block, "block {i} corrupted");
+            }
+            assert_eq!(server.read(&mut got).await.expect("EOF"), 0);
+            server.shutdown().await.expect("server half-close");
+        };
+        tokio::join!(send, receive);
+    };
+    let (result, ()) = tokio::join!(copy, peers);
+    result.expect("copy");
+    assert_eq!(moved.get(), ((BLOCKS << 20) as u64, 0));
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_stops_the_copy_with_one_pipe_in_flight() {
+    let (mut app, mut proxy_down) = pair().await;
+    let (mut proxy_up, mut server) = pair().await;
+    let moved = Transferred::default();
+    let copy = spliced(
+        proxy_down.split(),
+        proxy_up.split(),
+        64 * 1024,
+        Duration::from_secs(30),
+        &moved,
+        (&(), &()),
+    );
+    let data = pattern(64 << 20, 4);
+    let peers = async {
+        let mut written = 0;
+        // `write` (not `write_all`) so that what went out is known when the timeout drops it.
+        let writing = async {
+            while written < data.len() {
+                written += app.write(&data[written..]).await.expect("write");
+            }
+        };
+        // The server reads nothing: the writes stall well before 64 MiB.
+        let stalled = tokio::time::timeout(Duration::from_millis(1500), writing).await;
+        assert!(
+            stalled.is_err(),
+            "all 64 MiB went through to a peer not reading"
+        );
+        let before = moved.get().0;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = moved.get().0;
+        assert_eq!(before, after, "still moving to a peer that does not read");
+        assert!(leased() <= 1, "one pipe at most for the stalled direction");
+        // The agent holds at most that pipe: the rest waits in the sockets' queues.
+        assert!(after < data.len() as u64 / 2, "{after} moved");
+        // The peer reads again: everything arrives, in order.
+        let rest = async {
+            app.write_all(&data[written..]).await.expect("write rest");
+            app.shutdown().await.expect("half-close");
+        };
+        let receive = async {
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.expect("read");
+            server.shutdown().await.expect("server half-close");
+            received
+        };
+        let ((), received) = tokio::join!(rest, receive);
+        received
+    };
+    let (result, received) = tokio::join!(copy, peers);
+    result.expect("copy");
+    assert!(received == data, "data corrupted after the stall");
+    assert_eq!(moved.get().0, data.len() as u64);
+}
+
+#[tokio::test]
+async fn idle_connections_hold_no_pipe() {
+    const CONNECTIONS: usize = 200;
+    let pipes_before = open_pipes();
+    let mut peers = Vec::new();
+    let mut copies = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let (app, mut proxy_down) = pair().await;
+        let (mut proxy_up, server) = pair().await;
+        copies.spawn(async move {
+            let moved = Transferred::default();
+            spliced(
+                proxy_down.split(),
+                proxy_up.split(),
+                64 * 1024,
+                Duration::from_secs(30),
+                &moved,
+                (&(), &()),
+            )
+            .await
+        });
+        peers.push((app, server));
+    }
+    // One burst each way on every connection, large enough to be spliced, then nothing.
+    let burst = pattern(100_000, 5);
+    let mut got = vec![0u8; burst.len()];
+    for (app, server) in &mut peers {
+        app.write_all(&burst).await.expect("write");
+        server.read_exact(&mut got).await.expect("read");
+        assert!(got == burst);
+        server.write_all(&burst).await.expect("reply");
+        app.read_exact(&mut got).await.expect("read reply");
+        assert!(got == burst);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(leased(), 0, "an idle direction holds no pipe");
+    let grown = open_pipes().saturating_sub(pipes_before);
+    // At most this thread's pool (8 pipes, 16 fds), and what tests on other threads hold
+    // meanwhile; one pipe per idle direction would be 800.
+    assert!(
+        grown <= 48,
+        "{grown} pipe fds for {CONNECTIONS} idle connections"
+    );
+    drop(peers);
+    while let Some(ended) = copies.join_next().await {
+        let ended = ended.expect("join");
+        assert!(matches!(ended, Ok(()) | Err(CopyError::Io(_))), "{ended:?}");
+    }
+}
+
+#[tokio::test]
+async fn each_direction_is_paced_for_every_byte_it_splices() {
+    let (mut app, mut proxy_down) = pair().await;
+    let (mut proxy_up, mut server) = pair().await;
+    let (to_server, to_client) = (Counting::default(), Counting::default());
+    let moved = Transferred::default();
+    let copy = spliced(
+        proxy_down.split(),
+        proxy_up.split(),
+        4096,
+        Duration::from_secs(5),
+        &moved,
+        (&to_server, &to_client),
+    );
+    let peers = async {
+        app.write_all(&[1u8; 50_000]).await.expect("write");
+        app.shutdown().await.expect("half-close");
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.expect("read");
+        server.write_all(&[2u8; 300]).await.expect("reply");
+        server.shutdown().await.expect("server half-close");
+        let mut reply = Vec::new();
+        app.read_to_end(&mut reply).await.expect("read reply");
+        (received.len(), reply.len())
+    };
+    let (result, received) = tokio::join!(copy, peers);
+    result.expect("copy");
+    assert_eq!(received, (50_000, 300));
+    assert_eq!(to_server.bytes.load(Ordering::Relaxed), 50_000);
+    assert_eq!(to_client.bytes.load(Ordering::Relaxed), 300);
+    assert!(to_server.largest.load(Ordering::Relaxed) <= 4096);
+}
+
+#[tokio::test]
+async fn an_idle_spliced_connection_is_closed_and_its_bytes_are_still_counted() {
+    let (mut app, mut proxy_down) = pair().await;
+    let (mut proxy_up, mut server) = pair().await;
+    app.write_all(b"hello").await.expect("write");
+    let moved = Transferred::default();
+    let copy = spliced(
+        proxy_down.split(),
+        proxy_up.split(),
+        1024,
+        Duration::from_millis(200),
+        &moved,
+        (&(), &()),
+    );
+    let (result, _) = tokio::join!(copy, async {
+        let mut hello = [0u8; 5];
+        server.read_exact(&mut hello).await.expect("read");
+        server.write_all(b"hi").await.expect("reply");
+    });
+    assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
+    assert_eq!(moved.get(), (5, 2));
+    assert_eq!(leased(), 0);
+}
