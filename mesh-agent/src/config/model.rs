@@ -77,11 +77,6 @@ impl Config {
         self.workloads.list()
     }
 
-    /// The workloads with their lookups, to hand to the next snapshot when they stay.
-    pub fn workload_table(&self) -> &Arc<Workloads> {
-        &self.workloads
-    }
-
     /// All services, in file order.
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services
