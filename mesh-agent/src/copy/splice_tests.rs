@@ -1,19 +1,8 @@
-use std::{sync::atomic::Ordering, time::Duration};
+use std::time::Duration;
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{CopyError, Transferred, splice::tests_support::LEASED, spliced, tests::Counting};
-
-/// A connected pair of loopback sockets.
-async fn pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    (client.expect("connect"), server.expect("accept").0)
-}
+use super::{CopyError, Transferred, splice::tests_support::LEASED, spliced, tests::pair};
 
 /// Bytes that differ by position, so a reordered or lost run shows.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -218,61 +207,4 @@ async fn idle_connections_hold_no_pipe() {
         let ended = ended.expect("join");
         assert!(matches!(ended, Ok(()) | Err(CopyError::Io(_))), "{ended:?}");
     }
-}
-
-#[tokio::test]
-async fn each_direction_is_paced_for_every_byte_it_splices() {
-    let (mut app, mut proxy_down) = pair().await;
-    let (mut proxy_up, mut server) = pair().await;
-    let (to_server, to_client) = (Counting::default(), Counting::default());
-    let moved = Transferred::default();
-    let copy = spliced(
-        proxy_down.split(),
-        proxy_up.split(),
-        4096,
-        Duration::from_secs(5),
-        &moved,
-        (&to_server, &to_client),
-    );
-    let peers = async {
-        app.write_all(&[1u8; 50_000]).await.expect("write");
-        app.shutdown().await.expect("half-close");
-        let mut received = Vec::new();
-        server.read_to_end(&mut received).await.expect("read");
-        server.write_all(&[2u8; 300]).await.expect("reply");
-        server.shutdown().await.expect("server half-close");
-        let mut reply = Vec::new();
-        app.read_to_end(&mut reply).await.expect("read reply");
-        (received.len(), reply.len())
-    };
-    let (result, received) = tokio::join!(copy, peers);
-    result.expect("copy");
-    assert_eq!(received, (50_000, 300));
-    assert_eq!(to_server.bytes.load(Ordering::Relaxed), 50_000);
-    assert_eq!(to_client.bytes.load(Ordering::Relaxed), 300);
-    assert!(to_server.largest.load(Ordering::Relaxed) <= 4096);
-}
-
-#[tokio::test]
-async fn an_idle_spliced_connection_is_closed_and_its_bytes_are_still_counted() {
-    let (mut app, mut proxy_down) = pair().await;
-    let (mut proxy_up, mut server) = pair().await;
-    app.write_all(b"hello").await.expect("write");
-    let moved = Transferred::default();
-    let copy = spliced(
-        proxy_down.split(),
-        proxy_up.split(),
-        1024,
-        Duration::from_millis(200),
-        &moved,
-        (&(), &()),
-    );
-    let (result, _) = tokio::join!(copy, async {
-        let mut hello = [0u8; 5];
-        server.read_exact(&mut hello).await.expect("read");
-        server.write_all(b"hi").await.expect("reply");
-    });
-    assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
-    assert_eq!(moved.get(), (5, 2));
-    assert_eq!(leased(), 0);
 }

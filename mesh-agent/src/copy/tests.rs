@@ -10,7 +10,7 @@ use tokio::{
 
 use super::{
     CopyError, INITIAL_BUFFER, Pace, Readable, SMALL_READS_TO_SHRINK, Transferred, halves, resize,
-    tcp,
+    splice::tests_support::LEASED, spliced, tcp,
 };
 
 #[test]
@@ -47,7 +47,7 @@ fn buffers_grow_with_full_reads_up_to_the_limit_and_shrink_after_small_ones() {
 }
 
 /// A connected pair of loopback sockets.
-async fn pair() -> (TcpStream, TcpStream) {
+pub(super) async fn pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -91,25 +91,54 @@ async fn half_close_passes_through_and_the_reply_still_flows() {
 
 #[tokio::test]
 async fn an_idle_connection_is_closed_and_its_bytes_are_still_counted() {
-    let (mut app, mut proxy_down) = pair().await;
-    let (mut proxy_up, mut server) = pair().await;
-    app.write_all(b"hello").await.expect("write");
-    let moved = Transferred::default();
-    let copy = tcp(
-        &mut proxy_down,
-        &mut proxy_up,
-        1024,
-        Duration::from_millis(200),
-        &moved,
-        (&(), &()),
-    );
-    let (result, _) = tokio::join!(copy, async {
-        let mut hello = [0u8; 5];
-        server.read_exact(&mut hello).await.expect("read");
-        server.write_all(b"hi").await.expect("reply");
-    });
-    assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
-    assert_eq!(moved.get(), (5, 2));
+    for splice in [false, true] {
+        let (mut app, mut proxy_down) = pair().await;
+        let (mut proxy_up, mut server) = pair().await;
+        app.write_all(b"hello").await.expect("write");
+        let moved = Transferred::default();
+        let copy = copy_pair(
+            (&mut proxy_down, &mut proxy_up),
+            1024,
+            Duration::from_millis(200),
+            &moved,
+            (&(), &()),
+            splice,
+        );
+        let (result, _) = tokio::join!(copy, async {
+            let mut hello = [0u8; 5];
+            server.read_exact(&mut hello).await.expect("read");
+            server.write_all(b"hi").await.expect("reply");
+        });
+        assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
+        assert_eq!(moved.get(), (5, 2), "splice: {splice}");
+        assert_eq!(LEASED.with(|n| n.get()), 0, "no pipe held");
+    }
+}
+
+/// Copies a TCP pair through buffers or, with `splice`, through pipes: what holds for both
+/// is tested on both.
+async fn copy_pair(
+    (downstream, upstream): (&mut TcpStream, &mut TcpStream),
+    buffer_bytes: usize,
+    idle_timeout: Duration,
+    moved: &Transferred,
+    pace: (&impl Pace, &impl Pace),
+    splice: bool,
+) -> Result<(), CopyError> {
+    if splice {
+        let (down, up) = (downstream.split(), upstream.split());
+        spliced(down, up, buffer_bytes, idle_timeout, moved, pace).await
+    } else {
+        tcp(
+            downstream,
+            upstream,
+            buffer_bytes,
+            idle_timeout,
+            moved,
+            pace,
+        )
+        .await
+    }
 }
 
 /// A read half that counts the waits the copy made on it without a buffer.
@@ -178,7 +207,7 @@ async fn an_idle_direction_waits_for_data_without_a_buffer() {
 
 /// Counts what it is asked for, and the largest single request.
 #[derive(Default)]
-pub(super) struct Counting {
+struct Counting {
     pub bytes: AtomicU64,
     pub largest: AtomicUsize,
 }
@@ -192,33 +221,35 @@ impl Pace for Counting {
 
 #[tokio::test]
 async fn each_direction_is_paced_for_every_byte_it_writes() {
-    let (mut app, mut proxy_down) = pair().await;
-    let (mut proxy_up, mut server) = pair().await;
-    let (to_server, to_client) = (Counting::default(), Counting::default());
-    let moved = Transferred::default();
-    let copy = tcp(
-        &mut proxy_down,
-        &mut proxy_up,
-        4096,
-        Duration::from_secs(5),
-        &moved,
-        (&to_server, &to_client),
-    );
-    let peers = async {
-        app.write_all(&[1u8; 50_000]).await.expect("write");
-        app.shutdown().await.expect("half-close");
-        let mut received = Vec::new();
-        server.read_to_end(&mut received).await.expect("read");
-        server.write_all(&[2u8; 300]).await.expect("reply");
-        server.shutdown().await.expect("server half-close");
-        let mut reply = Vec::new();
-        app.read_to_end(&mut reply).await.expect("read reply");
-        (received.len(), reply.len())
-    };
-    let (result, received) = tokio::join!(copy, peers);
-    result.expect("copy");
-    assert_eq!(received, (50_000, 300));
-    assert_eq!(to_server.bytes.load(Ordering::Relaxed), 50_000);
-    assert_eq!(to_client.bytes.load(Ordering::Relaxed), 300);
-    assert!(to_server.largest.load(Ordering::Relaxed) <= 4096);
+    for splice in [false, true] {
+        let (mut app, mut proxy_down) = pair().await;
+        let (mut proxy_up, mut server) = pair().await;
+        let (to_server, to_client) = (Counting::default(), Counting::default());
+        let moved = Transferred::default();
+        let copy = copy_pair(
+            (&mut proxy_down, &mut proxy_up),
+            4096,
+            Duration::from_secs(5),
+            &moved,
+            (&to_server, &to_client),
+            splice,
+        );
+        let peers = async {
+            app.write_all(&[1u8; 50_000]).await.expect("write");
+            app.shutdown().await.expect("half-close");
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.expect("read");
+            server.write_all(&[2u8; 300]).await.expect("reply");
+            server.shutdown().await.expect("server half-close");
+            let mut reply = Vec::new();
+            app.read_to_end(&mut reply).await.expect("read reply");
+            (received.len(), reply.len())
+        };
+        let (result, received) = tokio::join!(copy, peers);
+        result.expect("copy");
+        assert_eq!(received, (50_000, 300), "splice: {splice}");
+        assert_eq!(to_server.bytes.load(Ordering::Relaxed), 50_000);
+        assert_eq!(to_client.bytes.load(Ordering::Relaxed), 300);
+        assert!(to_server.largest.load(Ordering::Relaxed) <= 4096);
+    }
 }
