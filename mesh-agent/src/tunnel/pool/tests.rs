@@ -142,6 +142,44 @@ async fn concurrent_streams_are_spread_over_the_connections_per_peer() {
     assert_eq!(sockets.load(Ordering::SeqCst), 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_extra_connections_close_soon_after_their_streams_and_the_oldest_stays_warm() {
+    let setup = setup(3).await;
+    let sockets = Arc::new(AtomicUsize::new(0));
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        open.push(setup.open(&sockets).await);
+    }
+    assert_eq!(setup.pool.live_connections(), 3);
+    for (i, stream) in open.into_iter().enumerate() {
+        let data = pattern(1_000, i as u64);
+        assert!(exchange(stream, data.clone()).await == data, "stream {i}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while setup.pool.live_connections() > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        setup.pool.live_connections(),
+        1,
+        "the two extra connections closed within 5 s of their last stream"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(setup.pool.live_connections(), 1, "the oldest stays open");
+    let data = pattern(1_000, 9);
+    assert!(exchange(setup.open(&sockets).await, data.clone()).await == data);
+    assert_eq!(
+        setup.pool.opened_connections(),
+        3,
+        "the next stream reused it"
+    );
+    assert_eq!(
+        setup.streams_per_connection(),
+        vec![2, 2, 3],
+        "on the first connection"
+    );
+}
+
 /// A TCP relay to `to` whose links (one per accepted connection, in order) can be cut.
 struct Relay {
     addr: SocketAddr,
