@@ -123,16 +123,20 @@ pub async fn run(
             }
         })
     };
-    // Memory a burst of connections used goes back to the system once they are gone.
+    // Memory a burst of connections used goes back to the system once they are gone, and
+    // a tunnel connection's once it closed.
     let _trim = {
         let proxy = proxy.clone();
+        let tunnels = [metrics.tunnel("client"), metrics.tunnel("server")];
         tokio::spawn(async move {
             let mut trim = sys::memory::TrimAfterBurst::default();
             let mut tick = tokio::time::interval(TRIM_CHECK);
             loop {
                 tick.tick().await;
-                // Every proxied connection, tunnel streams included.
-                if trim.should_trim(proxy.connections.len()) {
+                // Every proxied connection, tunnel streams included; tunnel connections both
+                // ways.
+                let open_tunnels = tunnels.iter().map(|t| t.connections.get()).sum::<i64>();
+                if trim.should_trim(proxy.connections.len(), open_tunnels.max(0) as usize) {
                     tokio::task::spawn_blocking(sys::memory::release_free_memory);
                 }
             }
