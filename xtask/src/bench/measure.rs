@@ -91,16 +91,16 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         result.errors.push(format!("probe: {e:#}"));
         return result;
     }
-    // Each proxy's RSS before any load: what "back to idle" means after the idle test.
-    let idle_rss: Vec<u64> = path
+    // Each proxy's memory before any load: what "back to idle" means after the idle test.
+    let idle: Vec<Memory> = path
         .proxies
         .iter()
-        .map(|proxy| procstat::rss_kib(proxy.pid).unwrap_or(0))
+        .map(|proxy| Memory::of(proxy.pid))
         .collect();
     if !pids.is_empty() {
         result.set(
             "proxy_rss_idle_mib",
-            idle_rss.iter().sum::<u64>() as f64 / 1024.0,
+            idle.iter().map(|m| m.rss).sum::<u64>() as f64 / 1024.0,
         );
         let anon: u64 = pids
             .iter()
@@ -240,7 +240,7 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         Err(e) => result.errors.push(format!("cps: {e:#}")),
     }
     if !path.agents.is_empty()
-        && let Err(e) = idle_memory(bins, p, path, &idle_rss, &mut result)
+        && let Err(e) = idle_memory(bins, p, path, &idle, &mut result)
     {
         result.errors.push(format!("idle connections: {e:#}"));
     }
@@ -259,23 +259,40 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
     result
 }
 
+/// A process's resident memory (KiB): all of it, and its own (anonymous: heap, stacks)
+/// without the pages of its code, which the load paged in and which stay mapped.
+#[derive(Clone, Copy, Default)]
+struct Memory {
+    rss: u64,
+    anon: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Self {
+        Self {
+            rss: procstat::rss_kib(pid).unwrap_or(0),
+            anon: procstat::anon_kib(pid).unwrap_or(0),
+        }
+    }
+}
+
 /// Holds `p.idle_conns` idle connections open through the path's agents: the memory each
 /// agent spends per idle connection (over its RSS just before), and what it keeps once they
-/// have closed, over `idle_rss` (each proxy's RSS before the path's load; sampled after a
-/// pause, so freed memory can go back).
+/// have closed, over `idle` (each proxy's memory before the path's load; sampled 5 s after
+/// they closed, so freed memory can go back).
 fn idle_memory(
     bins: &Bins,
     p: &Profile,
     path: &PathSpec,
-    idle_rss: &[u64],
+    idle: &[Memory],
     result: &mut PathResult,
 ) -> Result<()> {
     use std::io::{BufRead as _, BufReader, Write as _};
     let settle = || std::thread::sleep(Duration::from_secs(2));
-    let rss = || -> Vec<u64> {
+    let rss = || -> Vec<Memory> {
         path.proxies
             .iter()
-            .map(|proxy| procstat::rss_kib(proxy.pid).unwrap_or(0))
+            .map(|proxy| Memory::of(proxy.pid))
             .collect()
     };
     settle();
@@ -313,27 +330,36 @@ fn idle_memory(
     }
     let report: Value = serde_json::from_str(&report)
         .with_context(|| format!("parsing mesh-loadgen output {report:?}"))?;
-    settle();
+    // The pool closes the burst's extra tunnel connections a second or two after their last
+    // stream, and the agent trims after that.
+    std::thread::sleep(Duration::from_secs(5));
     let after = rss();
     let conns = p.idle_conns.max(1) as f64;
     let mut per_conn_max: f64 = 0.0;
     let mut kept_max: f64 = 0.0;
+    let mib = |kib: u64| kib as f64 / 1024.0;
     for (i, proxy) in path.proxies.iter().enumerate() {
-        let per_conn = held[i].saturating_sub(before[i]) as f64 / conns;
-        let idle = idle_rss.get(i).copied().unwrap_or(before[i]);
-        let kept = after[i] as f64 / idle.max(1) as f64;
+        let per_conn = held[i].rss.saturating_sub(before[i].rss) as f64 / conns;
+        let idle = idle.get(i).copied().unwrap_or(before[i]);
+        let kept = after[i].rss as f64 / idle.rss.max(1) as f64;
         per_conn_max = per_conn_max.max(per_conn);
         kept_max = kept_max.max(kept);
         result.notes.push(format!(
             "{}: {:.1} KiB per idle connection ({} connections: RSS {:.1} -> {:.1} MiB), {:.1} \
-             MiB once they closed ({kept:.2}x of {:.1} MiB idle, before any load)",
+             MiB once they closed ({kept:.2}x of {:.1} MiB idle, before any load); of which \
+             anonymous (heap, stacks): {:.1} MiB idle, {:.1} before the idle connections, \
+             {:.1} held, {:.1} once closed",
             proxy.label,
             per_conn,
             p.idle_conns,
-            before[i] as f64 / 1024.0,
-            held[i] as f64 / 1024.0,
-            after[i] as f64 / 1024.0,
-            idle as f64 / 1024.0,
+            mib(before[i].rss),
+            mib(held[i].rss),
+            mib(after[i].rss),
+            mib(idle.rss),
+            mib(idle.anon),
+            mib(before[i].anon),
+            mib(held[i].anon),
+            mib(after[i].anon),
         ));
     }
     result.set("idle_conn_kib", per_conn_max);
