@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::{
     paths::{PathResult, PathSpec},
+    perf::{Perf, Phase},
     procstat,
     settings::{Bins, Profile},
 };
@@ -72,9 +73,17 @@ fn loadgen(
 }
 
 /// All workloads on one path. A failed workload is noted and the others still run.
-pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
+pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -> PathResult {
     let mut result = PathResult::new(path);
     let pids = path.proxy_pids();
+    let record = |phase: Phase| match perf.map(|perf| perf.record(phase, path.name, &pids)) {
+        Some(Err(e)) => {
+            eprintln!("bench: {e:#}");
+            None
+        }
+        Some(Ok(recording)) => recording,
+        None => None,
+    };
     let target = path.target.to_string();
     let lg = |args: Vec<String>, secs: f64| {
         loadgen(
@@ -110,6 +119,7 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
     }
     let mut max_rss = 0u64;
 
+    let recording = record(Phase::Rr);
     let rr = lg(
         s(&[
             "rr",
@@ -128,6 +138,7 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         ]),
         p.rr_s + p.warmup_s,
     );
+    drop(recording);
     match rr {
         Ok((v, rss)) => {
             max_rss = max_rss.max(rss);
@@ -145,7 +156,8 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         Err(e) => result.errors.push(format!("rr: {e:#}")),
     }
 
-    match lg(
+    let recording = record(Phase::Pingpong);
+    let pingpong = lg(
         s(&[
             "pingpong",
             "--connect",
@@ -156,7 +168,9 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
             &p.warmup_s.to_string(),
         ]),
         p.pingpong_s + p.warmup_s,
-    ) {
+    );
+    drop(recording);
+    match pingpong {
         Ok((v, rss)) => {
             max_rss = max_rss.max(rss);
             result.set_from("pp_p50_us", &v["latency"]["p50_us"]);
@@ -166,6 +180,7 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         Err(e) => result.errors.push(format!("pingpong: {e:#}")),
     }
 
+    let recording = record(Phase::Bulk);
     let cpu_before = procstat::total_cpu_seconds(&pids);
     let mut bulk_bytes = 0.0;
     let mut bulk_ok = true;
@@ -195,6 +210,7 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
         }
     }
     let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
+    drop(recording);
     if !pids.is_empty() && bulk_ok && bulk_bytes > 0.0 {
         result.set("proxy_cpu_s_per_gb", cpu / (bulk_bytes / 1e9));
         result.raw.insert(
@@ -205,8 +221,9 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
 
     // CPU per connection is the cost the machine's noise moves least: the throughput of a
     // 2-vCPU VM swings with its neighbours, the agent's CPU time per connection much less.
+    let recording = record(Phase::Cps);
     let cpu_before = procstat::total_cpu_seconds(&pids);
-    match lg(
+    let cps = lg(
         s(&[
             "cps",
             "--connect",
@@ -219,12 +236,14 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec) -> PathResult {
             &p.cps_max.to_string(),
         ]),
         p.cps_s,
-    ) {
+    );
+    let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
+    drop(recording);
+    match cps {
         Ok((v, rss)) => {
             max_rss = max_rss.max(rss);
             result.set_from("cps", &v["conns_per_s"]);
             result.set_from("cps_p99_us", &v["latency"]["p99_us"]);
-            let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
             let connections = v["connections"].as_f64().unwrap_or(0.0);
             if !pids.is_empty() && connections > 0.0 {
                 result.set("proxy_cpu_us_per_conn", cpu * 1e6 / connections);

@@ -21,6 +21,7 @@ mod haproxy;
 mod measure;
 mod mtls;
 mod paths;
+mod perf;
 mod policy;
 mod procstat;
 mod report;
@@ -81,6 +82,10 @@ pub struct Args {
     /// too, policy and telemetry on / off their agent same-node paths.
     #[arg(long, value_delimiter = ',', value_name = "PATHS")]
     only: Vec<String>,
+    /// Profile the proxies (`perf record -g`) during this phase of each path measured:
+    /// OUT/perf-<path>-<phase>.data.
+    #[arg(long, value_enum, value_name = "PHASE")]
+    perf: Option<perf::Phase>,
 }
 
 pub fn run_bench(args: &Args) -> Result<()> {
@@ -136,6 +141,10 @@ pub fn run_bench(args: &Args) -> Result<()> {
 
     let measure_start = Instant::now();
     let profile = Profile::new(args.quick, args.rate);
+    let perf = args.perf.map(|phase| perf::Perf {
+        phase,
+        out: out.clone(),
+    });
     let (results, world_notes) = {
         let mut world = World::setup(
             &bins,
@@ -161,7 +170,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
                 }
             };
             let check = (path.name == paths::AGENT_CROSS).then(|| world.tunnel_before(&bins));
-            let mut result = measure(&bins, &profile, &path);
+            let mut result = measure(&bins, &profile, &path, perf.as_ref());
             if let Some(before) = check {
                 world.tunnel_after(&bins, args.cross_node, before, &mut result);
             }
