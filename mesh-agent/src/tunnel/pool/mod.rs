@@ -17,7 +17,8 @@
 //! handshake), so a burst of streams shares it instead of racing to open many. Beyond
 //! `connections_per_peer`, a key opens another connection only when the streams outgrow what
 //! the server allows on each (its `SETTINGS_MAX_CONCURRENT_STREAMS`): the next connection is
-//! opened then, not queued.
+//! opened then, not queued. Those extra connections close soon after their last stream; a
+//! key's oldest stays for the idle timeout (see `drive`).
 
 use std::{
     collections::HashMap,
@@ -91,7 +92,8 @@ pub struct PoolOptions {
     pub connect_timeout: Duration,
     /// Opening one stream (until the server's response).
     pub stream_timeout: Duration,
-    /// A connection without streams for this long is closed.
+    /// A key's oldest connection without streams for this long is closed (the others
+    /// sooner: `drive::SURPLUS_IDLE`).
     pub idle_timeout: Duration,
     pub stream_window: u32,
     pub connection_window: u32,
