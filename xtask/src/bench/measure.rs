@@ -111,11 +111,10 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
             "proxy_rss_idle_mib",
             idle.iter().map(|m| m.rss).sum::<u64>() as f64 / 1024.0,
         );
-        let anon: u64 = pids
-            .iter()
-            .filter_map(|pid| procstat::anon_kib(*pid).ok())
-            .sum();
-        result.set("proxy_anon_idle_mib", anon as f64 / 1024.0);
+        result.set(
+            "proxy_anon_idle_mib",
+            idle.iter().map(|m| m.anon).sum::<u64>() as f64 / 1024.0,
+        );
     }
     let mut max_rss = 0u64;
 
@@ -280,7 +279,7 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
 
 /// A process's resident memory (KiB): all of it, and its own (anonymous: heap, stacks)
 /// without the pages of its code, which the load paged in and which stay mapped.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Memory {
     rss: u64,
     anon: u64,
