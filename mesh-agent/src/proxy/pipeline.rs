@@ -84,8 +84,18 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
     );
     // Boxed: routing and connecting (retries, the tunnel pool) take far more state than the
     // copy, and an inline future would keep that size for the connection's whole life.
+    // Destructured here: a binding of the whole would stay in the future (moved from, but
+    // never reused) for the connection's whole life.
     let establishing = Box::pin(connect::establish(&ctx, &pod, &mut result, connect_from));
-    let Some(established) = establishing.await else {
+    let Some(Established {
+        upstream,
+        tracked,
+        shaper,
+        copy,
+        active,
+        _slot,
+    }) = establishing.await
+    else {
         refuse(downstream, &result);
         return;
     };
@@ -100,14 +110,6 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         },
     };
     result.established();
-    let Established {
-        upstream,
-        tracked,
-        shaper,
-        copy,
-        active,
-        _slot,
-    } = established;
     let lifetime = async {
         match copy.max_lifetime {
             Some(lifetime) => tokio::time::sleep(lifetime).await,
