@@ -84,9 +84,9 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
     );
     // Boxed: routing and connecting (retries, the tunnel pool) take far more state than the
     // copy, and an inline future would keep that size for the connection's whole life.
+    let establishing = Box::pin(connect::establish(&ctx, &pod, &mut result, connect_from));
     // Destructured here: a binding of the whole would stay in the future (moved from, but
     // never reused) for the connection's whole life.
-    let establishing = Box::pin(connect::establish(&ctx, &pod, &mut result, connect_from));
     let Some(Established {
         upstream,
         tracked,
