@@ -393,21 +393,25 @@ async fn stream<H: StreamHandler>(
 ) {
     let identity = &shared.identity;
     let (parts, body) = request.into_parts();
-    let head = Request::from_parts(parts, ());
-    let authority = match parse_connect(&head) {
-        Ok(authority) => authority,
-        Err(error) => {
-            tracing::info!(%peer, %identity, client = %client_identity, reason = %error, "tunnel stream refused: 400");
-            refuse(&mut respond, StatusCode::BAD_REQUEST);
-            return;
+    // The request's head in a block of its own: a binding still in scope at the `.await`
+    // below would be kept in this future for the stream's whole life.
+    let request = {
+        let head = Request::from_parts(parts, ());
+        let authority = match parse_connect(&head) {
+            Ok(authority) => authority,
+            Err(error) => {
+                tracing::info!(%peer, %identity, client = %client_identity, reason = %error, "tunnel stream refused: 400");
+                refuse(&mut respond, StatusCode::BAD_REQUEST);
+                return;
+            }
+        };
+        ConnectRequest {
+            client_identity,
+            server_identity: identity.clone(),
+            authority,
+            peer_addr: peer,
+            forwarded_for: forwarded_for(&head),
         }
-    };
-    let request = ConnectRequest {
-        client_identity,
-        server_identity: identity.clone(),
-        authority,
-        peer_addr: peer,
-        forwarded_for: forwarded_for(&head),
     };
     let pending = PendingStream {
         respond,
