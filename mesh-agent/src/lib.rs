@@ -22,5 +22,7 @@ pub mod proxy;
 pub mod shutdown;
 pub mod source;
 pub mod sys;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod tunnel;

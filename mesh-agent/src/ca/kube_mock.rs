@@ -8,7 +8,6 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -134,13 +133,4 @@ pub(super) fn pod_list(resource_version: &str, items: Vec<Value>) -> Value {
         "metadata": {"resourceVersion": resource_version},
         "items": items,
     })
-}
-
-/// Waits until `done` holds (5 s at most).
-pub(super) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

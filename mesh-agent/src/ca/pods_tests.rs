@@ -7,11 +7,11 @@ use http::{Method, StatusCode};
 use serde_json::json;
 
 use super::{
-    kube_mock::{Reply, WatchFeed, client, eventually, pod, pod_list},
+    kube_mock::{Reply, WatchFeed, client, pod, pod_list},
     placement::Placement,
     pods::PodWatch,
 };
-use crate::tls::SpiffeId;
+use crate::{test_support::eventually, tls::SpiffeId};
 
 const TD: &str = "cluster.local";
 

@@ -319,6 +319,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::test_support::eventually;
 
     const POLL: Duration = Duration::from_millis(20);
 
@@ -356,17 +357,6 @@ mod tests {
             POLL,
         );
         (path, watch)
-    }
-
-    async fn eventually(what: &str, cond: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !cond() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
     }
 
     async fn next(rx: &mut watch::Receiver<Arc<Config>>) -> Arc<Config> {

@@ -17,7 +17,6 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::tls::SpiffeId;
 use crate::tunnel::{
     Pool, PoolOptions, ServerOptions, TunnelStream,
     tests::{
@@ -25,6 +24,7 @@ use crate::tunnel::{
         store,
     },
 };
+use crate::{test_support::eventually, tls::SpiffeId};
 
 /// A server, an echo upstream, a pool with `per_peer` connections per peer and the
 /// identities to use it.
@@ -82,6 +82,15 @@ impl Setup {
         .expect("stream")
     }
 
+    /// `n` streams opened one after the other and all held open.
+    async fn open_held(&self, n: usize, sockets: &Arc<AtomicUsize>) -> Vec<TunnelStream> {
+        let mut open = Vec::with_capacity(n);
+        for _ in 0..n {
+            open.push(self.open(sockets).await);
+        }
+        open
+    }
+
     /// Streams the server saw per tunnel connection (by the connection's peer address).
     fn streams_per_connection(&self) -> Vec<usize> {
         let mut per: HashMap<SocketAddr, usize> = HashMap::new();
@@ -111,10 +120,7 @@ async fn one_stream_at_a_time_keeps_one_connection() {
 async fn concurrent_streams_are_spread_over_the_connections_per_peer() {
     let setup = setup(3).await;
     let sockets = Arc::new(AtomicUsize::new(0));
-    let mut open = Vec::new();
-    for _ in 0..6 {
-        open.push(setup.open(&sockets).await);
-    }
+    let open = setup.open_held(6, &sockets).await;
     assert_eq!(
         setup.pool.opened_connections(),
         3,
@@ -146,24 +152,17 @@ async fn concurrent_streams_are_spread_over_the_connections_per_peer() {
 async fn the_extra_connections_close_soon_after_their_streams_and_the_oldest_stays_warm() {
     let setup = setup(3).await;
     let sockets = Arc::new(AtomicUsize::new(0));
-    let mut open = Vec::new();
-    for _ in 0..6 {
-        open.push(setup.open(&sockets).await);
-    }
+    let open = setup.open_held(6, &sockets).await;
     assert_eq!(setup.pool.live_connections(), 3);
     for (i, stream) in open.into_iter().enumerate() {
         let data = pattern(1_000, i as u64);
         assert!(exchange(stream, data.clone()).await == data, "stream {i}");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while setup.pool.live_connections() > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        setup.pool.live_connections(),
-        1,
-        "the two extra connections closed within 5 s of their last stream"
-    );
+    eventually(
+        "the two extra connections closed within 5 s of their last stream",
+        || setup.pool.live_connections() == 1,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(setup.pool.live_connections(), 1, "the oldest stays open");
     let data = pattern(1_000, 9);
