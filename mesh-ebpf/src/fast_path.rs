@@ -25,15 +25,19 @@
 //!   until then, also after a FIN or a reset); nothing removes an agent socket earlier, which
 //!   would drop its queue. A sender whose peer is gone falls back to TCP.
 //!
-//! An app socket in a sockhash reads through the kernel's sk_msg receive path, which returns
-//! EAGAIN to a *blocking* read woken without data (by a state change, or by its own TCP sends
-//! being acknowledged) instead of waiting on. So an app socket stays in the map only while it
-//! may still redirect: it leaves when it shuts down its sending side, when it is reset, and
-//! once its data goes through TCP (at the first acknowledgement of it). Its ingress queue is
-//! always empty (nothing is redirected to an app), so leaving drops nothing. This does not
-//! cover every wake-up: a blocking reader on one thread of an app that writes on another can
-//! still get EAGAIN while its socket redirects (kernel 6.18, cross-node echo tests), which is
-//! why `agent.fastPath` is off by default.
+//! An app socket in a sockhash reads through the kernel's sk_msg receive path
+//! (`tcp_bpf_recvmsg`), which waits for one wake-up and returns EAGAIN to a *blocking* read if
+//! that wake-up brought no data (a state change, or the acknowledgement of its TCP sends
+//! freeing a full send buffer), where TCP's own read path waits again. So an app socket stays
+//! in the map only while it may still redirect: it leaves when it shuts down its sending side,
+//! when it is reset, and once its data goes through TCP (at the first acknowledgement of it).
+//! Its ingress queue is always empty (nothing is redirected to an app), so leaving drops
+//! nothing. A read already waiting when the socket leaves is still in that path, though: an
+//! app that reads on one thread and shuts down its sending side on another gets EAGAIN (seen
+//! with perf as `inet_shutdown` -> `sock_def_wakeup` waking the reader, in the cross-node echo
+//! tests on kernel 6.18). Nothing here can tell a blocking socket in advance (clients commonly
+//! connect non-blocking, then switch to blocking); that, and a benchmark that shows no gain
+//! over splicing (README), is why `agent.fastPath` is off by default.
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
