@@ -7,10 +7,17 @@
 //! turns the rest of the burst into splices.
 //!
 //! The same contract as the buffered loop: the pipe is filled only once it is empty again, so
-//! at most one pipe's worth (64 KiB by default, never more than `bufferBytes`) is in flight
-//! and a reader that stops reading stops the copy (backpressure); each run is paced before it
-//! is passed on; bytes are counted from what `splice` says it moved; EOF shuts down the write
-//! side of the other socket.
+//! at most one pipe's worth is in flight and a reader that stops reading stops the copy
+//! (backpressure); each run is paced before it is passed on; bytes are counted from what
+//! `splice` says it moved; EOF shuts down the write side of the other socket.
+//!
+//! Pipes are sized by use: a new one holds the kernel's default 64 KiB, and one that a single
+//! splice fills grows to 1 MiB (`F_SETPIPE_SZ`), so a bulk burst moves 1 MiB per pair of
+//! splices instead of 64 KiB. In `cargo xtask bench` (same-node, one stream) that took bulk
+//! from 0.47x to 0.54x of a direct connection and the agent's CPU per GB from 0.37 s to 0.26 s
+//! (256 KiB: 0.50x, 0.35 s). A grown pipe holds pages only while bytes are in it, like any
+//! pipe; only its ring of slots (about 10 KiB) stays. A `bufferBytes` below 64 KiB caps each
+//! splice instead, and the pipe never grows.
 //!
 //! A pipe is two file descriptors and kernel pages, and most connections are idle: a
 //! direction takes a pipe only when its socket has data and gives it back when a read would
@@ -35,7 +42,7 @@ use std::{
 
 use nix::{
     errno::Errno,
-    fcntl::{OFlag, SpliceFFlags, splice},
+    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
 };
 use tokio::{
     io::{AsyncWriteExt, Interest},
@@ -46,15 +53,34 @@ use super::{Activity, INITIAL_BUFFER, Pace, Readable, pipe, try_read};
 
 /// Pipes kept per thread for the next burst; more are closed when given back.
 const POOL_PER_THREAD: usize = 8;
+/// A new pipe's capacity: the kernel's default.
+const PIPE_BYTES: usize = 64 * 1024;
+/// What a pipe grows to once one splice fills it (see the module docs).
+const GROWN_PIPE_BYTES: usize = 1024 * 1024;
 
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An empty pipe, both ends.
+/// An empty pipe, both ends, and what it holds.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    capacity: usize,
+    /// Not grown yet, and not refused growing.
+    may_grow: bool,
+}
+
+impl Pipe {
+    /// Grows to [`GROWN_PIPE_BYTES`]; where the kernel refuses (a pipe size limit), it stays
+    /// as it is and is not asked again.
+    fn grow(&mut self) {
+        self.may_grow = false;
+        let grown = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(GROWN_PIPE_BYTES as i32));
+        if let Ok(capacity) = grown.map(usize::try_from) {
+            self.capacity = capacity.unwrap_or(self.capacity);
+        }
+    }
 }
 
 /// A pipe taken from the pool for one burst, and what is in it. Dropped empty, the pipe goes
@@ -72,7 +98,12 @@ impl Lease {
             Some(pipe) => pipe,
             None => {
                 let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-                Pipe { read, write }
+                Pipe {
+                    read,
+                    write,
+                    capacity: PIPE_BYTES,
+                    may_grow: true,
+                }
             }
         };
         #[cfg(test)]
@@ -87,6 +118,26 @@ impl Lease {
         self.pipe
             .as_ref()
             .ok_or_else(|| io::Error::other("splice pipe already given back"))
+    }
+
+    /// The most one splice into the pipe may move: its capacity, or `limit` (`bufferBytes`)
+    /// where that is smaller than a new pipe.
+    fn room(&self, limit: usize) -> usize {
+        match &self.pipe {
+            Some(pipe) if limit >= PIPE_BYTES => pipe.capacity,
+            _ => limit,
+        }
+    }
+
+    /// After a splice of `read` bytes into the pipe: one that filled it grows it.
+    fn grow_if_filled(&mut self, read: usize, limit: usize) {
+        if let Some(pipe) = &mut self.pipe
+            && pipe.may_grow
+            && limit >= PIPE_BYTES
+            && read >= pipe.capacity
+        {
+            pipe.grow();
+        }
     }
 }
 
@@ -212,8 +263,9 @@ async fn burst(
         Err(error) => return Ok(Burst::Unsupported(error)),
     };
     loop {
+        let room = lease.room(limit);
         let read = from.try_io(Interest::READABLE, || {
-            splice(from, None, &lease.pipe()?.write, None, limit, FLAGS).map_err(io::Error::from)
+            splice(from, None, &lease.pipe()?.write, None, room, FLAGS).map_err(io::Error::from)
         });
         let read = match read {
             Ok(0) => return Ok(Burst::Eof),
@@ -223,6 +275,7 @@ async fn burst(
             Err(error) => return Err(error),
         };
         lease.in_pipe = read;
+        lease.grow_if_filled(read, limit);
         pace.pace(read).await;
         while lease.in_pipe > 0 {
             let written = to.try_io(Interest::WRITABLE, || {
@@ -257,8 +310,23 @@ fn unsupported(error: &io::Error) -> bool {
 pub(super) mod tests_support {
     use std::cell::Cell;
 
+    use nix::fcntl::{FcntlArg, fcntl};
+
     thread_local! {
         /// Pipes leased on this thread and not given back yet.
         pub static LEASED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// The kernel's capacity of each pipe in this thread's pool (`F_GETPIPE_SZ`).
+    pub fn pooled_capacities() -> Vec<usize> {
+        super::POOL.with(|pool| {
+            pool.borrow()
+                .iter()
+                .map(|pipe| {
+                    let capacity = fcntl(&pipe.write, FcntlArg::F_GETPIPE_SZ).expect("size");
+                    usize::try_from(capacity).expect("positive")
+                })
+                .collect()
+        })
     }
 }

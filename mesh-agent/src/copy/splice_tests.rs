@@ -2,7 +2,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{CopyError, Transferred, splice::tests_support::LEASED, spliced, tests::pair};
+use super::{
+    CopyError, Transferred,
+    splice::tests_support::{LEASED, pooled_capacities},
+    spliced,
+    tests::pair,
+};
 
 /// Bytes that differ by position, so a reordered or lost run shows.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -207,4 +212,55 @@ async fn idle_connections_hold_no_pipe() {
         let ended = ended.expect("join");
         assert!(matches!(ended, Ok(()) | Err(CopyError::Io(_))), "{ended:?}");
     }
+}
+
+/// Copies `len` bytes one way through a spliced copy whose `bufferBytes` is `limit`, and
+/// checks they arrive intact.
+async fn one_way(len: usize, limit: usize) {
+    let (mut app, mut proxy_down) = pair().await;
+    let (mut proxy_up, mut server) = pair().await;
+    let moved = Transferred::default();
+    let copy = spliced(
+        proxy_down.split(),
+        proxy_up.split(),
+        limit,
+        Duration::from_secs(30),
+        &moved,
+        (&(), &()),
+    );
+    let data = pattern(len, 5);
+    let peers = async {
+        let send = async {
+            app.write_all(&data).await.expect("write");
+            app.shutdown().await.expect("half-close");
+        };
+        let receive = async {
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.expect("server EOF");
+            server.shutdown().await.expect("server half-close");
+            received
+        };
+        tokio::join!(send, receive).1
+    };
+    let (result, received) = tokio::join!(copy, peers);
+    result.expect("copy");
+    assert!(
+        received == data,
+        "{} of {len} bytes, or corrupted",
+        received.len()
+    );
+}
+
+#[tokio::test]
+async fn a_bulk_burst_grows_its_pipe_unless_the_buffer_setting_is_small() {
+    // bufferBytes below a new pipe's 64 KiB caps each splice, and no pipe grows.
+    one_way(8 << 20, 16 * 1024).await;
+    let small = pooled_capacities();
+    assert!(!small.is_empty(), "a pipe went back to the pool");
+    assert!(small.iter().all(|&c| c == 64 * 1024), "{small:?}");
+    // With the default, a splice that fills the pipe grows it to 1 MiB (kept in the pool).
+    one_way(8 << 20, 64 * 1024).await;
+    let grown = pooled_capacities();
+    assert!(grown.contains(&(1 << 20)), "{grown:?}");
+    assert_eq!(leased(), 0, "pipes given back");
 }
