@@ -27,7 +27,8 @@ use mesh_agent::{
         peer_identity, server_config,
     },
     tunnel::{
-        ConnectRequest, Forward, Pool, PoolOptions, Refusal, Server, ServerOptions, TunnelStream,
+        ConnectRequest, Early, Forward, Pool, PoolOptions, Refusal, Server, ServerOptions,
+        TunnelStream,
     },
 };
 use rustls::pki_types::ServerName;
@@ -204,7 +205,7 @@ fn streams(c: &mut Criterion) {
                         },
                     );
                     let stream = pool
-                        .connect(&client, &server, tunnel, upstream, plain)
+                        .connect(&client, &server, tunnel, upstream, &Early::default(), plain)
                         .await
                         .expect("stream");
                     echo_one(stream).await;
@@ -221,7 +222,7 @@ fn streams(c: &mut Criterion) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     let stream = pool
-                        .connect(&client, &server, tunnel, upstream, plain)
+                        .connect(&client, &server, tunnel, upstream, &Early::default(), plain)
                         .await
                         .expect("stream");
                     echo_one(stream).await;
@@ -246,7 +247,7 @@ fn streams(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let stream = pool
-                        .connect(&client, &server, tunnel, upstream, plain)
+                        .connect(&client, &server, tunnel, upstream, &Early::default(), plain)
                         .await
                         .expect("stream");
                     let (mut read, mut write) = stream.into_split();

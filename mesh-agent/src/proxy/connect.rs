@@ -1,8 +1,14 @@
 //! Steps 1-3 of the pipeline for one connection: route, then per attempt admission
 //! (authorization and rate limits where the destination is served here) and the connect. A
-//! service's endpoint is picked per attempt; a failed connect (no byte sent yet, so always
-//! safe) is retried on another endpoint while the service's retry budget allows, and feeds
-//! the balancer (latency, failure streaks, ejection).
+//! service's endpoint is picked per attempt; a failed connect is retried on another endpoint
+//! while the service's retry budget allows, and feeds the balancer (latency, failure streaks,
+//! ejection).
+//!
+//! A pod's outbound connection's first bytes, when the app has sent them by the time the
+//! route is known, are read here and go with the connect ([`Early`]): right behind a tunnel
+//! stream's CONNECT, or written once a direct connect succeeds. A retry sends them again,
+//! except after a tunnel attempt that failed without an answer once they were out (the app
+//! on the other side may have them): that failure is final, so nothing reaches an app twice.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -10,7 +16,8 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
+use bytes::Bytes;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::OwnedSemaphorePermit, time::Instant};
 
 use super::{
     context::{PodHandle, ProxyContext, Refused},
@@ -25,8 +32,12 @@ use crate::{
     config::{Config, Workload},
     limit::{Shaper, SourceKey},
     tls::SpiffeId,
-    tunnel::{StreamTarget, TunnelStream},
+    tunnel::{Early, StreamTarget, TunnelStream},
 };
+
+/// The most a connection's first bytes read before connecting may be (a request, a TLS
+/// ClientHello with a post-quantum key share).
+const EARLY_BYTES: usize = 4096;
 
 /// Either side of a connection.
 pub(super) enum Stream {
@@ -57,6 +68,8 @@ pub(super) struct Established {
     pub active: Option<ActiveGuard>,
     /// The connection-limit slot of a tunnel stream (TCP ones hold theirs in the accept loop).
     pub _slot: Option<OwnedSemaphorePermit>,
+    /// The downstream's first bytes, already sent upstream with the connect.
+    pub early_bytes: usize,
 }
 
 /// What the attempts share.
@@ -67,23 +80,30 @@ struct Attempts<'a> {
     tunnel_port: u16,
     /// A tunnel stream's vouched-for client pod address: direct connects leave from it.
     connect_from: Option<IpAddr>,
+    /// The downstream's first bytes, sent with each attempt's connect.
+    early: Early,
 }
 
 /// Why one attempt failed.
 enum Failed {
     /// The connect failed: another endpoint may do.
     Retryable,
+    /// The connect failed after the first bytes went out without an answer: the endpoint
+    /// failed, and no other may be tried.
+    AfterSending,
     /// Refused by policy or limits: no retry.
     Final,
 }
 
 /// Route, admit, connect (from `connect_from`, a tunnel client's vouched-for address, when
-/// given). `None`: refused, with the reason in `result`.
+/// given), sending what an outbound `downstream` has sent so far with the connect. `None`:
+/// refused, with the reason in `result`.
 pub(super) async fn establish(
     ctx: &ProxyContext,
     pod: &PodHandle,
     result: &mut ConnectionResult,
     connect_from: Option<IpAddr>,
+    downstream: Option<&TcpStream>,
 ) -> Option<Established> {
     let Some(dst) = result.destination else {
         result.fail(
@@ -135,6 +155,10 @@ pub(super) async fn establish(
             .unwrap_or(live.connect_timeout),
         tunnel_port: startup.tunnel_port,
         connect_from,
+        early: match (result.direction, downstream) {
+            (Direction::Outbound, Some(downstream)) => Early::new(early_bytes(downstream)),
+            _ => Early::default(),
+        },
     };
 
     // Tunnel streams count against the same node-wide limit as TCP connections, which take
@@ -183,7 +207,22 @@ pub(super) async fn establish(
         copy,
         active,
         _slot: slot,
+        early_bytes: attempts.early.len(),
     })
+}
+
+/// What `downstream` has sent so far, up to [`EARLY_BYTES`], without waiting. Read with a
+/// plain non-blocking `recv`: tokio may not have seen the socket readable yet. Nothing (and
+/// the copy finds the rest, EOF or the error) when there is nothing now.
+fn early_bytes(downstream: &TcpStream) -> Bytes {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut buffer = [0; EARLY_BYTES];
+    match recv(downstream.as_raw_fd(), &mut buffer, MsgFlags::MSG_DONTWAIT) {
+        Ok(read) => Bytes::copy_from_slice(&buffer[..read]),
+        Err(_) => Bytes::new(),
+    }
 }
 
 fn route_connection(
@@ -300,6 +339,12 @@ impl Attempts<'_> {
                     return Some((upstream, tracked, shaper, Some(active)));
                 }
                 Err(Failed::Final) => return None,
+                Err(Failed::AfterSending) => {
+                    if pick.failed() {
+                        metrics.ejection(&service);
+                    }
+                    return None;
+                }
                 Err(Failed::Retryable) => {
                     if pick.failed() {
                         metrics.ejection(&service);
@@ -399,15 +444,7 @@ impl Attempts<'_> {
             }
         };
         let connected = match &hop.via {
-            Via::Direct => match self.connect_from {
-                Some(client) => {
-                    let timeout = self.connect_timeout;
-                    upstream::connect_as(ctx, self.pod, hop.addr, client, timeout).await
-                }
-                None => upstream::connect(self.pod, hop.addr, self.connect_timeout).await,
-            }
-            .map(Stream::Tcp)
-            .map_err(|error| (Outcome::ConnectFailed, error.to_string(), true)),
+            Via::Direct => self.direct(hop.addr).await,
             Via::Tunnel { expected } => upstream::tunnel(
                 &ctx.mesh_tls,
                 self.pod,
@@ -416,26 +453,52 @@ impl Attempts<'_> {
                     authority: hop.addr,
                     forwarded_for: self.forwarded_for(result, hop.addr),
                 },
+                &self.early,
                 self.tunnel_port,
                 self.connect_timeout,
             )
             .await
             .map(Stream::Tunnel)
             .map_err(|failure| match failure {
-                TunnelFailure::Denied(reason) => (Outcome::Denied, reason, false),
-                TunnelFailure::Failed(reason) => (Outcome::ConnectFailed, reason, true),
+                TunnelFailure::Denied(reason) => (Outcome::Denied, reason, Failed::Final),
+                TunnelFailure::Failed(reason) => {
+                    (Outcome::ConnectFailed, reason, Failed::Retryable)
+                }
+                TunnelFailure::AfterSending(reason) => {
+                    (Outcome::ConnectFailed, reason, Failed::AfterSending)
+                }
             }),
         };
         match connected {
             Ok(stream) => Ok((stream, tracked, shaper)),
-            Err((outcome, reason, retryable)) => {
+            Err((outcome, reason, failed)) => {
                 result.fail(outcome, reason);
-                Err(if retryable {
-                    Failed::Retryable
-                } else {
-                    Failed::Final
-                })
+                Err(failed)
             }
         }
+    }
+
+    /// A TCP connect from the pod (from the vouched-for client's address for a tunnel
+    /// stream), then the early bytes.
+    async fn direct(&self, addr: SocketAddr) -> Result<Stream, (Outcome, String, Failed)> {
+        let timeout = self.connect_timeout;
+        let connected = match self.connect_from {
+            Some(client) => upstream::connect_as(self.ctx, self.pod, addr, client, timeout).await,
+            None => upstream::connect(self.pod, addr, timeout).await,
+        };
+        let mut stream = connected
+            .map_err(|error| (Outcome::ConnectFailed, error.to_string(), Failed::Retryable))?;
+        if !self.early.is_empty() {
+            // A new socket's send buffer takes them at once; a failure may come after some
+            // went out.
+            stream
+                .write_all(self.early.bytes())
+                .await
+                .map_err(|error| {
+                    let reason = format!("sending the first bytes: {error}");
+                    (Outcome::ConnectFailed, reason, Failed::AfterSending)
+                })?;
+        }
+        Ok(Stream::Tcp(stream))
     }
 }

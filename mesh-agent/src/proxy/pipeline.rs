@@ -84,7 +84,17 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
     );
     // Boxed: routing and connecting (retries, the tunnel pool) take far more state than the
     // copy, and an inline future would keep that size for the connection's whole life.
-    let establishing = Box::pin(connect::establish(&ctx, &pod, &mut result, connect_from));
+    let first_bytes_from = match &downstream {
+        Downstream::Tcp(stream) => Some(stream),
+        Downstream::Tunnel(_) => None,
+    };
+    let establishing = Box::pin(connect::establish(
+        &ctx,
+        &pod,
+        &mut result,
+        connect_from,
+        first_bytes_from,
+    ));
     // Destructured here: a binding of the whole would stay in the future (moved from, but
     // never reused) for the connection's whole life.
     let Some(Established {
@@ -94,6 +104,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         copy,
         active,
         _slot,
+        early_bytes,
     }) = establishing.await
     else {
         refuse(downstream, &result);
@@ -110,6 +121,12 @@ pub async fn serve(ctx: Arc<ProxyContext>, accepted: Accepted) {
         },
     };
     result.established();
+    if early_bytes > 0 {
+        // Sent with the connect: counted, and paced as if the copy had sent them.
+        let sent = &result.moved.downstream_to_upstream;
+        sent.fetch_add(early_bytes as u64, std::sync::atomic::Ordering::Relaxed);
+        copy::Pace::pace(shaper.to_server(), early_bytes).await;
+    }
     let lifetime = async {
         match copy.max_lifetime {
             Some(lifetime) => tokio::time::sleep(lifetime).await,

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     sys::reply_route::Family,
     tls::SpiffeId,
-    tunnel::{MeshTls, PoolError, StreamTarget, TunnelStream},
+    tunnel::{Early, MeshTls, PoolError, StreamTarget, TunnelStream},
 };
 
 /// Connects to `target` from inside the pod's network namespace, so the destination sees
@@ -86,12 +86,13 @@ async fn connect_socket(
 /// Opens a tunnel stream from `pod` (with its own identity) to `target.authority`, a pod of
 /// another node whose identity must be `expected`, through that pod's tunnel port, within
 /// `timeout` (a new tunnel connection, its handshakes and the stream's response together). A
-/// new tunnel connection leaves from the source pod too.
+/// new tunnel connection leaves from the source pod too. `early` goes with the stream.
 pub async fn tunnel(
     mesh: &MeshTls,
     pod: &PodHandle,
     expected: &SpiffeId,
     target: StreamTarget,
+    early: &Early,
     tunnel_port: u16,
     timeout: Duration,
 ) -> Result<TunnelStream, TunnelFailure> {
@@ -101,24 +102,34 @@ pub async fn tunnel(
         expected,
         tunnel_addr,
         target,
+        early,
         |addr| async move { connect(pod, addr, timeout).await },
     );
-    match tokio::time::timeout(timeout, stream).await {
-        Ok(Ok(stream)) => Ok(stream),
+    let reason = match tokio::time::timeout(timeout, stream).await {
+        Ok(Ok(stream)) => return Ok(stream),
         Ok(Err(error @ PoolError::Refused { status, .. })) if status == StatusCode::FORBIDDEN => {
-            Err(TunnelFailure::Denied(error.to_string()))
+            return Err(TunnelFailure::Denied(error.to_string()));
         }
-        Ok(Err(error)) => Err(TunnelFailure::Failed(error.to_string())),
-        Err(_) => Err(TunnelFailure::Failed(format!(
-            "tunnel to {tunnel_addr} timed out after {timeout:?}"
-        ))),
-    }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("tunnel to {tunnel_addr} timed out after {timeout:?}"),
+    };
+    Err(if early.may_have_arrived() {
+        TunnelFailure::AfterSending(format!(
+            "{reason}, after the first {} bytes went out (not retried)",
+            early.len()
+        ))
+    } else {
+        TunnelFailure::Failed(reason)
+    })
 }
 
 /// Why a tunnel stream could not be opened.
 pub enum TunnelFailure {
     /// The destination's agent refused it by policy (`403`).
     Denied(String),
+    /// The stream failed without an answer once the connection's first bytes were out: the
+    /// app on the other side may have them.
+    AfterSending(String),
     /// Anything else: unreachable, handshake, timeout, another status.
     Failed(String),
 }

@@ -19,7 +19,7 @@ mod tests;
 
 pub use connect::{ConnectError, StreamTarget, connect_request, forwarded_for, parse_connect};
 pub use mesh::{MeshTls, MeshTlsError, dev_ca_dir};
-pub use pool::{Pool, PoolError, PoolOptions, default_connections_per_peer};
+pub use pool::{Early, Pool, PoolError, PoolOptions, default_connections_per_peer};
 pub use server::{
     ConnectRequest, Forward, ForwardOptions, PendingStream, Refusal, Server, ServerError,
     ServerOptions, StreamHandler,

@@ -23,7 +23,7 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 use super::{
-    ConnectRequest, Forward, Pool, PoolError, PoolOptions, Refusal, Server, ServerOptions,
+    ConnectRequest, Early, Forward, Pool, PoolError, PoolOptions, Refusal, Server, ServerOptions,
     TunnelStream,
 };
 use crate::tls::{
@@ -112,7 +112,8 @@ pub(super) async fn echo_upstream() -> SocketAddr {
 
 pub(super) type Seen = Arc<Mutex<Vec<ConnectRequest>>>;
 
-/// A tunnel server for `identity` connecting streams to their authority, recording requests.
+/// A tunnel server for `identity` connecting streams to their authority, recording requests;
+/// it refuses port 1 and never answers for port 2.
 pub(super) async fn start_server(
     store: &Arc<CertStore>,
     identity: &SpiffeId,
@@ -128,6 +129,10 @@ pub(super) async fn start_server(
             record.lock().push(request);
             if authority.port() == 1 {
                 return Err(Refusal::Forbidden("port 1 is off limits".into()));
+            }
+            if authority.port() == 2 {
+                // Never answers: a destination whose connect hangs.
+                return std::future::pending().await;
             }
             TcpStream::connect(authority)
                 .await
@@ -237,7 +242,14 @@ async fn ten_megabytes_each_way_with_half_close_and_the_client_identity() {
     let upstream = echo_upstream().await;
     let pool = Pool::new(store.clone(), PoolOptions::default());
     let stream = pool
-        .connect(&client_id, &server_id, tunnel, upstream, plain)
+        .connect(
+            &client_id,
+            &server_id,
+            tunnel,
+            upstream,
+            &Early::default(),
+            plain,
+        )
         .await
         .expect("stream");
     let data = pattern(10 * 1024 * 1024, 1);
@@ -289,7 +301,14 @@ async fn with_one_connection_per_peer_concurrent_streams_share_it_and_idle_ones_
         );
         tasks.push(tokio::spawn(async move {
             let stream = pool
-                .connect(&client_id, &server_id, tunnel, upstream, counting(&sockets))
+                .connect(
+                    &client_id,
+                    &server_id,
+                    tunnel,
+                    upstream,
+                    &Early::default(),
+                    counting(&sockets),
+                )
                 .await
                 .expect("stream");
             let data = pattern(100_000, i);
@@ -308,7 +327,14 @@ async fn with_one_connection_per_peer_concurrent_streams_share_it_and_idle_ones_
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(pool.live_connections(), 0, "idle connection closed");
     let stream = pool
-        .connect(&client_id, &server_id, tunnel, upstream, counting(&sockets))
+        .connect(
+            &client_id,
+            &server_id,
+            tunnel,
+            upstream,
+            &Early::default(),
+            counting(&sockets),
+        )
         .await
         .expect("stream after idle close");
     assert!(exchange(stream, b"again".to_vec()).await == b"again");
@@ -337,7 +363,14 @@ async fn streams_beyond_the_server_limit_open_another_connection() {
     for _ in 0..10 {
         let stream = tokio::time::timeout(
             Duration::from_secs(5),
-            pool.connect(&client_id, &server_id, tunnel, upstream, counting(&sockets)),
+            pool.connect(
+                &client_id,
+                &server_id,
+                tunnel,
+                upstream,
+                &Early::default(),
+                counting(&sockets),
+            ),
         )
         .await
         .expect("not queued behind the limit")
@@ -363,7 +396,14 @@ async fn the_client_refuses_a_server_with_another_identity() {
     let upstream = echo_upstream().await;
     let pool = Pool::new(store.clone(), PoolOptions::default());
     let error = pool
-        .connect(&client_id, &id("impostor-check"), tunnel, upstream, plain)
+        .connect(
+            &client_id,
+            &id("impostor-check"),
+            tunnel,
+            upstream,
+            &Early::default(),
+            plain,
+        )
         .await
         .err()
         .expect("refused");
@@ -383,7 +423,14 @@ async fn handler_refusals_reach_the_client_as_status() {
     let pool = Pool::new(store.clone(), PoolOptions::default());
     let forbidden: SocketAddr = "127.0.0.1:1".parse().expect("addr");
     match pool
-        .connect(&client_id, &server_id, tunnel, forbidden, plain)
+        .connect(
+            &client_id,
+            &server_id,
+            tunnel,
+            forbidden,
+            &Early::default(),
+            plain,
+        )
         .await
     {
         Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::FORBIDDEN),
@@ -394,13 +441,105 @@ async fn handler_refusals_reach_the_client_as_status() {
     let closed_addr = closed.local_addr().expect("addr");
     drop(closed);
     match pool
-        .connect(&client_id, &server_id, tunnel, closed_addr, plain)
+        .connect(
+            &client_id,
+            &server_id,
+            tunnel,
+            closed_addr,
+            &Early::default(),
+            plain,
+        )
         .await
     {
         Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::BAD_GATEWAY),
         other => panic!("{:?}", other.err()),
     }
     assert_eq!(pool.opened_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_bytes_reach_the_app_first_and_in_order() {
+    init_logs();
+    let ca = new_ca();
+    let store = store(ca.ca.clone(), &[&ca]);
+    let (server_id, client_id) = (id("server"), id("client"));
+    let (tunnel, _seen, _server) = start_server(&store, &server_id, ServerOptions::default()).await;
+    store.ensure(&client_id).await.expect("client cert");
+    let upstream = echo_upstream().await;
+    let pool = Pool::new(store.clone(), PoolOptions::default());
+    let first = pattern(3000, 7);
+    let early = Early::new(Bytes::from(first.clone()));
+    let stream = pool
+        .connect(&client_id, &server_id, tunnel, upstream, &early, plain)
+        .await
+        .expect("stream");
+    assert!(!early.may_have_arrived(), "answered with 200");
+    // Nothing more is written before the echo of the early bytes comes back: they went with
+    // the stream, not through it.
+    let (mut read, mut write) = stream.into_split();
+    let mut echoed = vec![0; first.len()];
+    tokio::time::timeout(Duration::from_secs(5), read.read_exact(&mut echoed))
+        .await
+        .expect("the early bytes are echoed without another write")
+        .expect("read");
+    assert_eq!(echoed, first);
+    // What the copy writes after them follows them.
+    let rest = pattern(200_000, 8);
+    write.write_all(&rest).await.expect("write");
+    write.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    read.read_to_end(&mut back).await.expect("read");
+    assert!(back == rest, "the rest differs ({} bytes back)", back.len());
+}
+
+#[tokio::test]
+async fn early_bytes_of_a_refused_or_unanswered_stream() {
+    init_logs();
+    let ca = new_ca();
+    let store = store(ca.ca.clone(), &[&ca]);
+    let (server_id, client_id) = (id("server"), id("client"));
+    let (tunnel, seen, _server) = start_server(&store, &server_id, ServerOptions::default()).await;
+    store.ensure(&client_id).await.expect("client cert");
+    let pool = Pool::new(
+        store.clone(),
+        PoolOptions {
+            stream_timeout: Duration::from_millis(300),
+            ..PoolOptions::default()
+        },
+    );
+    let open = |port: u16, early| {
+        let target: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        pool.connect(&client_id, &server_id, tunnel, target, early, plain)
+    };
+    // Refused (403) or not connected (502): answered, so the bytes never reached an app and
+    // another endpoint may have them.
+    let forbidden = Early::new(Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"));
+    match open(1, &forbidden).await {
+        Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::FORBIDDEN),
+        other => panic!("{:?}", other.err()),
+    }
+    assert!(!forbidden.may_have_arrived());
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let unreachable = Early::new(Bytes::from_static(b"hello"));
+    match open(closed_port, &unreachable).await {
+        Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::BAD_GATEWAY),
+        other => panic!("{:?}", other.err()),
+    }
+    assert!(!unreachable.may_have_arrived());
+    // No answer in time after the bytes went out: they may have arrived.
+    let unanswered = Early::new(Bytes::from_static(b"hello"));
+    match open(2, &unanswered).await {
+        Err(PoolError::Timeout { .. }) => {}
+        other => panic!("{:?}", other.err()),
+    }
+    assert!(unanswered.may_have_arrived());
+    // Without early bytes, the same timeout leaves nothing that may have arrived.
+    let none = Early::default();
+    assert!(open(2, &none).await.is_err());
+    assert!(!none.may_have_arrived());
+    assert_eq!(seen.lock().len(), 4);
 }
 
 /// Tries a client with its own store against the server; returns whether a stream opened.
@@ -414,7 +553,14 @@ async fn client_can_connect(
     client_store.ensure(client_id).await.expect("client cert");
     let pool = Pool::new(client_store.clone(), PoolOptions::default());
     let stream = pool
-        .connect(client_id, server_id, tunnel, upstream, plain)
+        .connect(
+            client_id,
+            server_id,
+            tunnel,
+            upstream,
+            &Early::default(),
+            plain,
+        )
         .await?;
     let back = exchange(stream, b"ping".to_vec()).await;
     assert_eq!(back, b"ping");
@@ -579,7 +725,14 @@ async fn rotation_keeps_live_streams_and_new_connections_get_the_new_certificate
         },
     );
     let stream = pool
-        .connect(&client_id, &server_id, tunnel, upstream, plain)
+        .connect(
+            &client_id,
+            &server_id,
+            tunnel,
+            upstream,
+            &Early::default(),
+            plain,
+        )
         .await
         .expect("stream");
     let (mut read, mut write) = stream.into_split();
@@ -613,7 +766,14 @@ async fn rotation_keeps_live_streams_and_new_connections_get_the_new_certificate
 
     // And a new stream still rides the same pooled connection.
     let stream = pool
-        .connect(&client_id, &server_id, tunnel, upstream, plain)
+        .connect(
+            &client_id,
+            &server_id,
+            tunnel,
+            upstream,
+            &Early::default(),
+            plain,
+        )
         .await
         .expect("stream");
     assert_eq!(exchange(stream, b"x".to_vec()).await, b"x");

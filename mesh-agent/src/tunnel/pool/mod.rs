@@ -223,9 +223,55 @@ struct Inner {
 }
 
 enum OpenError {
-    /// The connection could not carry the stream (closing, GOAWAY): another one may.
+    /// The connection could not carry the stream (closing, GOAWAY), and the server did not
+    /// take it: another connection may.
     Connection(h2::Error),
     Pool(PoolError),
+}
+
+/// A new connection's first bytes, sent right behind the stream's CONNECT instead of after
+/// the server's response: the destination's agent has them when its connect to the app
+/// succeeds, one crossing between the nodes fewer for a client that speaks first (a request,
+/// a TLS ClientHello). The server holds them until it has connected, and drops them with any
+/// refusal.
+///
+/// Once sent, a failure without an answer (the connection broke, the stream timed out) may
+/// have come after the server passed them on to the app: [`Early::may_have_arrived`] tells
+/// the caller not to send them again elsewhere.
+#[derive(Debug, Default)]
+pub struct Early {
+    bytes: Bytes,
+    sent: AtomicBool,
+}
+
+impl Early {
+    pub fn new(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            sent: AtomicBool::new(false),
+        }
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The bytes went out on a stream that then failed without the server's answer.
+    pub fn may_have_arrived(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    fn mark(&self, sent: bool) {
+        self.sent.store(sent, Ordering::Release);
+    }
 }
 
 impl Pool {
@@ -248,13 +294,14 @@ impl Pool {
     /// `expected_server`. Reuses a pooled connection when
     /// there is a live one; otherwise calls `socket(tunnel_addr)` for a connected TCP socket
     /// (the caller makes it in the right network namespace, with its mark) and handshakes.
-    /// `socket` is called at most once.
+    /// `socket` is called at most once. `early` goes right behind the request.
     pub async fn connect<S, F>(
         &self,
         source: &SpiffeId,
         expected_server: &SpiffeId,
         tunnel_addr: SocketAddr,
         target: impl Into<StreamTarget>,
+        early: &Early,
         socket: S,
     ) -> Result<TunnelStream, PoolError>
     where
@@ -354,7 +401,10 @@ impl Pool {
                 state: conn.state.clone(),
                 _counted: TunnelMetrics::hold(&self.inner.options.metrics.streams),
             };
-            match self.open_stream(&conn, tunnel_addr, target, guard).await {
+            match self
+                .open_stream(&conn, tunnel_addr, target, early, guard)
+                .await
+            {
                 Ok(stream) => return Ok(stream),
                 Err(OpenError::Connection(error)) if !fresh && socket.is_some() => {
                     // A pooled connection that went away under us: retire it, try a new one.
@@ -473,6 +523,7 @@ impl Pool {
         conn: &Conn,
         addr: SocketAddr,
         target: StreamTarget,
+        early: &Early,
         guard: StreamGuard,
     ) -> Result<TunnelStream, OpenError> {
         let authority = target.authority;
@@ -485,16 +536,29 @@ impl Pool {
                 .ready()
                 .await
                 .map_err(OpenError::Connection)?;
-            let (response, send_stream) = send
+            let (response, mut send_stream) = send
                 .send_request(request, false)
                 .map_err(OpenError::Connection)?;
+            if !early.bytes.is_empty() {
+                // Queued with the request's HEADERS; written together.
+                send_stream
+                    .send_data(early.bytes.clone(), false)
+                    .map_err(OpenError::Connection)?;
+                early.mark(true);
+            }
             let response = response.await.map_err(|source| {
-                if source.is_go_away() || source.is_io() {
+                // A GOAWAY that fails the stream means the server did not take it.
+                if source.is_go_away() {
+                    early.mark(false);
+                }
+                if source.is_go_away() || (source.is_io() && !early.may_have_arrived()) {
                     OpenError::Connection(source)
                 } else {
                     OpenError::Pool(PoolError::Stream { addr, source })
                 }
             })?;
+            // Answered: the server passes the early bytes on with a 200 only.
+            early.mark(false);
             if response.status() != StatusCode::OK {
                 return Err(OpenError::Pool(PoolError::Refused {
                     addr,

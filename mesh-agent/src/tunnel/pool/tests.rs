@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::tunnel::{
-    Pool, PoolOptions, ServerOptions, TunnelStream,
+    Early, Pool, PoolOptions, ServerOptions, TunnelStream,
     tests::{
         Seen, counting, echo_upstream, exchange, id, init_logs, new_ca, pattern, start_server,
         store,
@@ -74,6 +74,7 @@ impl Setup {
                 &self.server,
                 self.tunnel,
                 self.upstream,
+                &Early::default(),
                 counting(sockets),
             ),
         )
@@ -207,12 +208,14 @@ async fn relay(to: SocketAddr) -> Relay {
 async fn a_dead_connection_among_them_is_dropped_and_the_others_carry_on() {
     let setup = setup(2).await;
     let relay = relay(setup.tunnel).await;
+    let early = Early::default();
     let open = |relay_addr: SocketAddr| {
         setup.pool.connect(
             &setup.client,
             &setup.server,
             setup.tunnel,
             setup.upstream,
+            &early,
             move |_| TcpStream::connect(relay_addr),
         )
     };
@@ -260,11 +263,13 @@ async fn a_cancelled_growth_lets_the_next_stream_grow() {
     let setup = setup(2).await;
     let sockets = Arc::new(AtomicUsize::new(0));
     let _first = setup.open(&sockets).await;
+    let early = Early::default();
     let stalled = setup.pool.connect(
         &setup.client,
         &setup.server,
         setup.tunnel,
         setup.upstream,
+        &early,
         |_| std::future::pending::<std::io::Result<TcpStream>>(),
     );
     assert!(
