@@ -6,9 +6,12 @@
 //!   built-in CA, X25519, client certificate verified, no resumption) on a fresh TCP
 //!   connection, both sides; 1 / time = full handshakes per second per core;
 //! - `tunnel/new_connection_connect`: a new tunnel connection from a fresh pool (TCP + mTLS +
-//!   HTTP/2 handshake) plus one CONNECT stream and a 1-byte echo through it;
+//!   HTTP/2 handshake) plus one CONNECT stream and a 1-byte echo through it (the byte, its
+//!   echo, then half-close and EOF);
 //! - `tunnel/pooled_stream`: a new CONNECT stream on the warm pooled connection plus a 1-byte
 //!   echo (what each new proxied connection costs once the tunnel is up);
+//! - `tunnel/pooled_stream_early`: the same with the byte sent right behind the CONNECT (the
+//!   connection's first bytes, as the proxy sends them when the app spoke first);
 //! - `tunnel/stream_throughput`: one stream, 8 MiB written through the tunnel to an echo
 //!   upstream and read back (throughput counts the bytes each way).
 //!
@@ -20,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mesh_agent::{
     tls::{
@@ -28,7 +32,7 @@ use mesh_agent::{
     },
     tunnel::{
         ConnectRequest, Early, Forward, Pool, PoolOptions, Refusal, Server, ServerOptions,
-        TunnelStream,
+        TunnelReadHalf, TunnelStream, TunnelWriteHalf,
     },
 };
 use rustls::pki_types::ServerName;
@@ -122,14 +126,22 @@ async fn plain(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(tcp)
 }
 
-/// One byte out, half-close, one byte back, EOF.
+/// A request and its answer: one byte out, the byte back, then half-close and EOF.
 async fn echo_one(stream: TunnelStream) {
-    let (mut read, mut write) = stream.into_split();
+    let (read, mut write) = stream.into_split();
     write.write_all(b"x").await.expect("write");
+    echo_back(read, write).await;
+}
+
+/// Reads the echo of the one byte already sent, then half-closes and waits for EOF.
+async fn echo_back(mut read: TunnelReadHalf, mut write: TunnelWriteHalf) {
+    let mut got = [0; 1];
+    read.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"x");
     write.shutdown().await.expect("half-close");
-    let mut got = Vec::new();
-    read.read_to_end(&mut got).await.expect("read");
-    assert_eq!(got, b"x");
+    let mut rest = Vec::new();
+    read.read_to_end(&mut rest).await.expect("read");
+    assert!(rest.is_empty());
 }
 
 fn handshake(c: &mut Criterion) {
@@ -226,6 +238,23 @@ fn streams(c: &mut Criterion) {
                         .await
                         .expect("stream");
                     echo_one(stream).await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.bench_function("pooled_stream_early", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let early = Early::new(Bytes::from_static(b"x"));
+                    let stream = pool
+                        .connect(&client, &server, tunnel, upstream, &early, plain)
+                        .await
+                        .expect("stream");
+                    let (read, write) = stream.into_split();
+                    echo_back(read, write).await;
                 }
                 start.elapsed()
             })

@@ -246,6 +246,10 @@ const MICRO: &[(&str, &str)] = &[
         "new CONNECT stream on a warm pooled connection + 1-byte echo, per s per core",
     ),
     (
+        "pooled_stream_early",
+        "the same, the byte sent right behind the CONNECT (early data), per s per core",
+    ),
+    (
         "stream_throughput",
         "one stream through the tunnel, echoed back (MiB/s each way, one core)",
     ),

@@ -33,7 +33,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::{Reason, client::SendRequest};
 use http::StatusCode;
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
@@ -363,7 +363,7 @@ impl Pool {
                     (None, None) => {
                         return Err(PoolError::Stream {
                             addr: tunnel_addr,
-                            source: h2::Error::from(h2::Reason::REFUSED_STREAM),
+                            source: h2::Error::from(Reason::REFUSED_STREAM),
                         });
                     }
                 }
@@ -547,11 +547,14 @@ impl Pool {
                 early.mark(true);
             }
             let response = response.await.map_err(|source| {
-                // A GOAWAY that fails the stream means the server did not take it.
-                if source.is_go_away() {
+                // The server did not take the stream: a graceful GOAWAY fails only the streams
+                // it did not take, and REFUSED_STREAM says so (RFC 9113, 8.7). Any other
+                // failure may have come after it passed the early bytes on.
+                let graceful = source.is_go_away() && source.reason() == Some(Reason::NO_ERROR);
+                if graceful || source.reason() == Some(Reason::REFUSED_STREAM) {
                     early.mark(false);
                 }
-                if source.is_go_away() || (source.is_io() && !early.may_have_arrived()) {
+                if (source.is_go_away() || source.is_io()) && !early.may_have_arrived() {
                     OpenError::Connection(source)
                 } else {
                     OpenError::Pool(PoolError::Stream { addr, source })
