@@ -4,15 +4,16 @@
 //! while the service's retry budget allows, and feeds the balancer (latency, failure streaks,
 //! ejection).
 //!
-//! A pod's outbound connection's first bytes, when the app has sent them by the time the
-//! route is known, are read here and go with the connect ([`Early`]): right behind a tunnel
-//! stream's CONNECT, or written once a direct connect succeeds. A retry sends them again,
-//! except after a tunnel attempt that failed without an answer once they were out (the app
-//! on the other side may have them): that failure is final, so nothing reaches an app twice.
+//! A pod's outbound connection's first bytes, when the app has sent them by the time its
+//! first tunnel attempt starts, are read there and go right behind the stream's CONNECT
+//! ([`Early`]); a connection that never takes a tunnel is left to the copy. A retry sends them
+//! again (a direct hop writes them once connected), except after a tunnel attempt that failed
+//! without an answer once they were out (the app on the other side may have them): that
+//! failure is final, so nothing reaches an app twice.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -80,8 +81,10 @@ struct Attempts<'a> {
     tunnel_port: u16,
     /// A tunnel stream's vouched-for client pod address: direct connects leave from it.
     connect_from: Option<IpAddr>,
-    /// The downstream's first bytes, sent with each attempt's connect.
-    early: Early,
+    /// An outbound connection's downstream, whose first bytes a tunnel attempt reads.
+    downstream: Option<&'a TcpStream>,
+    /// Those bytes, once read: sent with each later attempt's connect.
+    early: OnceLock<Early>,
 }
 
 /// Why one attempt failed.
@@ -96,8 +99,8 @@ enum Failed {
 }
 
 /// Route, admit, connect (from `connect_from`, a tunnel client's vouched-for address, when
-/// given), sending what an outbound `downstream` has sent so far with the connect. `None`:
-/// refused, with the reason in `result`.
+/// given); a tunnel attempt sends what an outbound `downstream` has sent so far with its
+/// CONNECT. `None`: refused, with the reason in `result`.
 pub(super) async fn establish(
     ctx: &ProxyContext,
     pod: &PodHandle,
@@ -155,10 +158,8 @@ pub(super) async fn establish(
             .unwrap_or(live.connect_timeout),
         tunnel_port: startup.tunnel_port,
         connect_from,
-        early: match (result.direction, downstream) {
-            (Direction::Outbound, Some(downstream)) => Early::new(early_bytes(downstream)),
-            _ => Early::default(),
-        },
+        downstream: downstream.filter(|_| result.direction == Direction::Outbound),
+        early: OnceLock::new(),
     };
 
     // Tunnel streams count against the same node-wide limit as TCP connections, which take
@@ -207,7 +208,7 @@ pub(super) async fn establish(
         copy,
         active,
         _slot: slot,
-        early_bytes: attempts.early.len(),
+        early_bytes: attempts.early.get().map_or(0, Early::len),
     })
 }
 
@@ -453,7 +454,7 @@ impl Attempts<'_> {
                     authority: hop.addr,
                     forwarded_for: self.forwarded_for(result, hop.addr),
                 },
-                &self.early,
+                self.early(),
                 self.tunnel_port,
                 self.connect_timeout,
             )
@@ -478,8 +479,16 @@ impl Attempts<'_> {
         }
     }
 
+    /// The downstream's first bytes, read at the first call (none without a downstream).
+    fn early(&self) -> &Early {
+        self.early.get_or_init(|| match self.downstream {
+            Some(downstream) => Early::new(early_bytes(downstream)),
+            None => Early::default(),
+        })
+    }
+
     /// A TCP connect from the pod (from the vouched-for client's address for a tunnel
-    /// stream), then the early bytes.
+    /// stream), then the first bytes if an earlier tunnel attempt read them.
     async fn direct(&self, addr: SocketAddr) -> Result<Stream, (Outcome, String, Failed)> {
         let timeout = self.connect_timeout;
         let connected = match self.connect_from {
@@ -488,16 +497,13 @@ impl Attempts<'_> {
         };
         let mut stream = connected
             .map_err(|error| (Outcome::ConnectFailed, error.to_string(), Failed::Retryable))?;
-        if !self.early.is_empty() {
+        if let Some(early) = self.early.get().filter(|early| !early.is_empty()) {
             // A new socket's send buffer takes them at once; a failure may come after some
             // went out.
-            stream
-                .write_all(self.early.bytes())
-                .await
-                .map_err(|error| {
-                    let reason = format!("sending the first bytes: {error}");
-                    (Outcome::ConnectFailed, reason, Failed::AfterSending)
-                })?;
+            stream.write_all(early.bytes()).await.map_err(|error| {
+                let reason = format!("sending the first bytes: {error}");
+                (Outcome::ConnectFailed, reason, Failed::AfterSending)
+            })?;
         }
         Ok(Stream::Tcp(stream))
     }
