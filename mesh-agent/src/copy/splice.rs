@@ -76,9 +76,8 @@ impl Pipe {
     /// as it is and is not asked again.
     fn grow(&mut self) {
         self.may_grow = false;
-        let grown = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(GROWN_PIPE_BYTES as i32));
-        if let Ok(capacity) = grown.map(usize::try_from) {
-            self.capacity = capacity.unwrap_or(self.capacity);
+        if let Ok(capacity) = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(GROWN_PIPE_BYTES as i32)) {
+            self.capacity = usize::try_from(capacity).unwrap_or(self.capacity);
         }
     }
 }
@@ -129,12 +128,12 @@ impl Lease {
         }
     }
 
-    /// After a splice of `read` bytes into the pipe: one that filled it grows it.
-    fn grow_if_filled(&mut self, read: usize, limit: usize) {
+    /// After a splice of `read` bytes with `room` to fill: a pipe it filled grows (a `room`
+    /// capped below a new pipe's size never fills one).
+    fn grow_if_filled(&mut self, read: usize, room: usize) {
         if let Some(pipe) = &mut self.pipe
             && pipe.may_grow
-            && limit >= PIPE_BYTES
-            && read >= pipe.capacity
+            && read >= pipe.capacity.max(room)
         {
             pipe.grow();
         }
@@ -275,7 +274,7 @@ async fn burst(
             Err(error) => return Err(error),
         };
         lease.in_pipe = read;
-        lease.grow_if_filled(read, limit);
+        lease.grow_if_filled(read, room);
         pace.pace(read).await;
         while lease.in_pipe > 0 {
             let written = to.try_io(Interest::WRITABLE, || {
