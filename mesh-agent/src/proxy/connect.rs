@@ -340,16 +340,13 @@ impl Attempts<'_> {
                     return Some((upstream, tracked, shaper, Some(active)));
                 }
                 Err(Failed::Final) => return None,
-                Err(Failed::AfterSending) => {
-                    if pick.failed() {
-                        metrics.ejection(&service);
-                    }
-                    return None;
-                }
-                Err(Failed::Retryable) => {
+                Err(failed @ (Failed::Retryable | Failed::AfterSending)) => {
                     if pick.failed() {
                         metrics.ejection(&service);
                         tracing::info!(service, endpoint = %addr, "endpoint ejected after consecutive failures");
+                    }
+                    if matches!(failed, Failed::AfterSending) {
+                        return None;
                     }
                     tried.push(addr);
                     if tried.len() >= max_attempts {
