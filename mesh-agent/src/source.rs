@@ -66,8 +66,8 @@ pub async fn start(options: SourceOptions<'_>) -> anyhow::Result<Started> {
         metrics,
     } = options;
     let scope = kind.config_scope();
-    let config = Arc::new(Config::load_scoped(path, node.as_deref(), scope)?);
-    let file = watch::spawn_scoped(path, node, scope, config.clone());
+    let file = watch::load_scoped(path, node, scope)?;
+    let config = file.snapshot();
     let root = attach_cgroup(kind, cgroup, &config)?;
     if kind == SourceKind::File {
         return Ok(Started {

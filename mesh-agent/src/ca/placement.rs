@@ -38,9 +38,8 @@ impl ConfigPlacement {
     /// Loads `path` (refusing an invalid file) and watches it; a later invalid version is
     /// logged and the one in force stays, as in the agent.
     pub fn watch(path: &Path) -> Result<Self, ConfigError> {
-        let config = std::sync::Arc::new(Config::load(path)?);
         Ok(Self {
-            watch: watch::spawn(path, None, config),
+            watch: watch::load(path, None)?,
         })
     }
 

@@ -19,16 +19,12 @@ impl Config {
 
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
-        Self::load_on_node(path, None)
+        Self::load_scoped(path, None, Scope::Everything)
     }
 
-    /// As [`Config::load`]; `node`, when given, is this agent's node whatever `agent.node`
-    /// says (`mesh-agent run --node`, which a DaemonSet fills in from the downward API).
-    pub fn load_on_node(path: impl AsRef<Path>, node: Option<&str>) -> Result<Config, ConfigError> {
-        Self::load_scoped(path, node, Scope::Everything)
-    }
-
-    /// As [`Config::load_on_node`], refusing what `scope` leaves to another source.
+    /// As [`Config::load`], refusing what `scope` leaves to another source; `node`, when
+    /// given, is this agent's node whatever `agent.node` says (`mesh-agent run --node`, which
+    /// a DaemonSet fills in from the downward API).
     pub fn load_scoped(
         path: impl AsRef<Path>,
         node: Option<&str>,

@@ -140,38 +140,57 @@ impl ReloadStatus {
     }
 }
 
-/// Watches `path`, polling every [`DEFAULT_POLL_INTERVAL`]. `current` is the snapshot in force
-/// (normally `Config::load_on_node(path, node)`); the first poll re-reads the file and
-/// publishes only if it differs, so a change between loading and spawning is not lost. `node`
-/// is the command line's node, which wins over the file's at every reload as it did at start.
-/// Needs a Tokio runtime.
-pub fn spawn(path: impl Into<PathBuf>, node: Option<String>, current: Arc<Config>) -> ConfigWatch {
-    spawn_scoped(path, node, Scope::Everything, current)
+/// Loads the file at `path` (refusing an invalid one) and watches it, polling every
+/// [`DEFAULT_POLL_INTERVAL`]. `node` is the command line's node, which wins over the file's
+/// at every reload as it did at start. The watcher starts from the version loaded here: the
+/// file is parsed again only once it changed, not at the first poll. Needs a Tokio runtime.
+pub fn load(path: impl Into<PathBuf>, node: Option<String>) -> Result<ConfigWatch, ConfigError> {
+    load_scoped(path, node, Scope::Everything)
 }
 
-/// As [`spawn`], refusing what `scope` leaves to another source.
-pub fn spawn_scoped(
+/// As [`load`], refusing what `scope` leaves to another source.
+pub fn load_scoped(
     path: impl Into<PathBuf>,
     node: Option<String>,
     scope: Scope,
-    current: Arc<Config>,
-) -> ConfigWatch {
-    spawn_with_interval(path, node, scope, current, DEFAULT_POLL_INTERVAL)
+) -> Result<ConfigWatch, ConfigError> {
+    load_with_interval(path, node, scope, DEFAULT_POLL_INTERVAL)
 }
 
-/// As [`spawn_scoped`], polling every `interval`.
-pub fn spawn_with_interval(
+/// As [`load_scoped`], polling every `interval`.
+pub fn load_with_interval(
     path: impl Into<PathBuf>,
     node: Option<String>,
     scope: Scope,
+    interval: Duration,
+) -> Result<ConfigWatch, ConfigError> {
+    let path = path.into();
+    let file = path.display().to_string();
+    // The metadata before the content: a change between the two is seen at the next polls.
+    let stamp = std::fs::metadata(&path).ok().map(|meta| Stamp::of(&meta));
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    let config = Config::from_yaml_str_scoped(&text, &file, node.as_deref(), scope)?;
+    let state = State {
+        stamp,
+        hash: Some(content_hash(&text)),
+        ..State::default()
+    };
+    let source = FileSource { path, node, scope };
+    Ok(start(source, Arc::new(config), state, interval))
+}
+
+fn start(
+    source: FileSource,
     current: Arc<Config>,
+    state: State,
     interval: Duration,
 ) -> ConfigWatch {
-    let path = path.into();
     let (tx, updates) = watch::channel(current);
     let status = Arc::new(ReloadStatus::default());
-    let source = FileSource { path, node, scope };
-    let task = tokio::spawn(run(source, tx, Arc::clone(&status), interval));
+    let task = tokio::spawn(run(source, tx, Arc::clone(&status), state, interval));
     ConfigWatch {
         updates,
         status,
@@ -185,6 +204,16 @@ struct Stamp {
     ino: u64,
     len: u64,
     mtime: Option<SystemTime>,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: meta.modified().ok(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -210,11 +239,11 @@ async fn run(
     source: FileSource,
     tx: watch::Sender<Arc<Config>>,
     status: Arc<ReloadStatus>,
+    mut state: State,
     interval: Duration,
 ) {
     let FileSource { path, node, scope } = source;
     let file = path.display().to_string();
-    let mut state = State::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut polls: u64 = 0;
@@ -232,11 +261,7 @@ async fn run(
             source,
         };
         let stamp = match tokio::fs::metadata(&path).await {
-            Ok(meta) => Stamp {
-                ino: meta.ino(),
-                len: meta.len(),
-                mtime: meta.modified().ok(),
-            },
+            Ok(meta) => Stamp::of(&meta),
             Err(source) => {
                 unreadable(&mut state, &status, read_error(source));
                 continue;
@@ -348,14 +373,8 @@ mod tests {
     fn start_on(dir: &Path, node: Option<&str>) -> (PathBuf, ConfigWatch) {
         let path = dir.join("mesh.yaml");
         std::fs::write(&path, service_doc("a", 80)).expect("write");
-        let config = Config::load_on_node(&path, node).unwrap_or_else(|e| panic!("{e}"));
-        let watch = spawn_with_interval(
-            &path,
-            node.map(str::to_owned),
-            Scope::Everything,
-            Arc::new(config),
-            POLL,
-        );
+        let watch = load_with_interval(&path, node.map(str::to_owned), Scope::Everything, POLL)
+            .unwrap_or_else(|e| panic!("{e}"));
         (path, watch)
     }
 
@@ -421,9 +440,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("mesh.yaml");
         std::fs::write(&path, "agent: {node: n1}\n").expect("write");
-        let config =
-            Config::load_scoped(&path, None, Scope::AgentOnly).unwrap_or_else(|e| panic!("{e}"));
-        let watch = spawn_with_interval(&path, None, Scope::AgentOnly, Arc::new(config), POLL);
+        let watch = load_with_interval(&path, None, Scope::AgentOnly, POLL)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut rx = watch.current();
         let stats = watch.stats();
 
