@@ -83,10 +83,6 @@ pub async fn run(
         pins = %ebpf::pin_root(&agent.startup.bpf_name).display(),
         "eBPF programs attached"
     );
-    // Loading parsed the kernel's BTF (about 18 MB of heap at its peak, all freed by now):
-    // give those pages back, or they stay in the agent's idle RSS.
-    sys::memory::release_free_memory();
-
     let mesh_tls = Arc::new(MeshTls::start(&agent.startup, &metrics).context("setting up mTLS")?);
     let balancers = Arc::new(Balancers::new());
     balancers.sync(&config);
@@ -137,7 +133,7 @@ pub async fn run(
                 // ways.
                 let open_tunnels = tunnels.iter().map(|t| t.connections.get()).sum::<i64>();
                 if trim.should_trim(proxy.connections.len(), open_tunnels.max(0) as usize) {
-                    tokio::task::spawn_blocking(sys::memory::release_free_memory);
+                    tokio::task::spawn_blocking(sys::memory::release_unused_memory);
                 }
             }
         })
@@ -255,6 +251,10 @@ pub async fn run(
     )
     .await?;
     tracing::info!(admin = %agent.startup.admin_addr, "agent ready");
+    // Start-up's heap (loading the eBPF object parsed the kernel's BTF: about 18 MB at its
+    // peak, all freed by now) and the code only start-up ran: give their pages back, or they
+    // stay in the agent's idle RSS.
+    sys::memory::release_unused_memory();
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

@@ -295,7 +295,8 @@ impl Memory {
 }
 
 /// Holds `p.idle_conns` idle connections open through the path's agents: the memory each
-/// agent spends per idle connection (over its RSS just before), and what it keeps once they
+/// agent spends per idle connection (heap and stacks, over those just before; RSS too in the
+/// note), and what it keeps once they
 /// have closed, over `idle` (each proxy's memory before the path's load; sampled 5 s after
 /// they closed, so freed memory can go back).
 fn idle_memory(
@@ -357,16 +358,18 @@ fn idle_memory(
     let mut kept_max: f64 = 0.0;
     let mib = |kib: u64| kib as f64 / 1024.0;
     for (i, proxy) in path.proxies.iter().enumerate() {
-        let per_conn = held[i].rss.saturating_sub(before[i].rss) as f64 / conns;
+        // Heap and stacks: the agent maps code back in as the connections open (it drops
+        // code mappings after start and after bursts), which RSS would count per connection.
+        let per_conn = held[i].anon.saturating_sub(before[i].anon) as f64 / conns;
         let idle = idle.get(i).copied().unwrap_or(before[i]);
         let kept = after[i].rss as f64 / idle.rss.max(1) as f64;
         per_conn_max = per_conn_max.max(per_conn);
         kept_max = kept_max.max(kept);
         result.notes.push(format!(
-            "{}: {:.1} KiB per idle connection ({} connections: RSS {:.1} -> {:.1} MiB), {:.1} \
-             MiB once they closed ({kept:.2}x of {:.1} MiB idle, before any load); of which \
-             anonymous (heap, stacks): {:.1} MiB idle, {:.1} before the idle connections, \
-             {:.1} held, {:.1} once closed",
+            "{}: {:.1} KiB of heap and stacks per idle connection ({} connections: RSS {:.1} \
+             -> {:.1} MiB), {:.1} MiB once they closed ({kept:.2}x of {:.1} MiB idle, before \
+             any load); of which anonymous (heap, stacks): {:.1} MiB idle, {:.1} before the \
+             idle connections, {:.1} held, {:.1} once closed",
             proxy.label,
             per_conn,
             p.idle_conns,

@@ -39,7 +39,7 @@ const METRICS: &[(&str, &str, usize)] = &[
     ("proxy_rss_load_mib", "proxy RSS under load, max (MiB)", 1),
     (
         "idle_conn_kib",
-        "agent memory per idle connection, most of the path's agents (KiB)",
+        "agent memory (heap, stacks) per idle connection, most of the path's agents (KiB)",
         1,
     ),
     (
