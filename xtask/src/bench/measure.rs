@@ -296,9 +296,8 @@ impl Memory {
 
 /// Holds `p.idle_conns` idle connections open through the path's agents: the memory each
 /// agent spends per idle connection (heap and stacks, over those just before; RSS too in the
-/// note), and what it keeps once they
-/// have closed, over `idle` (each proxy's memory before the path's load; sampled 5 s after
-/// they closed, so freed memory can go back).
+/// note), and what it keeps once they have closed, over `idle` (each proxy's memory before
+/// the path's load; sampled 5 s after they closed, so freed memory can go back).
 fn idle_memory(
     bins: &Bins,
     p: &Profile,
