@@ -2,7 +2,8 @@
 //! counters are fed by `proxy::ConnectionResult` when a connection ends; traffic-policy
 //! decisions (retries, ejections, circuit refusals, rate limits, health checks) by the
 //! pipeline and the health checker. Labels are bounded by workloads, services and policies,
-//! never by ports or addresses.
+//! never by ports or addresses. The agent's own memory, CPU and file descriptors are the
+//! standard `process_*` series.
 
 use std::time::Duration;
 
@@ -184,6 +185,12 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
+        // The standard process_* series (resident memory, CPU seconds, open and maximum file
+        // descriptors, threads, start time), read from /proc at each scrape.
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("metric names are unique");
         let enrolled_pods =
             IntGauge::new("mesh_enrolled_pods", "Pods whose traffic the agent steers")
                 .expect("static metric definition");
