@@ -21,7 +21,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper::{Method, Request, Response, StatusCode, Uri, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{
@@ -95,9 +95,26 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServ
             };
             let state = state.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |request| {
+                let service = service_fn(move |request: Request<Incoming>| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, &request)) }
+                    let (method, uri) = (request.method().clone(), request.uri().clone());
+                    async move {
+                        // Off the runtime's workers: the status takes the pods' lock, which
+                        // an enrollment holds while it waits (up to seconds) for a
+                        // certificate, and the workers must keep driving that wait (its TLS
+                        // handshake and its timeout). Seen in CI: the agent answered nothing
+                        // until the CA gave up on the handshake.
+                        let response =
+                            tokio::task::spawn_blocking(move || route(&state, &method, &uri))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    text(
+                                        StatusCode::INTERNAL_SERVER_ERROR,
+                                        "admin handler failed\n",
+                                    )
+                                });
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -107,8 +124,8 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> Result<AdminServ
     })))
 }
 
-fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
+fn route(state: &AdminState, method: &Method, uri: &Uri) -> Response<Full<Bytes>> {
+    if method != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
     let report = || {
@@ -116,7 +133,7 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes
         report.health = report.assess(status::unix_seconds(std::time::SystemTime::now()));
         report
     };
-    match request.uri().path() {
+    match uri.path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         // Which agent answered: two share the address during a handover.
         "/ready" => match crate::sys::process::start_ticks("self") {
@@ -153,7 +170,7 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes
         "/status/certificates" => {
             json(&serde_json::json!({ "certificates": report().certificates }))
         }
-        "/status/connections" => match limit(request.uri().query()) {
+        "/status/connections" => match limit(uri.query()) {
             Some(limit) => json(&(state.connections)(limit)),
             None => text(
                 StatusCode::BAD_REQUEST,
