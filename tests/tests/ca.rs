@@ -570,10 +570,34 @@ fn an_agent_started_before_the_ca_gets_its_certificates_once_the_ca_is_up() {
     assert_eq!(two.metric("mesh_enrolled_pods", &[]).expect("metrics"), 0.0);
 
     let _ca = mesh.start_ca(&[]);
-    wait_for(
-        "agent 2 enrolls b with a certificate",
-        Duration::from_secs(20),
-        || certificates(&two) == [id("b").to_string()],
+    // The enrollment holds the pods' lock while it waits for its certificate, and the status
+    // reads them: statuses from two more threads all along (an operator and a monitoring
+    // loop) must each be answered, and must not stall the enrollment's own wait.
+    let enrolled = std::sync::atomic::AtomicBool::new(false);
+    let answered = std::thread::scope(|scope| {
+        let poll = || {
+            let started = Instant::now();
+            let mut answered = 0;
+            while !enrolled.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(30)
+            {
+                two.status().expect("a status while b enrolls");
+                answered += 1;
+            }
+            answered
+        };
+        let pollers = [scope.spawn(poll), scope.spawn(poll)];
+        wait_for(
+            "agent 2 enrolls b with a certificate",
+            Duration::from_secs(20),
+            || certificates(&two) == [id("b").to_string()],
+        );
+        enrolled.store(true, std::sync::atomic::Ordering::Relaxed);
+        pollers.map(|poller| poller.join().expect("a status poller failed"))
+    });
+    assert!(
+        answered.iter().all(|n| *n >= 1),
+        "statuses answered: {answered:?}"
     );
     assert_eq!(two.metric("mesh_enrolled_pods", &[]).expect("metrics"), 1.0);
     assert_eq!(two.status().expect("status")["ca"]["reachable"], true);
