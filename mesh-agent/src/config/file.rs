@@ -31,12 +31,8 @@ impl Config {
         scope: Scope,
     ) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Self::from_yaml_str_scoped(&text, &file, node, scope)
+        let text = read(path)?;
+        Self::from_yaml_str_scoped(&text, &path.display().to_string(), node, scope)
     }
 
     /// As [`Config::from_yaml_str`], with `node` (when given) in place of `agent.node`. The
@@ -147,6 +143,14 @@ fn agent_only(raw: &RawConfig, file: &str) -> Result<(), ConfigError> {
 
 /// `mesh-agent config check`: reads and validates the file at `path` as the agent would at
 /// start with `scope`, touching nothing else, and returns the one-line summary
+/// The text of the configuration file at `path`; an error names the file.
+pub(super) fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })
+}
+
 /// `FILE: ok (3 workloads, 1 service, 2 authorization policies, 1 rate limit, 0 egress limits)`
 /// (`FILE: ok (agent block only)` when the rest comes from the Kubernetes API).
 pub fn check(path: impl AsRef<Path>, scope: Scope) -> Result<String, ConfigError> {

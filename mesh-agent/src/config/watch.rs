@@ -165,13 +165,10 @@ pub fn load_with_interval(
     interval: Duration,
 ) -> Result<ConfigWatch, ConfigError> {
     let path = path.into();
-    let file = path.display().to_string();
     // The metadata before the content: a change between the two is seen at the next polls.
     let stamp = std::fs::metadata(&path).ok().map(|meta| Stamp::of(&meta));
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
+    let text = super::file::read(&path)?;
+    let file = path.display().to_string();
     let config = Config::from_yaml_str_scoped(&text, &file, node.as_deref(), scope)?;
     let state = State {
         stamp,
