@@ -6,14 +6,16 @@
 
 use std::{
     io,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
 };
 
 use mesh_common::FastKey;
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::{
+    io::{AsyncRead, ReadBuf},
+    net::TcpStream,
+};
 
 use crate::{
     copy::Readable,
@@ -29,15 +31,15 @@ pub struct Credit {
 }
 
 impl Credit {
-    /// For the agent socket with addresses `local` and `peer` in the pod's netns; `None` when
-    /// the fast path is off.
+    /// For the agent socket `stream` in the pod's netns; `None` when the fast path is off
+    /// (without asking the kernel for its addresses: two syscalls per connection).
     pub fn new(
         table: Option<&Arc<FastPathCredits>>,
         netns_cookie: u64,
-        local: io::Result<SocketAddr>,
-        peer: io::Result<SocketAddr>,
+        stream: &TcpStream,
     ) -> Option<Credit> {
-        let (table, local, peer) = (table?, local.ok()?, peer.ok()?);
+        let table = table?;
+        let (local, peer) = (stream.local_addr().ok()?, stream.peer_addr().ok()?);
         Some(Credit {
             table: table.clone(),
             key: FastPathCredits::app_key(netns_cookie, local, peer),

@@ -220,8 +220,7 @@ fn fast_path_credits(
 ) -> (Option<Credit>, Option<Credit>) {
     let table = ctx.fast_path.as_ref();
     let cookie = pod.netns.cookie();
-    let credit =
-        |stream: &TcpStream| Credit::new(table, cookie, stream.local_addr(), stream.peer_addr());
+    let credit = |stream: &TcpStream| Credit::new(table, cookie, stream);
     match (direction, downstream, upstream) {
         (Direction::Outbound, Stream::Tcp(down), _) => (credit(down), None),
         (Direction::Inbound | Direction::Tunnel, _, Stream::Tcp(up)) => (None, credit(up)),
