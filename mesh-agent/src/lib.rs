@@ -15,6 +15,7 @@ pub mod copy;
 pub mod ebpf;
 pub mod k8s;
 pub mod limit;
+pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod pods;

@@ -1,25 +1,28 @@
 //! `mesh-agent`: the node agent. See `mesh-agent --help`.
 
-use std::io::IsTerminal;
-
 use anyhow::Context;
 use clap::Parser;
 use mesh_agent::{
     admin::{self, client::View},
-    agent, ca, cli, config, ebpf, tls, tunnel,
+    agent, ca, cli, config, ebpf, logging, tls, tunnel,
 };
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        cli::LogFormat::Json => logs.json().flatten_event(true).init(),
-    }
+    // The services' lines (the agent's, the CA's) go through a writer thread: a stalled log
+    // reader must not stall them. Held until main returns, which writes what is queued.
+    let format = match cli.log_format {
+        cli::LogFormat::Text => logging::Format::Text,
+        cli::LogFormat::Json => logging::Format::Json,
+    };
+    let service = matches!(
+        cli.command,
+        cli::Command::Run { .. }
+            | cli::Command::Ca {
+                command: cli::CaCommand::Serve { .. }
+            }
+    );
+    let _logs = logging::init(format, service);
     // Checking a file needs nothing else: no runtime, no privilege.
     if let cli::Command::Config {
         command: cli::ConfigCommand::Check { file, source },

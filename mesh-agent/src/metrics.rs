@@ -191,6 +191,8 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
         .expect("metric names are unique");
+        r.register(Box::new(crate::logging::DroppedLines::new()))
+            .expect("metric names are unique");
         let enrolled_pods =
             IntGauge::new("mesh_enrolled_pods", "Pods whose traffic the agent steers")
                 .expect("static metric definition");

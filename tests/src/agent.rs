@@ -7,7 +7,10 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -212,6 +215,8 @@ pub struct Agent {
     json_logs: bool,
     /// Everything the agent wrote to stderr (also passed on to the test's stderr).
     log: Arc<Mutex<Vec<String>>>,
+    /// Set: the test stops reading the agent's stderr (a stalled log reader).
+    log_paused: Arc<AtomicBool>,
     /// Leave the pins and the config on drop: a successor on the node uses them.
     keep_pins: bool,
     /// `--source kubernetes` with this KUBECONFIG (the file then holds the agent block only).
@@ -279,6 +284,7 @@ impl Agent {
             config_path,
             json_logs: false,
             log: Arc::default(),
+            log_paused: Arc::default(),
             keep_pins: false,
             kubeconfig: None,
         })
@@ -335,9 +341,13 @@ impl Agent {
         let mut child = command.spawn().context("starting mesh-agent")?;
         if let Some(stderr) = child.stderr.take() {
             let log = self.log.clone();
+            let paused = self.log_paused.clone();
             // Ends at EOF, when the agent exits.
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    while paused.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     eprintln!("{line}");
                     if let Ok(mut log) = log.lock() {
                         log.push(line);
@@ -346,6 +356,12 @@ impl Agent {
             });
         }
         Ok(child)
+    }
+
+    /// Stops (`true`) or resumes reading the agent's stderr: stopped, the pipe fills and the
+    /// agent's writes to it block, as behind a stuck container runtime.
+    pub fn pause_log_reader(&self, paused: bool) {
+        self.log_paused.store(paused, Ordering::Relaxed);
     }
 
     /// The lines the agent has logged so far (since it was first started).

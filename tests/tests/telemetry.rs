@@ -270,3 +270,55 @@ fn istio_metrics_switch_live_and_text_logs_carry_the_same_fields() {
     );
     assert_eq!(opened(), 1.0, "only the connection made while on");
 }
+
+/// A log reader that stops reading (a stuck container runtime behind the agent's stderr)
+/// costs log lines, counted, never traffic: the agent's workers must not block on the log.
+#[test]
+fn a_stalled_log_reader_costs_log_lines_not_traffic() {
+    let mesh = Mesh::new("tel-stall");
+    let agent = Agent::start(&mesh.topo, &mesh.node, &mesh.config(&[], &[])).expect("agent");
+    mesh.echo(&mesh.a, 1);
+    assert_eq!(
+        agent
+            .metric("mesh_log_lines_dropped_total", &[])
+            .expect("metric"),
+        0.0,
+        "nothing dropped while the log is read"
+    );
+
+    // 3,000 access lines are about 1.3 MB: twenty times the pipe's 64 KiB, and more lines
+    // than the agent queues (2,048).
+    agent.pause_log_reader(true);
+    let out = mesh
+        .a
+        .run(TOOL, ["ids", "--connect", VIP, "--count", "3000"])
+        .expect("connections while nobody reads the agent's log");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("b 3000") && stdout.contains("failed 0"),
+        "every connection served: {stdout}"
+    );
+    let dropped = agent
+        .metric("mesh_log_lines_dropped_total", &[])
+        .expect("metric");
+    assert!(
+        dropped > 0.0,
+        "the log reader stalled long enough to drop lines"
+    );
+
+    // Read again: the queued lines come out, then new connections' lines follow them
+    // (while the queue still drains, a new line may be dropped too: try a few times).
+    agent.pause_log_reader(false);
+    let logged_again = (0..10).any(|_| {
+        let before = agent.access_log().len();
+        mesh.echo(&mesh.c, 1);
+        wait_until(Duration::from_secs(1), || {
+            agent
+                .access_log()
+                .iter()
+                .skip(before)
+                .any(|line| line.contains("pod=test/c"))
+        })
+    });
+    assert!(logged_again, "c's access line once the log is read again");
+}
