@@ -86,9 +86,9 @@ fn across_nodes_the_app_sees_the_client_pod_and_the_reply_route_leaves_with_the_
     // The server side's access log names a's address as the client.
     let client = format!("client={}:", mesh.a.ipv4());
     assert!(
-        two.access_log()
-            .iter()
-            .any(|l| l.contains("tunnel") && l.contains(&client) && l.contains("test/a")),
+        wait_until(Duration::from_secs(5), || two.access_log().iter().any(
+            |l| l.contains("tunnel") && l.contains(&client) && l.contains("test/a")
+        )),
         "agent 2 logs a as the client: {:?}",
         two.access_log().last()
     );

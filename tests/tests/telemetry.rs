@@ -234,12 +234,16 @@ fn istio_metrics_switch_live_and_text_logs_carry_the_same_fields() {
         !exposition.contains("istio_tcp_connections_opened_total{"),
         "Istio's metrics are off:\n{exposition}"
     );
-    // The text access line: the same fields, `key=value`.
-    let line = agent
-        .access_log()
-        .into_iter()
-        .find(|line| line.contains("pod=test/a"))
-        .expect("a's access-log line");
+    // The text access line: the same fields, `key=value` (access lines are written in
+    // batches, a moment later).
+    let a_line = || {
+        agent
+            .access_log()
+            .into_iter()
+            .find(|line| line.contains("pod=test/a"))
+    };
+    wait_until(WAIT, || a_line().is_some());
+    let line = a_line().expect("a's access-log line");
     for field in [
         "src_workload=\"test/a\"",
         "dst_workload=\"test/b\"",
@@ -286,16 +290,16 @@ fn a_stalled_log_reader_costs_log_lines_not_traffic() {
         "nothing dropped while the log is read"
     );
 
-    // 3,000 access lines are about 1.3 MB: twenty times the pipe's 64 KiB, and more lines
-    // than the agent queues (2,048).
+    // 4,000 access lines are about 1.8 MB: 28 times the pipe's 64 KiB, and more than the
+    // megabyte of lines the agent keeps waiting.
     agent.pause_log_reader(true);
     let out = mesh
         .a
-        .run(TOOL, ["ids", "--connect", VIP, "--count", "3000"])
+        .run(TOOL, ["ids", "--connect", VIP, "--count", "4000"])
         .expect("connections while nobody reads the agent's log");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("b 3000") && stdout.contains("failed 0"),
+        stdout.contains("b 4000") && stdout.contains("failed 0"),
         "every connection served: {stdout}"
     );
     let dropped = agent
