@@ -169,8 +169,9 @@ impl Shared {
             // A failed write (the reader is gone) loses the lines, as a closed pipe would.
             let _ = out.write_all(&batch).and_then(|()| out.flush());
             batch.clear();
-            if batch.capacity() > 4 * BATCH {
-                // A burst's buffer goes back once written.
+            if batch.capacity() > 2 * BATCH {
+                // A burst's buffer goes back once written: the two buffers kept between
+                // batches hold at most 256 KiB.
                 batch = Vec::new();
             }
             if closing && self.state.lock().lines.is_empty() {
