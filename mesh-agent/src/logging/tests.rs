@@ -3,6 +3,7 @@
 use std::sync::mpsc;
 
 use super::*;
+use crate::test_support::eventually;
 
 /// A writer that records each write call.
 #[derive(Clone, Default)]
@@ -34,34 +35,26 @@ fn lines(from: usize, to: usize) -> Vec<String> {
     (from..to).map(|i| format!("line {i:05}\n")).collect()
 }
 
-fn wait_for(what: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !what() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
-}
-
-#[test]
-fn access_lines_are_written_together_and_in_order() {
+#[tokio::test]
+async fn access_lines_are_written_together_and_in_order() {
     let out = Recorder::default();
     let writer = Batched::start(out.clone());
     let all = lines(0, 200);
     for line in &all {
         writer.shared.push(line.as_bytes(), false);
     }
-    assert!(wait_for(|| out.text().len() == all.concat().len()));
+    eventually("every line written", || {
+        out.text().len() == all.concat().len()
+    })
+    .await;
     assert_eq!(out.text(), all.concat(), "every line, in order");
     // The first line wakes the writer, which lingers while the others arrive.
     assert!(out.writes() <= 3, "{} writes for 200 lines", out.writes());
     writer.shared.close(EXIT_WAIT);
 }
 
-#[test]
-fn a_stalled_reader_costs_lines_counted_and_the_rest_follow_in_order() {
+#[tokio::test]
+async fn a_stalled_reader_costs_lines_counted_and_the_rest_follow_in_order() {
     // The first write blocks until the test lets it go.
     let (release, released) = mpsc::channel::<()>();
     struct Stalled(Recorder, Option<mpsc::Receiver<()>>);
@@ -81,7 +74,10 @@ fn a_stalled_reader_costs_lines_counted_and_the_rest_follow_in_order() {
     let first = "first\n";
     writer.shared.push(first.as_bytes(), true);
     // The writer now holds `first` in its blocked write.
-    assert!(wait_for(|| writer.shared.state.lock().lines.is_empty()));
+    eventually("the writer took the first line", || {
+        writer.shared.state.lock().lines.is_empty()
+    })
+    .await;
 
     let per_line = lines(0, 1)[0].len();
     let fit = QUEUED / per_line;
