@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::source::SourceKind;
+use crate::{logging::Format, source::SourceKind};
 
 /// One service-mesh proxy per node: eBPF steers the node's pod traffic into this agent, which
 /// routes it to services, and reports what it does.
@@ -12,16 +12,10 @@ use crate::source::SourceKind;
 #[command(name = "mesh-agent", version, propagate_version = true)]
 pub struct Cli {
     /// Log lines (and the one access-log line per connection) as text or JSON, on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    pub log_format: Format,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

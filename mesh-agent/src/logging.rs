@@ -53,8 +53,8 @@ const BATCHED_TARGET: &str = "access";
 /// The writer's count of dropped lines, once a service has started it.
 static DROPPED: OnceLock<Arc<AtomicU64>> = OnceLock::new();
 
-/// How lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// `key=value` text; coloured on a terminal.
     Text,

@@ -11,10 +11,6 @@ fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     // The services' lines (the agent's, the CA's) go through a writer thread: a stalled log
     // reader must not stall them. Held until main returns, which writes what is queued.
-    let format = match cli.log_format {
-        cli::LogFormat::Text => logging::Format::Text,
-        cli::LogFormat::Json => logging::Format::Json,
-    };
     let service = matches!(
         cli.command,
         cli::Command::Run { .. }
@@ -22,7 +18,7 @@ fn main() -> anyhow::Result<()> {
                 command: cli::CaCommand::Serve { .. }
             }
     );
-    let _logs = logging::init(format, service);
+    let _logs = logging::init(cli.log_format, service);
     // Checking a file needs nothing else: no runtime, no privilege.
     if let cli::Command::Config {
         command: cli::ConfigCommand::Check { file, source },
