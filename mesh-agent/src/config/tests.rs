@@ -82,7 +82,16 @@ const BASE: &[&str] = &[
 ];
 
 fn base_with(replace: &[(usize, &'static str)], append: &[&'static str]) -> Vec<&'static str> {
-    let mut lines = BASE.to_vec();
+    edited(BASE, replace, append)
+}
+
+/// `document` with its lines `replace`d (numbered from 1), then `append` after it.
+fn edited(
+    document: &[&'static str],
+    replace: &[(usize, &'static str)],
+    append: &[&'static str],
+) -> Vec<&'static str> {
+    let mut lines = document.to_vec();
     for (line, text) in replace {
         lines[line - 1] = text;
     }

@@ -99,11 +99,7 @@ const REMOTE_CA: &[&str] = &[
 ];
 
 fn remote_ca_with(replace: &[(usize, &'static str)], append: &[&'static str]) -> Vec<&'static str> {
-    let mut lines = REMOTE_CA.to_vec();
-    for (line, text) in replace {
-        lines[line - 1] = text;
-    }
-    lines.extend_from_slice(append);
+    let mut lines = edited(REMOTE_CA, replace, append);
     lines.push("workloads: []");
     lines
 }
