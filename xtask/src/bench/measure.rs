@@ -96,7 +96,7 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
     };
     let s = |v: &[&str]| -> Vec<String> { v.iter().map(|a| a.to_string()).collect() };
 
-    if let Err(e) = lg(s(&["probe", "--connect", &target, "--timeout", "10"]), 10.0) {
+    if let Err(e) = probe(bins, path) {
         result.errors.push(format!("probe: {e:#}"));
         return result;
     }
@@ -180,27 +180,17 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
     }
 
     let recording = record(Phase::Bulk);
-    let cpu_before = procstat::total_cpu_seconds(&pids);
+    let mut bulk_cpu = 0.0;
     let mut bulk_bytes = 0.0;
     let mut bulk_ok = true;
     for (streams, metric) in [(1usize, "bulk1_gbps"), (8, "bulk8_gbps")] {
-        match lg(
-            s(&[
-                "bulk",
-                "--connect",
-                &target,
-                "--streams",
-                &streams.to_string(),
-                "--duration",
-                &p.bulk_s.to_string(),
-            ]),
-            p.bulk_s,
-        ) {
-            Ok((v, rss)) => {
-                max_rss = max_rss.max(rss);
-                bulk_bytes += v["bytes"].as_f64().unwrap_or(0.0);
-                result.set_from(metric, &v["gbit_per_s"]);
-                result.raw.insert(format!("bulk{streams}"), v);
+        match bulk(bins, path, streams, p.bulk_s) {
+            Ok(run) => {
+                max_rss = max_rss.max(run.max_rss);
+                bulk_bytes += run.bytes;
+                bulk_cpu += run.cpu_s;
+                result.set(metric, run.gbps);
+                result.raw.insert(format!("bulk{streams}"), run.report);
             }
             Err(e) => {
                 bulk_ok = false;
@@ -208,52 +198,29 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
             }
         }
     }
-    let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
     drop(recording);
     if !pids.is_empty() && bulk_ok && bulk_bytes > 0.0 {
-        result.set("proxy_cpu_s_per_gb", cpu / (bulk_bytes / 1e9));
+        result.set("proxy_cpu_s_per_gb", bulk_cpu / (bulk_bytes / 1e9));
         result.raw.insert(
             "bulk_cpu".into(),
-            json!({"proxy_cpu_s": cpu, "bytes": bulk_bytes}),
+            json!({"proxy_cpu_s": bulk_cpu, "bytes": bulk_bytes}),
         );
     }
 
     // CPU per connection is the cost the machine's noise moves least: the throughput of a
     // 2-vCPU VM swings with its neighbours, the agent's CPU time per connection much less.
     let recording = record(Phase::Cps);
-    let cpu_before = procstat::total_cpu_seconds(&pids);
-    let cps = lg(
-        s(&[
-            "cps",
-            "--connect",
-            &target,
-            "--threads",
-            &p.cps_threads.to_string(),
-            "--duration",
-            &p.cps_s.to_string(),
-            "--max-conns",
-            &p.cps_max.to_string(),
-        ]),
-        p.cps_s,
-    );
-    let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
+    let run = cps(bins, p, path, p.cps_max);
     drop(recording);
-    match cps {
-        Ok((v, rss)) => {
-            max_rss = max_rss.max(rss);
-            result.set_from("cps", &v["conns_per_s"]);
-            result.set_from("cps_p99_us", &v["latency"]["p99_us"]);
-            let connections = v["connections"].as_f64().unwrap_or(0.0);
-            if !pids.is_empty() && connections > 0.0 {
-                result.set("proxy_cpu_us_per_conn", cpu * 1e6 / connections);
+    match run {
+        Ok(run) => {
+            max_rss = max_rss.max(run.max_rss);
+            result.set("cps", run.conns_per_s);
+            result.set_from("cps_p99_us", &run.report["latency"]["p99_us"]);
+            if let Some(cpu) = run.cpu_us_per_conn {
+                result.set("proxy_cpu_us_per_conn", cpu);
             }
-            if v["errors"].as_u64().unwrap_or(0) > 0 {
-                result.errors.push(format!(
-                    "cps: {} failed connections (first: {})",
-                    v["errors"], v["first_error"]
-                ));
-            }
-            result.raw.insert("cps".into(), v);
+            result.raw.insert("cps".into(), run.report);
         }
         Err(e) => result.errors.push(format!("cps: {e:#}")),
     }
@@ -275,6 +242,105 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
         );
     }
     result
+}
+
+/// Waits until `path` carries a connection (up to 10 s).
+pub fn probe(bins: &Bins, path: &PathSpec) -> Result<()> {
+    let target = path.target.to_string();
+    let args = ["probe", "--connect", &target, "--timeout", "10"].map(String::from);
+    loadgen(bins, &path.client, &args, &[], Duration::from_secs(40)).map(drop)
+}
+
+/// One bulk upload on a path, and what its proxies spent on it.
+pub struct Bulk {
+    pub gbps: f64,
+    pub bytes: f64,
+    /// The proxies' CPU seconds over the run.
+    pub cpu_s: f64,
+    pub max_rss: u64,
+    /// The load generator's report.
+    pub report: Value,
+}
+
+/// Uploads through `path` on `streams` connections for `secs`.
+pub fn bulk(bins: &Bins, path: &PathSpec, streams: usize, secs: f64) -> Result<Bulk> {
+    let pids = path.proxy_pids();
+    let args = [
+        "bulk",
+        "--connect",
+        &path.target.to_string(),
+        "--streams",
+        &streams.to_string(),
+        "--duration",
+        &secs.to_string(),
+    ]
+    .map(String::from);
+    let cpu_before = procstat::total_cpu_seconds(&pids);
+    let (report, max_rss) = loadgen(
+        bins,
+        &path.client,
+        &args,
+        &pids,
+        Duration::from_secs_f64(secs + 30.0),
+    )?;
+    Ok(Bulk {
+        gbps: report["gbit_per_s"].as_f64().unwrap_or(0.0),
+        bytes: report["bytes"].as_f64().unwrap_or(0.0),
+        cpu_s: procstat::total_cpu_seconds(&pids) - cpu_before,
+        max_rss,
+        report,
+    })
+}
+
+/// One run of new connections on a path, and what its proxies spent on each.
+pub struct Cps {
+    pub conns_per_s: f64,
+    /// The proxies' CPU µs per connection (none for a path without proxies).
+    pub cpu_us_per_conn: Option<f64>,
+    pub max_rss: u64,
+    /// The load generator's report.
+    pub report: Value,
+}
+
+/// Opens up to `max_conns` connections through `path` (for at most the profile's cps time),
+/// each with a 1 KiB exchange; an error if any failed.
+pub fn cps(bins: &Bins, p: &Profile, path: &PathSpec, max_conns: u64) -> Result<Cps> {
+    let pids = path.proxy_pids();
+    let args = [
+        "cps",
+        "--connect",
+        &path.target.to_string(),
+        "--threads",
+        &p.cps_threads.to_string(),
+        "--duration",
+        &p.cps_s.to_string(),
+        "--max-conns",
+        &max_conns.to_string(),
+    ]
+    .map(String::from);
+    let cpu_before = procstat::total_cpu_seconds(&pids);
+    let (report, max_rss) = loadgen(
+        bins,
+        &path.client,
+        &args,
+        &pids,
+        Duration::from_secs_f64(p.cps_s + 30.0),
+    )?;
+    let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
+    if report["errors"].as_u64().unwrap_or(0) > 0 {
+        bail!(
+            "{} failed connections (first: {})",
+            report["errors"],
+            report["first_error"]
+        );
+    }
+    let connections = report["connections"].as_f64().unwrap_or(0.0);
+    Ok(Cps {
+        conns_per_s: report["conns_per_s"].as_f64().unwrap_or(0.0),
+        cpu_us_per_conn: (!pids.is_empty() && connections > 0.0).then(|| cpu * 1e6 / connections),
+        max_rss,
+        report,
+    })
 }
 
 /// A process's resident memory (KiB): all of it, and its own (anonymous: heap, stacks)

@@ -12,7 +12,8 @@
 //! The agent same-node path runs three times: as deployed (access log and all metrics on),
 //! with the traffic policy ([`policy`]), and with per-connection telemetry off (no access
 //! log, no Istio metrics): node1's agent restarts with the other config in between, never
-//! running next to another.
+//! running next to another. What the policy and the telemetry cost is then measured apart,
+//! the variants alternating in rotated order ([`on_off`]).
 //!
 //! Results go to `<out>/results.json`, `results.md` (printed at the end) and `latency.svg`.
 
@@ -20,6 +21,7 @@ mod agent;
 mod haproxy;
 mod measure;
 mod mtls;
+mod on_off;
 mod paths;
 mod perf;
 mod policy;
@@ -145,7 +147,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         phase,
         out: out.clone(),
     });
-    let (results, world_notes) = {
+    let (results, comparisons, world_notes) = {
         let mut world = World::setup(
             &bins,
             haproxy_bin.as_deref(),
@@ -185,9 +187,14 @@ pub fn run_bench(args: &Args) -> Result<()> {
             }
             results.push(result);
         }
+        let comparisons =
+            on_off::run(&mut world, &bins, &profile, &args.only).unwrap_or_else(|e| {
+                eprintln!("bench: on / off comparison: {e:#}");
+                json!({ "error": format!("{e:#}") })
+            });
         let notes = world.notes();
         world.check_alive();
-        (results, notes)
+        (results, comparisons, notes)
         // The world drops here: agents stop and uninstall, haproxy stops, topology goes.
     };
     let measure_time = measure_start.elapsed();
@@ -215,7 +222,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         "notes": world_notes,
         "tls_micro": tls_micro,
     });
-    let markdown = report::write(&out, &meta, &results, &profile)?;
+    let markdown = report::write(&out, &meta, &results, &comparisons, &profile)?;
     println!("{markdown}");
     println!(
         "bench: build {:.0} s, topology + measurement {:.0} s, total {:.0} s; results in {}",
@@ -226,6 +233,9 @@ pub fn run_bench(args: &Args) -> Result<()> {
     );
     if results.iter().any(|r| !r.errors.is_empty()) {
         bail!("some measurements failed (see above and results.json)");
+    }
+    if comparisons.get("error").is_some() {
+        bail!("the on / off comparison failed (see above)");
     }
     if meta["tls_micro"].get("error").is_some() {
         bail!("the mTLS micro-benchmark failed (see above)");

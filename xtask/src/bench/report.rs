@@ -1,5 +1,5 @@
 //! The bench's outputs: results.json, results.md (metrics x paths, with ratios to the
-//! matching direct path, and the traffic policy on / off) and latency.svg (request/response
+//! matching direct path, and what the policy and telemetry cost, from [`super::on_off`]) and latency.svg (request/response
 //! percentiles per path).
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
@@ -7,11 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::{
-    mtls,
-    paths::{self, PathResult},
-    settings::Profile,
-};
+use super::{mtls, on_off, paths::PathResult, settings::Profile};
 
 /// Rows of the table, in order: key, label, decimals.
 const METRICS: &[(&str, &str, usize)] = &[
@@ -60,6 +56,7 @@ pub fn write(
     out: &Path,
     meta: &Value,
     results: &[PathResult],
+    comparisons: &Value,
     profile: &Profile,
 ) -> Result<String> {
     let paths: Vec<Value> = results
@@ -80,13 +77,12 @@ pub fn write(
     let doc = json!({
         "meta": meta,
         "paths": paths,
-        "policy_on_off": on_off(results, paths::AGENT_SAME_POLICY, paths::AGENT_SAME),
-        "telemetry_on_off": on_off(results, paths::AGENT_SAME, paths::AGENT_SAME_QUIET),
+        "on_off": comparisons,
     });
     let json_path = out.join("results.json");
     fs::write(&json_path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
-    let markdown = markdown(meta, results, profile);
+    let markdown = markdown(meta, results, comparisons, profile);
     fs::write(out.join("results.md"), &markdown)?;
     fs::write(out.join("latency.svg"), svg(results))?;
     Ok(markdown)
@@ -112,38 +108,7 @@ fn ratios_to(r: &PathResult, base: &PathResult) -> BTreeMap<&'static str, f64> {
         .collect()
 }
 
-/// A feature's cost: the path with it (`on`) over the same path without (`off`), every
-/// metric's ratio; null unless both paths ran.
-fn on_off(results: &[PathResult], on: &str, off: &str) -> Value {
-    let find = |name: &str| results.iter().find(|r| r.name == name);
-    let (Some(on), Some(off)) = (find(on), find(off)) else {
-        return Value::Null;
-    };
-    json!({ "on": on.name, "off": off.name, "ratios": ratios_to(on, off) })
-}
-
-/// The line of results.md stating an [`on_off`] comparison; empty when it is null.
-fn on_off_line(on_off: &Value, title: &str, what: &str) -> String {
-    if on_off.is_null() {
-        return String::new();
-    }
-    let ratio = |metric: &str| {
-        on_off["ratios"][metric]
-            .as_f64()
-            .map_or("–".into(), |v| format!("{v:.2}×"))
-    };
-    format!(
-        "\n**{title}** ({what}; aim: ≥ 0.95×): new connections/s {}, bulk {} (1 stream), {} (8 streams); \
-         proxy CPU per new connection {}, per GB {}\n",
-        ratio("cps"),
-        ratio("bulk1_gbps"),
-        ratio("bulk8_gbps"),
-        ratio("proxy_cpu_us_per_conn"),
-        ratio("proxy_cpu_s_per_gb"),
-    )
-}
-
-fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
+fn markdown(meta: &Value, results: &[PathResult], comparisons: &Value, p: &Profile) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -204,19 +169,7 @@ fn markdown(meta: &Value, results: &[PathResult], p: &Profile) -> String {
         p.cps_s,
         p.cps_max
     );
-    md.push_str(&on_off_line(
-        &on_off(results, paths::AGENT_SAME_POLICY, paths::AGENT_SAME),
-        "policy on / off",
-        "agent same-node + policy over agent same-node; policy: outlier \
-         detection on, and a rate limit on connections, per source and bandwidth far above the \
-         load",
-    ));
-    md.push_str(&on_off_line(
-        &on_off(results, paths::AGENT_SAME, paths::AGENT_SAME_QUIET),
-        "telemetry on / off",
-        "agent same-node over agent same-node without the access log \
-         and Istio's metrics",
-    ));
+    md.push_str(&on_off::markdown(comparisons, p));
     for r in results {
         for note in &r.notes {
             let _ = writeln!(md, "\n{}: {note}", r.label);

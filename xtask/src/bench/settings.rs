@@ -20,6 +20,13 @@ pub struct Profile {
     pub cps_max: u64,
     /// Idle connections held open through the agents, for the memory one costs.
     pub idle_conns: usize,
+    /// Rounds of the feature on / off comparison (see `on_off`).
+    pub on_off_rounds: usize,
+    /// Connections of each of its cps runs, after `on_off_warm_conns` unmeasured ones.
+    pub on_off_conns: u64,
+    pub on_off_warm_conns: u64,
+    /// Seconds of each of its bulk runs (1 stream).
+    pub on_off_bulk_s: f64,
 }
 
 impl Profile {
@@ -40,6 +47,10 @@ impl Profile {
             cps_threads: 4,
             cps_max: 9_000,
             idle_conns: if quick { 1_000 } else { 5_000 },
+            on_off_rounds: if quick { 1 } else { 3 },
+            on_off_conns: if quick { 1_500 } else { 5_000 },
+            on_off_warm_conns: if quick { 300 } else { 1_000 },
+            on_off_bulk_s: if quick { 1.0 } else { 3.0 },
         }
     }
 
@@ -56,6 +67,10 @@ impl Profile {
             "cps_s": self.cps_s,
             "cps_threads": self.cps_threads,
             "cps_max": self.cps_max,
+            "on_off_rounds": self.on_off_rounds,
+            "on_off_conns": self.on_off_conns,
+            "on_off_warm_conns": self.on_off_warm_conns,
+            "on_off_bulk_s": self.on_off_bulk_s,
         })
     }
 }
