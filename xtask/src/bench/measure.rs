@@ -187,9 +187,9 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
         match bulk(bins, path, streams, p.bulk_s) {
             Ok(run) => {
                 max_rss = max_rss.max(run.max_rss);
-                bulk_bytes += run.bytes;
+                bulk_bytes += run.bytes();
                 bulk_cpu += run.cpu_s;
-                result.set(metric, run.gbps);
+                result.set(metric, run.gbps());
                 result.raw.insert(format!("bulk{streams}"), run.report);
             }
             Err(e) => {
@@ -215,9 +215,9 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
     match run {
         Ok(run) => {
             max_rss = max_rss.max(run.max_rss);
-            result.set("cps", run.conns_per_s);
+            result.set("cps", run.conns_per_s());
             result.set_from("cps_p99_us", &run.report["latency"]["p99_us"]);
-            if let Some(cpu) = run.cpu_us_per_conn {
+            if let Some(cpu) = run.cpu_us_per_conn(path) {
                 result.set("proxy_cpu_us_per_conn", cpu);
             }
             result.raw.insert("cps".into(), run.report);
@@ -251,30 +251,33 @@ pub fn probe(bins: &Bins, path: &PathSpec) -> Result<()> {
     loadgen(bins, &path.client, &args, &[], Duration::from_secs(40)).map(drop)
 }
 
-/// One bulk upload on a path, and what its proxies spent on it.
-pub struct Bulk {
-    pub gbps: f64,
-    pub bytes: f64,
+/// One load-generator run on a path: its report, and what the path's proxies spent on it.
+pub struct Run {
+    pub report: Value,
     /// The proxies' CPU seconds over the run.
     pub cpu_s: f64,
+    /// Their highest total RSS seen (KiB).
     pub max_rss: u64,
-    /// The load generator's report.
-    pub report: Value,
 }
 
-/// Uploads through `path` on `streams` connections for `secs`.
-pub fn bulk(bins: &Bins, path: &PathSpec, streams: usize, secs: f64) -> Result<Bulk> {
+/// Runs `mesh-loadgen WORKLOAD --connect TARGET ARGS` in the path's client pod, which
+/// should take about `secs`.
+fn charged(
+    bins: &Bins,
+    path: &PathSpec,
+    workload: &str,
+    args: &[String],
+    secs: f64,
+) -> Result<Run> {
     let pids = path.proxy_pids();
-    let args = [
-        "bulk",
-        "--connect",
-        &path.target.to_string(),
-        "--streams",
-        &streams.to_string(),
-        "--duration",
-        &secs.to_string(),
+    let args: Vec<String> = [
+        workload.to_owned(),
+        "--connect".into(),
+        path.target.to_string(),
     ]
-    .map(String::from);
+    .into_iter()
+    .chain(args.iter().cloned())
+    .collect();
     let cpu_before = procstat::total_cpu_seconds(&pids);
     let (report, max_rss) = loadgen(
         bins,
@@ -283,64 +286,67 @@ pub fn bulk(bins: &Bins, path: &PathSpec, streams: usize, secs: f64) -> Result<B
         &pids,
         Duration::from_secs_f64(secs + 30.0),
     )?;
-    Ok(Bulk {
-        gbps: report["gbit_per_s"].as_f64().unwrap_or(0.0),
-        bytes: report["bytes"].as_f64().unwrap_or(0.0),
+    Ok(Run {
+        report,
         cpu_s: procstat::total_cpu_seconds(&pids) - cpu_before,
         max_rss,
-        report,
     })
 }
 
-/// One run of new connections on a path, and what its proxies spent on each.
-pub struct Cps {
-    pub conns_per_s: f64,
-    /// The proxies' CPU µs per connection (none for a path without proxies).
-    pub cpu_us_per_conn: Option<f64>,
-    pub max_rss: u64,
-    /// The load generator's report.
-    pub report: Value,
+/// Uploads through `path` on `streams` connections for `secs`.
+pub fn bulk(bins: &Bins, path: &PathSpec, streams: usize, secs: f64) -> Result<Run> {
+    let args = [
+        "--streams",
+        &streams.to_string(),
+        "--duration",
+        &secs.to_string(),
+    ];
+    charged(bins, path, "bulk", &args.map(String::from), secs)
 }
 
 /// Opens up to `max_conns` connections through `path` (for at most the profile's cps time),
 /// each with a 1 KiB exchange; an error if any failed.
-pub fn cps(bins: &Bins, p: &Profile, path: &PathSpec, max_conns: u64) -> Result<Cps> {
-    let pids = path.proxy_pids();
+pub fn cps(bins: &Bins, p: &Profile, path: &PathSpec, max_conns: u64) -> Result<Run> {
     let args = [
-        "cps",
-        "--connect",
-        &path.target.to_string(),
         "--threads",
         &p.cps_threads.to_string(),
         "--duration",
         &p.cps_s.to_string(),
         "--max-conns",
         &max_conns.to_string(),
-    ]
-    .map(String::from);
-    let cpu_before = procstat::total_cpu_seconds(&pids);
-    let (report, max_rss) = loadgen(
-        bins,
-        &path.client,
-        &args,
-        &pids,
-        Duration::from_secs_f64(p.cps_s + 30.0),
-    )?;
-    let cpu = procstat::total_cpu_seconds(&pids) - cpu_before;
-    if report["errors"].as_u64().unwrap_or(0) > 0 {
+    ];
+    let run = charged(bins, path, "cps", &args.map(String::from), p.cps_s)?;
+    if run.report["errors"].as_u64().unwrap_or(0) > 0 {
         bail!(
             "{} failed connections (first: {})",
-            report["errors"],
-            report["first_error"]
+            run.report["errors"],
+            run.report["first_error"]
         );
     }
-    let connections = report["connections"].as_f64().unwrap_or(0.0);
-    Ok(Cps {
-        conns_per_s: report["conns_per_s"].as_f64().unwrap_or(0.0),
-        cpu_us_per_conn: (!pids.is_empty() && connections > 0.0).then(|| cpu * 1e6 / connections),
-        max_rss,
-        report,
-    })
+    Ok(run)
+}
+
+impl Run {
+    /// A bulk run's rate.
+    pub fn gbps(&self) -> f64 {
+        self.report["gbit_per_s"].as_f64().unwrap_or(0.0)
+    }
+
+    /// A bulk run's bytes moved.
+    pub fn bytes(&self) -> f64 {
+        self.report["bytes"].as_f64().unwrap_or(0.0)
+    }
+
+    /// A cps run's rate.
+    pub fn conns_per_s(&self) -> f64 {
+        self.report["conns_per_s"].as_f64().unwrap_or(0.0)
+    }
+
+    /// A cps run's proxy CPU µs per connection (none for a path without proxies).
+    pub fn cpu_us_per_conn(&self, path: &PathSpec) -> Option<f64> {
+        let connections = self.report["connections"].as_f64().unwrap_or(0.0);
+        (!path.proxies.is_empty() && connections > 0.0).then(|| self.cpu_s * 1e6 / connections)
+    }
 }
 
 /// A process's resident memory (KiB): all of it, and its own (anonymous: heap, stacks)

@@ -52,10 +52,10 @@ fn sample(world: &mut World, bins: &Bins, p: &Profile, path: &PathSpec) -> Resul
     let cps = measure::cps(bins, p, &path, p.on_off_conns).context("new connections")?;
     let bulk = measure::bulk(bins, &path, 1, p.on_off_bulk_s).context("bulk")?;
     Ok(json!({
-        "cps": cps.conns_per_s,
-        "proxy_cpu_us_per_conn": cps.cpu_us_per_conn,
-        "bulk1_gbps": bulk.gbps,
-        "proxy_cpu_s_per_gb": (bulk.bytes > 0.0).then(|| bulk.cpu_s / (bulk.bytes / 1e9)),
+        "cps": cps.conns_per_s(),
+        "proxy_cpu_us_per_conn": cps.cpu_us_per_conn(&path),
+        "bulk1_gbps": bulk.gbps(),
+        "proxy_cpu_s_per_gb": (bulk.bytes() > 0.0).then(|| bulk.cpu_s / (bulk.bytes() / 1e9)),
     }))
 }
 
@@ -153,10 +153,16 @@ pub fn markdown(on_off: &Value, p: &Profile) -> String {
     };
     let mut md = format!(
         "\n**What the policy and the telemetry cost** (node1's agent alternating between the \
-         variants: the median of {} round(s) in rotated order, each round's ratio in brackets; \
-         each variant restarted, then {} new connections after {} warm-up ones and {} s of bulk; \
+         variants: the median of {} in rotated order, each round's ratio in brackets; each \
+         variant restarted, then {} new connections after {} warm-up ones and {} s of bulk; \
          aim: rates ≥ 0.95×, CPU ≤ 1.05×):\n\n",
-        p.on_off_rounds, p.on_off_conns, p.on_off_warm_conns, p.on_off_bulk_s,
+        match p.on_off_rounds {
+            1 => "1 round".to_owned(),
+            n => format!("{n} rounds"),
+        },
+        p.on_off_conns,
+        p.on_off_warm_conns,
+        p.on_off_bulk_s,
     );
     for c in comparisons {
         let figures: Vec<String> = FIGURES
