@@ -63,16 +63,17 @@ fn sample(world: &mut World, bins: &Bins, p: &Profile, path: &PathSpec) -> Resul
 /// returns the comparisons (null when fewer than two variants of one comparison are
 /// selected). A failed sample is an error: the comparison would be one-sided.
 pub fn run(world: &mut World, bins: &Bins, p: &Profile, selected: &[String]) -> Result<Value> {
-    let variants: Vec<(Variant, PathSpec)> = Variant::ALL
-        .iter()
-        .filter_map(|variant| {
-            let path = world.paths.iter().find(|path| {
-                path.variant == *variant && path.baseline == Some(paths::DIRECT_SAME)
-            })?;
-            let wanted = selected.is_empty() || selected.iter().any(|s| s == path.name);
-            wanted.then(|| (*variant, path.clone()))
-        })
-        .collect();
+    // The same-node paths of the three configs, in `Variant::ALL` order.
+    let variants: Vec<(Variant, PathSpec)> = [
+        paths::AGENT_SAME,
+        paths::AGENT_SAME_POLICY,
+        paths::AGENT_SAME_QUIET,
+    ]
+    .into_iter()
+    .filter(|name| selected.is_empty() || selected.iter().any(|s| s == name))
+    .filter_map(|name| world.paths.iter().find(|path| path.name == name))
+    .map(|path| (path.variant, path.clone()))
+    .collect();
     let has = |v: Variant| variants.iter().any(|(w, _)| *w == v);
     if !COMPARISONS
         .iter()

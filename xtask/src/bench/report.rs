@@ -1,6 +1,6 @@
 //! The bench's outputs: results.json, results.md (metrics x paths, with ratios to the
-//! matching direct path, and what the policy and telemetry cost, from [`super::on_off`]) and latency.svg (request/response
-//! percentiles per path).
+//! matching direct path, and what the policy and the telemetry cost, from
+//! [`super::on_off`]) and latency.svg (request/response percentiles per path).
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 
