@@ -141,8 +141,6 @@ fn agent_only(raw: &RawConfig, file: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `mesh-agent config check`: reads and validates the file at `path` as the agent would at
-/// start with `scope`, touching nothing else, and returns the one-line summary
 /// The text of the configuration file at `path`; an error names the file.
 pub(super) fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -151,6 +149,8 @@ pub(super) fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// `mesh-agent config check`: reads and validates the file at `path` as the agent would at
+/// start with `scope`, touching nothing else, and returns the one-line summary
 /// `FILE: ok (3 workloads, 1 service, 2 authorization policies, 1 rate limit, 0 egress limits)`
 /// (`FILE: ok (agent block only)` when the rest comes from the Kubernetes API).
 pub fn check(path: impl AsRef<Path>, scope: Scope) -> Result<String, ConfigError> {

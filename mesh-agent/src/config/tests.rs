@@ -85,6 +85,12 @@ fn base_with(replace: &[(usize, &'static str)], append: &[&'static str]) -> Vec<
     edited(BASE, replace, append)
 }
 
+/// The error of BASE with `field` in place of `agent.node` (line 2).
+#[track_caller]
+fn agent_error(field: &'static str) -> String {
+    error(&base_with(&[(2, field)], &[]))
+}
+
 /// `document` with its lines `replace`d (numbered from 1), then `append` after it.
 fn edited(
     document: &[&'static str],

@@ -11,7 +11,7 @@ fn unknown_fields_are_refused_with_position_and_path() {
          vips, ports, endpoints, trafficPolicy"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  nodeName: node-a")], &[])),
+        agent_error("  nodeName: node-a"),
         "mesh.yaml:2:3: agent.nodeName: unknown field `nodeName`, expected one of node, cgroup, \
          bpfName, outboundPort, inboundPort, tunnelPort, adminAddr, proxyMark, transparentMark, \
          replyTable, excludedPorts, excludedCidrs, \
@@ -101,11 +101,11 @@ fn port_out_of_range() {
         "mesh.yaml:19:21: services[0].ports[0].targetPort: port 65536 is out of range 1..=65535"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  outboundPort: 70000")], &[])),
+        agent_error("  outboundPort: 70000"),
         "mesh.yaml:2:17: agent.outboundPort: port 70000 is out of range 1..=65535"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  excludedPorts: [22, 0]")], &[])),
+        agent_error("  excludedPorts: [22, 0]"),
         "mesh.yaml:2:23: agent.excludedPorts[1]: port 0 is out of range 1..=65535"
     );
 }
@@ -113,22 +113,19 @@ fn port_out_of_range() {
 #[test]
 fn excluded_cidrs_are_checked() {
     assert_eq!(
-        error(&base_with(&[(2, "  excludedCidrs: [10.0.0.0/33]")], &[])),
+        agent_error("  excludedCidrs: [10.0.0.0/33]"),
         "mesh.yaml:2:19: agent.excludedCidrs[0]: prefix \"33\" is not in 0..=32"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  excludedCidrs: [10.0.0.1/8]")], &[])),
+        agent_error("  excludedCidrs: [10.0.0.1/8]"),
         "mesh.yaml:2:19: agent.excludedCidrs[0]: 10.0.0.1/8 has host bits set (the network is not written as meant)"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  excludedCidrs: [10.0.0.0]")], &[])),
+        agent_error("  excludedCidrs: [10.0.0.0]"),
         "mesh.yaml:2:19: agent.excludedCidrs[0]: \"10.0.0.0\" is not a CIDR (address/prefix)"
     );
     assert_eq!(
-        error(&base_with(
-            &[(2, "  excludedCidrs: [192.168.0.0/16, 192.168.0.0/16]")],
-            &[]
-        )),
+        agent_error("  excludedCidrs: [192.168.0.0/16, 192.168.0.0/16]"),
         "mesh.yaml:2:35: agent.excludedCidrs[1]: 192.168.0.0/16 is listed twice"
     );
 }
@@ -280,16 +277,16 @@ fn local_workload_needs_netns() {
 #[test]
 fn agent_ports_must_not_collide() {
     assert_eq!(
-        error(&base_with(&[(2, "  inboundPort: 15001")], &[])),
+        agent_error("  inboundPort: 15001"),
         "mesh.yaml:2:16: agent.inboundPort: port 15001 is already used by agent.outboundPort"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  adminAddr: 127.0.0.1:15008")], &[])),
+        agent_error("  adminAddr: 127.0.0.1:15008"),
         "mesh.yaml:2:14: agent.adminAddr: port 15008 is already used by agent.tunnelPort"
     );
     // The explicit one is named even when it comes first.
     assert_eq!(
-        error(&base_with(&[(2, "  outboundPort: 15006")], &[])),
+        agent_error("  outboundPort: 15006"),
         "mesh.yaml:2:17: agent.outboundPort: port 15006 is already used by agent.inboundPort"
     );
 }
@@ -297,17 +294,17 @@ fn agent_ports_must_not_collide() {
 #[test]
 fn admin_addr_must_be_loopback() {
     assert_eq!(
-        error(&base_with(&[(2, "  adminAddr: 0.0.0.0:15000")], &[])),
+        agent_error("  adminAddr: 0.0.0.0:15000"),
         "mesh.yaml:2:14: agent.adminAddr: 0.0.0.0 is not a loopback address: the admin API must \
          not be reachable from the network"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  adminAddr: 10.0.0.1:15000")], &[])),
+        agent_error("  adminAddr: 10.0.0.1:15000"),
         "mesh.yaml:2:14: agent.adminAddr: 10.0.0.1 is not a loopback address: the admin API \
          must not be reachable from the network"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  adminAddr: localhost:15000")], &[])),
+        agent_error("  adminAddr: localhost:15000"),
         "mesh.yaml:2:14: agent.adminAddr: `localhost:15000` is not an IP:port address"
     );
     assert!(ok(BASE).agent.startup.admin_addr.ip().is_loopback());
@@ -318,11 +315,11 @@ fn admin_addr_must_be_loopback() {
 #[test]
 fn proxy_mark() {
     assert_eq!(
-        error(&base_with(&[(2, "  proxyMark: 0")], &[])),
+        agent_error("  proxyMark: 0"),
         "mesh.yaml:2:14: agent.proxyMark: must be non-zero"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  proxyMark: 0x100000000")], &[])),
+        agent_error("  proxyMark: 0x100000000"),
         "mesh.yaml:2:14: agent.proxyMark: 0x100000000 does not fit in 32 bits"
     );
     assert_eq!(
@@ -337,15 +334,15 @@ fn proxy_mark() {
 #[test]
 fn transparent_mark_and_reply_table() {
     assert_eq!(
-        error(&base_with(&[(2, "  transparentMark: 0")], &[])),
+        agent_error("  transparentMark: 0"),
         "mesh.yaml:2:20: agent.transparentMark: must be non-zero"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  transparentMark: 0x539")], &[])),
+        agent_error("  transparentMark: 0x539"),
         "mesh.yaml:2:20: agent.transparentMark: must differ from agent.proxyMark"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  proxyMark: 0x40000539")], &[])),
+        agent_error("  proxyMark: 0x40000539"),
         "mesh.yaml:2:14: agent.proxyMark: is the default agent.transparentMark: set another \
          transparentMark"
     );
@@ -356,7 +353,7 @@ fn transparent_mark_and_reply_table() {
         ("  replyTable: 255", 255),
     ] {
         assert_eq!(
-            error(&base_with(&[(2, line)], &[])),
+            agent_error(line),
             format!(
                 "mesh.yaml:2:15: agent.replyTable: {reserved} is reserved (0, 253 default, 254 \
                  main, 255 local)"
@@ -388,28 +385,28 @@ fn empty_vips_or_ports() {
 #[test]
 fn other_agent_fields() {
     assert_eq!(
-        error(&base_with(&[(2, "  bpfName: ../etc")], &[])),
+        agent_error("  bpfName: ../etc"),
         "mesh.yaml:2:12: agent.bpfName: `../etc` is not a valid pin directory name: use 1 to 64 \
          letters, digits, '-', '_' or '.'"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  connectTimeoutMs: 0")], &[])),
+        agent_error("  connectTimeoutMs: 0"),
         "mesh.yaml:2:21: agent.connectTimeoutMs: must be at least 1"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  bufferBytes: 0")], &[])),
+        agent_error("  bufferBytes: 0"),
         "mesh.yaml:2:16: agent.bufferBytes: 0 is out of range 1..=16777216"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  splice: sometimes")], &[])),
+        agent_error("  splice: sometimes"),
         "mesh.yaml:2:11: agent.splice: invalid boolean (true or false expected)"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  excludedPorts: [22, 22]")], &[])),
+        agent_error("  excludedPorts: [22, 22]"),
         "mesh.yaml:2:23: agent.excludedPorts[1]: port 22 is listed twice"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  cgroup: sys/fs/cgroup")], &[])),
+        agent_error("  cgroup: sys/fs/cgroup"),
         "mesh.yaml:2:11: agent.cgroup: `sys/fs/cgroup` is not an absolute path"
     );
 }
@@ -443,7 +440,7 @@ fn names_are_dns_names() {
         )
     );
     assert_eq!(
-        error(&base_with(&[(2, "  node: -a")], &[])),
+        agent_error("  node: -a"),
         format!("mesh.yaml:2:9: agent.node: `-a` is not a valid node name: {SUBDOMAIN_RULE}")
     );
     assert_eq!(

@@ -6,7 +6,7 @@ use super::*;
 #[test]
 fn mtls_agent_fields() {
     assert_eq!(
-        error(&base_with(&[(2, "  trustDomain: Cluster.Local")], &[])),
+        agent_error("  trustDomain: Cluster.Local"),
         "mesh.yaml:2:16: agent.trustDomain: `Cluster.Local` is not a valid trust domain: use 1 \
          to 255 lowercase letters, digits, '.', '-' or '_'"
     );
@@ -26,43 +26,37 @@ fn mtls_agent_fields() {
         assert_eq!(config.workloads()[0].identity.trust_domain(), good);
     }
     assert_eq!(
-        error(&base_with(&[(2, "  caCertFile: ca.pem")], &[])),
+        agent_error("  caCertFile: ca.pem"),
         "mesh.yaml:2:15: agent.caCertFile: `ca.pem` is not an absolute path"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  caKeyFile: ./key.pem")], &[])),
+        agent_error("  caKeyFile: ./key.pem"),
         "mesh.yaml:2:14: agent.caKeyFile: `./key.pem` is not an absolute path"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  caCertFile: /etc/mesh/ca.pem")], &[])),
+        agent_error("  caCertFile: /etc/mesh/ca.pem"),
         "mesh.yaml:2:15: agent.caCertFile: caKeyFile is required with caCertFile (omit both for \
          a development CA)"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  caKeyFile: /etc/mesh/ca-key.pem")], &[])),
+        agent_error("  caKeyFile: /etc/mesh/ca-key.pem"),
         "mesh.yaml:2:14: agent.caKeyFile: caCertFile is required with caKeyFile (omit both for \
          a development CA)"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  trustRootFiles: [/a.pem, b.pem]")], &[])),
+        agent_error("  trustRootFiles: [/a.pem, b.pem]"),
         "mesh.yaml:2:28: agent.trustRootFiles[1]: `b.pem` is not an absolute path"
     );
     assert_eq!(
-        error(&base_with(
-            &[(2, "  trustRootFiles: [/a.pem, /a.pem]")],
-            &[]
-        )),
+        agent_error("  trustRootFiles: [/a.pem, /a.pem]"),
         "mesh.yaml:2:28: agent.trustRootFiles[1]: /a.pem is listed twice"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  certLifetimeMinutes: 0")], &[])),
+        agent_error("  certLifetimeMinutes: 0"),
         "mesh.yaml:2:24: agent.certLifetimeMinutes: 0 is out of range 1..=525600 (one year)"
     );
     assert_eq!(
-        error(&base_with(
-            &[(2, "  certLifetimeMinutes: 18446744073709551615")],
-            &[]
-        )),
+        agent_error("  certLifetimeMinutes: 18446744073709551615"),
         "mesh.yaml:2:24: agent.certLifetimeMinutes: 18446744073709551615 is out of range \
          1..=525600 (one year)"
     );
@@ -74,15 +68,15 @@ fn mtls_agent_fields() {
         Duration::from_secs(60)
     );
     assert_eq!(
-        error(&base_with(&[(2, "  tunnelIdleTimeoutMs: 0")], &[])),
+        agent_error("  tunnelIdleTimeoutMs: 0"),
         "mesh.yaml:2:24: agent.tunnelIdleTimeoutMs: must be at least 1"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  tunnelConnectionsPerPeer: 0")], &[])),
+        agent_error("  tunnelConnectionsPerPeer: 0"),
         "mesh.yaml:2:29: agent.tunnelConnectionsPerPeer: 0 is out of range 1..=64"
     );
     assert_eq!(
-        error(&base_with(&[(2, "  certLifetimeMinutes: 1h")], &[])),
+        agent_error("  certLifetimeMinutes: 1h"),
         "mesh.yaml:2:24: agent.certLifetimeMinutes: invalid u64"
     );
 }
