@@ -84,18 +84,6 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
         Some(Ok(recording)) => recording,
         None => None,
     };
-    let target = path.target.to_string();
-    let lg = |args: Vec<String>, secs: f64| {
-        loadgen(
-            bins,
-            &path.client,
-            &args,
-            &pids,
-            Duration::from_secs_f64(secs + 30.0),
-        )
-    };
-    let s = |v: &[&str]| -> Vec<String> { v.iter().map(|a| a.to_string()).collect() };
-
     if let Err(e) = probe(bins, path) {
         result.errors.push(format!("probe: {e:#}"));
         return result;
@@ -119,27 +107,32 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
     let mut max_rss = 0u64;
 
     let recording = record(Phase::Rr);
-    let rr = lg(
-        s(&[
-            "rr",
-            "--connect",
-            &target,
-            "--rate",
-            &p.rr_rate.to_string(),
-            "--conns",
-            &p.rr_conns.to_string(),
-            "--size",
-            "1024",
-            "--duration",
-            &p.rr_s.to_string(),
-            "--warmup",
-            &p.warmup_s.to_string(),
-        ]),
+    let args = [
+        "--rate",
+        &p.rr_rate.to_string(),
+        "--conns",
+        &p.rr_conns.to_string(),
+        "--size",
+        "1024",
+        "--duration",
+        &p.rr_s.to_string(),
+        "--warmup",
+        &p.warmup_s.to_string(),
+    ];
+    let rr = charged(
+        bins,
+        path,
+        "rr",
+        &args.map(String::from),
         p.rr_s + p.warmup_s,
     );
     drop(recording);
     match rr {
-        Ok((v, rss)) => {
+        Ok(Run {
+            report: v,
+            max_rss: rss,
+            ..
+        }) => {
             max_rss = max_rss.max(rss);
             for (metric, field) in [
                 ("rr_p50_us", "p50_us"),
@@ -156,21 +149,26 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
     }
 
     let recording = record(Phase::Pingpong);
-    let pingpong = lg(
-        s(&[
-            "pingpong",
-            "--connect",
-            &target,
-            "--duration",
-            &p.pingpong_s.to_string(),
-            "--warmup",
-            &p.warmup_s.to_string(),
-        ]),
+    let args = [
+        "--duration",
+        &p.pingpong_s.to_string(),
+        "--warmup",
+        &p.warmup_s.to_string(),
+    ];
+    let pingpong = charged(
+        bins,
+        path,
+        "pingpong",
+        &args.map(String::from),
         p.pingpong_s + p.warmup_s,
     );
     drop(recording);
     match pingpong {
-        Ok((v, rss)) => {
+        Ok(Run {
+            report: v,
+            max_rss: rss,
+            ..
+        }) => {
             max_rss = max_rss.max(rss);
             result.set_from("pp_p50_us", &v["latency"]["p50_us"]);
             result.set_from("pp_p99_us", &v["latency"]["p99_us"]);
@@ -246,9 +244,8 @@ pub fn measure(bins: &Bins, p: &Profile, path: &PathSpec, perf: Option<&Perf>) -
 
 /// Waits until `path` carries a connection (up to 10 s).
 pub fn probe(bins: &Bins, path: &PathSpec) -> Result<()> {
-    let target = path.target.to_string();
-    let args = ["probe", "--connect", &target, "--timeout", "10"].map(String::from);
-    loadgen(bins, &path.client, &args, &[], Duration::from_secs(40)).map(drop)
+    let args = ["--timeout", "10"].map(String::from);
+    charged(bins, path, "probe", &args, 10.0).map(drop)
 }
 
 /// One load-generator run on a path: its report, and what the path's proxies spent on it.
